@@ -1,0 +1,1 @@
+"""Analysis: the visual logit lens and plots."""

@@ -1,0 +1,1 @@
+"""Datasets: public-layout converters and the training collator."""

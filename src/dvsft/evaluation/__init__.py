@@ -1,0 +1,1 @@
+"""Evaluation: benchmarks, lmms-eval-exact metrics, OCR tasks."""

@@ -1,0 +1,90 @@
+"""Align word boxes to visual tokens: the one implementation used by `dvsft align` and the collator.
+
+Paper section 4.1: each word labels the visual token that contains its bottom-right corner;
+words taller than ``max_height_cells`` token cells or longer than ``max_subtokens`` tokens are
+dropped; a token that receives more than one word loses all its labels.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from dvsft.geometry import Grid
+
+
+@dataclass
+class AlignConfig:
+    max_height_cells: float = 3.0  # drop words taller than this many token cells (resized pixels)
+    max_subtokens: int = 3  # drop words whose tokenization is longer (needs a tokenizer)
+    leading_space: bool = True  # tokenize labels as " word" (mid-sentence form) or "word"
+
+
+@dataclass
+class Alignment:
+    labels: list[dict[str, Any]]  # [{"token": k, "text": w, "token_id": id?}] sorted by token
+    dropped: Counter = field(default_factory=Counter)  # filter name -> words dropped
+
+    @property
+    def label_set(self) -> list[int]:
+        """Deduplicated first-token ids of this image's labels (the smoothing set L)."""
+        return sorted({lab["token_id"] for lab in self.labels if "token_id" in lab})
+
+
+def first_token_ids(words: list[str], tokenizer: Any, leading_space: bool) -> list[list[int]]:
+    """Token ids of each word, as it is tokenized for a label."""
+    texts = [(" " + w) if leading_space else w for w in words]
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def align_words(
+    words: list[dict[str, Any]],
+    grid: Grid,
+    tokenizer: Any = None,
+    config: AlignConfig | None = None,
+) -> Alignment:
+    """Assign each word to the token that holds its bottom-right corner and apply the paper's filters."""
+    config = config or AlignConfig()
+    dropped: Counter = Counter()
+    kept: list[tuple[int, dict[str, Any]]] = []
+    texts = [str(w.get("text", "")).strip() for w in words]
+    ids = first_token_ids(texts, tokenizer, config.leading_space) if tokenizer is not None else [None] * len(words)
+    for word, text, tok_ids in zip(words, texts, ids, strict=True):
+        if not text:
+            dropped["empty"] += 1
+            continue
+        x0, y0, x1, y1 = (float(v) for v in word["box"])
+        if not (0 <= x0 < x1 <= grid.width and 0 <= y0 < y1 <= grid.height):
+            x0, y0 = max(0.0, x0), max(0.0, y0)
+            x1, y1 = min(float(grid.width), x1), min(float(grid.height), y1)
+            if x1 <= x0 or y1 <= y0:
+                dropped["outside_image"] += 1
+                continue
+        if (y1 - y0) * grid.scale_y > config.max_height_cells * grid.cell:
+            dropped["too_tall"] += 1
+            continue
+        if tok_ids is not None:
+            if not tok_ids:
+                dropped["untokenizable"] += 1
+                continue
+            if len(tok_ids) > config.max_subtokens:
+                dropped["too_many_subtokens"] += 1
+                continue
+        # the last pixel inside the box: its bottom-right corner
+        token = grid.token_at_point(max(x0, x1 - 0.5), max(y0, y1 - 0.5))
+        label: dict[str, Any] = {"token": token, "text": text}
+        if tok_ids is not None:
+            label["token_id"] = int(tok_ids[0])
+        kept.append((token, label))
+    per_token = Counter(token for token, _ in kept)
+    labels = []
+    for token, label in kept:
+        if per_token[token] > 1:
+            dropped["token_conflict"] += 1
+        else:
+            labels.append(label)
+    labels.sort(key=lambda lab: lab["token"])
+    return Alignment(labels, dropped)

@@ -1,0 +1,103 @@
+"""Load HF multimodal models and their processors, on GPU machines and on CPU-only ones.
+
+The torchvision-based video processors cannot be built where no torchvision is installed;
+images never need them, so on such machines the processor is assembled around the PIL
+image processor with no video processor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _image_only(processor_cls: type) -> type:
+    """A subclass of a Qwen-VL processor class that accepts ``video_processor=None``."""
+
+    class ImageOnlyProcessor(processor_cls):
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any):
+            if argument is None and "video" in argument_name:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+        def save_pretrained(self, save_directory, **kwargs):
+            save_processor(self, save_directory)
+
+    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = processor_cls.__name__
+    return ImageOnlyProcessor
+
+
+def processor_class(model_type: str) -> type:
+    import transformers
+
+    names = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
+    if model_type not in names:
+        raise ValueError(f"model type {model_type!r} is not supported yet; supported: {', '.join(names)}")
+    return getattr(transformers, names[model_type])
+
+
+def build_processor(image_processor: Any, tokenizer: Any, model_type: str, chat_template: str | None = None):
+    """A processor of the family's class around the given image processor and tokenizer (no video)."""
+    cls = _image_only(processor_class(model_type))
+    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+               chat_template=chat_template or getattr(tokenizer, "chat_template", None))
+
+
+def model_type_of(model_dir: str | Path) -> str:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return cfg.get("model_type", "")
+
+
+def load_processor(model_dir: str | Path, trust_remote_code: bool = False, **size: int):
+    """The model directory's processor; image-only where torchvision is missing.
+
+    ``size`` may carry ``min_pixels`` / ``max_pixels`` to override the directory's setting.
+    """
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+    from transformers.utils import is_torchvision_available
+
+    model_dir = Path(model_dir)
+    if is_torchvision_available():
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    else:
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        template = None
+        tmpl_file = model_dir / "chat_template.jinja"
+        if tmpl_file.is_file():
+            template = tmpl_file.read_text()
+        elif (model_dir / "chat_template.json").is_file():
+            template = json.loads((model_dir / "chat_template.json").read_text())["chat_template"]
+        processor = build_processor(image_processor, tokenizer, model_type_of(model_dir), template)
+    set_pixels(processor, **size)
+    return processor
+
+
+def set_pixels(processor: Any, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
+    """Override the processor's min/max pixels in place."""
+    ip = processor.image_processor
+    if min_pixels is not None:
+        ip.size["shortest_edge"] = int(min_pixels)
+    if max_pixels is not None:
+        ip.size["longest_edge"] = int(max_pixels)
+
+
+def save_processor(processor: Any, out_dir: str | Path) -> None:
+    """Write tokenizer, image processor and chat template so `load_processor` reads them back."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    processor.tokenizer.save_pretrained(out)
+    processor.image_processor.save_pretrained(out)
+    if getattr(processor, "chat_template", None):
+        (out / "chat_template.jinja").write_text(processor.chat_template)
+
+
+def load_model(model_dir: str | Path, dtype: Any = None, trust_remote_code: bool = False):
+    """The model of a local HF directory, with its image-text-to-text head."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype or "auto",
+                                                       trust_remote_code=trust_remote_code)
