@@ -121,12 +121,28 @@ def test_pixel_probe_through_the_real_model_patch_embedding():
 
     torch.manual_seed(0)
     config = Qwen3VLConfig(
-        text_config=dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                         rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                           num_position_embeddings=64, deepstack_visual_indexes=[]),
+        text_config=dict(
+            vocab_size=256,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=32,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[],
+        ),
     )
     model = Qwen3VLForConditionalGeneration(config).eval()
     fam = family("qwen3-vl")
@@ -139,8 +155,10 @@ def test_pixel_probe_through_the_real_model_patch_embedding():
     probe = base.copy()
     probe.paste((0, 0, 0), (pixel[0] - 3, pixel[1] - 3, pixel[0] + 4, pixel[1] + 4))
     with torch.no_grad():
-        embeds = [model.model.visual.patch_embed(torch.from_numpy(proc(images=im, return_tensors="np")["pixel_values"]))
-                  for im in (base, probe)]
+        embeds = [
+            model.model.visual.patch_embed(torch.from_numpy(proc(images=im, return_tensors="np")["pixel_values"]))
+            for im in (base, probe)
+        ]
     diff = (embeds[0] - embeds[1]).abs().amax(-1).reshape(g.num_tokens, fam.merge_size**2).amax(-1)
     assert set(torch.nonzero(diff > 1e-6).flatten().tolist()) == {k}
 
@@ -179,8 +197,13 @@ def test_out_of_image_pixel():
 
 
 def test_grid_from_model_directory_and_processor(tmp_path):
-    cfg = {"image_processor_type": "Qwen2VLImageProcessorPil", "patch_size": 16, "merge_size": 2,
-           "temporal_patch_size": 2, "size": {"shortest_edge": 128 * 128, "longest_edge": 256 * 256}}
+    cfg = {
+        "image_processor_type": "Qwen2VLImageProcessorPil",
+        "patch_size": 16,
+        "merge_size": 2,
+        "temporal_patch_size": 2,
+        "size": {"shortest_edge": 128 * 128, "longest_edge": 256 * 256},
+    }
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
     g = grid_for(tmp_path, 1000, 800)
     assert (g.resized_height, g.resized_width) == smart_resize(800, 1000, 32, 128 * 128, 256 * 256)

@@ -133,7 +133,12 @@ class Grid:
             raise ValueError(f"token {k} is outside the {self.rows}x{self.cols} grid")
         row, col = divmod(k, self.cols)
         c = self.cell
-        return (col * c / self.scale_x, row * c / self.scale_y, (col + 1) * c / self.scale_x, (row + 1) * c / self.scale_y)
+        return (
+            col * c / self.scale_x,
+            row * c / self.scale_y,
+            (col + 1) * c / self.scale_x,
+            (row + 1) * c / self.scale_y,
+        )
 
 
 def _processor_settings(source: Any) -> tuple[int, int, int, int]:
@@ -142,8 +147,10 @@ def _processor_settings(source: Any) -> tuple[int, int, int, int]:
         path = Path(source)
         config_file = path / "preprocessor_config.json" if path.is_dir() else path
         if not config_file.is_file():
-            raise ValueError(f"{source!r} is neither a known family ({', '.join(FAMILIES)}) nor a model directory "
-                             "with a preprocessor_config.json")
+            raise ValueError(
+                f"{source!r} is neither a known family ({', '.join(FAMILIES)}) nor a model directory "
+                "with a preprocessor_config.json"
+            )
         cfg = json.loads(config_file.read_text())
         size = cfg.get("size") or {}
         min_px = cfg.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels")

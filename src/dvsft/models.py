@@ -40,8 +40,12 @@ def processor_class(model_type: str) -> type:
 def build_processor(image_processor: Any, tokenizer: Any, model_type: str, chat_template: str | None = None):
     """A processor of the family's class around the given image processor and tokenizer (no video)."""
     cls = _image_only(processor_class(model_type))
-    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-               chat_template=chat_template or getattr(tokenizer, "chat_template", None))
+    return cls(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=None,
+        chat_template=chat_template or getattr(tokenizer, "chat_template", None),
+    )
 
 
 def model_type_of(model_dir: str | Path) -> str:
@@ -99,5 +103,6 @@ def load_model(model_dir: str | Path, dtype: Any = None, trust_remote_code: bool
     """The model of a local HF directory, with its image-text-to-text head."""
     from transformers import AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype or "auto",
-                                                       trust_remote_code=trust_remote_code)
+    return AutoModelForImageTextToText.from_pretrained(
+        model_dir, dtype=dtype or "auto", trust_remote_code=trust_remote_code
+    )
