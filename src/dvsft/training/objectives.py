@@ -1,0 +1,245 @@
+"""Training objectives: named loss terms the Trainer computes from one forward pass and sums.
+
+An :class:`Objective` reads the batch and the model's hidden states and returns named terms
+(``{"vision_loss": ..., "vision_acc": ...}``); :meth:`Objective.weights` says which terms enter
+the total loss and with what weight (the others are only logged). ``method`` in the training
+config names objectives joined by ``+`` (``"dvsft+asvr"``); each objective pulls in the ones it
+``requires`` (every method but a pure auxiliary one requires ``sft``, the text loss), and each
+name is used once, so the text loss is counted once.
+
+Objectives may own trainable heads (:meth:`Objective.modules`): the Trainer attaches them to the
+model under ``dvsft_heads`` so they are moved to the device, wrapped by DDP/DeepSpeed/FSDP,
+optimised and checkpointed for ``--resume``; they are removed before the final model is saved.
+
+Register a new one with ``register_objective("name", cls)``; options specific to it go in the
+config section ``objectives.<name>`` and are validated against ``cls.Options`` (a dataclass).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+HEADS_ATTR = "dvsft_heads"  # attribute of the model that holds the objectives' trainable heads
+
+# Modules imported on first registry lookup so that their objectives register themselves.
+PLUGIN_MODULES: list[str] = ["dvsft.training.basic"]
+
+
+@dataclass
+class HiddenStates:
+    """What one forward pass of the multimodal LLM gives the objectives.
+
+    ``last`` is the final hidden state after the last norm (what ``lm_head`` reads), ``[B, L, D]``.
+    ``layers`` (only when an objective ``needs_hidden_states``) follows the HF convention:
+    ``layers[0]`` is the LLM's input embeddings (the projector's output at image positions),
+    ``layers[i]`` the output of decoder layer ``i``, ``layers[-1] == last``.
+    ``image_mask`` ``[B, L]`` marks the image placeholder (visual token) positions.
+    """
+
+    last: torch.Tensor
+    image_mask: torch.Tensor
+    layers: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class NoOptions:
+    """Objectives without options."""
+
+
+class Objective:
+    """Base class: one named training objective (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()  # objectives included with this one (e.g. ("sft",))
+    needs_hidden_states: ClassVar[bool] = False  # all layers (True) or the last one only
+    train_llm: ClassVar[str | None] = None  # default for `train.llm` ("all", "first_layer", "none") or None
+    Options: ClassVar[type] = NoOptions  # dataclass of the `objectives.<name>` config section
+
+    def __init__(self, config: Any = None, options: Any = None):
+        self.config = config
+        self.options = options if options is not None else self.Options()
+
+    def setup(self, model: nn.Module, config: Any) -> None:
+        """Called once before training with the (unwrapped) model; may create heads."""
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Trainable heads this objective owns, by name (not saved into the final model)."""
+        return {}
+
+    def weights(self) -> dict[str, float]:
+        """Weight of each term added to the total loss; terms not listed are logged only."""
+        return {}
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], hidden: HiddenStates) -> dict[str, torch.Tensor]:
+        """Named loss terms (and metrics) for this batch. ``model`` is the unwrapped HF model."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Objective]] = {}
+
+
+def register_objective(name: str, cls: type[Objective]) -> type[Objective]:
+    """Make ``cls`` available as ``method: name`` (or as part of ``a+b``)."""
+    if not name or "+" in name:
+        raise ValueError(f"invalid objective name {name!r}")
+    cls.name = name
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _load_plugins() -> None:
+    for module in PLUGIN_MODULES:
+        importlib.import_module(module)
+
+
+def registered_objectives() -> dict[str, type[Objective]]:
+    _load_plugins()
+    return dict(_REGISTRY)
+
+
+def objective_class(name: str) -> type[Objective]:
+    registry = registered_objectives()
+    if name not in registry:
+        raise ValueError(f"unknown objective {name!r}; registered: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def method_names(method: str) -> list[str]:
+    """Objective names of ``method`` with their requirements, each once, requirements first."""
+    out: list[str] = []
+
+    def add(name: str, chain: tuple[str, ...]) -> None:
+        if name in chain:
+            raise ValueError(f"objective {name!r} requires itself: {' -> '.join((*chain, name))}")
+        cls = objective_class(name)
+        for req in cls.requires:
+            add(req, (*chain, name))
+        if name not in out:
+            out.append(name)
+
+    parts = [p.strip() for p in str(method).split("+")]
+    if not all(parts):
+        raise ValueError(f"invalid method {method!r}: objective names joined by '+', e.g. 'dvsft+asvr'")
+    for part in parts:
+        add(part, ())
+    return out
+
+
+def options_for(cls: type[Objective], values: dict[str, Any] | None) -> Any:
+    """The objective's Options dataclass filled from its config section; unknown keys are an error."""
+    values = dict(values or {})
+    valid = {f.name for f in fields(cls.Options)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for objective {cls.name!r}; "
+            f"valid: {', '.join(sorted(valid)) or '(none)'}"
+        )
+    return cls.Options(**values)
+
+
+def build_objectives(method: str, config: Any = None) -> list[Objective]:
+    """Instantiate the objectives of ``method``; options come from ``config.objectives[name]``."""
+    sections = dict(getattr(config, "objectives", None) or {})
+    names = method_names(method)
+    extra = sorted(set(sections) - set(registered_objectives()))
+    if extra:
+        raise ValueError(f"config section objectives.{extra[0]}: no such objective; registered: {sorted(_REGISTRY)}")
+    return [objective_class(n)(config, options_for(objective_class(n), sections.get(n))) for n in names]
+
+
+# --------------------------------------------------------------------------- model helpers
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The HF ``...ForConditionalGeneration`` inside DDP / DeepSpeed / FSDP / PEFT wrappers."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
+            model = model.get_base_model()
+        elif hasattr(model, "module") and not hasattr(model, "lm_head"):  # DDP / DeepSpeed
+            model = model.module
+        elif hasattr(model, "_fsdp_wrapped_module") and not hasattr(model, "lm_head"):
+            model = model._fsdp_wrapped_module
+        else:
+            break
+    return model
+
+
+def lm_head_of(model: nn.Module) -> nn.Module:
+    head = base_model(model).get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(base_model(model)).__name__} has no output embeddings (lm_head)")
+    return head
+
+
+def language_model_of(model: nn.Module) -> nn.Module:
+    """The decoder stack (has ``.layers``, ``.norm``, ``.embed_tokens``)."""
+    inner = base_model(model).model
+    return getattr(inner, "language_model", inner)
+
+
+def vision_tower_of(model: nn.Module) -> nn.Module:
+    inner = base_model(model).model
+    return inner.visual
+
+
+def projector_of(model: nn.Module) -> nn.Module:
+    """The module that maps vision features to the LLM's hidden size (Qwen-VL: ``visual.merger``)."""
+    return vision_tower_of(model).merger
+
+
+# --------------------------------------------------------------------------- built-in objectives
+
+
+class TextObjective(Objective):
+    """Standard SFT: shifted next-token cross-entropy over the answer tokens (paper Eq. 1)."""
+
+    def weights(self) -> dict[str, float]:
+        return {"text_loss": 1.0}
+
+    def loss(self, model, batch, hidden):
+        from dvsft.training.losses import text_loss
+
+        chunk = int(getattr(self.config, "loss_chunk_size", 1024) or 1024)
+        value, n = text_loss(hidden.last, lm_head_of(model), batch["labels"], chunk_size=chunk)
+        return {"text_loss": value, "text_tokens": hidden.last.new_tensor(float(n))}
+
+
+class VisionObjective(Objective):
+    """DV-SFT: every labeled visual token predicts its word on its own logits, with smoothing (Eqs. 2-4)."""
+
+    requires = ("sft",)
+
+    def weights(self) -> dict[str, float]:
+        return {"vision_loss": float(getattr(self.config, "vision_lambda", 0.1))}
+
+    def loss(self, model, batch, hidden):
+        from dvsft.training.losses import vision_loss
+
+        pos = batch["vision_positions"]
+        chunk = int(getattr(self.config, "loss_chunk_size", 1024) or 1024)
+        gathered = hidden.last[pos[:, 0], pos[:, 1]]
+        out = vision_loss(
+            gathered,
+            lm_head_of(model),
+            batch["vision_targets"],
+            batch["vision_label_sets"],
+            eps=float(getattr(self.config, "vision_eps", 0.0)),
+            chunk_size=chunk,
+        )
+        n = int(out.n)
+        value = out.loss if n > 0 else hidden.last.sum() * 0.0
+        acc = hidden.last.new_tensor(float(out.correct_top1) / n if n else float("nan"))
+        return {"vision_loss": value, "vision_acc": acc, "vision_tokens": hidden.last.new_tensor(float(n))}
+
+
+register_objective("sft", TextObjective)
+register_objective("dvsft", VisionObjective)
