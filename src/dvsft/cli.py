@@ -21,12 +21,23 @@ def _register_all() -> None:
     # so `dvsft --help` stays fast.
     from dvsft import demo
     from dvsft.analysis import commands as analysis_commands
+    from dvsft.data import commands as data_commands
     from dvsft.evaluation import commands as evaluation_commands
     from dvsft.labels import commands as label_commands
+    from dvsft.labels import ocr_commands
     from dvsft.related import commands as related_commands
     from dvsft.training import commands as training_commands
 
-    for module in (label_commands, training_commands, evaluation_commands, analysis_commands, related_commands, demo):
+    for module in (
+        label_commands,
+        ocr_commands,
+        data_commands,
+        training_commands,
+        evaluation_commands,
+        analysis_commands,
+        related_commands,
+        demo,
+    ):
         module.register(app, bench_app)
 
 

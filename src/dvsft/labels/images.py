@@ -1,0 +1,103 @@
+"""Load any image file as an upright RGB picture, or fail with a typed reason.
+
+Every input of ``dvsft label`` goes through :func:`load_image`; its failure reasons are the ones written to
+``<out>.errors.jsonl``. Handled modes: RGB, L, 1, P (with or without transparency), RGBA/LA/PA (composited on
+white), CMYK/YCbCr/LAB/HSV (converted), 16-bit ``I;16*`` (scaled by 1/257), 32-bit ``I`` and float ``F``
+(kept when already in 0..255, else min-max stretched). EXIF orientation is applied, so sizes and boxes are in
+the upright frame. Multi-frame files (GIF, TIFF) use their first frame.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_ASPECT_RATIO = 200  # the Qwen-VL processors' smart_resize limit
+
+MISSING = "missing file"
+UNDECODABLE = "undecodable image"
+ZERO_SIZE = "zero size"
+ASPECT = "aspect ratio too extreme"
+OCR_FAILURE = "OCR failure"
+
+
+class ImageError(Exception):
+    """An input image that cannot be used; ``reason`` is one of the module's reason constants."""
+
+    def __init__(self, reason: str, detail: str, path: str | Path | None = None):
+        self.reason = reason
+        self.detail = detail
+        self.path = None if path is None else str(path)
+        super().__init__(f"{path}: {reason}: {detail}" if path else f"{reason}: {detail}")
+
+
+def check_size(width: int, height: int, path: str | Path | None = None) -> None:
+    """Raise :class:`ImageError` for zero-size images and aspect ratios above ``MAX_ASPECT_RATIO``."""
+    if width <= 0 or height <= 0:
+        raise ImageError(ZERO_SIZE, f"image is {width}x{height} pixels", path)
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageError(ASPECT, f"{width}x{height} has aspect ratio {ratio:.1f} > {MAX_ASPECT_RATIO}", path)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open ``path`` as an upright 8-bit RGB image (EXIF orientation applied).
+
+    Raises :class:`ImageError` with reason ``missing file``, ``zero size`` (empty file or a 0-pixel side),
+    ``undecodable image`` or ``aspect ratio too extreme``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(MISSING, "no such file" if not path.exists() else "not a regular file", path)
+    if path.stat().st_size == 0:
+        raise ImageError(ZERO_SIZE, "file is empty (0 bytes)", path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Palette images with Transparency expressed in bytes"
+            img = Image.open(path)
+            check_size(*img.size, path=path)  # cheap: before decoding the pixels
+            img.seek(0)
+            img.load()
+            img = _upright(img)
+            rgb = to_rgb(img)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageError(UNDECODABLE, f"{type(err).__name__}: {err}", path) from err
+    check_size(*rgb.size, path=path)
+    return rgb
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag; a broken EXIF block counts as no orientation."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - malformed EXIF must not lose the image
+        return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparent pixels become white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _high_depth_to_l(img).convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode in ("P", "L", "RGB", "1") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        arr = arr / 257.0
+    elif arr.size and (arr.min() < 0 or arr.max() > 255):
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
