@@ -9,9 +9,18 @@ The loss is cross-entropy averaged over levels (and over labeled tokens within a
 
 from __future__ import annotations
 
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from dvsft.training.objectives import HiddenStates, Objective, base_model, register_objective, vision_tower_of
+
+log = logging.getLogger(__name__)
 
 
 class ASVRHead(nn.Module):
@@ -61,15 +70,109 @@ class ASVRHead(nn.Module):
         return logits
 
 
-def asvr_loss(head: ASVRHead, hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the head's predictions against ``codes`` (N, levels), averaged over levels."""
+def asvr_terms(head: ASVRHead, hidden: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, level-0 top-1 accuracy): cross-entropy against ``codes`` (N, levels), averaged over levels."""
     if hidden.shape[0] != codes.shape[0]:
         raise ValueError(f"{hidden.shape[0]} visual hidden states but {codes.shape[0]} code rows")
     if codes.shape[1] != head.levels:
         raise ValueError(f"codes have {codes.shape[1]} levels, the head predicts {head.levels}")
     if hidden.shape[0] == 0:
-        return hidden.sum() * 0.0
+        zero = hidden.sum() * 0.0
+        return zero, zero.detach()
     codes = codes.to(hidden.device).long()
     logits = head(hidden, codes).float()
     per_level = [F.cross_entropy(logits[:, lv], codes[:, lv]) for lv in range(head.levels)]
-    return torch.stack(per_level).mean()
+    acc = (logits[:, 0].argmax(-1) == codes[:, 0]).float().mean().detach()
+    return torch.stack(per_level).mean(), acc
+
+
+def asvr_loss(head: ASVRHead, hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the head's predictions against ``codes`` (N, levels), averaged over levels."""
+    return asvr_terms(head, hidden, codes)[0]
+
+
+# ---------------------------------------------------------------- the `asvr` training objective
+
+
+@dataclass
+class ASVROptions:
+    codes: str | None = None  # codes dir from `dvsft codes fit` (required)
+    weight: float = 1.0  # ASVR adds its loss unweighted (1.0)
+    head_dim: int | None = None  # width of the head (default: the LLM hidden size, at most 1024)
+    depth_layers: int = 1  # depth-transformer layers when the codebook has several levels
+    frozen_tokenizer: bool = True  # codes from a frozen copy of the initial vision tower (else the live one)
+
+
+class ASVRObjective(Objective):
+    """Predict each visual token's semantic code from the LLM's last hidden state at its position."""
+
+    requires = ("sft",)
+    Options = ASVROptions
+
+    def setup(self, model: nn.Module, config: Any) -> None:
+        from dvsft.related.codes import Codebook, model_fingerprint
+
+        opts = self.options
+        if not opts.codes:
+            raise ValueError(
+                "objectives.asvr.codes is not set: fit codes first (`dvsft codes fit --model DIR --records "
+                "words.jsonl --out codes/`) and pass --objectives.asvr.codes codes/"
+            )
+        self.codebook = Codebook.load(opts.codes)
+        base = base_model(model)
+        tower = vision_tower_of(base)
+        fp = model_fingerprint(base)
+        expected = self.codebook.meta.get("model_fingerprint")
+        if expected and expected != fp:
+            log.warning(
+                "ASVR codes in %s were fitted on another vision tower (%s, this model: %s); codes are computed with "
+                "this model's features",
+                opts.codes,
+                expected,
+                fp,
+            )
+        hidden_size = base.config.get_text_config().hidden_size
+        self.head = ASVRHead(hidden_size, self.codebook.k, self.codebook.levels, opts.head_dim, opts.depth_layers)
+        self.tokenizer = copy.deepcopy(tower).requires_grad_(False).eval() if opts.frozen_tokenizer else None
+        self._centroids = None
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"asvr_head": self.head}
+
+    def weights(self) -> dict[str, float]:
+        return {"asvr_loss": float(self.options.weight)}
+
+    @torch.no_grad()
+    def batch_codes(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """Codes (visual tokens of the batch, levels) from the frozen tokenizer tower's features."""
+        from dvsft.related.codes import tower_features
+
+        tower = self.tokenizer if self.tokenizer is not None else vision_tower_of(model)
+        pv, thw = batch["pixel_values"], batch["image_grid_thw"]
+        if self.tokenizer is not None:
+            self.tokenizer.to(pv.device)
+        feats = torch.cat(tower_features(tower, pv, thw)).float()
+        if self._centroids is None or self._centroids[0].device != feats.device:
+            self._centroids = [c.to(feats.device) for c in self.codebook.centroids]
+        out, residual = [], feats
+        for c in self._centroids:
+            d = (residual * residual).sum(1, keepdim=True) - 2 * residual @ c.T + (c * c).sum(1)[None]
+            idx = d.argmin(1)
+            out.append(idx)
+            residual = residual - c[idx]
+        return torch.stack(out, 1)
+
+    def loss(self, model, batch, hidden: HiddenStates):
+        codes = self.batch_codes(model, batch)
+        vis = hidden.last[hidden.image_mask]
+        if vis.shape[0] != codes.shape[0]:
+            raise ValueError(
+                f"ASVR: {vis.shape[0]} visual positions in the sequences but {codes.shape[0]} visual tokens in "
+                "pixel_values (a truncated image?)"
+            )
+        head_dtype = next(self.head.parameters()).dtype
+        value, acc = asvr_terms(self.head, vis.to(head_dtype), codes)
+        return {"asvr_loss": value, "asvr_acc": acc}
+
+
+register_objective("asvr", ASVRObjective)

@@ -191,17 +191,21 @@ def vision_tower(model: Any):
     return visual
 
 
-def image_features(model: Any, pixel_values, image_grid_thw) -> list[Any]:
-    """Post-projector visual features, one (tokens, dim) tensor per image."""
+def tower_features(tower: Any, pixel_values, image_grid_thw) -> list[Any]:
+    """Post-projector features of a vision tower (``model.model.visual`` or a copy), one tensor per image."""
     import torch
 
-    inner = getattr(model, "model", model)
-    out = inner.get_image_features(pixel_values, image_grid_thw)
+    dtype = next(tower.parameters()).dtype
+    out = tower(pixel_values.to(dtype), grid_thw=image_grid_thw)
     feats = getattr(out, "pooler_output", out)
     if isinstance(feats, torch.Tensor):
-        merge = vision_tower(model).spatial_merge_size
-        feats = torch.split(feats, (image_grid_thw.prod(-1) // merge**2).tolist())
+        feats = torch.split(feats, (image_grid_thw.prod(-1) // tower.spatial_merge_size**2).tolist())
     return list(feats)
+
+
+def image_features(model: Any, pixel_values, image_grid_thw) -> list[Any]:
+    """Post-projector visual features, one (tokens, dim) tensor per image (what the LLM receives)."""
+    return tower_features(vision_tower(model), pixel_values, image_grid_thw)
 
 
 def process_images(processor: Any, images: Sequence[Any]) -> dict[str, Any]:

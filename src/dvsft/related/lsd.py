@@ -11,13 +11,21 @@ bilinear samples.
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import random
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from dvsft.training.objectives import Objective, register_objective
+
+log = logging.getLogger(__name__)
 
 
 def _axis_weights(start: float, length: float, bins: int, grid: int, size: int) -> torch.Tensor:
@@ -159,3 +167,149 @@ def distill_loss(
         grid = feature_grid(feats.to(student_grid.dtype), tr, tc)
         targets.append(roi_align(grid, [(0.0, 0.0, float(tc), float(tr))], output_size)[0])
     return F.mse_loss(student, torch.stack(targets).to(student.device).detach())
+
+
+# ---------------------------------------------------------------- the `lsd` training objective
+
+
+@dataclass
+class LSDOptions:
+    weight: float = 1.0  # lambda (GranViT: 1)
+    alpha: float = 0.9  # EMA decay of the teacher (GranViT: 0.9)
+    output_size: int = 2  # ROIAlign bins per side
+    regions_per_image: int = 4  # word/phrase boxes distilled per image and step
+    level: str = "word"  # word | phrase
+    max_words: int = 10  # words per phrase at level phrase
+    pad: float = 0.0  # crop padding, in units of the region's height
+    seed: int = 0
+
+
+def crop_image_processor(config: Any) -> Any:
+    """A PIL image processor like the training one: crops reach the teacher the way images reach the model."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    model_cfg = getattr(config, "model", None)
+    path = getattr(model_cfg, "vision_from", None) or getattr(model_cfg, "path", None)
+    if path == "tiny" or path is None:
+        ip = Qwen2VLImageProcessorPil(
+            patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        )
+    else:
+        ip = Qwen2VLImageProcessorPil.from_pretrained(path)
+    lo, hi = getattr(config, "min_pixels", None), getattr(config, "max_pixels", None)
+    if lo is not None:
+        ip.size["shortest_edge"] = int(lo)
+    if hi is not None:
+        ip.size["longest_edge"] = int(hi)
+    return ip
+
+
+class LSDObjective(Objective):
+    """GranViT's localized self-distillation on word/phrase boxes of each training image."""
+
+    requires = ("sft",)
+    needs_records = True  # the batch must carry the records (image path, size, words)
+    Options = LSDOptions
+
+    def setup(self, model: nn.Module, config: Any) -> None:
+        from dvsft.training.objectives import base_model, vision_tower_of
+
+        opts = self.options
+        if opts.level not in ("word", "phrase"):
+            raise ValueError(f"objectives.lsd.level must be word or phrase, got {opts.level!r}")
+        student = vision_tower_of(base_model(model))
+        if not any(p.requires_grad for p in student.parameters()):
+            # LSD exists to train the vision encoder; without it the loss has nothing to update
+            log.warning("lsd: the vision tower was frozen; making it trainable (set train.vision: true to silence)")
+            student.requires_grad_(True)
+        self.student = student
+        self.teacher = EMATeacher(student, opts.alpha)
+        self.image_processor = crop_image_processor(config)
+        self.rng = random.Random(opts.seed)
+        self._captured: Any = None
+        self._param_ids = {id(p) for p in student.parameters()}
+        self._hook = student.register_forward_hook(self._capture)
+        ref = weakref.ref(self)
+
+        def after_step(optimizer, args, kwargs):  # EMA update after every optimizer step on the student
+            obj = ref()
+            if obj is None:
+                handle.remove()
+                return
+            if any(id(p) in obj._param_ids for g in optimizer.param_groups for p in g["params"]):
+                obj.teacher.update(obj.student)
+
+        handle = torch.optim.optimizer.register_optimizer_step_post_hook(after_step)
+        self._step_hook = handle
+
+    def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._captured = getattr(output, "pooler_output", output)
+
+    def close(self) -> None:
+        """Remove the hooks (the objective stops following the student)."""
+        self._hook.remove()
+        self._step_hook.remove()
+
+    def weights(self) -> dict[str, float]:
+        return {"lsd_loss": float(self.options.weight)}
+
+    def regions(self, record: dict[str, Any]) -> list[tuple[float, float, float, float]]:
+        from dvsft.related.region_tasks import regions_of
+
+        regs = regions_of(record, self.options.level, self.options.max_words)
+        regs = [r for r in regs if r.box[2] - r.box[0] >= 2 and r.box[3] - r.box[1] >= 2]
+        regs = [
+            r
+            for r in regs
+            if max(r.box[2] - r.box[0], r.box[3] - r.box[1]) < 150 * min(r.box[2] - r.box[0], r.box[3] - r.box[1])
+        ]
+        if len(regs) > self.options.regions_per_image:
+            regs = self.rng.sample(regs, self.options.regions_per_image)
+        return [r.box for r in regs]
+
+    def teacher_features(
+        self, crops: list[Any], device: torch.device
+    ) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        from dvsft.related.codes import tower_features
+
+        out = self.image_processor(images=crops, return_tensors="pt")
+        thw = out["image_grid_thw"]
+        self.teacher.module.to(device)
+        feats = tower_features(self.teacher.module, out["pixel_values"].to(device), thw.to(device))
+        merge = self.image_processor.merge_size
+        return feats, [(int(t[1]) // merge, int(t[2]) // merge) for t in thw]
+
+    def loss(self, model, batch, hidden):
+        from dvsft.data.collator import load_image
+
+        records = batch.get("records")
+        if records is None:
+            raise ValueError("the lsd objective needs the batch records (VisionCollator(keep_records=True))")
+        captured, self._captured = self._captured, None
+        zero = hidden.last.sum() * 0.0
+        if captured is None:
+            return {"lsd_loss": zero, "lsd_regions": zero.detach()}
+        thw = batch["image_grid_thw"]
+        merge = self.student.spatial_merge_size
+        sizes = (thw.prod(-1) // merge**2).tolist()
+        per_image = torch.split(captured, sizes)
+        total, n = zero, 0
+        for rec, feats, grid in zip(records, per_image, thw.tolist(), strict=True):
+            boxes = self.regions(rec)
+            if not boxes:
+                continue
+            image = load_image(rec["image"], str(rec.get("id", "?")))
+            crops = crop_regions(image, boxes, self.options.pad)
+            t_feats, t_grids = self.teacher_features(crops, feats.device)
+            rows, cols = grid[1] // merge, grid[2] // merge
+            student = feature_grid(feats, rows, cols)
+            total = total + distill_loss(student, image.size, boxes, t_feats, t_grids, self.options.output_size) * len(
+                boxes
+            )
+            n += len(boxes)
+        value = total / n if n else zero
+        return {"lsd_loss": value, "lsd_regions": hidden.last.new_tensor(float(n))}
+
+
+register_objective("lsd", LSDObjective)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 HEADS_ATTR = "dvsft_heads"  # attribute of the model that holds the objectives' trainable heads
 
 # Modules imported on first registry lookup so that their objectives register themselves.
-PLUGIN_MODULES: list[str] = ["dvsft.training.basic"]
+PLUGIN_MODULES: list[str] = ["dvsft.training.basic", "dvsft.related.asvr", "dvsft.related.lsd"]
 
 
 @dataclass
@@ -95,7 +95,11 @@ def register_objective(name: str, cls: type[Objective]) -> type[Objective]:
 
 def _load_plugins() -> None:
     for module in PLUGIN_MODULES:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:  # a plugin that is not installed registers nothing
+            if err.name is None or not module.startswith(err.name):
+                raise
 
 
 def registered_objectives() -> dict[str, type[Objective]]:

@@ -1,0 +1,98 @@
+"""Localized self-distillation: plain-torch ROIAlign, the EMA teacher, the distillation loss."""
+
+import pytest
+import torch
+
+from dvsft.related.lsd import EMATeacher, crop_regions, distill_loss, feature_grid, roi_align
+
+
+def test_roi_align_matches_hand_computed_bilinear_example():
+    # a 1-channel 3x4 map; value at (row r, col c) = 10 r + c
+    f = torch.tensor([[0.0, 1, 2, 3], [10, 11, 12, 13], [20, 21, 22, 23]])[None]
+    # box (x0, y0, x1, y1) = (0.5, 0.5, 2.5, 1.5), 1x2 bins, one sample per bin, aligned (pixel centres at +0.5):
+    # x: start 0.5 - 0.5 = 0.0, bins 1.0 wide -> samples at 0.5 and 1.5; y: start 0.0, 1.0 high -> sample at 0.5
+    # f(y=0.5, x=0.5) = 0.25 * (0 + 1 + 10 + 11) = 5.5 ; f(y=0.5, x=1.5) = 0.25 * (1 + 2 + 11 + 12) = 6.5
+    out = roi_align(f, [(0.5, 0.5, 2.5, 1.5)], output_size=(1, 2), sampling_ratio=1)
+    assert out.shape == (1, 1, 1, 2)
+    assert out[0, 0, 0].tolist() == pytest.approx([5.5, 6.5])
+    # 2x2 samples per bin average four bilinear values: for bin 0, x in {0.25, 0.75}, y in {0.25, 0.75}
+    # f(y, x) = 10 y + x (the map is linear inside), so the mean is 10 * 0.5 + 0.5 = 5.5 again
+    out = roi_align(f, [(0.5, 0.5, 2.5, 1.5)], output_size=(1, 2), sampling_ratio=2)
+    assert out[0, 0, 0].tolist() == pytest.approx([5.5, 6.5])
+    # a nonlinear map makes the sample grid matter: g = f ** 2 at (y, x) = (0.5, 0.5) with one sample
+    g = f**2
+    one = roi_align(g, [(0.5, 0.5, 1.5, 1.5)], output_size=1, sampling_ratio=1)
+    assert one.item() == pytest.approx(0.25 * (0 + 1 + 100 + 121))
+    # samples clamp at the border (torchvision): a box on the last row/col reads the edge value
+    edge = roi_align(f, [(3.5, 2.5, 4.5, 3.5)], output_size=1, sampling_ratio=1)
+    assert edge.item() == pytest.approx(23.0)
+    # and a whole-map box with the adaptive rule averages to the map mean (linear map)
+    assert roi_align(f, [(0, 0, 4, 3)], output_size=1).item() == pytest.approx(f.mean().item())
+
+
+def test_roi_align_scale_batching_and_gradients():
+    torch.manual_seed(0)
+    f = torch.randn(5, 6, 7, requires_grad=True)
+    boxes = [(0, 0, 32, 32), (10.0, 20.0, 90.0, 60.0)]
+    both = roi_align(f, boxes, output_size=3, spatial_scale=1 / 16)
+    assert both.shape == (2, 5, 3, 3)
+    single = roi_align(f, [(10.0, 20.0, 90.0, 60.0)], output_size=3, spatial_scale=1 / 16)
+    assert torch.allclose(both[1], single[0])
+    # the same box given in feature units gives the same result
+    scaled = roi_align(f, [(10 / 16, 20 / 16, 90 / 16, 60 / 16)], output_size=3)
+    assert torch.allclose(scaled[0], single[0])
+    both.sum().backward()
+    assert f.grad is not None and f.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="one \\(C, H, W\\) feature map"):
+        roi_align(torch.zeros(1, 2, 3, 4), boxes)
+
+
+def test_ema_teacher_follows_with_alpha_and_gets_no_gradients():
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    teacher = EMATeacher(student, alpha=0.9)
+    t0 = {k: v.clone() for k, v in teacher.module.state_dict().items()}
+    assert all(not p.requires_grad for p in teacher.module.parameters())
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    x = torch.randn(8, 4)
+    student(x).pow(2).sum().backward()
+    opt.step()
+    teacher.update(student)
+    s = student.state_dict()
+    for name, p in teacher.module.named_parameters():
+        assert torch.allclose(p, 0.9 * t0[name] + 0.1 * s[name]), name
+    # buffers (BatchNorm running stats) are copied
+    assert torch.equal(teacher.module[1].running_mean, student[1].running_mean)
+    # a loss through the teacher leaves it without gradients; the student's graph is untouched
+    out = teacher(x)
+    assert not out.requires_grad
+    teacher.train()
+    assert not teacher.module.training
+    with pytest.raises(ValueError, match="alpha"):
+        EMATeacher(student, alpha=1.5)
+
+
+def test_distill_loss_is_mse_of_pooled_regions():
+    torch.manual_seed(1)
+    rows, cols, c = 4, 6, 3
+    student_tokens = torch.randn(rows * cols, c, requires_grad=True)
+    grid = feature_grid(student_tokens, rows, cols)
+    assert torch.equal(grid[:, 1, 2], student_tokens[1 * cols + 2])
+    # image 120 x 80 px -> 20 px per cell; the box covers cells (row 1, cols 2..3)
+    box = (40.0, 20.0, 80.0, 40.0)
+    teacher = [torch.randn(2 * 2, c)]
+    loss = distill_loss(grid, (120, 80), [box], teacher, [(2, 2)], output_size=1)
+    expected_student = student_tokens[[1 * cols + 2, 1 * cols + 3]].mean(0)
+    expected = ((expected_student - teacher[0].mean(0)) ** 2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert student_tokens.grad[1 * cols + 2].abs().sum() > 0 and student_tokens.grad[0].abs().sum() == 0
+
+
+def test_crop_regions_pads_and_clips():
+    from PIL import Image
+
+    im = Image.new("RGB", (100, 50))
+    a, b = crop_regions(im, [(10.2, 5.0, 30.7, 15.0), (90, 40, 100, 50)], pad=0.5)
+    assert a.size == (36 - 5, 20 - 0)  # pad 5 px: x 5.2 -> 5 (floor), 35.7 -> 36 (ceil), y 0 .. 20
+    assert b.size == (100 - 85, 50 - 35)
