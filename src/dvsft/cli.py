@@ -48,3 +48,7 @@ def version() -> None:
 
 
 _register_all()
+
+
+if __name__ == "__main__":
+    app()

@@ -1,9 +1,55 @@
-"""CLI commands of this stage."""
+"""CLI commands of this stage: `dvsft train CONFIG.yaml [--key value ...]`."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
 
+def _print_keys() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from dvsft.training.config import flat_keys
+
+    table = Table("key", "default", "meaning", title="dvsft train config keys")
+    for key, (_, default, help_) in flat_keys().items():
+        table.add_row(key, repr(default), help_)
+    Console().print(table)
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add this stage's commands to the `dvsft` app and its `bench` group."""
+
+    @app.command(
+        "train",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )
+    def train_command(
+        ctx: typer.Context,
+        config: Path = typer.Argument(None, help="YAML config (see configs/); omit to give every key as --key value"),
+        keys: bool = typer.Option(False, "--keys", help="list every config key with its default and meaning"),
+    ) -> None:
+        """Fine-tune a multimodal LLM with SFT, DV-SFT or BASIC on word records (HF Trainer).
+
+        Any config key can be overridden: --learning_rate 1e-5 --lora.enabled true --model tiny.
+        --resume continues from the last checkpoint in output_dir. Distributed: run it under
+        `accelerate launch -m dvsft.cli train ...` or `torchrun -m dvsft.cli train ...`.
+        """
+        if keys:
+            _print_keys()
+            return
+        from dvsft.training.config import load_config, validate
+
+        try:
+            cfg = load_config(config, list(ctx.args))
+            validate(cfg)
+        except (ValueError, FileNotFoundError) as err:
+            raise typer.BadParameter(str(err)) from err
+        from dvsft.training.train import train
+
+        result = train(cfg)
+        if result.final_dir is not None:
+            typer.echo(f"final model: {result.final_dir}")
+        typer.echo(f"log: {result.output_dir / 'log.jsonl'}")

@@ -1,0 +1,272 @@
+"""Build the model to train: load a local HF dir, the tiny model, or graft a text LLM onto a vision tower;
+then choose what trains (freeze / LoRA).
+
+Parts of a Qwen-VL model (``dvsft.training.objectives`` finds them inside any wrapper):
+vision encoder = ``model.visual`` minus its mergers; projector = ``visual.merger`` (+ Qwen3-VL's
+DeepStack mergers, which also map vision features to the LLM's hidden size); LLM =
+``model.language_model`` + ``lm_head``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from dvsft.training.config import LoraSection, TrainConfig, TrainParts
+from dvsft.training.objectives import base_model, language_model_of, vision_tower_of
+
+log = logging.getLogger(__name__)
+
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
+
+
+def _check_dir(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{what} {p} is not a Hugging Face model dir (no config.json)")
+    return p
+
+
+def load_base(cfg: TrainConfig, dtype: Any = None) -> tuple[Any, Any]:
+    """(model, processor) named by ``cfg.model``: a dir, ``tiny``, or the graft of llm + vision_from."""
+    from dvsft.models import load_model, load_processor, set_pixels
+
+    m = cfg.model
+    if m.llm or m.vision_from:
+        model, processor = graft(m.llm, m.vision_from, dtype=dtype, trust_remote_code=m.trust_remote_code)
+    elif m.path == "tiny":
+        import torch
+
+        from dvsft.training.tiny import build_tiny
+
+        model, processor = build_tiny(cfg.tiny)
+        if dtype is not None and dtype != "auto":
+            model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    else:
+        path = _check_dir(m.path, "model")
+        model = load_model(path, dtype=dtype, trust_remote_code=m.trust_remote_code)
+        processor = load_processor(path, trust_remote_code=m.trust_remote_code)
+    set_pixels(processor, cfg.min_pixels, cfg.max_pixels)
+    if m.attn_implementation:
+        model.set_attn_implementation(m.attn_implementation)
+    return model, processor
+
+
+# --------------------------------------------------------------------------- graft
+
+
+def add_vision_tokens(tokenizer: Any) -> list[str]:
+    """Add the Qwen-VL vision (and ChatML) special tokens the tokenizer lacks; returns those added."""
+    from tokenizers import AddedToken
+
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in CHATML_TOKENS + VISION_TOKENS if t not in vocab]
+    if missing:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    return missing
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    quarter = head_dim // 2
+    return [quarter - 2 * (quarter // 3), quarter // 3, quarter // 3]
+
+
+def graft_config(llm_config: Any, vl_config: Any, tokenizer: Any) -> Any:
+    """A Qwen3-VL config: the LLM's text architecture + the VL model's vision tower (projector to the LLM's size)."""
+    from transformers import Qwen3VLConfig
+
+    src = llm_config.to_dict()
+    keys = [
+        *("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"),
+        *("hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "attention_bias"),
+        "attention_dropout",
+    ]
+    text = {k: src[k] for k in keys if k in src}
+    head_dim = src.get("head_dim") or src["hidden_size"] // src["num_attention_heads"]
+    text["head_dim"] = head_dim
+    text["vocab_size"] = src["vocab_size"]
+    vl_text = vl_config.text_config
+    vl_rope = dict(getattr(vl_text, "rope_parameters", None) or {})
+    vl_head = getattr(vl_text, "head_dim", None) or vl_text.hidden_size // vl_text.num_attention_heads
+    section = vl_rope.get("mrope_section") if vl_head == head_dim else None
+    theta = (src.get("rope_parameters") or {}).get("rope_theta") or src.get("rope_theta") or 1e6
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": theta,
+        "mrope_section": section or _mrope_section(head_dim),
+        "mrope_interleaved": vl_rope.get("mrope_interleaved", True),
+    }
+    tied = bool(src.get("tie_word_embeddings", False))
+    text["tie_word_embeddings"] = tied
+    vision = vl_config.vision_config.to_dict()
+    vision["out_hidden_size"] = src["hidden_size"]
+    ids = tokenizer.convert_tokens_to_ids
+    return Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=tied,
+    )
+
+
+def graft(llm_dir: str | Path, vision_dir: str | Path, dtype: Any = None, trust_remote_code: bool = False):
+    """(model, processor): a Qwen3VLForConditionalGeneration from a text LLM + another model's vision tower.
+
+    Text model and lm_head come from ``llm_dir`` (a Qwen3ForCausalLM-style dir), the vision tower from
+    ``vision_dir`` (a Qwen3-VL dir). Projector weights (merger, DeepStack mergers) whose shapes differ
+    because the hidden sizes differ are freshly initialised (listed in ``model.config.dvsft_graft``).
+    The processor is the VL dir's image processor + the LLM's tokenizer with the vision special tokens
+    added (embeddings resized) and a ChatML chat template.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen3VLForConditionalGeneration
+
+    from dvsft.models import build_processor, load_model, load_processor, model_type_of
+    from dvsft.training.tiny import CHAT_TEMPLATE
+
+    llm_dir, vision_dir = _check_dir(llm_dir, "model.llm"), _check_dir(vision_dir, "model.vision_from")
+    if model_type_of(vision_dir) != "qwen3_vl":
+        raise ValueError(f"model.vision_from {vision_dir}: expected a Qwen3-VL dir, got {model_type_of(vision_dir)!r}")
+    llm_config = AutoConfig.from_pretrained(llm_dir, trust_remote_code=trust_remote_code)
+    vl_config = AutoConfig.from_pretrained(vision_dir)
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir, trust_remote_code=trust_remote_code)
+    added = add_vision_tokens(tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = graft_config(llm_config, vl_config, tokenizer)
+
+    llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
+    vl = load_model(vision_dir, dtype=dtype)
+    model = Qwen3VLForConditionalGeneration(config).to(llm.dtype)
+
+    text_state = {k.removeprefix("model."): v for k, v in llm.state_dict().items() if k.startswith("model.")}
+    missing, unexpected = language_model_of(model).load_state_dict(text_state, strict=False)
+    missing = [k for k in missing if "rotary" not in k]
+    if missing or unexpected:
+        raise ValueError(f"model.llm {llm_dir}: weights do not fit a Qwen3-VL text model: {missing or unexpected}")
+    with torch.no_grad():
+        if not config.tie_word_embeddings:
+            model.lm_head.weight.copy_(llm.get_output_embeddings().weight)
+        fresh = []
+        target = vision_tower_of(model).state_dict()
+        for name, tensor in vision_tower_of(vl).state_dict().items():
+            if name in target and target[name].shape == tensor.shape:
+                target[name].copy_(tensor)
+            else:
+                fresh.append(name)
+        fresh += [n for n in target if n not in vision_tower_of(vl).state_dict()]
+    if len(tokenizer) > config.text_config.vocab_size:
+        model.resize_token_embeddings(len(tokenizer))
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.config.dvsft_graft = {
+        "llm": str(llm_dir),
+        "vision_from": str(vision_dir),
+        "fresh": sorted(fresh),
+        "added_tokens": added,
+    }
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    image_processor = load_processor(vision_dir).image_processor
+    processor = build_processor(image_processor, tokenizer, "qwen3_vl", CHAT_TEMPLATE)
+    if fresh:
+        log.info("graft: freshly initialised %d vision-side tensors (projector): %s", len(fresh), fresh[:6])
+    del llm, vl
+    return model, processor
+
+
+# --------------------------------------------------------------------------- what trains
+
+
+def _projector_modules(model: Any) -> list[Any]:
+    visual = vision_tower_of(model)
+    mods = [visual.merger]
+    mods += list(getattr(visual, "deepstack_merger_list", []) or [])
+    return mods
+
+
+def set_trainable(model: Any, parts: TrainParts, llm_mode: str) -> dict[str, int]:
+    """Set requires_grad per part (full fine-tuning). ``llm_mode``: all, first_layer, none."""
+    base = base_model(model)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    visual = vision_tower_of(base)
+    if parts.vision:
+        for p in visual.parameters():
+            p.requires_grad_(True)
+    for mod in _projector_modules(base):
+        for p in mod.parameters():
+            p.requires_grad_(bool(parts.projector))
+    lm = language_model_of(base)
+    if llm_mode == "all":
+        for p in lm.parameters():
+            p.requires_grad_(True)
+        for p in base.get_output_embeddings().parameters():
+            p.requires_grad_(True)
+    elif llm_mode == "first_layer":
+        for p in lm.layers[0].parameters():
+            p.requires_grad_(True)
+    elif llm_mode != "none":
+        raise ValueError(f"train.llm must be all, first_layer or none; got {llm_mode!r}")
+    return trainable_counts(base)
+
+
+def trainable_counts(model: Any) -> dict[str, int]:
+    """Trainable / total parameter counts per part (vision, projector, llm, other)."""
+    base = base_model(model)
+    proj = {id(p) for m in _projector_modules(base) for p in m.parameters()}
+    vis = {id(p) for p in vision_tower_of(base).parameters()} - proj
+    counts = {f"{k}_{s}": 0 for k in ("vision", "projector", "llm") for s in ("trainable", "total")}
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        part = "projector" if id(p) in proj else "vision" if id(p) in vis else "llm"
+        counts[f"{part}_total"] += p.numel()
+        if p.requires_grad:
+            counts[f"{part}_trainable"] += p.numel()
+    return counts
+
+
+def lora_targets(model: Any, wanted: list[str] | None = None) -> list[str]:
+    """Full names of the LLM's linear layers (optionally only those whose name ends with one of ``wanted``)."""
+    from torch import nn
+
+    base = base_model(model)
+    lm = language_model_of(base)
+    lm_ids = {id(m) for m in lm.modules()}
+    names = []
+    for name, mod in base.named_modules():
+        if isinstance(mod, nn.Linear) and id(mod) in lm_ids:
+            if wanted and not any(name == w or name.endswith("." + w) for w in wanted):
+                continue
+            names.append(name)
+    if not names:
+        raise ValueError(f"lora.target_modules {wanted} matched no linear layer of the LLM")
+    return names
+
+
+def apply_lora(model: Any, lora: LoraSection) -> Any:
+    """Wrap the model with PEFT LoRA on the LLM's linear layers; everything else is frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora_targets(model, lora.target_modules),
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def describe(cfg: TrainConfig) -> dict[str, Any]:
+    return {"model": asdict(cfg.model), "lora": asdict(cfg.lora), "train": asdict(cfg.train)}
