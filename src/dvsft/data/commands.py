@@ -1,9 +1,66 @@
-"""`dvsft prepare`: convert public dataset layouts into word records with conversations."""
+"""`dvsft prepare`: convert public dataset layouts into records with conversations."""
 
 from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
 
 import typer
 
 
+class DatasetName(StrEnum):
+    docvqa = "docvqa"
+    infovqa = "infovqa"
+    squad = "squad"
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add `prepare` to the app."""
+    app.command("prepare")(prepare)
+
+
+def prepare(
+    dataset: DatasetName = typer.Argument(..., help="Which dataset layout PATH holds."),
+    path: Path = typer.Argument(..., help="Parquet file/folder (lmms-lab), official JSON (+ images), or SQuAD JSON."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: <dataset>[_<split>].jsonl (+ images/)."),
+    qa_per_image: int | None = typer.Option(
+        None, min=0, help="QA pairs kept per image/document, at random (default 1, 2 for infovqa; 0 = all)."
+    ),
+    split: str | None = typer.Option(None, help="Pick files of this split in a folder (train, validation, ...)."),
+    seed: int = typer.Option(0, help="Seed of the QA selection."),
+    multi_turn: bool = typer.Option(
+        True, "--multi-turn/--separate", help="Several QA pairs of one image: one conversation, or one record each."
+    ),
+    image_root: Path | None = typer.Option(None, help="Where the official JSON's images are (searched first)."),
+) -> None:
+    """Convert DocVQA / InfographicVQA / SQuAD downloads into records with conversations (no OCR yet)."""
+    from rich.console import Console
+
+    from dvsft.data.prepare import prepare as run_prepare
+
+    console = Console(stderr=True)
+    try:
+        stats = run_prepare(
+            dataset.value,
+            path,
+            out,
+            qa_per_image=qa_per_image,
+            split=split,
+            seed=seed,
+            multi_turn=multi_turn,
+            image_root=image_root,
+        )
+    except (OSError, ValueError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    what = "documents" if dataset is DatasetName.squad else "images"
+    console.print(
+        f"{stats.records} records from {stats.images} {what}; kept {stats.qa_kept} of {stats.qa_total} QA pairs "
+        f"-> {stats.out}"
+    )
+    for reason, count in sorted(stats.skipped.items()):
+        console.print(f"  skipped {count} x {reason}")
+    if stats.missing_images:
+        console.print(f"[yellow]warning:[/yellow] {stats.missing_images} images not found (try --image-root)")
+    nxt = "dvsft render" if dataset is DatasetName.squad else "dvsft label"
+    console.print(f"next: {nxt} {stats.out} --out ...")

@@ -100,4 +100,4 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
     elif arr.size and (arr.min() < 0 or arr.max() > 255):
         lo, hi = float(arr.min()), float(arr.max())
         arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))

@@ -37,7 +37,7 @@ def label(
     engine: str = typer.Option("rapidocr", help="OCR engine name."),
     min_score: float = typer.Option(0.5, help="Drop words whose recognition score is below this."),
     image_root: Path | None = typer.Option(None, help="Resolve a dataset's relative image paths here first."),
-    threads: int | None = typer.Option(None, min=1, help="onnxruntime threads per worker [default: cores // workers]."),
+    threads: int | None = typer.Option(None, min=1, help="onnxruntime threads per worker (default: cores // workers)."),
     cls: bool = typer.Option(False, "--cls/--no-cls", help="Run rapidocr's 180-degree line classifier."),
     ocr_param: list[str] = typer.Option([], help="Extra rapidocr config, KEY=VALUE, e.g. Det.limit_side_len=960."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
