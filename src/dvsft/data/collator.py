@@ -1,0 +1,262 @@
+"""Collate word records into model inputs with text labels and per-visual-token vision labels.
+
+Everything the model sees comes from its OWN processor and chat template; dvsft only adds:
+
+* ``labels``: the assistant turns' tokens (each turn's end-of-turn token included), everything
+  else -100. Assistant spans are found template-agnostically: the conversation is rendered up to
+  each answer with ``add_generation_prompt=True`` and up to the end of that answer, and the
+  character span between the two is mapped to tokens through the tokenizer's offsets.
+* ``vision_positions`` [N, 2] (batch index, sequence position), ``vision_targets`` [N] and
+  ``vision_label_sets`` [N, S] (-1 padded): the words aligned to visual tokens by
+  :func:`dvsft.labels.align.align_words` on the grid :func:`dvsft.geometry.grid_for` computes
+  from the same processor. The k-th image token of an image is token k of that grid; the
+  collator checks the processor's token count and ``image_grid_thw`` against the grid and raises
+  rather than shift a label.
+
+Sequences are padded on the right; one image per record.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps
+
+from dvsft.data.dataset import IMAGE_PLACEHOLDER, has_image_placeholder
+from dvsft.geometry import Grid, grid_for
+from dvsft.labels.align import AlignConfig, Alignment, align_words
+from dvsft.models import set_pixels
+
+
+def load_image(source: str | Path | Image.Image, record_id: str = "?") -> Image.Image:
+    """An RGB image with its EXIF orientation applied (the orientation OCR saw)."""
+    if isinstance(source, Image.Image):
+        return ImageOps.exif_transpose(source).convert("RGB")
+    try:
+        with Image.open(source) as im:
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"record {record_id}: cannot read image {source}: {err}") from err
+
+
+def to_processor_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages in the form the Qwen-VL chat templates expect: ``<image>`` becomes an image part.
+
+    A conversation with no image placeholder gets the image at the start of its first user turn.
+    """
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str) and IMAGE_PLACEHOLDER in content:
+            parts: list[dict[str, Any]] = []
+            for i, text in enumerate(content.split(IMAGE_PLACEHOLDER)):
+                if i:
+                    parts.append({"type": "image"})
+                if text:
+                    parts.append({"type": "text", "text": text})
+            content = parts
+        elif isinstance(content, list):
+            content = [{"type": "image"} if p.get("type") == "image" else dict(p) for p in content]
+        out.append({"role": m["role"], "content": content})
+    if not any(has_image_placeholder(m) for m in out):
+        user = next((m for m in out if m["role"] == "user"), None)
+        if user is None:
+            raise ValueError("no user turn to put the image in")
+        text = user["content"]
+        user["content"] = [{"type": "image"}] + ([{"type": "text", "text": text}] if isinstance(text, str) else text)
+    return out
+
+
+@dataclass
+class Encoded:
+    """One record, encoded and checked."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    mm_token_type_ids: torch.Tensor | None
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    vision_tokens: list[tuple[int, int]]  # (sequence position, first-token id)
+    label_set: list[int]
+    grid: Grid
+    alignment: Alignment | None
+
+
+class VisionCollator:
+    """``records -> batch`` for DV-SFT (and SFT with ``vision_labels=False``)."""
+
+    def __init__(
+        self,
+        processor: Any,
+        align_config: AlignConfig | None = None,
+        vision_labels: bool = True,
+        max_length: int = 8192,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ):
+        if min_pixels is not None or max_pixels is not None:
+            processor = copy.copy(processor)
+            processor.image_processor = copy.deepcopy(processor.image_processor)
+            set_pixels(processor, min_pixels, max_pixels)
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.align_config = align_config or AlignConfig()
+        self.vision_labels = vision_labels
+        self.max_length = int(max_length)
+        self.image_token = getattr(processor, "image_token", "<|image_pad|>")
+        self.image_token_id = int(self.tokenizer.convert_tokens_to_ids(self.image_token))
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    # -- one record -------------------------------------------------------------------------
+    def render(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def answer_spans(self, messages: list[dict[str, Any]], rid: str) -> tuple[str, list[tuple[int, int]]]:
+        """(full text, character spans of the assistant answers incl. their end-of-turn token)."""
+        full = self.render(messages)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = self.render(messages[:i], generation_prompt=True)
+            upto = self.render(messages[: i + 1])
+            if not (upto.startswith(prompt) and full.startswith(upto)):
+                raise ValueError(
+                    f"record {rid}: the chat template renders turn {i} differently in context, "
+                    "so its answer span cannot be located"
+                )
+            end = len(upto.rstrip())
+            if end > len(prompt):
+                spans.append((len(prompt), end))
+        if not spans:
+            raise ValueError(f"record {rid}: no assistant answer to train on")
+        return full, spans
+
+    def encode(self, record: dict[str, Any]) -> Encoded:
+        rid = str(record.get("id", "?"))
+        if "messages" not in record or not record["messages"]:
+            raise ValueError(f"record {rid}: no messages")
+        if "image" not in record:
+            raise ValueError(f"record {rid}: no image")
+        image = load_image(record["image"], rid)
+        w, h = image.size
+        if record.get("width") not in (None, w) or record.get("height") not in (None, h):
+            raise ValueError(
+                f"record {rid}: image {record['image']} is {w}x{h} after EXIF orientation but the record says "
+                f"{record.get('width')}x{record.get('height')}; its word boxes would not match"
+            )
+        try:
+            messages = to_processor_messages(record["messages"])
+        except ValueError as err:
+            raise ValueError(f"record {rid}: {err}") from err
+        text, spans = self.answer_spans(messages, rid)
+        if text.count(self.image_token) != 1:
+            raise ValueError(
+                f"record {rid}: expected one image in the conversation, found {text.count(self.image_token)}"
+            )
+        out = self.processor(text=[text], images=[image], return_tensors="pt", return_offsets_mapping=True)
+        ids = out["input_ids"][0]
+        grid = grid_for(self.processor, w, h)
+        image_pos = torch.nonzero(ids == self.image_token_id).flatten()
+        n_img = int(image_pos.numel())
+        thw = tuple(int(v) for v in out["image_grid_thw"][0])
+        if n_img != grid.num_tokens or thw != grid.grid_thw:
+            raise ValueError(
+                f"record {rid}: the processor made {n_img} image tokens (image_grid_thw {thw}) for the {w}x{h} "
+                f"image but the token grid has {grid.num_tokens} ({grid.rows}x{grid.cols}, grid_thw {grid.grid_thw}); "
+                "refusing to align labels to shifted tokens"
+            )
+        if n_img and int(image_pos[-1] - image_pos[0]) != n_img - 1:
+            raise ValueError(f"record {rid}: the image tokens are not contiguous")
+        labels = self._text_labels(ids, out["offset_mapping"][0], text, spans, n_img)
+        alignment, vision_tokens, label_set = None, [], []
+        if self.vision_labels:
+            alignment = align_words(record.get("words") or [], grid, tokenizer=self.tokenizer, config=self.align_config)
+            vision_tokens = [(int(image_pos[lab["token"]]), int(lab["token_id"])) for lab in alignment.labels]
+            label_set = alignment.label_set
+        mm = out.get("mm_token_type_ids")
+        mm = mm[0] if mm is not None else None
+        length = int(ids.numel())
+        if length > self.max_length:
+            if n_img and int(image_pos[-1]) >= self.max_length:
+                raise ValueError(
+                    f"record {rid}: {length} tokens exceed max_length {self.max_length} and the cut would split the "
+                    f"image (image tokens at {int(image_pos[0])}..{int(image_pos[-1])}); raise max_length or "
+                    "lower max_pixels"
+                )
+            cut = self.max_length
+            ids, labels = ids[:cut], labels[:cut]
+            mm = mm[:cut] if mm is not None else None
+            vision_tokens = [(p, t) for p, t in vision_tokens if p < cut]
+        return Encoded(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            labels=labels,
+            mm_token_type_ids=mm,
+            pixel_values=out["pixel_values"],
+            image_grid_thw=out["image_grid_thw"],
+            vision_tokens=vision_tokens,
+            label_set=label_set,
+            grid=grid,
+            alignment=alignment,
+        )
+
+    def _text_labels(
+        self, ids: torch.Tensor, offsets: torch.Tensor, text: str, spans: list[tuple[int, int]], n_img: int
+    ) -> torch.Tensor:
+        """-100 everywhere but the tokens overlapping an answer span (offsets are in the expanded text)."""
+        at = text.index(self.image_token)
+        grow = (n_img - 1) * len(self.image_token)
+        labels = torch.full_like(ids, -100)
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        for a, b in spans:
+            if a <= at < b:
+                raise ValueError("an image placeholder inside an assistant answer is not supported")
+            if a > at:
+                a, b = a + grow, b + grow
+            inside = (ends > a) & (starts < b) & (ends > starts)
+            labels[inside] = ids[inside]
+        return labels
+
+    # -- the batch --------------------------------------------------------------------------
+    def __call__(self, records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not records:
+            raise ValueError("cannot collate an empty list of records")
+        enc = [self.encode(r) for r in records]
+        length = max(e.input_ids.numel() for e in enc)
+
+        def pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
+            out = torch.full((len(rows), length), value, dtype=rows[0].dtype)
+            for i, row in enumerate(rows):
+                out[i, : row.numel()] = row
+            return out
+
+        batch: dict[str, torch.Tensor] = {
+            "input_ids": pad([e.input_ids for e in enc], self.pad_token_id),
+            "attention_mask": pad([e.attention_mask for e in enc], 0),
+        }
+        if all(e.mm_token_type_ids is not None for e in enc):
+            batch["mm_token_type_ids"] = pad([e.mm_token_type_ids for e in enc], 0)
+        batch["pixel_values"] = torch.cat([e.pixel_values for e in enc])
+        batch["image_grid_thw"] = torch.cat([e.image_grid_thw for e in enc])
+        batch["labels"] = pad([e.labels for e in enc], -100)
+        if self.vision_labels:
+            positions = [(b, p) for b, e in enumerate(enc) for p, _ in e.vision_tokens]
+            targets = [t for e in enc for _, t in e.vision_tokens]
+            width = max((len(e.label_set) for e in enc if e.vision_tokens), default=0)
+            sets = torch.full((len(targets), width), -1, dtype=torch.long)
+            row = 0
+            for e in enc:
+                for _ in e.vision_tokens:
+                    sets[row, : len(e.label_set)] = torch.tensor(e.label_set, dtype=torch.long)
+                    row += 1
+            batch["vision_positions"] = torch.tensor(positions, dtype=torch.long).reshape(-1, 2)
+            batch["vision_targets"] = torch.tensor(targets, dtype=torch.long)
+            batch["vision_label_sets"] = sets
+        return batch

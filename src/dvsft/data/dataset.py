@@ -1,0 +1,173 @@
+"""Training samples from word-record JSONL files (see :mod:`dvsft.records`).
+
+A record holds one image and a conversation; a conversation with several question-answer pairs
+(user turn, assistant turn, user turn, ...) becomes several samples:
+
+* default: one sample per QA pair (the image and its vision labels repeat in each);
+* ``one_qa_per_image=True``: one QA pair per image, drawn with ``seed`` (the paper's setting, so
+  vision labels are not trained several times per epoch). Draw a fresh pair each epoch by
+  loading with ``seed=epoch``; ``qa_per_image=2`` keeps two (the paper's InfoVQA setting);
+* ``keep_conversations=True``: each record stays one multi-turn sample.
+
+Every sample keeps the record's system turns, and the image placeholder ``<image>`` goes with the
+sample's first user turn. Bad records (no image file, no assistant answer, malformed messages)
+are skipped, logged with their id and reason, and listed in the result's ``skipped``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+from dvsft.records import image_path, read_jsonl
+
+log = logging.getLogger(__name__)
+IMAGE_PLACEHOLDER = "<image>"
+
+
+class RecordList(list):
+    """A list of sample dicts that also carries ``skipped``: ``[(record id, reason), ...]``."""
+
+    skipped: list[tuple[str, str]]
+
+    def __init__(self, items=(), skipped: list[tuple[str, str]] | None = None):
+        super().__init__(items)
+        self.skipped = list(skipped or [])
+
+
+def has_image_placeholder(message: dict[str, Any]) -> bool:
+    content = message.get("content")
+    if isinstance(content, str):
+        return IMAGE_PLACEHOLDER in content
+    return any(isinstance(p, dict) and p.get("type") == "image" for p in content or [])
+
+
+def qa_pairs(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+    """(system turns, [[user turns..., assistant turn], ...]): each pair ends with an assistant answer."""
+    system, pairs, current = [], [], []
+    for m in messages:
+        if m["role"] == "system":
+            system.append(m)
+            continue
+        current.append(m)
+        if m["role"] == "assistant":
+            pairs.append(current)
+            current = []
+    return system, pairs
+
+
+def _move_image_to(pair: list[dict[str, Any]], template: dict[str, Any]) -> list[dict[str, Any]]:
+    """A copy of the pair whose first user turn carries the image (as the record's first image turn wrote it)."""
+    pair = copy.deepcopy(pair)
+    if any(has_image_placeholder(m) for m in pair):
+        return pair
+    user = next((m for m in pair if m["role"] == "user"), None)
+    if user is None:
+        return pair
+    if isinstance(user["content"], str):
+        user["content"] = IMAGE_PLACEHOLDER + ("\n" if _placeholder_newline(template) else "") + user["content"]
+    else:
+        user["content"] = [{"type": "image"}, *user["content"]]
+    return pair
+
+
+def _placeholder_newline(template: dict[str, Any]) -> bool:
+    content = template.get("content")
+    return isinstance(content, str) and (IMAGE_PLACEHOLDER + "\n") in content
+
+
+def _check(record: dict[str, Any], records_file: Path) -> str | None:
+    """The reason a record cannot be trained on, or None."""
+    if not record.get("image"):
+        return "no image field"
+    path = image_path(record, records_file)
+    if not path.is_file():
+        return f"image file not found: {path}"
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "no messages"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            return f"message {i} has no role system/user/assistant"
+        if not isinstance(m.get("content"), (str, list)):
+            return f"message {i} has no string or list content"
+    if not any(m["role"] == "assistant" and _text_of(m).strip() for m in messages):
+        return "no assistant turn with an answer"
+    if sum(_count_images(m) for m in messages) > 1:
+        return "more than one image placeholder (one image per record is supported)"
+    if not isinstance(record.get("words", []), list):
+        return "words is not a list"
+    return None
+
+
+def _text_of(message: dict[str, Any]) -> str:
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+
+
+def _count_images(message: dict[str, Any]) -> int:
+    content = message["content"]
+    if isinstance(content, str):
+        return content.count(IMAGE_PLACEHOLDER)
+    return sum(1 for p in content if isinstance(p, dict) and p.get("type") == "image")
+
+
+def expand_record(
+    record: dict[str, Any], rng: random.Random | None = None, qa_per_image: int | None = None
+) -> list[dict[str, Any]]:
+    """Samples of one (valid) record: one per QA pair, or ``qa_per_image`` pairs drawn with ``rng``."""
+    system, pairs = qa_pairs(record["messages"])
+    pairs = [p for p in pairs if _text_of(p[-1]).strip()]
+    image_turn = next((m for m in record["messages"] if has_image_placeholder(m)), {})
+    chosen = list(range(len(pairs)))
+    if qa_per_image is not None and len(pairs) > qa_per_image:
+        chosen = sorted((rng or random.Random(0)).sample(chosen, qa_per_image))
+    samples = []
+    rid = str(record.get("id", ""))
+    image_in_system = any(has_image_placeholder(m) for m in system)
+    for k in chosen:
+        sample = dict(record)
+        pair = copy.deepcopy(pairs[k]) if image_in_system else _move_image_to(pairs[k], image_turn)
+        sample["messages"] = copy.deepcopy(system) + pair
+        sample["id"] = rid if len(pairs) == 1 else f"{rid}#qa{k}"
+        sample["source_id"] = rid
+        samples.append(sample)
+    return samples
+
+
+def load_records(
+    path: str | Path,
+    one_qa_per_image: bool = False,
+    seed: int = 0,
+    qa_per_image: int | None = None,
+    keep_conversations: bool = False,
+) -> RecordList:
+    """Training samples of a word-record JSONL file, image paths made absolute, bad records skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"records file not found: {path}")
+    if one_qa_per_image:
+        qa_per_image = 1
+    if qa_per_image is not None and qa_per_image < 1:
+        raise ValueError(f"qa_per_image must be >= 1, got {qa_per_image}")
+    rng = random.Random(seed)
+    samples: list[dict[str, Any]] = []
+    skipped: list[tuple[str, str]] = []
+    for i, record in enumerate(read_jsonl(path)):
+        rid = str(record.get("id") or f"{path.name}#{i + 1}")
+        reason = _check(record, path)
+        if reason is not None:
+            log.warning("skipping record %s of %s: %s", rid, path, reason)
+            skipped.append((rid, reason))
+            continue
+        record = dict(record, id=rid, image=str(image_path(record, path).resolve()))
+        if keep_conversations:
+            samples.append(record)
+        else:
+            samples.extend(expand_record(record, rng, qa_per_image))
+    return RecordList(samples, skipped)
