@@ -28,25 +28,29 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     )
     def train_command(
         ctx: typer.Context,
-        config: Path = typer.Argument(None, help="YAML config (see configs/); omit to give every key as --key value"),
         keys: bool = typer.Option(False, "--keys", help="list every config key with its default and meaning"),
     ) -> None:
-        """Fine-tune a multimodal LLM with SFT, DV-SFT or BASIC on word records (HF Trainer).
+        """dvsft train [CONFIG.yaml] [--key value ...]: fine-tune with SFT, DV-SFT or BASIC (HF Trainer).
 
-        Any config key can be overridden: --learning_rate 1e-5 --lora.enabled true --model tiny.
-        --resume continues from the last checkpoint in output_dir. Distributed: run it under
-        `accelerate launch -m dvsft.cli train ...` or `torchrun -m dvsft.cli train ...`.
-        """
+        CONFIG.yaml is a config file (see configs/); every key can be set or overridden on the command line: --learning_rate 1e-5 --lora.enabled true --model tiny (see --keys).
+
+        --resume continues from the last checkpoint in output_dir.
+
+        Distributed: accelerate launch --config_file configs/accelerate/ddp.yaml -m dvsft.cli train CONFIG.yaml
+        """  # noqa: E501
         if keys:
             _print_keys()
             return
         from dvsft.training.config import load_config, validate
 
+        args = list(ctx.args)
+        config = Path(args.pop(0)) if args and not args[0].startswith("--") else None
         try:
-            cfg = load_config(config, list(ctx.args))
+            cfg = load_config(config, args)
             validate(cfg)
         except (ValueError, FileNotFoundError) as err:
-            raise typer.BadParameter(str(err)) from err
+            typer.echo(f"Error: {err}", err=True)
+            raise typer.Exit(2) from err
         from dvsft.training.train import train
 
         result = train(cfg)

@@ -133,8 +133,11 @@ def build(cfg: TrainConfig):
 
 
 def training_arguments(cfg: TrainConfig, **extra: Any):
+    import torch
     from transformers import TrainingArguments
 
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     kwargs: dict[str, Any] = dict(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.per_device_batch_size,
@@ -147,8 +150,8 @@ def training_arguments(cfg: TrainConfig, **extra: Any):
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         bf16=use_bf16(cfg),
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,
@@ -159,9 +162,8 @@ def training_arguments(cfg: TrainConfig, **extra: Any):
         report_to=report_to(cfg),
         eval_strategy="no",
         disable_tqdm=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
-    if cfg.warmup_ratio >= 1:
-        raise ValueError(f"warmup_ratio must be < 1, got {cfg.warmup_ratio}")
     if cfg.deepspeed:
         kwargs["deepspeed"] = cfg.deepspeed
     if cfg.fsdp:
@@ -193,27 +195,40 @@ def save_final(trainer: Any, model: Any, processor: Any, cfg: TrainConfig, final
         (final_dir / "dvsft_train.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
 
 
-def train(config: TrainConfig | dict[str, Any] | str | Path, callbacks: list[Any] | None = None) -> TrainResult:
-    """Train as configured; returns where the results are and the logged rows.
+@dataclass
+class Run:
+    """Everything `train` sets up, before training starts (tests and the demo may drive it themselves)."""
 
-    ``config``: a :class:`TrainConfig`, a dict of keys, or a YAML path. ``callbacks``:
-    ``transformers.TrainerCallback`` instances (e.g. evaluate the model every N steps).
-    """
+    cfg: TrainConfig
+    trainer: Any
+    model: Any
+    processor: Any
+    objectives: list[Any]
+    trainable: dict[str, int]
+    log_callback: Any
+    resume: str | None
+
+
+def as_config(config: TrainConfig | dict[str, Any] | str | Path) -> TrainConfig:
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    if isinstance(config, str | Path):
+        return load_config(config)
+    return config
+
+
+def prepare(config: TrainConfig | dict[str, Any] | str | Path, callbacks: list[Any] | None = None) -> Run:
+    """Validate the config, load data and model, and build the Trainer (nothing is trained yet)."""
     from dvsft.data.collator import VisionCollator
     from dvsft.labels.align import AlignConfig
-    from dvsft.training.trainer import DVSFTTrainer, JsonlLogCallback, load_heads
+    from dvsft.training.trainer import DVSFTTrainer, JsonlLogCallback
 
-    if isinstance(config, dict):
-        cfg = config_from_dict(config)
-    elif isinstance(config, str | Path):
-        cfg = load_config(config)
-    else:
-        cfg = config
+    cfg = as_config(config)
     validate(cfg)
     resume = resume_checkpoint(cfg)
     samples = load_dataset(cfg)
     model, processor, objectives, trainable = build(cfg)
-    if not any(trainable[k] for k in trainable if k.endswith("_trainable")):
+    if not any(v for k, v in trainable.items() if k.endswith("_trainable")):
         raise ValueError("nothing to train: every parameter is frozen (see train.* and lora.*)")
     needs_vision = any(o.name == "dvsft" for o in objectives)
     collator = VisionCollator(
@@ -240,13 +255,28 @@ def train(config: TrainConfig | dict[str, Any] | str | Path, callbacks: list[Any
         callbacks=[log_cb, *(callbacks or [])],
         objectives=objectives,
     )
+    return Run(cfg, trainer, model, processor, objectives, trainable, log_cb, resume)
+
+
+def train(config: TrainConfig | dict[str, Any] | str | Path, callbacks: list[Any] | None = None) -> TrainResult:
+    """Train as configured; returns where the results are and the logged rows.
+
+    ``config``: a :class:`TrainConfig`, a dict of keys, or a YAML path. ``callbacks``:
+    ``transformers.TrainerCallback`` instances (e.g. evaluate the model every N steps; they get
+    ``model`` in their keyword arguments).
+    """
+    from dvsft.training.trainer import load_heads
+
+    run = prepare(config, callbacks)
+    cfg, trainer = run.cfg, run.trainer
+    out = Path(cfg.output_dir)
     if trainer.is_world_process_zero():
         out.mkdir(parents=True, exist_ok=True)
         (out / "dvsft_train.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
-    if resume:
-        load_heads(model, resume)
-    trainer.train(resume_from_checkpoint=resume)
+    if run.resume:
+        load_heads(run.model, run.resume)
+    trainer.train(resume_from_checkpoint=run.resume)
     final_dir = out / "final" if cfg.save_final else None
     if final_dir is not None:
-        save_final(trainer, model, processor, cfg, final_dir)
-    return TrainResult(output_dir=out, final_dir=final_dir, log=log_cb.rows, trainable=trainable)
+        save_final(trainer, run.model, run.processor, cfg, final_dir)
+    return TrainResult(output_dir=out, final_dir=final_dir, log=run.log_callback.rows, trainable=run.trainable)

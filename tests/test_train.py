@@ -1,0 +1,397 @@
+"""dvsft train: config, model setup, objectives, the Trainer recipe, resume, final dir (tiny real models)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from transformers import TrainerCallback
+
+from dvsft.training.config import flat_keys, load_config, validate
+from dvsft.training.objectives import (
+    HEADS_ATTR,
+    Objective,
+    base_model,
+    language_model_of,
+    method_names,
+    register_objective,
+    vision_tower_of,
+)
+from dvsft.training.tiny import TinyConfig, save_tiny
+from dvsft.training.train import prepare, train
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "red", "hat", "old", "map", "sun", "box"]
+CELL = 32  # Qwen3-VL token cell
+
+
+def font() -> ImageFont.FreeTypeFont:
+    import matplotlib
+
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans.ttf"), 12)
+
+
+def make_records(out: Path, n: int = 4, cols: int = 3, rows: int = 2, seed: int = 0) -> Path:
+    """``n`` real rendered images (cols x rows token cells), one word per cell, boxes measured by PIL."""
+    import random
+
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    f = font()
+    records = []
+    for i in range(n):
+        img = Image.new("RGB", (cols * CELL, rows * CELL), "white")
+        draw = ImageDraw.Draw(img)
+        words = []
+        for r in range(rows):
+            for c in range(cols):
+                text = rng.choice(WORDS)
+                box = draw.textbbox((c * CELL + 2, r * CELL + 8), text, font=f)
+                draw.text((c * CELL + 2, r * CELL + 8), text, font=f, fill="black")
+                words.append({"text": text, "box": [float(v) for v in box], "score": 1.0})
+        img.save(out / f"img{i}.png")
+        records.append(
+            {
+                "id": f"doc{i}",
+                "image": f"img{i}.png",
+                "width": img.width,
+                "height": img.height,
+                "words": words,
+                "messages": [
+                    {"role": "user", "content": "<image>Which word is first?"},
+                    {"role": "assistant", "content": words[0]["text"]},
+                ],
+            }
+        )
+    path = out / "records.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", TinyConfig())
+
+
+@pytest.fixture(scope="session")
+def records(tmp_path_factory) -> Path:
+    return make_records(tmp_path_factory.mktemp("data"), n=4)
+
+
+def overrides(tiny_dir: Path, data: Path, out: Path, **kw) -> list[str]:
+    """A tiny CPU run: 96x64 images (6 visual tokens), constant lr, no warmup."""
+    args = {
+        "model": str(tiny_dir),
+        "data": str(data),
+        "output_dir": str(out),
+        "min_pixels": 32 * 32 * 4,
+        "max_pixels": 32 * 32 * 16,
+        "learning_rate": 2e-3,
+        "warmup_ratio": 0.0,
+        "lr_scheduler": "constant",
+        "global_batch_size": 2,
+        "per_device_batch_size": 2,
+        "max_steps": 4,
+        "save_steps": 100,
+        "report_to": "none",
+        "vision_lambda": 1.0,
+    }
+    args.update(kw)
+    out_args: list[str] = []
+    for k, v in args.items():
+        out_args += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+    return out_args
+
+
+def losses(log: list[dict], key: str = "loss") -> list[float]:
+    return [row[key] for row in log if key in row and "train_runtime" not in row]
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_defaults_are_table4():
+    cfg = load_config(None, [])
+    assert cfg.learning_rate == 5e-6 and cfg.warmup_ratio == 0.03 and cfg.lr_scheduler == "cosine"
+    assert cfg.max_grad_norm == 1.0 and cfg.weight_decay == 0.0 and cfg.max_length == 8192
+    assert cfg.epochs == 1.0 and cfg.global_batch_size == 64
+    assert cfg.min_pixels == 32 * 32 * 64 and cfg.max_pixels == 32 * 32 * 2048
+    assert cfg.train.vision is False and cfg.lora.enabled is False
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (64, 128, 0.0)
+    assert all(help_ for _, _, help_ in flat_keys().values())
+
+
+def test_config_overrides_and_errors(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("model: tiny\ndata: x.jsonl\nlora: {r: 16}\nlearning_rate: 5e-6\n")
+    cfg = load_config(
+        yaml_file, ["--lora.r", "8", "--lora.enabled", "--learning_rate=1e-5", "--align.max_subtokens", "2"]
+    )
+    assert cfg.lora.r == 8 and cfg.lora.enabled is True and cfg.learning_rate == 1e-5
+    assert cfg.align.max_subtokens == 2 and cfg.model.path == "tiny"
+    cfg = load_config(yaml_file, ["--model.llm", "a", "--model.vision_from", "b", "--model.path", "null"])
+    assert (cfg.model.llm, cfg.model.vision_from, cfg.model.path) == ("a", "b", None)
+    validate(cfg)
+    with pytest.raises(ValueError, match=r"unknown config key 'learning_rat'.*learning_rate.*valid keys:.*lora\.r"):
+        load_config(yaml_file, ["--learning_rat", "1"])
+    with pytest.raises(ValueError, match="lora.r: expected an integer"):
+        load_config(yaml_file, ["--lora.r", "many"])
+    (tmp_path / "bad.yaml").write_text("modle: tiny\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown config key 'modle'"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ValueError, match="set either model.path or model.llm"):
+        validate(load_config(yaml_file, ["--model.llm", "a", "--model.vision_from", "b"]))
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu", "qwen3vl_2b_full", "qwen3vl_8b_lora", "qwen3_1.7b_graft"])
+def test_presets_parse(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    validate(cfg)
+    assert cfg.method
+
+
+def test_method_names_count_text_once():
+    assert method_names("dvsft") == ["sft", "dvsft"]
+    assert method_names("basic+dvsft") == ["sft", "basic", "dvsft"]
+    with pytest.raises(ValueError, match="unknown objective 'nope'"):
+        method_names("dvsft+nope")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("method", ["sft", "dvsft"])
+def test_losses_fall_on_a_repeated_batch(tiny_dir, tmp_path, method):
+    data = make_records(tmp_path / "data", n=2, seed=1)
+    out = tmp_path / "run"
+    result = train(load_config(None, overrides(tiny_dir, data, out, method=method, max_steps=6, save_final=False)))
+    text = losses(result.log, "text_loss")
+    assert len(text) == 6 and text[-1] < text[0] - 0.5, text
+    if method == "dvsft":
+        vision = losses(result.log, "vision_loss")
+        assert vision[-1] < vision[0] - 0.5, vision
+        assert all(row["vision_tokens"] > 0 for row in result.log if "vision_tokens" in row)
+        assert all(0.0 <= row["vision_acc"] <= 1.0 for row in result.log if "vision_acc" in row)
+    else:
+        assert "vision_loss" not in result.log[0]
+    row = result.log[0]
+    assert row["samples_per_s"] > 0 and row["tokens_per_s"] > 0 and "learning_rate" in row
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()][:6] == list(range(1, 7))
+
+
+def test_gradients_reach_llm_and_projector_not_frozen_vision(tiny_dir, records, tmp_path):
+    run = prepare(load_config(None, overrides(tiny_dir, records, tmp_path / "run", method="dvsft")))
+    model = run.model
+    batch = next(iter(run.trainer.get_train_dataloader()))
+    assert batch["vision_positions"].shape[0] > 0
+    seen = {}
+    blocks = vision_tower_of(model).blocks
+    blocks[-1].register_forward_hook(lambda m, i, o: seen.setdefault("vit", o))
+    model.train()
+    loss = run.trainer.compute_loss(model, batch)
+    loss.backward()
+    vit_out = seen["vit"][0] if isinstance(seen["vit"], tuple) else seen["vit"]
+    assert not vit_out.requires_grad and vit_out.grad_fn is None  # the frozen ViT kept no autograd graph
+    assert all(p.grad is None and not p.requires_grad for p in blocks.parameters())
+    proj = vision_tower_of(model).merger
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in proj.parameters())
+    layers = language_model_of(model).layers
+    assert all(p.grad is not None for p in layers[0].parameters())
+    assert layers[-1].mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_lora_trains_only_adapters(tiny_dir, records, tmp_path):
+    run = prepare(load_config(None, overrides(tiny_dir, records, tmp_path / "run", **{"lora.enabled": True})))
+    model = run.model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(".language_model." in n for n in trainable)  # adapters on the LLM's linear layers only
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    run.trainer.train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed and changed <= trainable
+    assert any("lora_B" in n for n in changed)
+
+
+def test_basic_trains_projector_and_first_layer(tiny_dir, records, tmp_path):
+    run = prepare(load_config(None, overrides(tiny_dir, records, tmp_path / "run", method="basic", max_steps=2)))
+    model = run.model
+    proj = {id(p) for p in vision_tower_of(model).merger.parameters()}
+    first = {id(p) for p in language_model_of(model).layers[0].parameters()}
+    named = dict(model.named_parameters())
+    trainable = {n for n, p in named.items() if p.requires_grad}
+    assert {id(named[n]) for n in trainable} == proj | first
+    before = {n: p.detach().clone() for n, p in named.items()}
+    run.trainer.train()
+    changed = {n for n, p in named.items() if not torch.equal(before[n], p.detach())}
+    assert changed == trainable
+    rows = [r for r in run.log_callback.rows if "basic_loss" in r]
+    assert rows and all(r["basic_loss"] > 0 and r["basic_kl"] >= 0 and 0 <= r["basic_dir"] <= 4 for r in rows)
+    assert all("text_loss" in r for r in rows)
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resume_reproduces_uninterrupted_losses(tiny_dir, records, tmp_path):
+    args = dict(max_steps=4, save_steps=2, save_final=False)
+    full = train(load_config(None, overrides(tiny_dir, records, tmp_path / "a", **args)))
+    part = overrides(tiny_dir, records, tmp_path / "b", **args)
+    first = train(load_config(None, part), callbacks=[_StopAt(2)])
+    assert losses(first.log) == pytest.approx(losses(full.log)[:2], abs=1e-6)
+    assert (tmp_path / "b" / "checkpoint-2" / "model.safetensors").is_file()
+    resumed = train(load_config(None, [*part, "--resume"]))
+    assert losses(resumed.log) == pytest.approx(losses(full.log), abs=1e-5)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [s for s in steps if steps.count(s) == 1] == [1, 3]  # steps 2 and 4 also carry the run summary
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(load_config(None, overrides(tiny_dir, records, tmp_path / "c", resume=True)))
+
+
+class _ProbeObjective(Objective):
+    """A trainable head on the visual positions' hidden states (exercises heads: optimise, checkpoint, drop)."""
+
+    requires = ("sft",)
+
+    def setup(self, model, config):
+        torch.manual_seed(0)
+        self.head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1)
+
+    def modules(self):
+        return {"head": self.head}
+
+    def weights(self):
+        return {"probe_loss": 1.0}
+
+    def loss(self, model, batch, hidden):
+        vis = hidden.last[hidden.image_mask]
+        return {"probe_loss": (self.head(vis) - 1.0).pow(2).mean()}
+
+
+register_objective("probe", _ProbeObjective)
+
+
+def test_final_dir_loads_and_objective_heads_are_trained_not_saved(tiny_dir, records, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from dvsft.models import load_model, load_processor
+
+    args = overrides(tiny_dir, records, tmp_path / "run", method="dvsft+probe", max_steps=2, save_steps=2)
+    run_args = load_config(None, args)
+    result = train(run_args)
+    from safetensors.torch import load_file
+
+    assert len(losses(result.log, "probe_loss")) == 2
+    heads = load_file(tmp_path / "run" / "checkpoint-2" / "objective_heads.safetensors")
+    torch.manual_seed(0)
+    initial = torch.nn.Linear(64, 1)
+    assert set(heads) == {"probe_head.weight", "probe_head.bias"}
+    assert not torch.equal(heads["probe_head.weight"], initial.weight.detach())  # the head was optimised
+    final = result.final_dir
+    assert final == tmp_path / "run" / "final"
+    model = load_model(final)
+    processor = load_processor(final)
+    assert not any(HEADS_ATTR in k for k in model.state_dict())
+    again = AutoModelForImageTextToText.from_pretrained(final)
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+    base = load_model(tiny_dir)
+    assert not torch.equal(base.lm_head.weight, model.lm_head.weight)  # it did train
+    assert processor.tokenizer.get_vocab() == load_processor(tiny_dir).tokenizer.get_vocab()
+    assert processor.image_processor.size["longest_edge"] == 32 * 32 * 16
+
+
+def test_cli_train_and_unknown_key(tiny_dir, records, tmp_path):
+    from typer.testing import CliRunner
+
+    from dvsft.cli import app
+
+    runner = CliRunner()
+    bad = runner.invoke(app, ["train", "--model", "tiny", "--lerning_rate", "1"])
+    assert bad.exit_code != 0
+    assert "lerning_rate" in bad.output and "valid keys" in bad.output
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_dir}\ndata: {records}\nmethod: sft\n")
+    args = overrides(tiny_dir, records, tmp_path / "run", max_steps=1)
+    args = [a for a in args if a not in ("--model", str(tiny_dir), "--data", str(records))]
+    res = runner.invoke(app, ["train", str(cfg), *args])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    saved = json.loads((tmp_path / "run" / "dvsft_train.json").read_text())
+    assert saved["method"] == "sft" and saved["max_steps"] == 1
+    keys = runner.invoke(app, ["train", "--keys"])
+    assert keys.exit_code == 0 and "vision_lambda" in keys.output
+
+
+# ----------------------------------------------------------------------------- graft
+
+
+def _llm_tokenizer():
+    """A BPE tokenizer with ChatML tokens but no vision tokens (like a text LLM's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from dvsft.training.tiny import corpus_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus_text().split("\n")[:3000], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def test_graft_llm_onto_vision_tower(tiny_dir, records, tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = _llm_tokenizer()
+    torch.manual_seed(1)
+    llm = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            tie_word_embeddings=False,
+        )
+    )
+    llm_dir = tmp_path / "llm"
+    llm.save_pretrained(llm_dir)
+    tokenizer.save_pretrained(llm_dir)
+    args = overrides(tiny_dir, records, tmp_path / "run", max_steps=2)
+    args = [a for a in args if a not in ("--model", str(tiny_dir))]
+    cfg = load_config(None, [*args, "--model.llm", str(llm_dir), "--model.vision_from", str(tiny_dir)])
+    run = prepare(cfg)
+    model = base_model(run.model)
+    graft = model.config.dvsft_graft
+    assert set(graft["added_tokens"]) >= {"<|image_pad|>", "<|vision_start|>", "<|vision_end|>"}
+    assert model.get_input_embeddings().weight.shape[0] == len(run.processor.tokenizer) > len(tokenizer)
+    assert torch.equal(language_model_of(model).layers[1].mlp.up_proj.weight, llm.model.layers[1].mlp.up_proj.weight)
+    assert torch.equal(model.lm_head.weight[: len(tokenizer)], llm.lm_head.weight)
+    vl = base_model(__import__("dvsft.models", fromlist=["load_model"]).load_model(tiny_dir))
+    ours, theirs = vision_tower_of(model), vision_tower_of(vl)
+    assert torch.equal(ours.blocks[0].attn.qkv.weight, theirs.blocks[0].attn.qkv.weight)
+    assert ours.merger.linear_fc2.weight.shape == (48, theirs.merger.linear_fc2.weight.shape[1])
+    assert any(name.startswith("merger.") for name in graft["fresh"])
+    assert not any(name.startswith("blocks.") for name in graft["fresh"])
+    run.trainer.train()
+    vision = [r["vision_loss"] for r in run.log_callback.rows if "vision_loss" in r]
+    assert len(vision) == 2 and all(v == v for v in vision)
+    shutil.rmtree(tmp_path / "run", ignore_errors=True)
