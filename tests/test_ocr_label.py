@@ -247,6 +247,12 @@ def test_every_bad_input_is_reported_once_with_its_reason(tmp_path):
     assert again.skipped == len(samples) and again.records == 0 and not again.errors
     assert len(list(read_jsonl(errors_path(out)))) == len(samples)
 
+    # --retry-errors: the failed inputs are tried again (now with an engine that works) and listed once.
+    retried = label_inputs(collect_inputs(dataset), out, engine="test-blank", retry_errors=True)
+    assert retried.records == 2 and sum(retried.errors.values()) == len(samples) - 2
+    assert {r["id"] for r in read_jsonl(out)} == {"s-good", "s-ok_aspect"}
+    assert len(list(read_jsonl(errors_path(out)))) == len(samples) - 2
+
 
 def test_load_image_errors_are_typed(tmp_path):
     with pytest.raises(ImageError) as err:

@@ -218,6 +218,8 @@ def test_prepare_docvqa_parquet(parquet_dir, tmp_path):
     separate = prepare("docvqa", parquet_dir, tmp_path / "o4", split="train", qa_per_image=0, multi_turn=False)
     ids = [r["id"] for r in read_jsonl(separate.out)]
     assert sorted(ids) == ["docvqa-1", "docvqa-2", "docvqa-3", "docvqa-4"]
+    labeled = label_inputs(collect_inputs(separate.out), tmp_path / "w.jsonl", engine="test-blank")
+    assert (labeled.records, labeled.images) == (4, 2)  # one OCR pass per distinct image
 
     val = prepare("docvqa", parquet_dir, tmp_path / "o5", split="validation")
     assert [r["messages"][1]["content"] for r in read_jsonl(val.out)] == ["MEMO"]

@@ -167,19 +167,23 @@ def label_inputs(
     engine: str = "rapidocr",
     engine_options: dict[str, Any] | None = None,
     workers: int = 1,
+    retry_errors: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> LabelStats:
     """OCR ``inputs`` into ``out`` (+ its errors file), skipping ids already there.
 
     ``engine_options`` go to :func:`dvsft.labels.ocr.get_engine`; ``threads`` defaults to cores // workers.
     ``workers > 1`` runs that many processes, each loading its own engine once. ``on_progress(done, total)``
-    is called after each input (``done`` counts skipped inputs too).
+    is called after each input (``done`` counts skipped inputs too). ``retry_errors`` clears the errors file
+    first, so inputs that failed before are tried again (e.g. after fixing missing files).
     """
     t0 = time.perf_counter()
     out = Path(out)
     options = dict(engine_options or {})
     if engine == "rapidocr":
         options.setdefault("threads", default_threads(workers))
+    if retry_errors:
+        errors_path(out).unlink(missing_ok=True)
     seen = done_ids(out)
     stats = LabelStats(total=len(inputs))
     todo = [x for x in inputs if x.id not in seen]

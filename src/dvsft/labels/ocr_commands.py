@@ -40,6 +40,7 @@ def label(
     threads: int | None = typer.Option(None, min=1, help="onnxruntime threads per worker (default: cores // workers)."),
     cls: bool = typer.Option(False, "--cls/--no-cls", help="Run rapidocr's 180-degree line classifier."),
     ocr_param: list[str] = typer.Option([], help="Extra rapidocr config, KEY=VALUE, e.g. Det.limit_side_len=960."),
+    retry_errors: bool = typer.Option(False, help="Try the inputs listed in the errors file again."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """OCR images into word records (resumable: rerun the same command after an interruption)."""
@@ -66,13 +67,23 @@ def label(
 
     with _progress_bar(console, enabled=progress) as bar:
         task = bar.add_task("OCR", total=len(inputs))
+        started = False
+
+        def on_progress(done: int, total: int) -> None:
+            nonlocal started
+            if not started:  # inputs done by an earlier run must not count in the rate
+                bar.reset(task, total=total, completed=done)
+                started = True
+            bar.update(task, completed=done)
+
         stats = label_inputs(
             inputs,
             out,
             engine=engine,
             engine_options=options,
             workers=workers,
-            on_progress=lambda done, total: bar.update(task, completed=done, total=total),
+            retry_errors=retry_errors,
+            on_progress=on_progress,
         )
     n_err = sum(stats.errors.values())
     console.print(
