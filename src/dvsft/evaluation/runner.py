@@ -1,0 +1,176 @@
+"""Run one benchmark: generate in batches, append predictions durably, score, write the outputs.
+
+Outputs under ``OUT/<bench>/``: ``predictions.jsonl`` (one row per item, appended as batches
+finish, so a killed run resumes where it stopped), ``scores.json``, ``run.json`` (the settings;
+a resume with different settings is refused) and, for DocVQA/InfoVQA, ``submission.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from dvsft.evaluation.benchmarks import SHORT_ANSWER_PROMPT, Benchmark
+from dvsft.evaluation.items import EvalItem
+from dvsft.records import JsonlAppender, read_jsonl
+
+PREDICTIONS = "predictions.jsonl"
+SCORES = "scores.json"
+RUN = "run.json"
+SUBMISSION = "submission.json"
+
+
+def expand_scales(items: Iterable[EvalItem], scales: list[float]) -> Iterator[EvalItem]:
+    """One item per resolution scale (OCR tasks): ids ``{id}@{scale}``, the scale in ``meta``."""
+    for item in items:
+        for s in scales:
+            yield replace(item, id=f"{item.id}@{s}", meta={**item.meta, "scale": s})
+
+
+def scaled(image: Image.Image, scale: float) -> Image.Image:
+    """``image`` resized by ``scale`` (bicubic), before the processor's own resize."""
+    if scale == 1.0:
+        return image
+    w, h = image.size
+    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+
+
+def check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse to mix predictions made with different settings in one predictions file."""
+    run_file = out / RUN
+    if run_file.is_file() and (out / PREDICTIONS).is_file():
+        old = json.loads(run_file.read_text())
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            changes = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"{out / PREDICTIONS} holds predictions made with other settings ({changes}); "
+                "use another --out or pass --overwrite"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps(settings, indent=2))
+
+
+def run_benchmark(
+    bench: Benchmark,
+    items: Iterable[EvalItem],
+    generate: Callable[[list[str], list[list[Image.Image]]], list[str]],
+    out_dir: str | Path,
+    settings: dict[str, Any],
+    batch_size: int = 8,
+    limit: int | None = None,
+    post_prompt: str = SHORT_ANSWER_PROMPT,
+    on_done: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``items`` (the first ``limit``) and return the scores written to ``scores.json``."""
+    out = Path(out_dir) / bench.name
+    check_settings(out, settings)
+    pred_file = out / PREDICTIONS
+    done = {row["id"] for row in read_jsonl(pred_file)} if pred_file.is_file() else set()
+    seen: set[str] = set()
+    pending: list[EvalItem] = []
+    gen_seconds, generated = 0.0, 0
+    scales = settings.get("scales") or [1.0]
+    source = items if limit is None else _take(items, limit)
+    if bench.name == "ocr":
+        source = expand_scales(source, scales)
+    with JsonlAppender(pred_file) as sink:
+
+        def flush() -> None:
+            nonlocal gen_seconds, generated
+            if not pending:
+                return
+            prompts = [bench.prompt(it, post_prompt) for it in pending]
+            images = [[scaled(im, it.meta.get("scale", 1.0)) for im in it.load_images()] for it in pending]
+            t0 = time.perf_counter()
+            predictions = generate(prompts, images)
+            gen_seconds += time.perf_counter() - t0
+            generated += len(pending)
+            for it, prompt, pred in zip(pending, prompts, predictions, strict=True):
+                sink.write(make_row(bench, it, prompt, pred))
+            if on_done:
+                on_done(len(pending))
+            pending.clear()
+
+        for item in source:
+            if item.id in seen:
+                raise ValueError(f"{bench.name}: item id {item.id!r} occurs twice in the data; ids must be unique")
+            seen.add(item.id)
+            if item.id in done:
+                if on_done:
+                    on_done(1)
+                continue
+            pending.append(item)
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+    rows = [row for row in read_jsonl(pred_file) if row["id"] in seen]
+    scores = summarize(bench, rows, settings)
+    scores["generated_now"] = generated
+    if generated:
+        scores["samples_per_s"] = generated / gen_seconds
+    (out / SCORES).write_text(json.dumps(scores, indent=2))
+    if bench.submission and rows and all("questionId" in row.get("meta", {}) for row in rows):
+        write_submission(out / SUBMISSION, rows)
+        scores["submission"] = str(out / SUBMISSION)
+        (out / SCORES).write_text(json.dumps(scores, indent=2))
+    return scores
+
+
+def _take(items: Iterable[EvalItem], n: int) -> Iterator[EvalItem]:
+    for i, item in enumerate(items):
+        if i >= n:
+            return
+        yield item
+
+
+def make_row(bench: Benchmark, item: EvalItem, prompt: str, prediction: str) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "id": item.id,
+        "question": item.question,
+        "prompt": prompt,
+        "answers": item.answers,
+        "prediction": prediction,
+        "meta": item.meta,
+    }
+    row.update(rescore(bench, row))
+    return row
+
+
+def rescore(bench: Benchmark, row: dict[str, Any]) -> dict[str, Any]:
+    """The row's metric fields (``score`` and extras) from its prediction and answers."""
+    metrics = bench.score(row)
+    return {"score": None} if metrics is None else metrics
+
+
+def summarize(bench: Benchmark, rows: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
+    rows = [{**row, **rescore(bench, row)} for row in rows]
+    metrics = bench.aggregate(rows)
+    return {
+        "bench": bench.name,
+        "title": bench.title,
+        "primary": bench.primary,
+        "n": len(rows),
+        "metrics": metrics,
+        "answers_private": all(row.get("score") is None for row in rows) and bool(rows),
+        "settings": settings,
+    }
+
+
+def write_submission(path: Path, rows: list[dict[str, Any]]) -> None:
+    """DocVQA / InfographicVQA server format: ``[{"questionId": int, "answer": str}]``."""
+    sub = []
+    for row in rows:
+        qid = row["meta"]["questionId"]
+        try:
+            qid = int(qid)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: item {row['id']}: questionId {qid!r} is not an integer") from err
+        sub.append({"questionId": qid, "answer": row["prediction"]})
+    path.write_text(json.dumps(sub, ensure_ascii=False))

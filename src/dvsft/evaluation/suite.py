@@ -1,0 +1,150 @@
+"""``dvsft eval`` as a library call: load the model once, run each benchmark, merge the scores."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dvsft.evaluation.benchmarks import SHORT_ANSWER_PROMPT, get_benchmark
+from dvsft.evaluation.generation import Generator
+from dvsft.evaluation.loaders import DEFAULT_SPLITS, iter_items
+from dvsft.evaluation.runner import run_benchmark
+from dvsft.evaluation.visible import read_selection, select_visible, write_selection
+
+SUMMARY = "scores.json"
+
+
+def model_family(model_dir: str | Path) -> str:
+    """The geometry family name of a model directory (for rendering SQuAD contexts)."""
+    from dvsft.geometry import ALIASES, FAMILIES
+    from dvsft.models import model_type_of
+
+    mt = model_type_of(model_dir)
+    name = ALIASES.get(mt, mt)
+    return name if name in FAMILIES else "qwen3-vl"
+
+
+def evaluate(
+    model_dir: str | Path,
+    benches: list[str],
+    data: list[str | Path],
+    out_dir: str | Path,
+    split: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    max_new_tokens: int | None = None,
+    scales: list[float] | None = None,
+    post_prompt: str = SHORT_ANSWER_PROMPT,
+    selection: str | Path | None = None,
+    select_visible_n: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    device: str | None = None,
+    progress: Callable[[str, int | None], Callable[[int], None]] | None = None,
+) -> dict[str, Any]:
+    """Evaluate a model on benchmarks; returns ``{bench: scores}`` (also merged into ``OUT/scores.json``).
+
+    ``progress(description, total)`` may return a callback that receives done-item counts.
+    """
+    import torch
+
+    from dvsft.models import load_model, load_processor
+
+    if len(benches) != len(data):
+        raise ValueError(f"--bench names {len(benches)} benchmark(s) but --data gives {len(data)} path(s)")
+    specs = [get_benchmark(b) for b in benches]
+    out = Path(out_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(model_dir).to(device).eval()
+    processor = load_processor(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
+    family = model_family(model_dir)
+    results: dict[str, Any] = {}
+    for bench, path in zip(specs, data, strict=True):
+        bench_split = split or DEFAULT_SPLITS[bench.name]
+        if overwrite and (out / bench.name).exists():
+            shutil.rmtree(out / bench.name)
+        only_ids = None
+        if bench.name == "ocrvqa" and (select_visible_n or selection):
+            sel_file = Path(selection) if selection else out / "ocrvqa" / "selection.json"
+            if select_visible_n:
+                tick = progress("OCR-VQA visibility (OCR)", None) if progress else None
+                write_selection(sel_file, select_visible(path, select_visible_n, seed, bench_split, on_checked=tick))
+            only_ids = set(read_selection(sel_file))
+        elif (select_visible_n or selection) and bench.name != "ocrvqa":
+            raise ValueError("--select-visible / --selection apply to the ocrvqa benchmark only")
+        tokens = max_new_tokens or bench.max_new_tokens
+        settings = {
+            "model": str(Path(model_dir).resolve()),
+            "data": str(Path(path).resolve()),
+            "split": bench_split,
+            "min_pixels": processor.image_processor.size.get("shortest_edge"),
+            "max_pixels": processor.image_processor.size.get("longest_edge"),
+            "max_new_tokens": tokens,
+            "post_prompt": post_prompt,
+            "scales": scales if bench.name == "ocr" else None,
+            "selection": sorted(only_ids) if only_ids is not None else None,
+        }
+        items = iter_items(bench.name, path, bench_split, family=family, only_ids=only_ids)
+        counts = [c for c in (limit, len(only_ids) if only_ids is not None else None) if c is not None]
+        total = min(counts) if counts else None
+        if total is not None and bench.name == "ocr":
+            total *= len(scales or [1.0])
+        tick = progress(f"{bench.title}", total) if progress else None
+        generate = Generator(model, processor, tokens)
+        results[bench.name] = run_benchmark(
+            bench, items, generate, out, settings, batch_size, limit, post_prompt, on_done=tick
+        )
+    _merge_summary(out / SUMMARY, results)
+    return results
+
+
+def _merge_summary(path: Path, results: dict[str, Any]) -> None:
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    summary.update(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2))
+
+
+def headline(scores: dict[str, Any]) -> list[tuple[str, str]]:
+    """(metric, value) pairs worth a table cell, the primary metric first."""
+    metrics = scores.get("metrics", {})
+    primary = scores.get("primary")
+    keys = [primary] + [k for k in metrics if k != primary]
+    cells = []
+    for k in keys:
+        v = metrics.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or k in ("n_scored",):
+            continue
+        cells.append(
+            (k, "nan" if isinstance(v, float) and math.isnan(v) else f"{v:.2f}" if isinstance(v, float) else str(v))
+        )
+    if scores.get("bench") == "ocr":
+        for scale, m in metrics.get("scales", {}).items():
+            cells.append((f"cer@{scale}", f"{m['cer']:.2f}"))
+            cells.append((f"word_acc@{scale}", f"{m['word_accuracy']:.2f}"))
+    return cells
+
+
+def scores_table(results: dict[str, Any]):
+    """A rich table of the run: benchmark, split, items, primary and other metrics."""
+    from rich.table import Table
+
+    table = Table(title="dvsft eval")
+    for col in ("benchmark", "split", "n", "primary", "other metrics"):
+        table.add_column(col)
+    for name, s in results.items():
+        cells = headline(s)
+        primary = (
+            f"{cells[0][0]} {cells[0][1]}"
+            if cells
+            else ("private: see submission.json" if s.get("answers_private") else "-")
+        )
+        other = ", ".join(f"{k} {v}" for k, v in cells[1:])
+        table.add_row(name, str(s.get("settings", {}).get("split", "")), str(s.get("n", 0)), primary, other)
+    return table

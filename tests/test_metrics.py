@@ -1,0 +1,194 @@
+"""Metric rules of dvsft.evaluation.metrics, each against hand-computed values (lmms-eval definitions)."""
+
+import pytest
+
+from dvsft.evaluation import metrics as M
+
+
+@pytest.mark.parametrize(
+    "a,b,d",
+    [("kitten", "sitting", 3), ("", "abc", 3), ("abc", "", 3), ("flaw", "lawn", 2), ("same", "same", 0)],
+)
+def test_levenshtein(a, b, d):
+    assert M.levenshtein(a, b) == d
+    assert M.levenshtein(b, a) == d
+    assert M.levenshtein(list(a), list(b)) == d
+
+
+# ------------------------------------------------------------------ ANLS
+
+
+def test_anls_normalises_case_and_spaces():
+    assert M.anls("  The   Cat ", ["the cat"]) == 1.0
+
+
+def test_anls_one_edit():
+    assert M.anls("cat", ["car"]) == pytest.approx(1 - 1 / 3)
+
+
+def test_anls_threshold_boundary_is_kept_and_below_is_zero():
+    # NL = 2/4 = 0.5 exactly: 1 - 0.5 is not below the 0.5 threshold, so lmms-eval keeps 0.5
+    assert M.anls("abcd", ["abxy"]) == pytest.approx(0.5)
+    # NL = 3/5: similarity 0.4 < 0.5 -> 0
+    assert M.anls("abcde", ["axyze"]) == 0.0
+
+
+def test_anls_divides_by_raw_lengths():
+    # distance on normalised "ab" vs "ax" is 1, but the divisor is the raw prediction length 6
+    assert M.anls("  ab  ", ["ax"]) == pytest.approx(1 - 1 / 6)
+
+
+def test_anls_takes_the_best_answer():
+    assert M.anls("cat", ["dog", "cat"]) == 1.0
+    assert M.anls("", [""]) == 1.0
+    with pytest.raises(ValueError, match="at least one"):
+        M.anls("x", [])
+
+
+# ------------------------------------------------------------------ ChartQA
+
+
+@pytest.mark.parametrize(
+    "pred,target,ok",
+    [
+        ("12", "12.5", True),  # 4% off
+        ("11.8", "12.5", False),  # 5.6% off
+        ("105", "100", True),  # exactly 5%
+        ("105.1", "100", False),
+        ("45%", "0.45", True),  # percent divided by 100
+        ("45", "45%", False),  # 45 vs 0.45
+        ("0", "0", True),  # zero target: string comparison
+        ("0.0", "0", False),
+        ("Yes", "yes", True),  # case-insensitive text
+        ("yes ", "yes", False),  # no stripping of text
+        (" 12", "12", True),  # float() tolerates surrounding spaces
+        ("-3", "-3.1", True),
+    ],
+)
+def test_relaxed_correctness(pred, target, ok):
+    assert M.relaxed_correctness(pred, target) is ok
+
+
+# ------------------------------------------------------------------ VQA accuracy
+
+
+@pytest.mark.parametrize(
+    "text,norm",
+    [
+        ("Two.", "2"),
+        ("The Dog!", "dog"),
+        ("1,000", "1000"),
+        ("dont", "don't"),
+        ("hello-world", "hello world"),
+        ("3.14", "3.14"),
+        ("end.", "end"),
+        ("It's   a\tcat", "it 's cat"),
+        ("yes, sir", "yes sir"),
+    ],
+)
+def test_evalai_normalisation(text, norm):
+    assert M.vqa_normalize(text) == norm
+
+
+def test_vqa_accuracy_ten_answer_formula():
+    answers = ["yes"] * 3 + ["no"] * 7
+    # "yes" rows see 2 other yes -> 2/3; "no" rows see 3 yes -> 1
+    assert M.vqa_accuracy("yes", answers) == pytest.approx((3 * 2 / 3 + 7) / 10)
+    assert M.vqa_accuracy("No", answers) == 1.0
+    answers = ["cat"] + ["dog"] * 9
+    assert M.vqa_accuracy("cat", answers) == pytest.approx(9 * (1 / 3) / 10)
+    assert M.vqa_accuracy("bird", answers) == 0.0
+    assert M.vqa_accuracy("Two", ["2"] * 10) == 1.0
+
+
+def test_vqa_accuracy_single_answer_falls_back_to_exact_match():
+    assert M.vqa_accuracy("The Dog", ["dog"]) == 1.0
+    assert M.vqa_accuracy("cat", ["dog"]) == 0.0
+
+
+# ------------------------------------------------------------------ OCRBench
+
+
+def test_ocrbench_substring_rule():
+    assert M.ocrbench_score("The answer is CENTRE.", ["centre"], "IIIT5K") == 1
+    assert M.ocrbench_score("The answer is CENTRE.", ["center"], "IIIT5K") == 0
+    assert M.ocrbench_score("hello\nworld", ["Hello World"], "svt") == 1
+    assert M.ocrbench_score("total: 12", "12", "SROIE") == 1  # answer given as a string
+    assert M.ocrbench_score("foo", ["bar", " FOO "], "ctw") == 1
+
+
+def test_ocrbench_hme100k_ignores_spaces_keeps_case():
+    assert M.ocrbench_score("x ^ { 2 } + 1", ["x^{2}+1"], "HME100k") == 1
+    # lmms-eval lowercases the prediction, so an answer with capitals cannot match ...
+    assert M.ocrbench_score(r"\frac{A}{B}", [r"\frac{A}{B}"], "HME100k") == 0
+    # ... the official OCRBench script keeps the prediction's case
+    assert M.ocrbench_score(r"\frac{A}{B}", [r"\frac{A}{B}"], "HME100k", lowercase_prediction=False) == 1
+    assert M.ocrbench_score(r"\frac{a}{b}", [r"\frac{A}{B}"], "HME100k", lowercase_prediction=False) == 0
+
+
+# ------------------------------------------------------------------ OCR-VQA, SQuAD
+
+
+def test_exact_match():
+    assert M.exact_match(" Harry Potter ", ["harry potter"]) == 1.0
+    assert M.exact_match("Harry Potter.", ["harry potter"]) == 0.0
+
+
+def test_squad_em_f1():
+    assert M.squad_em("The Eiffel Tower!", ["eiffel tower"]) == 1.0
+    assert M.squad_em("Eiffel", ["eiffel tower"]) == 0.0
+    # tokens [in, eiffel, tower, in, paris] vs [eiffel, tower]: P 2/5, R 1
+    assert M.squad_f1("in the Eiffel Tower in Paris", ["Eiffel Tower"]) == pytest.approx(2 * 0.4 / 1.4)
+    assert M.squad_f1("Paris", ["London", "paris."]) == 1.0
+    assert M.squad_f1("", ["x"]) == 0.0
+
+
+# ------------------------------------------------------------------ MME
+
+
+@pytest.mark.parametrize(
+    "pred,label",
+    [
+        ("Yes", "yes"),
+        ("No.", "no"),
+        ("y", "yes"),
+        ("n", "no"),
+        ("x", "other"),
+        ("Yes, there is a cat.", "yes"),
+        ("Not sure", "no"),  # "no" within the first four characters
+        ("I think yes", "other"),
+        ("nope", "no"),
+    ],
+)
+def test_mme_parse(pred, label):
+    assert M.mme_parse(pred) == label
+
+
+def test_mme_correct():
+    assert M.mme_correct("Yes.", "Yes") == 1.0
+    assert M.mme_correct("no", "Yes") == 0.0
+    with pytest.raises(ValueError, match="Yes or No"):
+        M.mme_correct("yes", "Maybe")
+
+
+# ------------------------------------------------------------------ OCR tasks
+
+
+def test_cer():
+    assert M.cer("helo world", "hello world") == pytest.approx(1 / 11)
+    assert M.cer("hello   world\n", "hello world") == 0.0
+    assert M.cer("", "abc") == 1.0
+    assert M.cer("abcdef", "ab") == 2.0  # insertions can push CER above 1
+
+
+def test_word_accuracy_alignment():
+    ref = "the cat sat on the mat"
+    assert M.word_accuracy("the cat sat mat", ref) == pytest.approx(4 / 6)
+    assert M.word_accuracy(ref, ref) == 1.0
+    assert M.word_accuracy("", ref) == 0.0
+    # extra words do not lower it (they are insertions), wrong order does
+    assert M.word_accuracy("so the cat sat on the mat ok", ref) == 1.0
+    assert M.aligned_word_matches(["a", "b", "c"], ["a", "x", "c"]) == 2
+    # "cat the" vs "the cat": all minimum (2-edit) alignments are scanned; the best keeps 1 match
+    assert M.word_accuracy("cat the", "the cat") == 0.5
+    assert M.word_accuracy("The cat", "the cat") == 0.5  # case-sensitive
