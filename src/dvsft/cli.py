@@ -26,6 +26,7 @@ def _register_all() -> None:
     from dvsft.labels import commands as label_commands
     from dvsft.labels import ocr_commands
     from dvsft.related import commands as related_commands
+    from dvsft.training import bench_commands as training_bench_commands
     from dvsft.training import commands as training_commands
 
     for module in (
@@ -33,6 +34,7 @@ def _register_all() -> None:
         ocr_commands,
         data_commands,
         training_commands,
+        training_bench_commands,
         evaluation_commands,
         analysis_commands,
         related_commands,

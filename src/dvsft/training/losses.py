@@ -75,8 +75,9 @@ class _FusedLinearCE(torch.autograd.Function):
             e = min(n, s + chunk_size)
             h, t = hidden[s:e], targets[s:e, None]
             logits = F.linear(h, weight, bias).to(acc)  # [c, V]: the only vocabulary-sized tensor
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            correct[s:e] = logits.argmax(-1) == t[:, 0]
+            top, arg = logits.max(dim=-1, keepdim=True)
+            correct[s:e] = arg[:, 0] == t[:, 0]
+            z_t = logits.gather(1, t)
             eps = eps_rows[s:e, None].to(acc)
             if label_sets is not None and label_sets.shape[1] > 0:
                 sets = label_sets[s:e]
@@ -88,13 +89,17 @@ class _FusedLinearCE(torch.autograd.Function):
                 smooth = (logits.gather(1, set_idx) * set_w).sum(-1, keepdim=True)
             else:
                 set_w = set_idx = None
-                smooth = torch.zeros_like(lse)
+                smooth = torch.zeros_like(z_t)
                 eps = torch.zeros_like(eps)
-            losses[s:e] = (lse - (1 - eps) * logits.gather(1, t) - smooth)[:, 0]
+            # softmax in place: the chunk's logits are the only [c, V] buffer
+            g = logits.sub_(top).exp_()
+            total = g.sum(-1, keepdim=True)
+            lse = top + total.log()
+            losses[s:e] = (lse - (1 - eps) * z_t - smooth)[:, 0]
             if grad_h is None and grad_w is None and grad_b is None:
                 continue
             # d loss_i / d logits = softmax - q_i, with q_i = (1 - eps) onehot(l_i) + eps / |L| onehot(L)
-            g = logits.sub_(lse).exp_()
+            g.div_(total)
             g.scatter_add_(1, t, -(1 - eps))
             if set_w is not None:
                 g.scatter_add_(1, set_idx, -set_w)

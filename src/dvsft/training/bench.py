@@ -1,0 +1,325 @@
+"""`dvsft bench train`: step time and peak memory of SFT vs DV-SFT vs the naive full-logits loss.
+
+One batch (one image of ~1,000 visual tokens, ~20% of them labeled, a short answer) is built once
+with the real processor and :class:`~dvsft.data.collator.VisionCollator`; a Qwen3-VL with the
+real 151,936-token vocabulary runs forward + backward on it (no optimizer step) in one FRESH
+subprocess per variant, so no variant inherits another's allocator state:
+
+* ``sft``: text loss only, computed the memory-lean way (:func:`~dvsft.training.losses.dvsft_loss`
+  with ``vision_weight=0``: only the answer rows go through the LM head, in chunks);
+* ``dvsft``: text + lambda * vision (with smoothing) in ONE fused pass over the LM head;
+* ``dvsft_separate``: the same loss as two calls, ``text_loss(...) + lambda * vision_loss(...).loss``;
+* ``naive``: full logits ``model(...).logits`` [B, L, V], shifted CE + the vision loss from
+  gathered ``log_softmax`` rows (what a straightforward implementation does);
+* ``hf_sft``: the stock HF loss ``model(..., labels=labels).loss`` (full logits, text only), for reference.
+
+Memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the process's peak resident set
+(``VmHWM``, reset through ``/proc/self/clear_refs`` after warm-up) minus its resident set right
+after importing torch and transformers, with glibc told to serve every allocation over 64 KiB by
+``mmap`` (``MALLOC_MMAP_THRESHOLD_=65536``) so freed tensors leave the resident set at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("sft", "dvsft", "dvsft_separate", "naive", "hf_sft")
+
+
+@dataclass
+class BenchConfig:
+    vocab_size: int = 151_936
+    hidden_size: int = 256
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    vision_hidden_size: int = 128
+    vision_depth: int = 1
+    image_width: int = 1024
+    image_height: int = 992  # 32 x 31 = 992 visual tokens
+    labeled_fraction: float = 0.2
+    answer_words: int = 24
+    vision_weight: float = 0.1
+    eps: float = 0.1
+    chunk_size: int = 1024
+    steps: int = 3
+    warmup: int = 1
+    threads: int = 0  # torch intra-op threads in each variant's process (0: torch's default)
+    device: str = "auto"
+    seed: int = 0
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+
+
+# ------------------------------------------------------------------ the batch (built once)
+
+
+def build_batch(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
+    """Render a page with one word in each of ``labeled_fraction`` of the token cells; collate it; save it."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    from dvsft.data.collator import VisionCollator
+    from dvsft.geometry import grid_for
+    from dvsft.training.tiny import TinyConfig, build_model_config, build_processor, corpus_words, train_tokenizer
+
+    tiny = TinyConfig(
+        hidden_size=cfg.hidden_size,
+        layers=cfg.layers,
+        heads=cfg.heads,
+        kv_heads=cfg.kv_heads,
+        vision_hidden_size=cfg.vision_hidden_size,
+        vision_depth=cfg.vision_depth,
+        min_pixels=32 * 32 * 4,
+        max_pixels=max(cfg.image_width * cfg.image_height, 32 * 32 * 4),
+    )
+    tokenizer = train_tokenizer(tiny.vocab_size)
+    processor = build_processor(tokenizer, tiny.min_pixels, tiny.max_pixels)
+    grid = grid_for(processor, cfg.image_width, cfg.image_height)
+    rng = random.Random(cfg.seed)
+    vocab = [w for w in dict.fromkeys(corpus_words()) if 2 <= len(w) <= 8]
+    n_labeled = round(cfg.labeled_fraction * grid.num_tokens)
+    image = Image.new("RGB", (cfg.image_width, cfg.image_height), "white")
+    draw = ImageDraw.Draw(image)
+    words = []
+    for k in sorted(rng.sample(range(grid.num_tokens), n_labeled)):
+        x0, y0, x1, y1 = grid.token_box(k)
+        text = rng.choice(vocab)
+        draw.text((x0 + 2, y0 + 10), text[:4], fill="black")
+        words.append({"text": text, "box": [x0 + 2, y0 + 8, x1 - 2, y1 - 8], "score": 1.0})
+    answer = " ".join(rng.choice(vocab) for _ in range(cfg.answer_words))
+    record = {
+        "id": "bench",
+        "image": image,
+        "words": words,
+        "messages": [
+            {"role": "user", "content": "<image>Read the page and answer the question about it."},
+            {"role": "assistant", "content": answer},
+        ],
+    }
+    batch = VisionCollator(processor, max_length=1 << 20)([record])
+    model_cfg = build_model_config(tiny, tokenizer)
+    model_cfg.text_config.vocab_size = cfg.vocab_size
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(batch, out_dir / "batch.pt")
+    (out_dir / "config.json").write_text(model_cfg.to_json_string())
+    return {
+        "visual_tokens": grid.num_tokens,
+        "labeled_tokens": int(batch["vision_positions"].shape[0]),
+        "text_tokens": int((batch["labels"][:, 1:] != -100).sum()),
+        "sequence_length": int(batch["input_ids"].shape[1]),
+    }
+
+
+# ------------------------------------------------------------------ one variant, in its own process
+
+
+def _proc_status(key: str) -> int:
+    """A ``/proc/self/status`` field in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _step_fn(variant: str, model: Any, batch: dict[str, Any], cfg: BenchConfig):
+    import torch
+    import torch.nn.functional as F
+
+    from dvsft.training.losses import (
+        MODEL_INPUTS,
+        dvsft_loss,
+        gather_vision_rows,
+        last_hidden_state,
+        text_loss,
+        vision_loss,
+    )
+
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    head = model.lm_head
+    lam, eps, chunk = cfg.vision_weight, cfg.eps, cfg.chunk_size
+    pos, targets, sets = batch["vision_positions"], batch["vision_targets"], batch["vision_label_sets"]
+
+    def sft():
+        hidden = last_hidden_state(model, batch)
+        return dvsft_loss(hidden, head, batch["labels"], vision_weight=0.0, chunk_size=chunk).loss
+
+    def dvsft():
+        hidden = last_hidden_state(model, batch)
+        return dvsft_loss(hidden, head, batch["labels"], pos, targets, sets, lam, eps, chunk).loss
+
+    def dvsft_separate():
+        hidden = last_hidden_state(model, batch)
+        text, _ = text_loss(hidden, head, batch["labels"], chunk_size=chunk)
+        vision = vision_loss(gather_vision_rows(hidden, pos), head, targets, sets, eps=eps, chunk_size=chunk)
+        return text + lam * vision.loss
+
+    def naive():
+        logits = model(**inputs).logits.float()  # [B, L, V]
+        v = logits.shape[-1]
+        text = F.cross_entropy(logits[:, :-1].reshape(-1, v), batch["labels"][:, 1:].reshape(-1))
+        logp = torch.log_softmax(logits[pos[:, 0], pos[:, 1]], dim=-1)
+        valid = sets >= 0
+        smooth = (logp.gather(1, sets.clamp(min=0)) * valid).sum(1) / valid.sum(1).clamp(min=1)
+        vision = (-(1 - eps) * logp.gather(1, targets[:, None])[:, 0] - eps * smooth).mean()
+        return text + lam * vision
+
+    def hf_sft():
+        return model(**inputs, labels=batch["labels"]).loss
+
+    return {"sft": sft, "dvsft": dvsft, "dvsft_separate": dvsft_separate, "naive": naive, "hf_sft": hf_sft}[variant]
+
+
+def run_variant(variant: str, cfg: BenchConfig, data_dir: Path) -> dict[str, Any]:
+    """Build the model, warm up, then time ``cfg.steps`` forward+backward steps and record the peak memory."""
+    import torch
+    import transformers
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    baseline_rss = _proc_status("VmRSS")
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    model_cfg = transformers.Qwen3VLConfig.from_json_file(str(data_dir / "config.json"))
+    torch.manual_seed(cfg.seed)
+    model = transformers.Qwen3VLForConditionalGeneration(model_cfg).to(device).train()
+    batch = {k: v.to(device) for k, v in torch.load(data_dir / "batch.pt").items()}
+    step = _step_fn(variant, model, batch, cfg)
+
+    def one_step() -> tuple[float, float]:
+        if cuda:
+            torch.cuda.synchronize()
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = step()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    for _ in range(cfg.warmup):
+        one_step()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak_rss()
+    before = torch.cuda.memory_allocated() if cuda else _proc_status("VmRSS")
+    timed = [one_step() for _ in range(cfg.steps)]
+    times, cpu = [w for w, _ in timed], [c for _, c in timed]
+    peak = torch.cuda.max_memory_allocated() if cuda else _proc_status("VmHWM") - baseline_rss
+    if not cuda:
+        before -= baseline_rss
+    return {
+        "variant": variant,
+        "device": device,
+        "step_s": statistics.median(times),
+        "step_s_all": times,
+        "cpu_s": statistics.median(cpu),
+        "threads": torch.get_num_threads(),
+        "peak_bytes": peak,
+        "resident_before_step_bytes": before,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def _worker_main() -> None:
+    args = json.loads(sys.argv[1])
+    cfg = BenchConfig(**args["cfg"])
+    result = run_variant(args["variant"], cfg, Path(args["data_dir"]))
+    print("BENCH_RESULT " + json.dumps(result))
+
+
+def _spawn(variant: str, cfg: BenchConfig, data_dir: Path) -> dict[str, Any]:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONWARNINGS="ignore")
+    if cfg.threads > 0:
+        env["OMP_NUM_THREADS"] = str(cfg.threads)
+    payload = json.dumps({"variant": variant, "cfg": asdict(cfg), "data_dir": str(data_dir)})
+    proc = subprocess.run(
+        [sys.executable, "-c", "from dvsft.training.bench import _worker_main; _worker_main()", payload],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT ") :])
+    raise RuntimeError(f"bench variant {variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+# ------------------------------------------------------------------ the whole benchmark
+
+
+def machine_description(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return f"{torch.cuda.get_device_name()} (CUDA)"
+    return f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU"
+
+
+def bench_train(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
+    """Run every variant of ``cfg.variants`` and return the numbers and the ratios to ``sft``."""
+    unknown = sorted(set(cfg.variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    if "sft" not in cfg.variants:
+        raise ValueError("the variants must include 'sft', the baseline of every ratio")
+    if not 0 < cfg.labeled_fraction <= 1:
+        raise ValueError(f"labeled_fraction must be in (0, 1], got {cfg.labeled_fraction}")
+    with tempfile.TemporaryDirectory(prefix="dvsft_bench_") as tmp:
+        data_dir = Path(tmp)
+        shape = build_batch(cfg, data_dir)
+        results = {}
+        for variant in cfg.variants:
+            if progress is not None:
+                progress(variant)
+            results[variant] = _spawn(variant, cfg, data_dir)
+    base = results["sft"]
+    ratios = {
+        v: {
+            "time": r["step_s"] / base["step_s"],
+            "cpu_time": r["cpu_s"] / base["cpu_s"],
+            "peak_memory": r["peak_bytes"] / base["peak_bytes"],
+        }
+        for v, r in results.items()
+    }
+    device = base["device"]
+    return {
+        "config": asdict(cfg),
+        "shape": shape,
+        "machine": machine_description(device),
+        "memory_method": "torch.cuda.max_memory_allocated"
+        if device.startswith("cuda")
+        else "peak RSS (VmHWM) over the post-import RSS, fresh process per variant, MALLOC_MMAP_THRESHOLD_=65536",
+        "results": results,
+        "ratios": ratios,
+    }
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The report as a Markdown table (rows: variants; ratios against sft)."""
+    lines = [
+        "| variant | step wall (s) | step CPU (s) | peak memory (MiB) | wall / sft | CPU / sft | peak / sft |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for v, r in report["results"].items():
+        ratio = report["ratios"][v]
+        lines.append(
+            f"| {v} | {r['step_s']:.3f} | {r['cpu_s']:.3f} | {r['peak_bytes'] / 2**20:,.0f} | "
+            f"{ratio['time']:.2f}x | {ratio['cpu_time']:.2f}x | {ratio['peak_memory']:.2f}x |"
+        )
+    return "\n".join(lines)
