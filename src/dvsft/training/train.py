@@ -164,6 +164,8 @@ def training_arguments(cfg: TrainConfig, **extra: Any):
         disable_tqdm=False,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
+    if world_size() > 1 and not torch.cuda.is_available():
+        kwargs["use_cpu"] = True  # several CPU processes: DDP over gloo (accelerate needs to be told)
     if cfg.deepspeed:
         kwargs["deepspeed"] = cfg.deepspeed
     if cfg.fsdp:
@@ -239,6 +241,7 @@ def prepare(config: TrainConfig | dict[str, Any] | str | Path, callbacks: list[A
             leading_space=cfg.label_leading_space,
         ),
         vision_labels=needs_vision,
+        keep_records=any(getattr(o, "needs_records", False) for o in objectives),
         max_length=cfg.max_length,
         min_pixels=cfg.min_pixels,
         max_pixels=cfg.max_pixels,
