@@ -724,3 +724,23 @@ def test_ocr_sets_are_word_records(tmp_path):
     texts = noncontextual_texts(["a bb ccc a a dddd"], 20, random.Random(0), 20, 40)
     assert all(20 <= len(t) <= 40 and set(t.split()) <= {"a", "bb", "ccc", "dddd"} for t in texts)
     assert passages(["one two three four five six"], 5, 12) == ["one two", "three four", "five six"]
+
+
+def test_ocr_set_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from dvsft.cli import app
+
+    corpus = tmp_path / "xsum.jsonl"
+    docs = [{"id": str(i), "document": " ".join(["news"] * 30 + [f"story{i}"] * 30), "summary": "s"} for i in range(3)]
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    out = tmp_path / "set"
+    args = ["ocr-set", "contextual", "--corpus", str(corpus), "--n", "3", "--out", str(out), "--cols", "24"]
+    result = CliRunner().invoke(app, [*args, "--max-rows", "12", "--max-chars", "300"])
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "info.json").read_text())
+    assert info["n"] == 3 and info["kind"] == "contextual" and 200 <= info["mean_reference_chars"] <= 300
+    refs = sorted(it.answers[0] for it in iter_items("ocr", out / "words.jsonl"))
+    assert all(r.startswith("news") or r.startswith("story") for r in refs)
+    bad = CliRunner().invoke(app, ["ocr-set", "contextual", "--corpus", str(corpus), "--n", "50", "--out", str(out)])
+    assert bad.exit_code == 2 and "fewer than 50" in " ".join(bad.output.split())

@@ -59,6 +59,11 @@ def evaluate(
     if len(benches) != len(data):
         raise ValueError(f"--bench names {len(benches)} benchmark(s) but --data gives {len(data)} path(s)")
     specs = [get_benchmark(b) for b in benches]
+    if (select_visible_n or selection) and "ocrvqa" not in benches:
+        raise ValueError("--select-visible / --selection apply to the ocrvqa benchmark only")
+    for path in data:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"--data {path} does not exist")
     out = Path(out_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(model_dir).to(device).eval()
@@ -72,12 +77,11 @@ def evaluate(
         only_ids = None
         if bench.name == "ocrvqa" and (select_visible_n or selection):
             sel_file = Path(selection) if selection else out / "ocrvqa" / "selection.json"
-            if select_visible_n:
+            if select_visible_n and not _same_selection(sel_file, path, select_visible_n, seed, bench_split):
                 tick = progress("OCR-VQA visibility (OCR)", None) if progress else None
-                write_selection(sel_file, select_visible(path, select_visible_n, seed, bench_split, on_checked=tick))
+                chosen = select_visible(path, select_visible_n, seed, bench_split, on_checked=tick)
+                write_selection(sel_file, {**chosen, "data": str(Path(path).resolve())})
             only_ids = set(read_selection(sel_file))
-        elif (select_visible_n or selection) and bench.name != "ocrvqa":
-            raise ValueError("--select-visible / --selection apply to the ocrvqa benchmark only")
         tokens = max_new_tokens or bench.max_new_tokens
         settings = {
             "model": str(Path(model_dir).resolve()),
@@ -102,6 +106,15 @@ def evaluate(
         )
     _merge_summary(out / SUMMARY, results)
     return results
+
+
+def _same_selection(sel_file: Path, data: str | Path, n: int, seed: int, split: str) -> bool:
+    """Whether ``sel_file`` already holds the selection asked for (the OCR pass is then skipped)."""
+    if not sel_file.is_file():
+        return False
+    old = json.loads(sel_file.read_text())
+    want = {"data": str(Path(data).resolve()), "requested": n, "seed": seed, "split": split}
+    return all(old.get(k) == v for k, v in want.items())
 
 
 def _merge_summary(path: Path, results: dict[str, Any]) -> None:

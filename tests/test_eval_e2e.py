@@ -1,0 +1,188 @@
+"""`dvsft eval` end to end on the tiny Qwen3-VL: every benchmark type, outputs, resume, submission."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_benchmarks import (
+    chartqa_parquet,
+    infovqa_official,
+    lmms_docvqa,
+    mme_official,
+    ocrbench_official,
+    ocrvqa_parquet,
+    squad_official,
+    textvqa_parquet,
+    word_records,
+)
+from typer.testing import CliRunner
+
+from dvsft.cli import app
+from dvsft.evaluation import metrics as M
+from dvsft.evaluation.benchmarks import get_benchmark
+from dvsft.records import read_jsonl
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from dvsft.training.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny_eval") / "model")
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("eval_data")
+    (d / "sel").mkdir()
+    (d / "sel" / "selection.json").write_text(json.dumps({"ids": ["1234567-1", "7654321-0"]}))
+    return {
+        "docvqa": lmms_docvqa(d / "lmms_docvqa"),
+        "infovqa": infovqa_official(d / "infovqa"),
+        "squad": squad_official(d / "squad"),
+        "chartqa": chartqa_parquet(d / "chartqa"),
+        "ocrbench": ocrbench_official(d / "ocrbench"),
+        "ocrvqa": ocrvqa_parquet(d / "ocrvqa"),
+        "textvqa": textvqa_parquet(d / "textvqa"),
+        "mme": mme_official(d / "mme"),
+        "ocr": word_records(d / "ocr" / "words.jsonl", transcription=True),
+        "records": word_records(d / "records" / "words.jsonl"),
+        "selection": d / "sel" / "selection.json",
+    }
+
+
+def run_eval(model: Path, out: Path, benches: dict[str, Path], *extra: str):
+    args = ["eval", "--model", str(model), "--bench", ",".join(benches), "--data", ",".join(map(str, benches.values()))]
+    result = runner.invoke(app, [*args, "--out", str(out), "--max-new-tokens", "3", *extra])
+    return result
+
+
+def text(result) -> str:
+    """CLI output with rich's line wrapping undone."""
+    return " ".join(result.output.split())
+
+
+def rows_of(out: Path, bench: str) -> list[dict]:
+    return list(read_jsonl(out / bench / "predictions.jsonl"))
+
+
+EXPECTED_N = {"docvqa": 3, "infovqa": 2, "squad": 2, "chartqa": 3, "ocrbench": 3, "ocrvqa": 2, "textvqa": 2, "mme": 4}
+RULES = {
+    "docvqa": M.anls,
+    "infovqa": M.anls,
+    "squad": M.squad_f1,
+    "chartqa": lambda p, a: float(M.relaxed_correctness(p, a[0])),
+    "ocrvqa": M.exact_match,
+    "textvqa": M.vqa_accuracy,
+    "mme": lambda p, a: M.mme_correct(p, a[0]),
+}
+
+
+def test_eval_runs_every_benchmark(tiny_model, data, tmp_path):
+    benches = {b: data[b] for b in [*EXPECTED_N, "ocr"]}
+    out = tmp_path / "out"
+    result = run_eval(
+        tiny_model, out, benches, "--batch-size", "3", "--scales", "0.5,1.0", "--selection", str(data["selection"])
+    )
+    assert result.exit_code == 0, result.output
+    for bench in benches:
+        assert bench in result.output  # the printed table
+    summary = json.loads((out / "scores.json").read_text())
+    assert set(summary) == set(benches)
+    for bench, n in EXPECTED_N.items():
+        rows = rows_of(out, bench)
+        assert len(rows) == n and len({r["id"] for r in rows}) == n, bench
+        scores = json.loads((out / bench / "scores.json").read_text())
+        assert scores == summary[bench]
+        assert scores["n"] == n and scores["metrics"]["n_scored"] == n
+        for row in rows:
+            assert isinstance(row["prediction"], str) and row["prompt"].endswith("single word or phrase.")
+            if bench in RULES:
+                assert row["score"] == pytest.approx(RULES[bench](row["prediction"], row["answers"])), bench
+        primary = get_benchmark(bench).primary
+        if bench in RULES:
+            mean = 100 * sum(r["score"] for r in rows) / n
+            assert scores["metrics"][primary] == pytest.approx(mean), bench
+    assert {r["id"] for r in rows_of(out, "ocrvqa")} == {"1234567-1", "7654321-0"}  # the selection
+    ocrbench = rows_of(out, "ocrbench")
+    assert [r["score"] for r in ocrbench] == [
+        M.ocrbench_score(r["prediction"], r["answers"], r["meta"]["dataset"]) for r in ocrbench
+    ]
+    assert json.loads((out / "ocrbench" / "scores.json").read_text())["metrics"]["final_score"] == sum(
+        r["score"] for r in ocrbench
+    )
+    mme = json.loads((out / "mme" / "scores.json").read_text())["metrics"]
+    assert set(mme["categories"]) == {"OCR", "code_reasoning"} and mme["total"] == mme["perception"] + mme["cognition"]
+    ocr = rows_of(out, "ocr")
+    assert sorted(r["id"] for r in ocr) == sorted(f"rec-{i}@{s}" for i in range(3) for s in (0.5, 1.0))
+    for r in ocr:
+        assert r["prompt"] == "Transcribe the text in the image."
+        assert r["cer"] == pytest.approx(M.cer(r["prediction"], r["answers"][0]))
+        assert r["word_accuracy"] == pytest.approx(M.word_accuracy(r["prediction"], r["answers"][0]))
+    assert set(json.loads((out / "ocr" / "scores.json").read_text())["metrics"]["scales"]) == {"0.5", "1.0"}
+    sub = json.loads((out / "docvqa" / "submission.json").read_text())
+    assert sub == [{"questionId": int(r["id"]), "answer": r["prediction"]} for r in rows_of(out, "docvqa")]
+
+
+def test_private_test_split_writes_submission(tiny_model, data, tmp_path):
+    out = tmp_path / "out"
+    result = run_eval(tiny_model, out, {"docvqa": data["docvqa"]}, "--split", "test")
+    assert result.exit_code == 0, result.output
+    scores = json.loads((out / "docvqa" / "scores.json").read_text())
+    assert scores["answers_private"] is True and scores["metrics"] == {"n_scored": 0}
+    sub = json.loads((out / "docvqa" / "submission.json").read_text())
+    assert [s["questionId"] for s in sub] == [57344, 57345] and all(isinstance(s["answer"], str) for s in sub)
+
+
+def test_resume_skips_done_items_and_refuses_other_settings(tiny_model, data, tmp_path):
+    out = tmp_path / "out"
+    bench = {"docvqa": data["records"]}
+    assert run_eval(tiny_model, out, bench, "--limit", "2").exit_code == 0
+    pred = out / "docvqa" / "predictions.jsonl"
+    rows = rows_of(out, "docvqa")
+    assert [r["id"] for r in rows] == ["rec-0", "rec-1"]
+    rows[0]["prediction"] = "beta"  # a done item: a resumed run must keep it, not regenerate it
+    pred.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"id": "rec-2", "predi')  # and a torn line
+    result = run_eval(tiny_model, out, bench)
+    assert result.exit_code == 0, result.output
+    rows = rows_of(out, "docvqa")
+    assert [r["id"] for r in rows] == ["rec-0", "rec-1", "rec-2"] and rows[0]["prediction"] == "beta"
+    scores = json.loads((out / "docvqa" / "scores.json").read_text())
+    assert scores["generated_now"] == 1 and scores["n"] == 3
+    expected = 100 * sum(M.anls(r["prediction"], r["answers"]) for r in rows) / 3
+    assert scores["metrics"]["anls"] == pytest.approx(expected)
+    refused = run_eval(tiny_model, out, bench, "--post-prompt", " Answer briefly.")
+    assert refused.exit_code == 2 and "other settings" in text(refused)
+    assert run_eval(tiny_model, out, bench, "--post-prompt", " Answer briefly.", "--overwrite").exit_code == 0
+    assert all(r["prompt"].endswith(" Answer briefly.") for r in rows_of(out, "docvqa"))
+
+
+def test_batched_and_single_generation_agree(tiny_model, data, tmp_path):
+    bench = {"chartqa": data["chartqa"]}
+    assert run_eval(tiny_model, tmp_path / "b1", bench, "--batch-size", "1").exit_code == 0
+    assert run_eval(tiny_model, tmp_path / "b3", bench, "--batch-size", "3").exit_code == 0
+    single = {r["id"]: r["prediction"] for r in rows_of(tmp_path / "b1", "chartqa")}
+    batched = {r["id"]: r["prediction"] for r in rows_of(tmp_path / "b3", "chartqa")}
+    assert single == batched
+
+
+def test_bad_arguments_give_clear_errors(tiny_model, data, tmp_path):
+    result = run_eval(tiny_model, tmp_path / "o", {"docvqa": data["docvqa"], "mme": data["mme"]}, "--data", "x")
+    assert result.exit_code == 2 and "2 benchmark(s) but --data gives 1" in text(result)
+    result = runner.invoke(
+        app, ["eval", "--model", str(tiny_model), "--bench", "vqav2", "--data", "x", "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2 and "unknown benchmark" in text(result)
+    result = run_eval(tiny_model, tmp_path / "o", {"chartqa": tmp_path / "missing"})
+    assert result.exit_code == 2 and "missing does not exist" in text(result)
+
+
+def test_bench_eval_reports_both_batch_sizes(tiny_model):
+    from dvsft.evaluation.throughput import throughput_benchmark
+
+    res = throughput_benchmark(n=4, batch_size=4, max_new_tokens=2, model_dir=tiny_model)
+    assert res["single_samples_per_s"] > 0 and res["batched_samples_per_s"] > 0
+    assert res["ratio"] == pytest.approx(res["single_s"] / res["batched_s"]) and 0 <= res["agree"] <= 4
