@@ -40,7 +40,20 @@ def pages_dir(tmp_path_factory):
     rows = []
     for i, p in enumerate(pages):
         p.save(d / f"p{i}.png")
-        rows.append({"id": f"p{i}", "image": f"p{i}.png", "width": p.width, "height": p.height, "words": p.words})
+        messages = [
+            {"role": "user", "content": "<image>Read the text."},
+            {"role": "assistant", "content": p.text},
+        ]
+        rows.append(
+            {
+                "id": f"p{i}",
+                "image": f"p{i}.png",
+                "width": p.width,
+                "height": p.height,
+                "words": p.words,
+                "messages": messages,
+            }
+        )
     write_jsonl(d / "words.jsonl", rows)
     return d
 
@@ -153,3 +166,68 @@ def test_head_learns_codes_of_visual_hidden_states(levels):
     assert head(hidden, codes).shape == (64, levels, 6)
     with pytest.raises(ValueError, match="code rows"):
         asvr_loss(head, hidden[:3], codes)
+
+
+def train_config(model_dir, data, out, method, **extra):
+    return {
+        "model": str(model_dir),
+        "data": str(data),
+        "output_dir": str(out),
+        "method": method,
+        "max_steps": 12,
+        "global_batch_size": 3,
+        "per_device_batch_size": 3,
+        "learning_rate": 2e-3,
+        "warmup_ratio": 0.0,
+        "lr_scheduler": "constant",
+        "min_pixels": 32 * 32 * 4,
+        "max_pixels": 32 * 32 * 256,
+        "report_to": "none",
+        "save_steps": 1000,
+        "logging_steps": 1,
+        **extra,
+    }
+
+
+def test_asvr_objective_trains_from_the_cache_and_is_dropped_from_the_saved_model(tiny, tiny_dir, pages_dir, tmp_path):
+    from safetensors import safe_open
+
+    from dvsft.training.train import prepare
+
+    model, processor = tiny
+    paths = sorted(pages_dir.glob("p*.png"))
+    codes_dir = tmp_path / "codes"
+    fit_from_files(model, processor, paths, codes_dir, k=8, levels=2, seed=0)
+    cfg = train_config(
+        tiny_dir,
+        pages_dir / "words.jsonl",
+        tmp_path / "run",
+        "sft+asvr",
+        objectives={"asvr": {"codes": str(codes_dir)}},
+    )
+    run = prepare(cfg)
+    asvr = next(o for o in run.objectives if o.name == "asvr")
+    run.trainer.train()
+    # every image's codes came from the cache that `fit` wrote (same images, same resolution, same tower)
+    assert asvr.cache.hits == 12 * 3 and asvr.cache.misses == 0
+    losses = [r["asvr_loss"] for r in run.log_callback.rows if "asvr_loss" in r]
+    assert len(losses) == 12 and sum(losses[-3:]) < 0.85 * sum(losses[:3]), losses
+    from dvsft.training.train import save_final
+
+    final = tmp_path / "run" / "final"
+    save_final(run.trainer, run.model, run.processor, run.cfg, final)
+    with safe_open(str(final / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert names and not [n for n in names if "asvr" in n or "dvsft_heads" in n]
+    # the saved model loads without the head and still runs
+    from dvsft.models import load_model
+
+    reloaded = load_model(final)
+    assert not hasattr(reloaded, "dvsft_heads")
+
+
+def test_asvr_needs_codes(tiny_dir, pages_dir, tmp_path):
+    from dvsft.training.train import prepare
+
+    with pytest.raises(ValueError, match="objectives.asvr.codes is not set"):
+        prepare(train_config(tiny_dir, pages_dir / "words.jsonl", tmp_path / "r", "asvr"))

@@ -96,3 +96,88 @@ def test_crop_regions_pads_and_clips():
     a, b = crop_regions(im, [(10.2, 5.0, 30.7, 15.0), (90, 40, 100, 50)], pad=0.5)
     assert a.size == (36 - 5, 20 - 0)  # pad 5 px: x 5.2 -> 5 (floor), 35.7 -> 36 (ceil), y 0 .. 20
     assert b.size == (100 - 85, 50 - 35)
+
+
+@pytest.fixture(scope="module")
+def lsd_data(tmp_path_factory):
+    """A tiny model dir and three rendered pages with transcription messages."""
+    import random
+
+    from dvsft.labels.render import Renderer
+    from dvsft.records import write_jsonl
+    from dvsft.training.tiny import TinyConfig, corpus_text, save_tiny
+
+    d = tmp_path_factory.mktemp("lsd")
+    cfg = TinyConfig()
+    save_tiny(d / "model", cfg)
+    r = Renderer("qwen3-vl", cols=8, max_rows=3, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    rows = []
+    for i, p in enumerate(r.render_text(corpus_text()[9000:9500], random.Random(2))[:3]):
+        p.save(d / f"p{i}.png")
+        messages = [{"role": "user", "content": "<image>Read."}, {"role": "assistant", "content": p.text}]
+        rows.append({"id": f"p{i}", "image": f"p{i}.png", "width": p.width, "height": p.height, "words": p.words})
+        rows[-1]["messages"] = messages
+    write_jsonl(d / "words.jsonl", rows)
+    return d
+
+
+def test_lsd_objective_ema_teacher_in_training(lsd_data, tmp_path):
+    from transformers import TrainerCallback
+
+    from dvsft.training.objectives import vision_tower_of
+    from dvsft.training.train import prepare
+
+    cfg = {
+        "model": str(lsd_data / "model"),
+        "data": str(lsd_data / "words.jsonl"),
+        "output_dir": str(tmp_path / "run"),
+        "method": "dvsft+lsd",
+        "max_steps": 4,
+        "global_batch_size": 3,
+        "per_device_batch_size": 3,
+        "learning_rate": 5e-3,
+        "warmup_ratio": 0.0,
+        "lr_scheduler": "constant",
+        "min_pixels": 32 * 32 * 4,
+        "max_pixels": 32 * 32 * 256,
+        "report_to": "none",
+        "save_steps": 1000,
+        "logging_steps": 1,
+        "train": {"vision": False},  # LSD turns the vision tower on itself
+        "objectives": {"lsd": {"alpha": 0.8, "regions_per_image": 3}},
+    }
+    snapshots = []
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            tower = vision_tower_of(model)
+            snapshots.append({k: v.detach().clone() for k, v in tower.named_parameters()})
+
+    run = prepare(cfg, callbacks=[Snapshot()])
+    lsd = next(o for o in run.objectives if o.name == "lsd")
+    student = vision_tower_of(run.model)
+    assert all(p.requires_grad for p in student.parameters())  # encoder switched on, projector was on
+    expected = {k: v.detach().clone() for k, v in student.named_parameters()}  # teacher starts as the student
+    run.trainer.train()
+    assert lsd.teacher.updates == 4 == len(snapshots)
+    for snap in snapshots:  # one EMA step per optimizer step, with the configured alpha
+        expected = {k: 0.8 * expected[k] + 0.2 * snap[k] for k in expected}
+    teacher = dict(lsd.teacher.module.named_parameters())
+    for k, v in expected.items():
+        assert torch.allclose(teacher[k], v, atol=1e-6), k
+        assert teacher[k].grad is None and not teacher[k].requires_grad
+    # the student moved (LSD and the other losses reach the vision tower) and the teacher lags behind it
+    first = snapshots[0]
+    assert any(not torch.equal(first[k], snapshots[-1][k]) for k in first)
+    assert any(not torch.allclose(teacher[k], snapshots[-1][k]) for k in teacher)
+    rows = [r for r in run.log_callback.rows if "lsd_loss" in r]
+    assert len(rows) == 4 and all(r["lsd_loss"] > 0 and r["lsd_regions"] == 9 for r in rows)
+    lsd.close()
+
+
+def test_lsd_needs_records_in_the_batch():
+    from dvsft.related.lsd import LSDObjective
+
+    obj = LSDObjective()
+    with pytest.raises(ValueError, match="needs the batch records"):
+        obj.loss(None, {"image_grid_thw": torch.ones(1, 3)}, type("H", (), {"last": torch.zeros(1, 2, 3)})())

@@ -98,7 +98,9 @@ class VisionCollator:
         max_length: int = 8192,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        keep_records: bool = False,
     ):
+        self.keep_records = keep_records  # batch["records"]: id, image, size, words (objectives that need boxes)
         if min_pixels is not None or max_pixels is not None:
             processor = copy.copy(processor)
             processor.image_processor = copy.deepcopy(processor.image_processor)
@@ -259,4 +261,7 @@ class VisionCollator:
             batch["vision_positions"] = torch.tensor(positions, dtype=torch.long).reshape(-1, 2)
             batch["vision_targets"] = torch.tensor(targets, dtype=torch.long)
             batch["vision_label_sets"] = sets
+        if self.keep_records:
+            keep = ("id", "image", "width", "height", "words")
+            batch["records"] = [{k: r[k] for k in keep if k in r} for r in records]  # type: ignore[assignment]
         return batch

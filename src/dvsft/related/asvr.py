@@ -107,10 +107,11 @@ class ASVRObjective(Objective):
     """Predict each visual token's semantic code from the LLM's last hidden state at its position."""
 
     requires = ("sft",)
+    needs_records = True  # image paths in the batch: codes are read from the code cache
     Options = ASVROptions
 
     def setup(self, model: nn.Module, config: Any) -> None:
-        from dvsft.related.codes import Codebook, model_fingerprint
+        from dvsft.related.codes import Codebook, CodeCache, model_fingerprint
 
         opts = self.options
         if not opts.codes:
@@ -135,6 +136,8 @@ class ASVRObjective(Objective):
         self.head = ASVRHead(hidden_size, self.codebook.k, self.codebook.levels, opts.head_dim, opts.depth_layers)
         self.tokenizer = copy.deepcopy(tower).requires_grad_(False).eval() if opts.frozen_tokenizer else None
         self._centroids = None
+        # the cache of `dvsft codes fit/encode`, valid while codes come from the fitted (initial) tower
+        self.cache = CodeCache(opts.codes, fp, self.codebook.id) if opts.frozen_tokenizer else None
 
     def modules(self) -> dict[str, nn.Module]:
         return {"asvr_head": self.head}
@@ -143,24 +146,45 @@ class ASVRObjective(Objective):
         return {"asvr_loss": float(self.options.weight)}
 
     @torch.no_grad()
-    def batch_codes(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        """Codes (visual tokens of the batch, levels) from the frozen tokenizer tower's features."""
+    def computed_codes(self, model: nn.Module, pixel_values: torch.Tensor, thw: torch.Tensor) -> list[torch.Tensor]:
+        """Codes per image from the frozen tokenizer tower's features (or the live tower's)."""
         from dvsft.related.codes import tower_features
 
         tower = self.tokenizer if self.tokenizer is not None else vision_tower_of(model)
-        pv, thw = batch["pixel_values"], batch["image_grid_thw"]
         if self.tokenizer is not None:
-            self.tokenizer.to(pv.device)
-        feats = torch.cat(tower_features(tower, pv, thw)).float()
-        if self._centroids is None or self._centroids[0].device != feats.device:
-            self._centroids = [c.to(feats.device) for c in self.codebook.centroids]
-        out, residual = [], feats
-        for c in self._centroids:
-            d = (residual * residual).sum(1, keepdim=True) - 2 * residual @ c.T + (c * c).sum(1)[None]
-            idx = d.argmin(1)
-            out.append(idx)
-            residual = residual - c[idx]
-        return torch.stack(out, 1)
+            self.tokenizer.to(pixel_values.device)
+        feats = tower_features(tower, pixel_values, thw)
+        if self._centroids is None or self._centroids[0].device != pixel_values.device:
+            self._centroids = [c.to(pixel_values.device) for c in self.codebook.centroids]
+        out = []
+        for f in feats:
+            residual, levels = f.float(), []
+            for c in self._centroids:
+                d = (residual * residual).sum(1, keepdim=True) - 2 * residual @ c.T + (c * c).sum(1)[None]
+                idx = d.argmin(1)
+                levels.append(idx)
+                residual = residual - c[idx]
+            out.append(torch.stack(levels, 1))
+        return out
+
+    @torch.no_grad()
+    def batch_codes(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """Codes (visual tokens of the batch, levels): from the code cache when the batch carries its records
+        (image paths), otherwise (and for cache misses) computed from ``pixel_values``."""
+        pv, thw = batch["pixel_values"], batch["image_grid_thw"]
+        records = batch.get("records")
+        if records is None or self.cache is None:
+            return torch.cat(self.computed_codes(model, pv, thw))
+        patch = int(vision_tower_of(model).patch_size)
+        sizes = [(int(t[2]) * patch, int(t[1]) * patch) for t in thw.tolist()]
+        cached = [self.cache.get(r["image"], s) for r, s in zip(records, sizes, strict=True)]
+        if any(c is None for c in cached):
+            computed = self.computed_codes(model, pv, thw)
+            for i, (rec, size) in enumerate(zip(records, sizes, strict=True)):
+                if cached[i] is None:
+                    cached[i] = computed[i].cpu().numpy()
+                    self.cache.put(rec["image"], size, cached[i])
+        return torch.cat([torch.as_tensor(c, dtype=torch.long) for c in cached]).to(pv.device)
 
     def loss(self, model, batch, hidden: HiddenStates):
         codes = self.batch_codes(model, batch)

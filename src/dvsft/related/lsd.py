@@ -218,10 +218,12 @@ class LSDObjective(Objective):
         if opts.level not in ("word", "phrase"):
             raise ValueError(f"objectives.lsd.level must be word or phrase, got {opts.level!r}")
         student = vision_tower_of(base_model(model))
-        if not any(p.requires_grad for p in student.parameters()):
-            # LSD exists to train the vision encoder; without it the loss has nothing to update
-            log.warning("lsd: the vision tower was frozen; making it trainable (set train.vision: true to silence)")
-            student.requires_grad_(True)
+        encoder = [p for n, p in student.named_parameters() if "merger" not in n]  # the ViT without projector
+        if not any(p.requires_grad for p in encoder):
+            # LSD exists to train the vision encoder; frozen, it would only move the projector
+            log.warning("lsd: the vision encoder was frozen; making it trainable (set train.vision: true to silence)")
+            for p in encoder:
+                p.requires_grad_(True)
         self.student = student
         self.teacher = EMATeacher(student, opts.alpha)
         self.image_processor = crop_image_processor(config)
@@ -239,7 +241,9 @@ class LSDObjective(Objective):
             if any(id(p) in obj._param_ids for g in optimizer.param_groups for p in g["params"]):
                 obj.teacher.update(obj.student)
 
-        handle = torch.optim.optimizer.register_optimizer_step_post_hook(after_step)
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        handle = register_optimizer_step_post_hook(after_step)
         self._step_hook = handle
 
     def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
