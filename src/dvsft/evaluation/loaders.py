@@ -183,7 +183,7 @@ JSON_NAMES = {  # official file names per benchmark and split (substring match, 
     "infovqa": {"validation": ["_val_"], "test": ["_test_"], "train": ["_train_"]},
     "chartqa": {"test": ["test_human", "test_augmented"], "validation": ["val_human", "val_augmented"]},
     "ocrbench": {"test": ["ocrbench"]},
-    "textvqa": {"validation": ["_val"], "train": ["_train"], "test": ["_test"]},
+    "textvqa": {"validation": ["textvqa_0.5.1_val"], "train": ["textvqa_0.5.1_train"], "test": ["textvqa_0.5.1_test"]},
     "ocrvqa": {"test": ["dataset"], "validation": ["dataset"], "train": ["dataset"]},
     "squad": {"validation": ["dev-v"], "train": ["train-v"]},
 }
@@ -195,7 +195,9 @@ def find_json(bench: str, folder: Path, split: str) -> Path | list[Path] | None:
     if bench == "chartqa":
         return hits or None  # human and augmented files together
     if len(hits) > 1:
-        raise ValueError(f"--data {folder}: several {split} files for {bench}: {', '.join(map(str, hits))}")
+        raise ValueError(
+            f"--data {folder}: several {split} files for {bench}: {', '.join(map(str, hits))}; pass one as --data"
+        )
     return hits[0] if hits else None
 
 

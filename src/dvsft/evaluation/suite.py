@@ -87,8 +87,8 @@ def evaluate(
             "model": str(Path(model_dir).resolve()),
             "data": str(Path(path).resolve()),
             "split": bench_split,
-            "min_pixels": processor.image_processor.size.get("shortest_edge"),
-            "max_pixels": processor.image_processor.size.get("longest_edge"),
+            "min_pixels": _size(processor, "shortest_edge"),
+            "max_pixels": _size(processor, "longest_edge"),
             "max_new_tokens": tokens,
             "post_prompt": post_prompt,
             "scales": scales if bench.name == "ocr" else None,
@@ -106,6 +106,13 @@ def evaluate(
         )
     _merge_summary(out / SUMMARY, results)
     return results
+
+
+def _size(processor: Any, key: str) -> int | None:
+    """The processor's min (``shortest_edge``) or max (``longest_edge``) pixels, dict or SizeDict."""
+    size = getattr(processor.image_processor, "size", None) or {}
+    value = size.get(key) if hasattr(size, "get") else getattr(size, key, None)
+    return int(value) if value is not None else None
 
 
 def _same_selection(sel_file: Path, data: str | Path, n: int, seed: int, split: str) -> bool:

@@ -33,28 +33,15 @@ def answer_visible(answer: str, ocr_text: str) -> bool:
 
 
 def ocr_engine(params: dict[str, Any] | None = None) -> Callable[[Image.Image], str]:
-    """Image -> recognised text: ``dvsft.labels.ocr``'s rapidocr engine where present, else rapidocr itself.
+    """Image -> recognised text, with ``dvsft.labels.ocr``'s rapidocr engine (words joined by spaces).
 
     ``params`` are rapidocr config overrides, e.g. ``{"Det.limit_type": "max", "Det.limit_side_len": 960}``
     (faster on small images than the default, which scales the short side up to 736 px).
     """
-    try:
-        from dvsft.labels.ocr import get_engine
-    except ImportError:
-        get_engine = None
-    if get_engine is not None:
-        engine = get_engine("rapidocr", params=params)
-        return lambda image: " ".join(str(w["text"]) for w in engine(image))
-    import numpy as np
-    from rapidocr import RapidOCR
+    from dvsft.labels.ocr import get_engine
 
-    rapid = RapidOCR(params={"Global.log_level": "error", **(params or {})})
-
-    def run(image: Image.Image) -> str:
-        out = rapid(np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1]))  # rapidocr reads BGR
-        return " ".join(out.txts or ())
-
-    return run
+    engine = get_engine("rapidocr", params=params)
+    return lambda image: " ".join(str(w["text"]) for w in engine(image))
 
 
 def select_visible(
