@@ -35,10 +35,11 @@ def prepare(
 ) -> None:
     """Convert DocVQA / InfographicVQA / SQuAD downloads into records with conversations (no OCR yet)."""
     from rich.console import Console
+    from rich.markup import escape
 
     from dvsft.data.prepare import prepare as run_prepare
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     try:
         stats = run_prepare(
             dataset.value,
@@ -51,16 +52,16 @@ def prepare(
             image_root=image_root,
         )
     except (OSError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(2) from err
     what = "documents" if dataset is DatasetName.squad else "images"
     console.print(
         f"{stats.records} records from {stats.images} {what}; kept {stats.qa_kept} of {stats.qa_total} QA pairs "
-        f"-> {stats.out}"
+        f"-> {escape(str(stats.out))}"
     )
     for reason, count in sorted(stats.skipped.items()):
         console.print(f"  skipped {count} x {reason}")
     if stats.missing_images:
         console.print(f"[yellow]warning:[/yellow] {stats.missing_images} images not found (try --image-root)")
     nxt = "dvsft render" if dataset is DatasetName.squad else "dvsft label"
-    console.print(f"next: {nxt} {stats.out} --out ...")
+    console.print(f"next: {nxt} {escape(str(stats.out))} --out ...")

@@ -45,17 +45,18 @@ def label(
 ) -> None:
     """OCR images into word records (resumable: rerun the same command after an interruption)."""
     from rich.console import Console
+    from rich.markup import escape
 
     from dvsft.labels.image_to_label import collect_inputs, errors_path, label_inputs, parse_shard
     from dvsft.labels.image_to_label import shard as take_shard
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     try:
         inputs = collect_inputs(source, image_root=image_root)
         if shard:
             inputs = take_shard(inputs, *parse_shard(shard))
     except (OSError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(2) from err
     options: dict[str, Any] = {}
     if engine == "rapidocr":
@@ -88,10 +89,10 @@ def label(
     n_err = sum(stats.errors.values())
     console.print(
         f"{stats.total} inputs: {stats.skipped} already done, {stats.records} records ({stats.words} words) "
-        f"and {n_err} errors written in {stats.seconds:.1f} s -> {out}"
+        f"and {n_err} errors written in {stats.seconds:.1f} s -> {escape(str(out))}"
     )
     for reason, count in stats.errors.most_common():
-        console.print(f"  {count} x {reason} (see {errors_path(out)})")
+        console.print(f"  {count} x {reason} (see {escape(str(errors_path(out)))})")
 
 
 def _progress_bar(console: Any, enabled: bool = True) -> Any:
@@ -128,16 +129,19 @@ def bench_label(
     size: int = typer.Option(1024, help="Image side in pixels."),
     workers: int = typer.Option(2, min=2, help="Workers of the parallel run."),
     keep: Path | None = typer.Option(None, help="Keep the generated images and outputs in this folder."),
+    single_thread: bool = typer.Option(
+        True, "--single-thread/--no-single-thread", help="Also time 1 worker with 1 onnxruntime thread."
+    ),
 ) -> None:
     """Images/s of raw rapidocr vs `dvsft label` with 1 and N workers, on the same generated pages."""
     import tempfile
 
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
-        run_bench(keep, images, size, workers)
+        run_bench(keep, images, size, workers, single_thread)
     else:
         with tempfile.TemporaryDirectory(prefix="dvsft-bench-label-") as tmp:
-            run_bench(Path(tmp), images, size, workers)
+            run_bench(Path(tmp), images, size, workers, single_thread)
 
 
 def _render_page(words: list[str], size: int, font_size: int = 22) -> Any:
@@ -160,7 +164,7 @@ def _render_page(words: list[str], size: int, font_size: int = 22) -> Any:
     return img
 
 
-def run_bench(folder: Path, n_images: int, size: int, workers: int) -> dict[str, float]:
+def run_bench(folder: Path, n_images: int, size: int, workers: int, single_thread: bool = True) -> dict[str, float]:
     """Render pages into ``folder``/pages, then time raw rapidocr, the pipeline with 1 and ``workers`` workers."""
     import random
     import time
@@ -193,21 +197,26 @@ def run_bench(folder: Path, n_images: int, size: int, workers: int) -> dict[str,
 
     results = {"raw": n_images / raw_s}
     words = {"raw": raw_words}
-    for n in (1, workers):
-        out = folder / f"words_w{n}.jsonl"
+    runs = [("w1", 1, None), (f"w{workers}", workers, None)]  # threads: cores // workers
+    if single_thread:
+        runs.insert(1, ("w1t1", 1, 1))
+    for key, n, threads in runs:
+        out = folder / f"words_{key}.jsonl"
         for p in (out, out.with_name(f"{out.stem}.errors.jsonl")):
             p.unlink(missing_ok=True)
-        stats = label_inputs(inputs, out, workers=n)
-        results[f"w{n}"] = n_images / stats.seconds
-        words[f"w{n}"] = stats.words
+        stats = label_inputs(inputs, out, workers=n, engine_options={"threads": threads} if threads else None)
+        results[key] = n_images / stats.seconds
+        words[key] = stats.words
 
     table = Table(title="dvsft bench label (images/s, engine load included)")
     for col in ("run", "images/s", "s/image", "words"):
         table.add_column(col)
+    cores = default_threads(1)
     names = {
-        "raw": "raw rapidocr loop",
-        "w1": "dvsft label, 1 worker",
-        f"w{workers}": f"dvsft label, {workers} workers",
+        "raw": "raw rapidocr loop (default threads)",
+        "w1": f"dvsft label, 1 worker x {cores} threads",
+        "w1t1": "dvsft label, 1 worker x 1 thread",
+        f"w{workers}": f"dvsft label, {workers} workers x {default_threads(workers)} threads",
     }
     for key, rate in results.items():
         table.add_row(names[key], f"{rate:.3f}", f"{1 / rate:.2f}", str(words[key]))
@@ -216,4 +225,8 @@ def run_bench(folder: Path, n_images: int, size: int, workers: int) -> dict[str,
     rn = results[f"w{workers}"] / results["w1"]
     console.print(f"pipeline 1 worker / raw: {r1:.2f}x (target >= 0.9x)")
     console.print(f"pipeline {workers} workers / 1 worker: {rn:.2f}x (target >= 1.7x for 2 workers)")
+    if single_thread:
+        console.print(
+            f"pipeline {workers} workers / 1 single-threaded worker: {results[f'w{workers}'] / results['w1t1']:.2f}x"
+        )
     return {**results, "ratio_w1_raw": r1, "ratio_wn_w1": rn}
