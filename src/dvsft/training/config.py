@@ -71,7 +71,7 @@ class TrainConfig:
     label_leading_space: bool = opt(True, "tokenize vision labels as ' word' (mid-sentence form)")
     align: AlignSection = opt(AlignSection(), "label filters (paper section 4.1)")
     one_qa_per_image: bool = opt(True, "keep one QA pair per image (paper: avoids duplicate vision labels)")
-    max_samples: int | None = opt(None, "use only the first N records (after shuffling); None = all")
+    max_samples: int | None = opt(None, "use only the first N samples of data (quick runs); None = all")
     min_pixels: int = opt(32 * 32 * 64, "image processor min pixels")
     max_pixels: int = opt(32 * 32 * 2048, "image processor max pixels")
     max_length: int = opt(8192, "max sequence length (longer samples are truncated by the collator)")

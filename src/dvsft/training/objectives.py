@@ -58,6 +58,7 @@ class Objective:
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()  # objectives included with this one (e.g. ("sft",))
     needs_hidden_states: ClassVar[bool] = False  # all layers (True) or the last one only
+    needs_records: ClassVar[bool] = False  # batch["records"]: id, image, width, height, words of each sample
     train_llm: ClassVar[str | None] = None  # default for `train.llm` ("all", "first_layer", "none") or None
     Options: ClassVar[type] = NoOptions  # dataclass of the `objectives.<name>` config section
 
@@ -200,6 +201,25 @@ def projector_of(model: nn.Module) -> nn.Module:
     return vision_tower_of(model).merger
 
 
+def gathered(module: nn.Module):
+    """Context in which ``module``'s weights are whole: DeepSpeed ZeRO-3 gathers them; elsewhere a no-op.
+
+    The chunked losses read ``lm_head.weight`` outside the model's forward (where ZeRO-3 would have
+    gathered it) and compute its gradient during the forward, so gathering around the loss suffices.
+    """
+    import contextlib
+
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
+
 # --------------------------------------------------------------------------- built-in objectives
 
 
@@ -213,7 +233,9 @@ class TextObjective(Objective):
         from dvsft.training.losses import text_loss
 
         chunk = int(getattr(self.config, "loss_chunk_size", 1024) or 1024)
-        value, n = text_loss(hidden.last, lm_head_of(model), batch["labels"], chunk_size=chunk)
+        head = lm_head_of(model)
+        with gathered(head):
+            value, n = text_loss(hidden.last, head, batch["labels"], chunk_size=chunk)
         return {"text_loss": value, "text_tokens": hidden.last.new_tensor(float(n))}
 
 
@@ -230,15 +252,17 @@ class VisionObjective(Objective):
 
         pos = batch["vision_positions"]
         chunk = int(getattr(self.config, "loss_chunk_size", 1024) or 1024)
-        gathered = hidden.last[pos[:, 0], pos[:, 1]]
-        out = vision_loss(
-            gathered,
-            lm_head_of(model),
-            batch["vision_targets"],
-            batch["vision_label_sets"],
-            eps=float(getattr(self.config, "vision_eps", 0.0)),
-            chunk_size=chunk,
-        )
+        rows = hidden.last[pos[:, 0], pos[:, 1]]
+        head = lm_head_of(model)
+        with gathered(head):
+            out = vision_loss(
+                rows,
+                head,
+                batch["vision_targets"],
+                batch["vision_label_sets"],
+                eps=float(getattr(self.config, "vision_eps", 0.0)),
+                chunk_size=chunk,
+            )
         n = int(out.n)
         value = out.loss if n > 0 else hidden.last.sum() * 0.0
         acc = hidden.last.new_tensor(float(out.correct_top1) / n if n else float("nan"))
