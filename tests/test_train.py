@@ -399,3 +399,65 @@ def test_graft_llm_onto_vision_tower(tiny_dir, records, tmp_path):
     vision = [r["vision_loss"] for r in run.log_callback.rows if "vision_loss" in r]
     assert len(vision) == 2 and all(v == v for v in vision)
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- other families
+
+
+def _save_family(kind: str, tiny_dir: Path, out: Path) -> Path:
+    """A tiny Qwen2-VL / Qwen2.5-VL dir built from a config (28 px cells), with the tiny tokenizer."""
+    import transformers
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    from dvsft.models import build_processor, save_processor
+    from dvsft.training.tiny import CHAT_TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
+        tie_word_embeddings=True,
+    )
+    if kind == "qwen2_5_vl":
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+        vision.update(fullatt_block_indexes=[0], window_size=112)
+        cfg_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        vision = dict(depth=1, embed_dim=32, num_heads=2, hidden_size=64, mlp_ratio=2)
+        cfg_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    vision.update(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    ids = tok.convert_tokens_to_ids
+    config = cfg_cls(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model_cls(config).save_pretrained(out)
+    ip = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, size={"shortest_edge": 3136, "longest_edge": 50176})
+    save_processor(build_processor(ip, tok, kind, CHAT_TEMPLATE), out)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen2_families_train_through_the_same_path(kind, tiny_dir, tmp_path):
+    from dvsft.models import load_model
+
+    model_dir = _save_family(kind, tiny_dir, tmp_path / kind)
+    data = make_records(tmp_path / "data", n=2, seed=1)
+    args = overrides(model_dir, data, tmp_path / "run", max_steps=4, min_pixels=3136, max_pixels=50176)
+    result = train(load_config(None, args))
+    vision, text = losses(result.log, "vision_loss"), losses(result.log, "text_loss")
+    assert all(row["vision_tokens"] > 0 for row in result.log if "vision_tokens" in row)
+    assert vision[-1] < vision[0] and text[-1] < text[0], (vision, text)
+    assert load_model(result.final_dir).config.model_type == kind
