@@ -187,7 +187,7 @@ def run_bench(folder: Path, n_images: int, size: int, workers: int, single_threa
 
     from rapidocr import RapidOCR
 
-    t0 = time.perf_counter()  # raw: engine construction + a plain loop, same settings as the pipeline's
+    t0, c0 = time.perf_counter(), _cpu_seconds()  # raw: engine construction + a plain loop, same settings
     raw = RapidOCR(params={"Global.log_level": "error", "Global.use_cls": False, "Global.return_word_box": True})
     raw_words = 0
     for x in inputs:
@@ -196,6 +196,7 @@ def run_bench(folder: Path, n_images: int, size: int, workers: int, single_threa
     raw_s = time.perf_counter() - t0
 
     results = {"raw": n_images / raw_s}
+    cpu = {"raw": _cpu_seconds() - c0}
     words = {"raw": raw_words}
     runs = [("w1", 1, None), (f"w{workers}", workers, None)]  # threads: cores // workers
     if single_thread:
@@ -204,12 +205,14 @@ def run_bench(folder: Path, n_images: int, size: int, workers: int, single_threa
         out = folder / f"words_{key}.jsonl"
         for p in (out, out.with_name(f"{out.stem}.errors.jsonl")):
             p.unlink(missing_ok=True)
+        c0 = _cpu_seconds()
         stats = label_inputs(inputs, out, workers=n, engine_options={"threads": threads} if threads else None)
+        cpu[key] = _cpu_seconds() - c0
         results[key] = n_images / stats.seconds
         words[key] = stats.words
 
     table = Table(title="dvsft bench label (images/s, engine load included)")
-    for col in ("run", "images/s", "s/image", "words"):
+    for col in ("run", "images/s", "s/image", "CPU s/image", "cores busy", "words"):
         table.add_column(col)
     cores = default_threads(1)
     names = {
@@ -219,8 +222,15 @@ def run_bench(folder: Path, n_images: int, size: int, workers: int, single_threa
         f"w{workers}": f"dvsft label, {workers} workers x {default_threads(workers)} threads",
     }
     for key, rate in results.items():
-        table.add_row(names[key], f"{rate:.3f}", f"{1 / rate:.2f}", str(words[key]))
+        busy = cpu[key] * rate / n_images
+        table.add_row(
+            names[key], f"{rate:.3f}", f"{1 / rate:.2f}", f"{cpu[key] / n_images:.2f}", f"{busy:.2f}", str(words[key])
+        )
     console.print(table)
+    console.print(
+        "cores busy = CPU seconds / wall seconds of our processes; well below the cores a run can use means "
+        "other programs shared the CPU and the rates are disturbed."
+    )
     r1 = results["w1"] / results["raw"]
     rn = results[f"w{workers}"] / results["w1"]
     console.print(f"pipeline 1 worker / raw: {r1:.2f}x (target >= 0.9x)")
@@ -230,3 +240,14 @@ def run_bench(folder: Path, n_images: int, size: int, workers: int, single_threa
             f"pipeline {workers} workers / 1 single-threaded worker: {results[f'w{workers}'] / results['w1t1']:.2f}x"
         )
     return {**results, "ratio_w1_raw": r1, "ratio_wn_w1": rn}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the pipeline's worker processes)."""
+    import resource
+
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        total += r.ru_utime + r.ru_stime
+    return total
