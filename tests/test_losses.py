@@ -324,3 +324,39 @@ def test_extreme_logit_ranges_stay_accurate_in_float32():
     got = torch.autograd.grad(out.loss, [h32, w32])
     for a, b in zip(got, torch.autograd.grad(ref, [hidden64, weight64]), strict=True):
         assert torch.allclose(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+def test_bench_train_smoke(tmp_path):
+    """`dvsft bench train` machinery end to end on a toy size (numbers are not checked: no timing in tests)."""
+    from dvsft.training.bench import VARIANTS, BenchConfig, build_batch, measure_times
+
+    cfg = BenchConfig(
+        vocab_size=4096,
+        hidden_size=32,
+        layers=1,
+        heads=2,
+        kv_heads=1,
+        vision_hidden_size=32,
+        image_width=192,
+        image_height=128,
+        answer_words=4,
+        steps=1,
+        warmup=0,
+    )
+    shape = build_batch(cfg, tmp_path)
+    assert shape["visual_tokens"] == 24 and 0 < shape["labeled_tokens"] <= round(0.2 * 24)
+    times = measure_times(cfg, tmp_path)  # every variant's step, in this process
+    assert all(times[v]["step_s"] > 0 for v in VARIANTS)
+
+
+def test_bench_train_spawns_fresh_processes():
+    from dvsft.training.bench import BenchConfig, bench_train, markdown_table
+
+    small = dict(vocab_size=4096, hidden_size=32, layers=1, heads=2, kv_heads=1, vision_hidden_size=32)
+    cfg = BenchConfig(**small, image_width=96, image_height=64, answer_words=2, steps=1, warmup=0, variants=["sft"])
+    report = bench_train(cfg)
+    result = report["results"]["sft"]
+    assert result["peak_bytes"] > 0 and result["step_s"] > 0 and result["params"] > 0
+    assert report["ratios"]["sft"]["time"] == 1.0 and "| sft |" in markdown_table(report)
+    with pytest.raises(ValueError, match="unknown variant"):
+        bench_train(BenchConfig(variants=["sft", "fast"]))

@@ -2,8 +2,7 @@
 
 One batch (one image of ~1,000 visual tokens, ~20% of them labeled, a short answer) is built once
 with the real processor and :class:`~dvsft.data.collator.VisionCollator`; a Qwen3-VL with the
-real 151,936-token vocabulary runs forward + backward on it (no optimizer step) in one FRESH
-subprocess per variant, so no variant inherits another's allocator state:
+real 151,936-token vocabulary runs forward + backward on it (no optimizer step). Variants:
 
 * ``sft``: text loss only, computed the memory-lean way (:func:`~dvsft.training.losses.dvsft_loss`
   with ``vision_weight=0``: only the answer rows go through the LM head, in chunks);
@@ -13,10 +12,14 @@ subprocess per variant, so no variant inherits another's allocator state:
   gathered ``log_softmax`` rows (what a straightforward implementation does);
 * ``hf_sft``: the stock HF loss ``model(..., labels=labels).loss`` (full logits, text only), for reference.
 
-Memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the process's peak resident set
-(``VmHWM``, reset through ``/proc/self/clear_refs`` after warm-up) minus its resident set right
-after importing torch and transformers, with glibc told to serve every allocation over 64 KiB by
-``mmap`` (``MALLOC_MMAP_THRESHOLD_=65536``) so freed tensors leave the resident set at once.
+Memory is measured in a FRESH process per variant (no variant inherits another's allocator
+state), over one step after a warm-up step: on CUDA ``torch.cuda.max_memory_allocated``; on CPU
+the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` after the
+warm-up) minus its resident set right after importing torch and transformers, with glibc told to
+serve every allocation over 64 KiB by ``mmap`` (``MALLOC_MMAP_THRESHOLD_=65536``) so freed tensors
+leave the resident set at once. Time is measured in ONE further process that holds one model and
+runs the variants round-robin (``warmup`` rounds, then ``steps`` timed rounds; medians), so load
+from other processes drifts over all variants alike; wall time and process CPU time are reported.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 from typing import Any
 
@@ -184,70 +188,97 @@ def _step_fn(variant: str, model: Any, batch: dict[str, Any], cfg: BenchConfig):
     return {"sft": sft, "dvsft": dvsft, "dvsft_separate": dvsft_separate, "naive": naive, "hf_sft": hf_sft}[variant]
 
 
-def run_variant(variant: str, cfg: BenchConfig, data_dir: Path) -> dict[str, Any]:
-    """Build the model, warm up, then time ``cfg.steps`` forward+backward steps and record the peak memory."""
-    import torch
-    import transformers
+class _Session:
+    """The model and batch of one worker process; ``step(variant)`` runs one timed forward+backward."""
 
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    baseline_rss = _proc_status("VmRSS")
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = device.startswith("cuda")
-    model_cfg = transformers.Qwen3VLConfig.from_json_file(str(data_dir / "config.json"))
-    torch.manual_seed(cfg.seed)
-    model = transformers.Qwen3VLForConditionalGeneration(model_cfg).to(device).train()
-    batch = {k: v.to(device) for k, v in torch.load(data_dir / "batch.pt").items()}
-    step = _step_fn(variant, model, batch, cfg)
+    def __init__(self, cfg: BenchConfig, data_dir: Path):
+        import torch
+        import transformers
 
-    def one_step() -> tuple[float, float]:
-        if cuda:
-            torch.cuda.synchronize()
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.torch, self.cfg = torch, cfg
+        self.baseline_rss = _proc_status("VmRSS")  # after importing torch + transformers
+        self.device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.cuda = self.device.startswith("cuda")
+        model_cfg = transformers.Qwen3VLConfig.from_json_file(str(data_dir / "config.json"))
+        torch.manual_seed(cfg.seed)
+        self.model = transformers.Qwen3VLForConditionalGeneration(model_cfg).to(self.device).train()
+        self.batch = {k: v.to(self.device) for k, v in torch.load(data_dir / "batch.pt").items()}
+        self.fns = {v: _step_fn(v, self.model, self.batch, cfg) for v in cfg.variants}
+
+    def step(self, variant: str) -> tuple[float, float]:
+        """(wall seconds, process CPU seconds) of one forward+backward."""
+        sync = self.torch.cuda.synchronize if self.cuda else (lambda: None)
+        sync()
         t0, c0 = time.perf_counter(), time.process_time()
-        loss = step()
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
+        self.fns[variant]().backward()
+        self.model.zero_grad(set_to_none=True)
+        sync()
         return time.perf_counter() - t0, time.process_time() - c0
 
-    for _ in range(cfg.warmup):
-        one_step()
-    if cuda:
+    def info(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "threads": self.torch.get_num_threads(),
+            "params": sum(p.numel() for p in self.model.parameters()),
+        }
+
+
+def measure_memory(variant: str, cfg: BenchConfig, data_dir: Path) -> dict[str, Any]:
+    """Peak memory of one variant's step (run in a fresh process): warm-up step, reset the peak, one step."""
+    sess = _Session(dataclasses_replace(cfg, variants=[variant]), data_dir)
+    torch = sess.torch
+    sess.step(variant)
+    if sess.cuda:
         torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     else:
         _reset_peak_rss()
-    before = torch.cuda.memory_allocated() if cuda else _proc_status("VmRSS")
-    timed = [one_step() for _ in range(cfg.steps)]
-    times, cpu = [w for w, _ in timed], [c for _, c in timed]
-    peak = torch.cuda.max_memory_allocated() if cuda else _proc_status("VmHWM") - baseline_rss
-    if not cuda:
-        before -= baseline_rss
+        before = _proc_status("VmRSS") - sess.baseline_rss
+    sess.step(variant)
+    peak = torch.cuda.max_memory_allocated() if sess.cuda else _proc_status("VmHWM") - sess.baseline_rss
+    return {"variant": variant, "peak_bytes": peak, "resident_before_step_bytes": before, **sess.info()}
+
+
+def measure_times(cfg: BenchConfig, data_dir: Path) -> dict[str, Any]:
+    """Step times of every variant in ONE process, interleaved round by round (load drifts hit all alike)."""
+    sess = _Session(cfg, data_dir)
+    for _ in range(cfg.warmup):
+        for v in cfg.variants:
+            sess.step(v)
+    wall: dict[str, list[float]] = {v: [] for v in cfg.variants}
+    cpu: dict[str, list[float]] = {v: [] for v in cfg.variants}
+    for _ in range(cfg.steps):
+        for v in cfg.variants:
+            w, c = sess.step(v)
+            wall[v].append(w)
+            cpu[v].append(c)
     return {
-        "variant": variant,
-        "device": device,
-        "step_s": statistics.median(times),
-        "step_s_all": times,
-        "cpu_s": statistics.median(cpu),
-        "threads": torch.get_num_threads(),
-        "peak_bytes": peak,
-        "resident_before_step_bytes": before,
-        "params": sum(p.numel() for p in model.parameters()),
-    }
+        v: {
+            "step_s": statistics.median(wall[v]),
+            "step_s_all": wall[v],
+            "cpu_s": statistics.median(cpu[v]),
+            "cpu_s_all": cpu[v],
+        }
+        for v in cfg.variants
+    } | {"_info": sess.info()}
 
 
 def _worker_main() -> None:
     args = json.loads(sys.argv[1])
     cfg = BenchConfig(**args["cfg"])
-    result = run_variant(args["variant"], cfg, Path(args["data_dir"]))
+    data_dir = Path(args["data_dir"])
+    result = measure_times(cfg, data_dir) if args["job"] == "times" else measure_memory(args["job"], cfg, data_dir)
     print("BENCH_RESULT " + json.dumps(result))
 
 
-def _spawn(variant: str, cfg: BenchConfig, data_dir: Path) -> dict[str, Any]:
+def _spawn(job: str, cfg: BenchConfig, data_dir: Path) -> dict[str, Any]:
+    """Run ``job`` ("times" or a variant's memory) in a fresh Python process."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONWARNINGS="ignore")
     if cfg.threads > 0:
         env["OMP_NUM_THREADS"] = str(cfg.threads)
-    payload = json.dumps({"variant": variant, "cfg": asdict(cfg), "data_dir": str(data_dir)})
+    payload = json.dumps({"job": job, "cfg": asdict(cfg), "data_dir": str(data_dir)})
     proc = subprocess.run(
         [sys.executable, "-c", "from dvsft.training.bench import _worker_main; _worker_main()", payload],
         env=env,
@@ -257,7 +288,7 @@ def _spawn(variant: str, cfg: BenchConfig, data_dir: Path) -> dict[str, Any]:
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_RESULT "):
             return json.loads(line[len("BENCH_RESULT ") :])
-    raise RuntimeError(f"bench variant {variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    raise RuntimeError(f"bench job {job} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
 # ------------------------------------------------------------------ the whole benchmark
@@ -286,8 +317,13 @@ def bench_train(cfg: BenchConfig, progress: Any = None) -> dict[str, Any]:
         results = {}
         for variant in cfg.variants:
             if progress is not None:
-                progress(variant)
+                progress(f"{variant}: peak memory")
             results[variant] = _spawn(variant, cfg, data_dir)
+        if progress is not None:
+            progress("step times (all variants, interleaved)")
+        times = _spawn("times", cfg, data_dir)
+        for variant in cfg.variants:
+            results[variant].update(times[variant])
     base = results["sft"]
     ratios = {
         v: {
