@@ -360,3 +360,19 @@ def test_bench_train_spawns_fresh_processes():
     assert report["ratios"]["sft"]["time"] == 1.0 and "| sft |" in markdown_table(report)
     with pytest.raises(ValueError, match="unknown variant"):
         bench_train(BenchConfig(variants=["sft", "fast"]))
+
+
+def test_model_loss_through_a_peft_lora_wrapper(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    _, processor, model_dir = tiny
+    from dvsft.models import load_model
+
+    model = get_peft_model(load_model(model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    batch = _batch(processor)
+    out = model_loss(model, batch, vision_weight=0.5, eps=0.1)
+    out.loss.backward()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)  # the LM head stays frozen: no [V, D] gradient
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    assert out.n_vision == 6 and torch.isfinite(out.loss)
