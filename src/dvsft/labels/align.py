@@ -88,3 +88,45 @@ def align_words(
             labels.append(label)
     labels.sort(key=lambda lab: lab["token"])
     return Alignment(labels, dropped)
+
+
+def record_size(record: dict[str, Any], records_file: Any = None) -> tuple[int, int]:
+    """(width, height) of a record's image: its ``width``/``height`` fields, else the image header (EXIF-rotated)."""
+    w, h = record.get("width"), record.get("height")
+    if w is None or h is None:
+        from PIL import Image
+
+        from dvsft.records import image_path
+
+        path = image_path(record, records_file)
+        if not path.is_file():
+            raise ValueError(f"no width/height and image {path} not found")
+        with Image.open(path) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated 90 degrees by EXIF transpose
+                w, h = h, w
+    if not isinstance(w, int) or not isinstance(h, int) or isinstance(w, bool) or isinstance(h, bool):
+        raise ValueError(f"width/height must be integers, got {w!r} x {h!r}")
+    return w, h
+
+
+def align_record(
+    record: dict[str, Any],
+    source: Any,
+    tokenizer: Any = None,
+    config: AlignConfig | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    records_file: Any = None,
+) -> tuple[Grid, Alignment]:
+    """Grid and alignment of one word record for a family / model dir / processor (``grid_for`` source)."""
+    from dvsft.geometry import grid_for
+
+    width, height = record_size(record, records_file)
+    grid = grid_for(source, width, height, min_pixels, max_pixels)
+    words = record.get("words") or []
+    for i, w in enumerate(words):
+        box = w.get("box") if isinstance(w, dict) else None
+        if not isinstance(box, (list, tuple)) or len(box) != 4:
+            raise ValueError(f"words[{i}] has no [x0, y0, x1, y1] box")
+    return grid, align_words(words, grid, tokenizer, config)

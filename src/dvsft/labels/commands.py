@@ -1,9 +1,215 @@
-"""CLI commands of this stage."""
+"""CLI commands of this stage: `dvsft render`, `dvsft align`, `dvsft stats`, `dvsft bench render`."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import typer
 
 
+def _fail(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(1)
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=False
+    )
+
+
+def _table(title: str, rows: list[tuple[str, str]]):
+    from rich.table import Table
+
+    table = Table(title=title, show_header=True)
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def render(
+    source: Path = typer.Argument(..., help="SQuAD JSON (v1.1/v2.0), plain text (blank-line separated) or JSONL."),
+    out: Path = typer.Option(..., "--out", help="Output folder: images/, words.jsonl, render_stats.json."),
+    family: str = typer.Option("qwen3-vl", help="Model family whose token grid pages align to."),
+    cols: int = typer.Option(32, help="Token cells per line (page width = cols x cell)."),
+    max_rows: int = typer.Option(32, help="Token rows per page at most."),
+    font: str = typer.Option("random", help="DejaVu face (e.g. DejaVuSans, DejaVuSerif-Bold) or 'random'."),
+    font_size: int = typer.Option(20, help="Font size in px (clamped to fit a token row)."),
+    dark_text: bool = typer.Option(
+        False, "--dark-text", help="Dark text on light background (default: light on dark)."
+    ),
+    full_height: bool = typer.Option(False, "--full-height", help="Every page max-rows tall."),
+    min_pixels: int = typer.Option(None, help="Override the family's min_pixels."),
+    max_pixels: int = typer.Option(None, help="Override the family's max_pixels."),
+    qa_per_image: int = typer.Option(1, help="QA pairs per image (each group gets its own image)."),
+    seed: int = typer.Option(0, help="Random seed (per document: seed + document id)."),
+    png: str = typer.Option("palette", help="PNG mode: 'palette' (8-bit, fast, small) or 'rgb'."),
+    source_format: str = typer.Option("auto", "--format", help="auto, squad, jsonl or text."),
+    ppl_model: Path = typer.Option(None, help="Local causal LM directory for the perplexity filter."),
+    max_answer_ppl: float = typer.Option(None, help="Drop QA pairs whose answer perplexity is above this."),
+    max_question_ppl: float = typer.Option(None, help="Drop QA pairs whose question perplexity is above this."),
+    ppl_batch_size: int = typer.Option(8, help="Batch size of the perplexity model."),
+    workers: int = typer.Option(1, help="Rendering processes."),
+) -> None:
+    """Render text documents onto token-aligned images (label-to-image) and write word records."""
+    from rich.console import Console
+
+    from dvsft.labels.render_dataset import RenderOptions, render_source
+
+    if (max_answer_ppl is not None or max_question_ppl is not None) and ppl_model is None:
+        _fail("--max-answer-ppl / --max-question-ppl need --ppl-model")
+    options = RenderOptions(
+        family=family,
+        cols=cols,
+        max_rows=max_rows,
+        font=font,
+        font_size=font_size,
+        dark_text=dark_text,
+        full_height=full_height,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        qa_per_image=qa_per_image,
+        seed=seed,
+        png=png,
+        source_format=source_format,
+        ppl_model=str(ppl_model) if ppl_model else None,
+        max_answer_ppl=max_answer_ppl,
+        max_question_ppl=max_question_ppl,
+        ppl_batch_size=ppl_batch_size,
+        workers=workers,
+    )
+    if png not in ("palette", "rgb"):
+        _fail(f"--png {png!r}: use 'palette' or 'rgb'")
+    tasks: dict[str, int] = {}
+    with _progress() as bar:
+
+        def progress(stage: str, n: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], advance=n)
+
+        try:
+            stats = render_source(source, out, options, progress)
+        except ValueError as err:
+            _fail(str(err))
+    keys = [k for k in stats if isinstance(stats[k], int | float) and not isinstance(stats[k], bool)]
+    Console().print(_table(f"dvsft render -> {out}", [(k, str(stats[k])) for k in keys]))
+
+
+def align(
+    words: Path = typer.Argument(..., help="Word records (JSONL)."),
+    out: Path = typer.Option(..., "--out", help="Aligned records (JSONL)."),
+    family: str = typer.Option("qwen3-vl", help="Model family or a local model directory (its processor config)."),
+    tokenizer: Path = typer.Option(None, help="Model directory whose tokenizer gives label token ids."),
+    min_pixels: int = typer.Option(None, help="Override min_pixels."),
+    max_pixels: int = typer.Option(None, help="Override max_pixels."),
+    max_height_cells: float = typer.Option(3.0, help="Drop words taller than this many token cells."),
+    max_subtokens: int = typer.Option(3, help="Drop words longer than this many tokens (needs --tokenizer)."),
+    no_leading_space: bool = typer.Option(False, "--no-leading-space", help="Tokenize labels as 'word', not ' word'."),
+    overlay: Path = typer.Option(None, help="Write alignment overlay PNGs into this folder."),
+    overlay_limit: int = typer.Option(20, help="At most this many overlays."),
+) -> None:
+    """Align word boxes to a model's visual tokens (bottom-right corner rule + the paper's filters)."""
+    from rich.console import Console
+
+    from dvsft.labels.align import AlignConfig
+    from dvsft.labels.align_run import align_file, errors_path, load_tokenizer
+
+    config = AlignConfig(max_height_cells, max_subtokens, not no_leading_space)
+    try:
+        tok = load_tokenizer(tokenizer) if tokenizer else None
+        total = (
+            sum(1 for line in words.read_text(encoding="utf-8").splitlines() if line.strip()) if words.is_file() else 0
+        )
+        with _progress() as bar:
+            task = bar.add_task("align", total=total)
+            summary = align_file(
+                words,
+                out,
+                family,
+                tok,
+                config,
+                min_pixels,
+                max_pixels,
+                overlay,
+                overlay_limit,
+                lambda: bar.advance(task),
+            )
+    except ValueError as err:
+        _fail(str(err))
+    rows = [(k, str(v)) for k, v in summary.items() if k != "dropped"]
+    rows += [(f"dropped: {k}", str(v)) for k, v in summary["dropped"].items()]
+    if summary["visual_tokens"]:
+        rows.append(("vision coverage", f"{100 * summary['vision_labels'] / summary['visual_tokens']:.2f}%"))
+    console = Console()
+    console.print(_table(f"dvsft align -> {out}", rows))
+    if summary["errors"]:
+        console.print(f"[yellow]{summary['errors']} records could not be aligned: see {errors_path(out)}[/]")
+
+
+def stats(
+    aligned: Path = typer.Argument(..., help="Aligned records (output of `dvsft align`)."),
+    tokenizer: Path = typer.Option(None, help="Model directory: count text labels in tokens (else in words)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Dataset statistics as in the paper's Table 1 (samples, images, text/vision labels, coverage)."""
+    from rich.console import Console
+
+    from dvsft.labels.align_run import load_tokenizer
+    from dvsft.labels.stats import file_stats
+
+    try:
+        tok = load_tokenizer(tokenizer) if tokenizer else None
+        result = file_stats(aligned, tok)
+    except ValueError as err:
+        _fail(str(err))
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    rows = [
+        ("samples", f"{result['samples']:,}"),
+        ("images", f"{result['images']:,}"),
+        (f"text labels ({result['text_label_unit']})", f"{result['text_labels']:,}"),
+        ("vision labels", f"{result['vision_labels']:,}"),
+        ("visual tokens", f"{result['visual_tokens']:,}"),
+        ("vision coverage", f"{100 * result['vision_coverage']:.2f}%"),
+    ]
+    rows += [(f"dropped: {k}", f"{v:,}") for k, v in result["dropped"].items()]
+    Console().print(_table(str(aligned), rows))
+
+
+def bench_render_cmd(
+    pages: int = typer.Option(50, help="Pages to render."),
+    words_per_page: int = typer.Option(200, help="Words per page."),
+) -> None:
+    """Rendering throughput: 1024x1024 qwen3-vl pages (32x32 cells) incl. PNG encoding, one process."""
+    from rich.console import Console
+
+    from dvsft.labels.render_bench import bench_render
+
+    r = bench_render(pages, words_per_page)
+    rows = [
+        ("pages", f"{r['pages']} x {r['page_size']}, {r['words_per_page']:.0f} words"),
+        ("pages/s (one core)", f"{r['pages_per_s']:.1f}"),
+        ("ms/page", f"{r['ms_per_page']:.1f}"),
+        ("PNG KiB/page", f"{r['png_kib_per_page']:.1f}"),
+        ("baseline pages/s (ImageDraw.text per word, RGB PNG)", f"{r['baseline_pages_per_s']:.1f}"),
+        ("speed-up vs baseline", f"{r['speedup_vs_baseline']:.2f}x"),
+        ("target pages/s", f">= {r['target_pages_per_s']:.0f} ({'met' if r['meets_target'] else 'NOT met'})"),
+    ]
+    Console().print(_table("dvsft bench render", rows))
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add this stage's commands to the `dvsft` app and its `bench` group."""
+    app.command("render")(render)
+    app.command("align")(align)
+    app.command("stats")(stats)
+    bench_app.command("render")(bench_render_cmd)

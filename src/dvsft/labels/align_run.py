@@ -1,0 +1,111 @@
+"""`dvsft align`: align every word record of a file to one model's visual tokens.
+
+Each output record is the input record plus ``grid: [rows, cols]``, ``vision_labels`` (with
+``token_id`` when a tokenizer is given), ``dropped`` (words removed per filter) and ``align``
+(the settings used). Image paths are rewritten relative to the output file. Records that cannot
+be aligned (invalid image size, missing boxes...) go to ``<out stem>.errors.jsonl`` with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dvsft.labels.align import AlignConfig, align_record
+from dvsft.records import image_path, read_jsonl, write_jsonl
+
+
+def errors_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".errors.jsonl")
+
+
+def load_tokenizer(model_dir: str | Path):
+    """A local tokenizer directory via ``AutoTokenizer`` (remote code is never executed)."""
+    from transformers import AutoTokenizer
+
+    if not Path(model_dir).is_dir():
+        raise ValueError(f"--tokenizer {model_dir}: not a directory")
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+
+
+def align_file(
+    words_file: str | Path,
+    out: str | Path,
+    source: Any = "qwen3-vl",
+    tokenizer: Any = None,
+    config: AlignConfig | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    overlay_dir: str | Path | None = None,
+    overlay_limit: int | None = None,
+    progress: Callable[[], Any] | None = None,
+) -> dict[str, Any]:
+    """Align ``words_file`` into ``out``; returns counts (records, aligned, errors, labels, dropped)."""
+    from PIL import Image, ImageOps
+
+    from dvsft.labels.overlay import save_overlay
+    from dvsft.labels.render_dataset import safe_name
+
+    words_file, out = Path(words_file), Path(out)
+    if not words_file.is_file():
+        raise ValueError(f"{words_file}: no such file")
+    config = config or AlignConfig()
+    settings = {
+        "source": str(source),
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "tokenizer": getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None,
+        "max_height_cells": config.max_height_cells,
+        "max_subtokens": config.max_subtokens,
+        "leading_space": config.leading_space,
+    }
+    errors: list[dict[str, Any]] = []
+    dropped: Counter = Counter()
+    summary = Counter()
+    overlays = 0
+
+    def rows():
+        nonlocal overlays
+        for n, rec in enumerate(read_jsonl(words_file), 1):
+            summary["records"] += 1
+            if progress:
+                progress()
+            try:
+                grid, alignment = align_record(rec, source, tokenizer, config, min_pixels, max_pixels, words_file)
+            except (ValueError, KeyError, TypeError) as err:
+                errors.append({"line": n, "id": rec.get("id"), "image": rec.get("image"), "error": str(err)})
+                continue
+            row = dict(rec)
+            if "image" in rec:
+                img = image_path(rec, words_file)
+                row["image"] = Path(os.path.relpath(img, out.resolve().parent)).as_posix()
+            row["grid"] = [grid.rows, grid.cols]
+            row["vision_labels"] = alignment.labels
+            row["dropped"] = dict(sorted(alignment.dropped.items()))
+            row["align"] = settings
+            summary["aligned"] += 1
+            summary["vision_labels"] += len(alignment.labels)
+            summary["visual_tokens"] += grid.num_tokens
+            dropped.update(alignment.dropped)
+            if overlay_dir is not None and (overlay_limit is None or overlays < overlay_limit) and "image" in rec:
+                img = image_path(rec, words_file)
+                if img.is_file():
+                    with Image.open(img) as im:
+                        im = ImageOps.exif_transpose(im)
+                        if im.size != (grid.width, grid.height):  # the record's size is authoritative
+                            im = im.resize((grid.width, grid.height))
+                        name = safe_name(str(rec.get("id", f"line{n}"))) + ".png"
+                        save_overlay(Path(overlay_dir) / name, im, grid, alignment.labels, rec.get("words"))
+                    overlays += 1
+            yield row
+
+    write_jsonl(out, rows())
+    err_file = errors_path(out)
+    if errors:
+        write_jsonl(err_file, errors)
+    elif err_file.exists():
+        err_file.unlink()
+    return {**summary, "errors": len(errors), "overlays": overlays, "dropped": dict(sorted(dropped.items()))}

@@ -1,0 +1,285 @@
+"""`dvsft render`: documents (+ QA) -> rendered page images + word records with chat messages.
+
+Per document (its random generator is seeded by ``seed`` and the document id, so output does not
+depend on resuming or on the number of workers):
+
+- QA documents: each QA pair goes to the page that holds its answer (SQuAD ``answer_start`` when it
+  matches the text, else the first occurrence of the answer that lies on one page; the first page
+  when none does). The pairs of a page are grouped ``qa_per_image`` at a time and each group gets
+  its own freshly coloured image of that page. Pages without QA are not written.
+- Documents without QA: every page gets a transcription task (user ``<image>Transcribe the text in
+  the image.``, assistant = the page's words joined by spaces).
+
+Output: ``DIR/images/*.png``, ``DIR/words.jsonl`` (word records; image paths relative to it),
+``DIR/render_stats.json``. A rerun skips documents whose records are all written.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import random
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dvsft.labels.instructions import TRANSCRIBE_INSTRUCTION, qa_prompt, transcribe_prompt
+from dvsft.labels.render import PageLayout, Renderer, RenderStyle
+from dvsft.labels.sources import QA, Document, load_documents
+from dvsft.records import JsonlAppender, read_jsonl, write_jsonl
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    family: str = "qwen3-vl"
+    cols: int = 32
+    max_rows: int = 32
+    font: str = "random"
+    font_size: int = 20
+    dark_text: bool = False
+    full_height: bool = False
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    qa_per_image: int = 1
+    seed: int = 0
+    png: str = "palette"  # or "rgb"
+    source_format: str = "auto"
+    ppl_model: str | None = None
+    max_answer_ppl: float | None = None
+    max_question_ppl: float | None = None
+    ppl_batch_size: int = 8
+    workers: int = 1
+
+    def renderer(self) -> Renderer:
+        style = RenderStyle(
+            font=self.font, font_size=self.font_size, dark_text=self.dark_text, full_height=self.full_height
+        )
+        return Renderer(self.family, self.cols, self.max_rows, style, self.min_pixels, self.max_pixels)
+
+
+@functools.cache
+def _renderer(options: RenderOptions) -> Renderer:
+    return options.renderer()
+
+
+def safe_name(record_id: str) -> str:
+    """A file name for a record id (ids with unusual characters get a short hash to stay unique)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", record_id)
+    if safe != record_id:
+        safe += "-" + hashlib.sha1(record_id.encode("utf-8")).hexdigest()[:6]
+    return safe
+
+
+def _layout_span(layout: PageLayout) -> tuple[int, int] | None:
+    if not layout.placements:
+        return None
+    return layout.placements[0].span[0], layout.placements[-1].span[1]
+
+
+def answer_spans(text: str, qa: QA) -> list[tuple[int, int]]:
+    """Candidate character spans of the answer: ``answer_start`` when it matches, else every occurrence."""
+    answer = qa.answers[0].strip()
+    if not answer:
+        return []
+    if qa.answer_start is not None and text[qa.answer_start : qa.answer_start + len(answer)] == answer:
+        return [(qa.answer_start, qa.answer_start + len(answer))]
+    spans = [(m.start(), m.end()) for m in re.finditer(re.escape(answer), text)]
+    if not spans:
+        spans = [(m.start(), m.end()) for m in re.finditer(re.escape(answer), text, flags=re.IGNORECASE)]
+    return spans
+
+
+def locate_answer(text: str, qa: QA, layouts: list[PageLayout]) -> int | None:
+    """Index of the page holding the whole answer, or None."""
+    page_spans = [_layout_span(lay) for lay in layouts]
+    for start, end in answer_spans(text, qa):
+        for i, span in enumerate(page_spans):
+            if span is not None and span[0] <= start and end <= span[1]:
+                return i
+    return None
+
+
+def render_document(doc: Document, options: RenderOptions, out_dir: Path) -> tuple[list[dict[str, Any]], Counter]:
+    """Render one document's records and images (runs in worker processes too)."""
+    renderer = _renderer(options)
+    rng = random.Random(f"{options.seed}:{doc.id}")
+    counts: Counter = Counter()
+    layouts = renderer.layout(doc.text, rng)
+    for lay in layouts:
+        counts.update({f"words_{k}": v for k, v in lay.skipped.items()})
+    if not any(lay.placements for lay in layouts):
+        counts["empty_documents"] += 1
+        return [], counts
+    jobs: list[tuple[int, list[QA] | None]] = []
+    if doc.qas is None:
+        jobs = [(i, None) for i, lay in enumerate(layouts) if lay.placements]
+    else:
+        by_page: dict[int, list[QA]] = defaultdict(list)
+        for qa in doc.qas:
+            page = locate_answer(doc.text, qa, layouts)
+            if page is None:
+                counts["answer_not_on_one_page"] += 1
+                page = 0
+            by_page[page].append(qa)
+        step = max(1, options.qa_per_image)
+        for page in sorted(by_page):
+            group = by_page[page]
+            jobs += [(page, group[i : i + step]) for i in range(0, len(group), step)]
+    records = []
+    for k, (page_index, qas) in enumerate(jobs):
+        page = renderer.draw(layouts[page_index], rng)
+        rid = f"{doc.id}-p{page_index}" if qas is None else f"{doc.id}-p{page_index}-{k}"
+        rel = Path("images") / f"{safe_name(rid)}.png"
+        page.save(out_dir / rel, mode=options.png)
+        if qas is None:
+            messages = [
+                {"role": "user", "content": transcribe_prompt()},
+                {"role": "assistant", "content": page.text},
+            ]
+        else:
+            messages = []
+            for j, qa in enumerate(qas):
+                prompt = qa_prompt(qa.question, rng)
+                messages.append({"role": "user", "content": prompt if j == 0 else prompt.replace("<image>", "", 1)})
+                messages.append({"role": "assistant", "content": qa.answers[0].strip()})
+        record: dict[str, Any] = {
+            "id": rid,
+            "doc": doc.id,
+            "page": page_index,
+            "image": rel.as_posix(),
+            "width": page.width,
+            "height": page.height,
+            "words": page.words,
+            "messages": messages,
+        }
+        if qas is not None:
+            record["qas"] = [
+                {"question": qa.question, "answers": qa.answers, **({"id": qa.id} if qa.id else {}), **qa.scores}
+                for qa in qas
+            ]
+        record["render"] = {
+            "family": renderer.family.name,
+            "font": page.font,
+            "font_size": page.font_size,
+            "background": list(page.background),
+            "foreground": list(page.foreground),
+        }
+        records.append(record)
+    for r in records:
+        r["doc_records"] = len(records)
+    counts["pages_used"] += len({p for p, _ in jobs})
+    return records, counts
+
+
+def completed_documents(words_file: Path) -> set[str]:
+    """Documents whose records are all in ``words_file``; records of partly written ones are removed."""
+    if not words_file.exists():
+        return set()
+    rows = list(read_jsonl(words_file))
+    written = Counter(r.get("doc") for r in rows)
+    expected = {r.get("doc"): r.get("doc_records") for r in rows}
+    done = {d for d, n in written.items() if d is not None and expected[d] == n}
+    if len(done) != len(written):
+        write_jsonl(words_file, (r for r in rows if r.get("doc") in done))
+    return done
+
+
+def _render_job(args: tuple[Document, RenderOptions, Path]) -> tuple[list[dict[str, Any]], Counter]:
+    return render_document(*args)
+
+
+def render_documents(
+    docs: Iterable[Document], options: RenderOptions, out_dir: Path, workers: int = 1
+) -> Iterable[tuple[list[dict[str, Any]], Counter]]:
+    """Render documents in order, in this process or in ``workers`` spawned processes."""
+    if workers <= 1:
+        for doc in docs:
+            yield render_document(doc, options, out_dir)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        yield from pool.map(_render_job, ((d, options, out_dir) for d in docs), chunksize=4)
+
+
+def apply_ppl_filter(
+    docs: list[Document], options: RenderOptions, counts: Counter, progress: Callable[[int, int], Any] | None = None
+) -> None:
+    """Score every QA pair with the perplexity model; drop pairs over the thresholds (in place)."""
+    from dvsft.labels.perplexity import PerplexityScorer, keep_pair
+
+    items = [(doc, qa) for doc in docs if doc.qas for qa in doc.qas]
+    if not items:
+        return
+    scorer = PerplexityScorer(options.ppl_model, batch_size=options.ppl_batch_size)
+    total = 2 * len(items)
+    scores = scorer.qa_scores(
+        [(doc.text, qa.question, qa.answers[0]) for doc, qa in items],
+        progress=(lambda n: progress(n, total)) if progress else None,
+    )
+    for (_, qa), s in zip(items, scores, strict=True):
+        qa.scores = {k: round(v, 4) for k, v in s.items()}
+    for doc in docs:
+        if not doc.qas:
+            continue
+        kept = []
+        for qa in doc.qas:
+            reason = keep_pair(qa.scores, options.max_answer_ppl, options.max_question_ppl)
+            if reason is None:
+                kept.append(qa)
+            else:
+                counts[f"qa_dropped_{reason}"] += 1
+        doc.qas = kept
+
+
+def render_source(
+    source: str | Path,
+    out_dir: str | Path,
+    options: RenderOptions | None = None,
+    progress: Callable[[str, int, int], Any] | None = None,
+) -> dict[str, Any]:
+    """Render a source file into ``out_dir``; returns (and writes) the run's statistics."""
+    options = options or RenderOptions()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    options.renderer()  # validate the geometry before any work
+    counts: Counter = Counter({k: 0 for k in ("records", "samples", "empty_documents", "pages_used")})
+    docs = load_documents(source, options.source_format, counts)
+    words_file = out_dir / "words.jsonl"
+    done = completed_documents(words_file)
+    pending = [d for d in docs if d.id not in done]
+    qa_docs = [d for d in pending if d.qas is not None]
+    counts["qa_pairs"] = sum(len(d.qas) for d in qa_docs)
+    counts["documents_without_qa_pairs"] = sum(1 for d in qa_docs if not d.qas)
+    if options.ppl_model:
+        apply_ppl_filter(qa_docs, options, counts, (lambda n, t: progress("perplexity", n, t)) if progress else None)
+    todo = [d for d in pending if d.qas is None or d.qas]
+    counts["qa_pairs_kept"] = sum(len(d.qas) for d in todo if d.qas)
+    with JsonlAppender(words_file) as out:
+        for records, c in render_documents(todo, options, out_dir, options.workers):
+            counts.update(c)
+            for r in records:
+                out.write(r)
+            counts["records"] += len(records)
+            counts["samples"] += sum(1 for r in records for m in r["messages"] if m["role"] == "assistant")
+            if progress:
+                progress("render", 1, len(todo))
+    counts["documents_rendered"] = sum(1 for d in todo) - counts["empty_documents"]
+    stats: dict[str, Any] = {
+        "source": str(source),
+        "documents": len(docs),
+        "documents_resumed": len(done & {d.id for d in docs}),
+        **dict(sorted(counts.items())),
+        "images": counts["records"],
+        "records_in_file": sum(1 for _ in read_jsonl(words_file)),
+        "options": asdict(options),
+        "transcription_instruction": TRANSCRIBE_INSTRUCTION,
+    }
+    (out_dir / "render_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
