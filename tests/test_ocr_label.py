@@ -107,6 +107,7 @@ def test_ocr_recovers_known_words(engine):
         x0, y0, x1, y1 = w["box"]
         assert 0 <= x0 < x1 <= img.width and 0 <= y0 < y1 <= img.height
         assert 0.5 <= w["score"] <= 1.0
+    assert engine(Image.new("RGB", (120, 90), "white")) == []  # no text: an empty list, not an error
 
 
 def test_boxes_in_original_pixels_when_rapidocr_downscales():

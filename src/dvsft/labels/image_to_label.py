@@ -245,6 +245,9 @@ def _run(paths: list[str], engine: str, options: dict[str, Any], workers: int) -
         return
     import multiprocessing as mp
 
+    from dvsft.labels.ocr import get_engine
+
+    get_engine(engine, **options)  # fail here, with the engine's own message, on a bad name or option
     window = 4 * workers  # bounded in-flight tasks: low memory, little lost work on a kill
     todo = iter(paths)
     with ProcessPoolExecutor(
@@ -265,7 +268,8 @@ def _run(paths: list[str], engine: str, options: dict[str, Any], workers: int) -
                     yield (pending.pop(fut), *fut.result())
         except BrokenProcessPool as err:
             raise RuntimeError(
-                "an OCR worker process died (out of memory or a crash in the engine); rerun the same command to resume"
+                "an OCR worker process died (out of memory, a crash in the engine, or an engine that could not be "
+                "created in a worker); rerun the same command to resume"
             ) from err
         finally:
             for fut in pending:

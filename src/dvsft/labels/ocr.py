@@ -107,9 +107,11 @@ class RapidOCREngine:
         # rapidocr wants BGR ndarrays (PIL inputs are converted the same way inside it).
         result = self._ocr(np.ascontiguousarray(np.asarray(image)[:, :, ::-1]))
         words: list[Word] = []
+        if not getattr(result, "txts", None):  # nothing found: word_results is a placeholder triple
+            return words
         for line in getattr(result, "word_results", None) or ():
-            for item in line or ():
-                if not item or len(item) != 3 or item[2] is None:
+            for item in line if isinstance(line, list | tuple) else ():
+                if not isinstance(item, list | tuple) or len(item) != 3 or item[2] is None:
                     continue
                 text, score, poly = item
                 text = str(text).strip()

@@ -77,15 +77,19 @@ def label(
                 started = True
             bar.update(task, completed=done)
 
-        stats = label_inputs(
-            inputs,
-            out,
-            engine=engine,
-            engine_options=options,
-            workers=workers,
-            retry_errors=retry_errors,
-            on_progress=on_progress,
-        )
+        try:
+            stats = label_inputs(
+                inputs,
+                out,
+                engine=engine,
+                engine_options=options,
+                workers=workers,
+                retry_errors=retry_errors,
+                on_progress=on_progress,
+            )
+        except (ValueError, TypeError, RuntimeError) as err:  # bad engine name/options, a dead worker
+            console.print(f"[red]error:[/red] {escape(str(err))}")
+            raise typer.Exit(2) from err
     n_err = sum(stats.errors.values())
     console.print(
         f"{stats.total} inputs: {stats.skipped} already done, {stats.records} records ({stats.words} words) "
