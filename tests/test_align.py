@@ -1,0 +1,196 @@
+"""Alignment filters, `dvsft align` records/errors/overlays, and the CLI end to end."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from dvsft.geometry import grid_for
+from dvsft.labels.align import AlignConfig, align_record, align_words
+from dvsft.labels.align_run import align_file, errors_path
+from dvsft.labels.commands import register
+from dvsft.labels.render import Renderer, RenderStyle
+from dvsft.records import image_path, read_jsonl, write_jsonl
+from dvsft.training.tiny import corpus_words, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(512)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tokenizer, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def word(text, box):
+    return {"text": text, "box": list(box), "score": 1.0}
+
+
+def test_too_tall_words_are_dropped():
+    g = grid_for("qwen3-vl", 640, 480)  # no resize: 32 px cells
+    words = [word("tall", (10, 10, 60, 10 + 3 * 32 + 1)), word("ok", (100, 10, 140, 10 + 3 * 32))]
+    a = align_words(words, g)
+    assert a.dropped == {"too_tall": 1} and [lab["text"] for lab in a.labels] == ["ok"]
+    assert align_words(words, g, config=AlignConfig(max_height_cells=4)).dropped == {}
+
+
+def test_too_many_subtokens_with_a_real_tokenizer(tokenizer):
+    g = grid_for("qwen3-vl", 640, 480)
+    long_word, short_word = "Zqxjvkwpbyfzmq", "the"
+    assert len(tokenizer(" " + long_word, add_special_tokens=False)["input_ids"]) > 3
+    short_ids = tokenizer(" " + short_word, add_special_tokens=False)["input_ids"]
+    assert len(short_ids) <= 3
+    a = align_words([word(long_word, (0, 0, 60, 20)), word(short_word, (100, 0, 130, 20))], g, tokenizer)
+    assert a.dropped == {"too_many_subtokens": 1}
+    assert a.labels == [{"token": 4, "text": "the", "token_id": short_ids[0]}]
+    assert a.label_set == [short_ids[0]]
+    relaxed = align_words([word(long_word, (0, 0, 60, 20))], g, tokenizer, AlignConfig(max_subtokens=100))
+    assert len(relaxed.labels) == 1
+    no_space = tokenizer(short_word, add_special_tokens=False)["input_ids"][0]
+    bare = align_words([word(short_word, (0, 0, 9, 9))], g, tokenizer, AlignConfig(leading_space=False))
+    assert bare.labels[0]["token_id"] == no_space
+
+
+def test_conflict_rule_drops_every_label_of_a_shared_token():
+    g = grid_for("qwen3-vl", 640, 480)
+    words = [
+        word("one", (0, 0, 20, 20)),  # bottom-right in token 0
+        word("two", (22, 5, 30, 30)),  # also token 0
+        word("three", (33, 0, 60, 20)),  # token 1
+    ]
+    a = align_words(words, g)
+    assert a.dropped == {"token_conflict": 2} and a.labels == [{"token": 1, "text": "three"}]
+
+
+def test_outside_image_boxes_are_clipped_or_dropped():
+    g = grid_for("qwen3-vl", 640, 480)
+    words = [word("gone", (700, 10, 760, 30)), word("cut", (600, 450, 700, 500)), word("neg", (-5, -5, 20, 20))]
+    a = align_words(words, g)
+    assert a.dropped == {"outside_image": 1}
+    assert {lab["text"]: lab["token"] for lab in a.labels} == {"cut": g.token_at(639, 479), "neg": 0}
+
+
+def test_resized_images_use_original_coordinates():
+    g = grid_for("qwen3-vl", 2000, 1000, max_pixels=32 * 32 * 64)  # downscaled
+    assert g.scale_x < 1
+    x0, y0, x1, y1 = g.token_box(g.num_tokens - 1)
+    a = align_words([word("end", (x0 + 1, y0 + 1, x1, y1))], g)
+    assert a.labels[0]["token"] == g.num_tokens - 1
+
+
+def make_records(tmp_path):
+    """Two rendered pages + three bad records, as word records next to their images."""
+    words = corpus_words()
+    r = Renderer("qwen3-vl", cols=12, max_rows=4, style=RenderStyle(font="DejaVuSans"), min_pixels=32 * 32 * 4)
+    pages = r.render_text(" ".join(words[200:300]), random.Random(5))[:2]
+    recs = []
+    for i, page in enumerate(pages):
+        page.save(tmp_path / "data" / "images" / f"p{i}.png")
+        recs.append(
+            {
+                "id": f"p{i}",
+                "image": f"images/p{i}.png",
+                "width": page.width,
+                "height": page.height,
+                "words": page.words,
+                "messages": [{"role": "user", "content": "<image>Read."}, {"role": "assistant", "content": page.text}],
+            }
+        )
+    recs.append({"id": "flat", "image": "images/p0.png", "width": 3000, "height": 10, "words": []})
+    recs.append({"id": "nobox", "image": "images/p0.png", "width": 100, "height": 100, "words": [{"text": "x"}]})
+    nosize = dict(recs[0], id="nosize")  # size read from the PNG header
+    del nosize["width"], nosize["height"]
+    recs.append(nosize)
+    write_jsonl(tmp_path / "data" / "words.jsonl", recs)
+    return pages
+
+
+def test_align_file_records_errors_and_overlays(tmp_path, tokenizer):
+    pages = make_records(tmp_path)
+    out = tmp_path / "aligned" / "out.jsonl"
+    summary = align_file(
+        tmp_path / "data" / "words.jsonl",
+        out,
+        "qwen3-vl",
+        tokenizer,
+        min_pixels=32 * 32 * 4,
+        overlay_dir=tmp_path / "ov",
+        overlay_limit=2,
+    )
+    assert summary["records"] == 5 and summary["aligned"] == 3 and summary["errors"] == 2
+    errors = {e["id"]: e["error"] for e in read_jsonl(errors_path(out))}
+    assert "aspect ratio" in errors["flat"] and "3000x10" in errors["flat"]
+    assert "words[0] has no" in errors["nobox"]
+    rows = list(read_jsonl(out))
+    assert [r["id"] for r in rows] == ["p0", "p1", "nosize"]
+    for row, page in zip(rows, [pages[0], pages[1], pages[0]], strict=True):
+        assert row["grid"] == [page.rows, page.cols]
+        assert image_path(row, out).is_file()  # re-pointed relative to the output file
+        dropped = sum(row["dropped"].values())
+        assert len(row["vision_labels"]) + dropped == len(page.words)
+        expected = [
+            t
+            for t, w in zip(page.word_tokens, page.words, strict=True)
+            if len(tokenizer(" " + w["text"], add_special_tokens=False)["input_ids"]) <= 3
+        ]
+        assert [lab["token"] for lab in row["vision_labels"]] == expected
+        assert row["dropped"] == ({"too_many_subtokens": dropped} if dropped else {})
+        assert all(isinstance(lab["token_id"], int) for lab in row["vision_labels"])
+    assert rows[2]["vision_labels"] == rows[0]["vision_labels"]
+    overlays = sorted(p.name for p in (tmp_path / "ov").iterdir())
+    assert overlays == ["p0.png", "p1.png"]  # the limit
+    with Image.open(tmp_path / "ov" / "p0.png") as im:
+        assert im.size == pages[0].image.size
+        diff = np.abs(np.asarray(im.convert("RGB"), int) - np.asarray(pages[0].image, int))
+        assert diff.max() > 50 and (diff.sum(-1) > 0).mean() > 0.05
+
+
+def test_align_record_reads_the_size_from_the_image(tmp_path):
+    make_records(tmp_path)
+    rec = list(read_jsonl(tmp_path / "data" / "words.jsonl"))[-1]
+    grid, alignment = align_record(
+        rec, "qwen3-vl", min_pixels=32 * 32 * 4, records_file=tmp_path / "data" / "words.jsonl"
+    )
+    assert (grid.width, grid.height) == (12 * 32, 4 * 32) and alignment.labels
+
+
+@pytest.fixture
+def cli():
+    app, bench = typer.Typer(), typer.Typer()
+    register(app, bench)
+    app.add_typer(bench, name="bench")
+    return app
+
+
+def test_cli_render_align_stats(tmp_path, cli, tokenizer_dir):
+    words = corpus_words()
+    src = tmp_path / "docs.txt"
+    src.write_text(" ".join(words[:80]) + "\n\n" + " ".join(words[100:140]))
+    runner = CliRunner()
+    res = runner.invoke(cli, f"render {src} --out {tmp_path / 'r'} --cols 16 --max-rows 8 --seed 3 --dark-text".split())
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r" / "render_stats.json").read_text())["images"] >= 2
+    args = (
+        f"align {tmp_path}/r/words.jsonl --out {tmp_path}/a.jsonl --tokenizer {tokenizer_dir} --overlay {tmp_path}/ov"
+    )
+    res = runner.invoke(cli, args.split())
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "ov").glob("*.png"))) >= 2
+    res = runner.invoke(cli, ["stats", str(tmp_path / "a.jsonl"), "--json"])
+    assert res.exit_code == 0, res.output
+    stats = json.loads(res.output)
+    assert stats["images"] >= 2 and stats["text_label_unit"] == "words" and 0 < stats["vision_coverage"] < 1
+    res = runner.invoke(cli, ["stats", str(tmp_path / "a.jsonl"), "--tokenizer", str(tokenizer_dir)])
+    assert res.exit_code == 0 and "vision coverage" in res.output and "tokens" in res.output
+    res = runner.invoke(cli, ["stats", str(tmp_path / "r" / "words.jsonl")])
+    assert res.exit_code == 1 and "run `dvsft align`" in res.output
+    res = runner.invoke(cli, ["render", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1 and "no such file" in res.output
