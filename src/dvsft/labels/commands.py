@@ -86,6 +86,8 @@ def render(
         ppl_batch_size=ppl_batch_size,
         workers=workers,
     )
+    if qa_per_image < 1:
+        _fail(f"--qa-per-image {qa_per_image}: must be at least 1")
     if png not in ("palette", "rgb"):
         _fail(f"--png {png!r}: use 'palette' or 'rgb'")
     tasks: dict[str, int] = {}
