@@ -65,7 +65,7 @@ PRESETS: dict[str, DemoPreset] = {
         font_size=18,
         train_pages=2000,
         heldout_pages=48,
-        steps=600,
+        steps=400,
         batch_size=16,
         learning_rate=3e-3,
         vision_lambda=1.0,
@@ -261,6 +261,7 @@ def run_one(job: dict) -> list[dict]:
     from dvsft.training.train import train
 
     torch.set_num_threads(job["threads"])
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers already fill the cores
     preset: DemoPreset = job["preset"]
     heldout_file = Path(job["heldout"])
     heldout = list(read_jsonl(heldout_file))
@@ -318,6 +319,7 @@ def run_one(job: dict) -> list[dict]:
         "save_steps": 10**9,
         "save_total_limit": 1,
         "report_to": "none",
+        "progress": False,
         "save_final": True,
     }
     t0 = time.time()

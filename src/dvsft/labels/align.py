@@ -7,6 +7,7 @@ dropped; a token that receives more than one word loses all its labels.
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,12 +33,22 @@ class Alignment:
         return sorted({lab["token_id"] for lab in self.labels if "token_id" in lab})
 
 
+_WORD_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {label text: ids}
+
+
 def first_token_ids(words: list[str], tokenizer: Any, leading_space: bool) -> list[list[int]]:
-    """Token ids of each word, as it is tokenized for a label."""
+    """Token ids of each word, as it is tokenized for a label (memoised per tokenizer)."""
     texts = [(" " + w) if leading_space else w for w in words]
-    if not texts:
-        return []
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    try:
+        cache = _WORD_IDS.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: no memo
+        cache = {}
+    missing = sorted({t for t in texts if t not in cache})
+    if missing:
+        if len(cache) > 1_000_000:
+            cache.clear()
+        cache.update(zip(missing, tokenizer(missing, add_special_tokens=False)["input_ids"], strict=True))
+    return [cache[t] for t in texts]
 
 
 def align_words(

@@ -93,6 +93,7 @@ class TrainConfig:
     objectives: dict[str, dict[str, Any]] = opt({}, "per-objective options, e.g. objectives.basic.lambda2")
     loss_chunk_size: int = opt(1024, "positions per lm_head chunk in the text / vision losses")
     logging_steps: int = opt(1, "log every N optimizer steps")
+    progress: bool = opt(True, "the Trainer's progress bar and printed logs (log.jsonl is always written)")
     save_steps: int = opt(500, "checkpoint every N optimizer steps")
     save_total_limit: int | None = opt(2, "keep at most this many checkpoints")
     dataloader_num_workers: int = opt(0, "DataLoader worker processes")

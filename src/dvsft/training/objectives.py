@@ -156,7 +156,13 @@ def build_objectives(method: str, config: Any = None) -> list[Objective]:
     extra = sorted(set(sections) - set(registered_objectives()))
     if extra:
         raise ValueError(f"config section objectives.{extra[0]}: no such objective; registered: {sorted(_REGISTRY)}")
-    return [objective_class(n)(config, options_for(objective_class(n), sections.get(n))) for n in names]
+    objectives = [objective_class(n)(config, options_for(objective_class(n), sections.get(n))) for n in names]
+    if any(isinstance(o, VisionObjective) for o in objectives):
+        # text and vision rows go through the LM head in one pass (one vocabulary-sized gradient buffer)
+        for o in objectives:
+            if isinstance(o, TextObjective):
+                o.fused = True
+    return objectives
 
 
 # --------------------------------------------------------------------------- model helpers
@@ -224,14 +230,21 @@ def gathered(module: nn.Module):
 
 
 class TextObjective(Objective):
-    """Standard SFT: shifted next-token cross-entropy over the answer tokens (paper Eq. 1)."""
+    """Standard SFT: shifted next-token cross-entropy over the answer tokens (paper Eq. 1).
+
+    ``fused``: the DV-SFT objective computes the text loss with its own in one LM-head pass.
+    """
+
+    fused = False
 
     def weights(self) -> dict[str, float]:
-        return {"text_loss": 1.0}
+        return {} if self.fused else {"text_loss": 1.0}
 
     def loss(self, model, batch, hidden):
         from dvsft.training.losses import text_loss
 
+        if self.fused:
+            return {}
         chunk = int(getattr(self.config, "loss_chunk_size", 1024) or 1024)
         head = lm_head_of(model)
         with gathered(head):
@@ -240,33 +253,43 @@ class TextObjective(Objective):
 
 
 class VisionObjective(Objective):
-    """DV-SFT: every labeled visual token predicts its word on its own logits, with smoothing (Eqs. 2-4)."""
+    """DV-SFT: every labeled visual token predicts its word on its own logits, with smoothing (Eqs. 2-4).
+
+    Returns ``dvsft_loss = L_text + lambda * L_vision`` (Eq. 4), computed in one chunked pass over
+    the LM head, and the detached ``text_loss`` / ``vision_loss`` / ``vision_acc`` for the logs.
+    """
 
     requires = ("sft",)
 
     def weights(self) -> dict[str, float]:
-        return {"vision_loss": float(getattr(self.config, "vision_lambda", 0.1))}
+        return {"dvsft_loss": 1.0}
 
     def loss(self, model, batch, hidden):
-        from dvsft.training.losses import vision_loss
+        from dvsft.training.losses import dvsft_loss
 
-        pos = batch["vision_positions"]
         chunk = int(getattr(self.config, "loss_chunk_size", 1024) or 1024)
-        rows = hidden.last[pos[:, 0], pos[:, 1]]
         head = lm_head_of(model)
         with gathered(head):
-            out = vision_loss(
-                rows,
+            out = dvsft_loss(
+                hidden.last,
                 head,
-                batch["vision_targets"],
-                batch["vision_label_sets"],
+                batch["labels"],
+                batch.get("vision_positions"),
+                batch.get("vision_targets"),
+                batch.get("vision_label_sets"),
+                vision_weight=float(getattr(self.config, "vision_lambda", 0.1)),
                 eps=float(getattr(self.config, "vision_eps", 0.0)),
                 chunk_size=chunk,
             )
-        n = int(out.n)
-        value = out.loss if n > 0 else hidden.last.sum() * 0.0
-        acc = hidden.last.new_tensor(float(out.correct_top1) / n if n else float("nan"))
-        return {"vision_loss": value, "vision_acc": acc, "vision_tokens": hidden.last.new_tensor(float(n))}
+        new = hidden.last.new_tensor
+        return {
+            "dvsft_loss": out.loss,
+            "text_loss": out.text_loss.detach(),
+            "text_tokens": new(float(out.n_text)),
+            "vision_loss": out.vision_loss.detach(),
+            "vision_acc": new(out.vision_accuracy),
+            "vision_tokens": new(float(out.n_vision)),
+        }
 
 
 register_objective("sft", TextObjective)

@@ -161,7 +161,7 @@ def training_arguments(cfg: TrainConfig, **extra: Any):
         remove_unused_columns=False,
         report_to=report_to(cfg),
         eval_strategy="no",
-        disable_tqdm=False,
+        disable_tqdm=not cfg.progress,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
     if world_size() > 1 and not torch.cuda.is_available():
@@ -258,6 +258,10 @@ def prepare(config: TrainConfig | dict[str, Any] | str | Path, callbacks: list[A
         callbacks=[log_cb, *(callbacks or [])],
         objectives=objectives,
     )
+    if not cfg.progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     return Run(cfg, trainer, model, processor, objectives, trainable, log_cb, resume)
 
 
