@@ -82,7 +82,7 @@ class ComparePreset:
 
 
 PRESETS: dict[str, ComparePreset] = {
-    "cpu": ComparePreset("cpu", demo="cpu", train_pages=1200, heldout_pages=32, steps=200, batch_size=16, seeds=2),
+    "cpu": ComparePreset("cpu", demo="cpu", train_pages=1000, heldout_pages=32, steps=400, batch_size=8, seeds=2),
     "gpu": ComparePreset("gpu", demo="gpu", train_pages=20000, heldout_pages=200, steps=3000, batch_size=32, seeds=3),
     "toy": ComparePreset(
         "toy", demo="toy", train_pages=12, heldout_pages=2, steps=2, batch_size=4, seeds=1, asvr_k=4, lsd_regions=1
@@ -217,6 +217,13 @@ def run_job(job: dict) -> dict:
     from dvsft.training.train import train
 
     torch.set_num_threads(job["threads"])
+    if job.get("quiet"):  # a pool worker: its Trainer progress bars and logs go to a file, not the console
+        log_file = Path(job["output_dir"]) / "train.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
     dp, cp = job["demo_preset"], job["preset"]
     spec: MethodSpec = METHODS[job["method"]]
     pixels = demo.page_pixels(dp)
@@ -343,6 +350,7 @@ def plot(summary: dict, methods: list[str], path: Path, title: str) -> None:
         ax.set_xticklabels(shown, rotation=60, ha="right", fontsize=8)
         ax.set_title(f"{name} ({'↑' if higher else '↓'}, %)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
+        ax.set_ylim(bottom=0)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -393,6 +401,7 @@ def run_pool(jobs: list[dict], workers: int, steps: int, console: Any) -> list[d
         bars = {job["name"]: progress.add_task(job["name"], total=steps) for job in jobs}
         for job in jobs:
             job["queue"] = queue
+            job["quiet"] = True
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             futures = [pool.submit(run_job, job) for job in jobs]
             while not all(f.done() for f in futures):
@@ -404,6 +413,7 @@ def run_pool(jobs: list[dict], workers: int, steps: int, console: Any) -> list[d
                 rows.append(f.result())
     for job in jobs:
         job.pop("queue", None)
+        job.pop("quiet", None)
     return rows
 
 
