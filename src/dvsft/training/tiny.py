@@ -165,8 +165,10 @@ def build_tiny(cfg: TinyConfig | None = None, extra_text: list[str] | None = Non
     processor = build_processor(tokenizer, cfg.min_pixels, cfg.max_pixels)
     torch.manual_seed(cfg.seed)
     model = Qwen3VLForConditionalGeneration(build_model_config(cfg, tokenizer))
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    for cfg_obj in (model.config, model.config.text_config, model.generation_config):
+        cfg_obj.pad_token_id = tokenizer.pad_token_id
+        cfg_obj.eos_token_id = tokenizer.eos_token_id
+        cfg_obj.bos_token_id = None
     model.config.dvsft_tiny = asdict(cfg)
     return model, processor
 
