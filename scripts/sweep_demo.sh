@@ -6,7 +6,7 @@ set -euo pipefail
 out=${1:-runs/sweep}
 seed_args=(--seeds 1)
 configs=("0.1 0" "0.3 0" "1 0" "3 0" "1 0.1" "1 0.3")
-run() { dvsft demo --methods dvsft --workers 1 "${seed_args[@]}" --vision-lambda "$1" --vision-eps "$2" \
+run() { dvsft demo --methods dvsft --workers 1 --threads 1 "${seed_args[@]}" --vision-lambda "$1" --vision-eps "$2" \
           --out "$out/lambda$1_eps$2" > "$out/lambda$1_eps$2.log" 2>&1; }
 mkdir -p "$out"
 for ((i = 0; i < ${#configs[@]}; i += 2)); do

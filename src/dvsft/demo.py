@@ -28,10 +28,10 @@ from typing import Any
 
 import typer
 
+from dvsft.labels.instructions import TRANSCRIBE_INSTRUCTION as TRANSCRIBE
 from dvsft.training.tiny import TinyConfig
 
 METHODS = ("sft", "dvsft")
-TRANSCRIBE = "Transcribe the text in the image."
 
 
 @dataclass(frozen=True)
@@ -177,19 +177,7 @@ def render_split(stream: list[str], n_pages: int, out_dir: Path, name: str, pres
         page = renderer.render_text(" ".join(stream[start : start + window]), rng=rng)[0]
         rel = f"images/{name}_{i:05d}.png"
         page.save(out_dir / rel)
-        rows.append(
-            {
-                "id": f"{name}_{i:05d}",
-                "image": rel,
-                "width": page.width,
-                "height": page.height,
-                "words": page.words,
-                "messages": [
-                    {"role": "user", "content": "<image>" + TRANSCRIBE},
-                    {"role": "assistant", "content": page.text},
-                ],
-            }
-        )
+        rows.append(page.record(f"{name}_{i:05d}", rel))
     path = out_dir / f"{name}.jsonl"
     write_jsonl(path, rows)
     return path
@@ -251,17 +239,26 @@ def evaluate(model: Any, processor: Any, records: list[dict], records_file: Path
 # --------------------------------------------------------------------------- one training run
 
 
+def quiet_transformers() -> None:
+    """No per-file progress bars or warnings from transformers under the demo's own progress display."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def run_one(job: dict) -> list[dict]:
     """Train one (method, seed) and evaluate it at the requested steps; runs in a worker process."""
     import torch
     from transformers import TrainerCallback
+
+    quiet_transformers()
 
     from dvsft.models import load_processor
     from dvsft.records import read_jsonl
     from dvsft.training.train import train
 
     torch.set_num_threads(job["threads"])
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers already fill the cores
     preset: DemoPreset = job["preset"]
     heldout_file = Path(job["heldout"])
     heldout = list(read_jsonl(heldout_file))
@@ -391,6 +388,9 @@ def plot_curves(rows: list[dict], path: Path) -> None:
             label = {"sft": "SFT", "dvsft": "DV-SFT"}[method]
             ax.plot(steps, mean, marker="o", color=colors[method], label=label)
             ax.fill_between(steps, lo, hi, color=colors[method], alpha=0.2)
+        if key == "cer":  # an untrained model can babble far past the reference: keep 0..120% in view
+            ax.set_ylim(0, min(1.2, ax.get_ylim()[1]))
+            title += ", axis clipped at 1.2"
         ax.set_title(title)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
@@ -520,6 +520,7 @@ def run_demo(
     vision_lambda: float | None = None,
     vision_eps: float | None = None,
     methods: tuple[str, ...] = METHODS,
+    threads: int | None = None,
 ) -> dict:
     """Run the whole experiment; returns the results dictionary also written to ``out/results.json``."""
     from rich.console import Console
@@ -527,6 +528,8 @@ def run_demo(
 
     from dvsft.training.tiny import save_tiny
 
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the runs already fill the cores
+    quiet_transformers()
     console = Console()
     if preset_name not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
@@ -568,7 +571,7 @@ def run_demo(
     cores = os.cpu_count() or 1
     workers = workers or (1 if preset.device == "cuda" else min(2, cores))
     for job in jobs:
-        job["threads"] = max(1, cores // workers)
+        job["threads"] = threads or max(1, cores // workers)
 
     rows: list[dict] = []
     with Progress(
@@ -626,9 +629,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         vision_lambda: float | None = typer.Option(None, help="DV-SFT vision-loss weight (default: the preset's)"),
         vision_eps: float | None = typer.Option(None, help="vision smoothing eps (default: the preset's)"),
         methods: str = typer.Option("sft,dvsft", help="methods to run (e.g. only dvsft for a lambda/eps sweep)"),
+        threads: int | None = typer.Option(None, help="torch threads per run (default: cores / workers)"),
     ) -> None:
         """Train SFT and DV-SFT on rendered text with a tiny Qwen3-VL and compare how fast they learn to read."""
         chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
         if not chosen or set(chosen) - set(METHODS):
             raise typer.BadParameter(f"methods must be among {', '.join(METHODS)}; got {methods!r}")
-        run_demo(preset, seeds, steps, out, workers, vision_lambda, vision_eps, chosen)
+        run_demo(preset, seeds, steps, out, workers, vision_lambda, vision_eps, chosen, threads)

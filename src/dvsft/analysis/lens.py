@@ -24,8 +24,9 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from dvsft.geometry import Grid, grid_for
+from dvsft.labels.instructions import TRANSCRIBE_INSTRUCTION
 
-LENS_PROMPT = "Transcribe the text in the image."  # text after the image cannot change causal visual logits
+LENS_PROMPT = TRANSCRIBE_INSTRUCTION  # text after the image cannot change causal visual logits
 
 
 @dataclass

@@ -14,9 +14,10 @@ from typing import Any
 
 from dvsft.evaluation import metrics as M
 from dvsft.evaluation.items import EvalItem
+from dvsft.labels.instructions import TRANSCRIBE_INSTRUCTION as TRANSCRIBE_PROMPT  # the renderer's task wording
 
 SHORT_ANSWER_PROMPT = "\nAnswer the question using a single word or phrase."  # the paper's (and lmms-eval's)
-TRANSCRIBE_PROMPT = "Transcribe the text in the image."  # OCR tasks; same wording as the renderer's task
+
 MME_YES_NO = " Please answer yes or no."  # lmms-eval replaces it by the short-answer prompt
 
 OCRBENCH_RECOGNITION = (

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dvsft.evaluation.benchmarks import TRANSCRIBE_PROMPT
 from dvsft.records import read_jsonl, write_jsonl
 
 KINDS = ("contextual", "noncontextual")
@@ -148,20 +147,7 @@ def build_ocr_set(
         cut += page.text != " ".join(text.split())
         rel = f"images/{kind}-{i:05d}.png"
         page.save(out / rel)
-        records.append(
-            {
-                "id": f"{kind}-{i:05d}",
-                "image": rel,
-                "width": page.width,
-                "height": page.height,
-                "words": page.words,
-                "messages": [
-                    {"role": "user", "content": f"<image>{TRANSCRIBE_PROMPT}"},
-                    {"role": "assistant", "content": page.text},
-                ],
-                "kind": kind,
-            }
-        )
+        records.append({**page.record(f"{kind}-{i:05d}", rel), "kind": kind})
         ref_chars += len(page.text)
         if on_page:
             on_page(1)

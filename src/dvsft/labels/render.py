@@ -114,6 +114,24 @@ class Page:
         """The page's words joined by single spaces (the transcription target)."""
         return " ".join(w["text"] for w in self.words)
 
+    def record(self, record_id: str, image: str, messages: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The page's word record (``image`` relative to the JSONL file); default task: transcribe the page."""
+        from dvsft.labels.instructions import transcribe_prompt
+
+        if messages is None:
+            messages = [
+                {"role": "user", "content": transcribe_prompt()},
+                {"role": "assistant", "content": self.text},
+            ]
+        return {
+            "id": record_id,
+            "image": image,
+            "width": self.width,
+            "height": self.height,
+            "words": self.words,
+            "messages": messages,
+        }
+
     def contains(self, start: int, end: int) -> bool:
         """Whether the page holds every word overlapping characters ``[start, end)`` of the source text."""
         if not self.spans or end <= start:

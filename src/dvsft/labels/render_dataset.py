@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dvsft.labels.instructions import TRANSCRIBE_INSTRUCTION, qa_prompt, transcribe_prompt
+from dvsft.labels.instructions import TRANSCRIBE_INSTRUCTION, qa_prompt
 from dvsft.labels.render import PageLayout, Renderer, RenderStyle
 from dvsft.labels.sources import QA, Document, load_documents
 from dvsft.records import JsonlAppender, read_jsonl, write_jsonl
@@ -135,27 +135,14 @@ def render_document(doc: Document, options: RenderOptions, out_dir: Path) -> tup
         rid = f"{doc.id}-p{page_index}" if qas is None else f"{doc.id}-p{page_index}-{k}"
         rel = Path("images") / f"{safe_name(rid)}.png"
         page.save(out_dir / rel, mode=options.png)
-        if qas is None:
-            messages = [
-                {"role": "user", "content": transcribe_prompt()},
-                {"role": "assistant", "content": page.text},
-            ]
-        else:
+        messages = None  # None: the page's transcription task
+        if qas is not None:
             messages = []
             for j, qa in enumerate(qas):
                 prompt = qa_prompt(qa.question, rng)
                 messages.append({"role": "user", "content": prompt if j == 0 else prompt.replace("<image>", "", 1)})
                 messages.append({"role": "assistant", "content": qa.answers[0].strip()})
-        record: dict[str, Any] = {
-            "id": rid,
-            "doc": doc.id,
-            "page": page_index,
-            "image": rel.as_posix(),
-            "width": page.width,
-            "height": page.height,
-            "words": page.words,
-            "messages": messages,
-        }
+        record: dict[str, Any] = {"doc": doc.id, "page": page_index, **page.record(rid, rel.as_posix(), messages)}
         if qas is not None:
             record["qas"] = [
                 {"question": qa.question, "answers": qa.answers, **({"id": qa.id} if qa.id else {}), **qa.scores}
