@@ -219,8 +219,14 @@ def features_of_images(model: Any, processor: Any, images: Sequence[Any]) -> lis
 
     batch = process_images(processor, images)
     device = next(model.parameters()).device
-    with torch.no_grad():
-        feats = image_features(model, batch["pixel_values"].to(device), batch["image_grid_thw"].to(device))
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # bitwise-reproducible CPU reductions: the same image gives the same codes
+    try:
+        with torch.no_grad():
+            feats = image_features(model, batch["pixel_values"].to(device), batch["image_grid_thw"].to(device))
+    finally:
+        torch.set_num_threads(threads)
     return [f.float().cpu() for f in feats]
 
 
