@@ -239,6 +239,46 @@ def evaluate(model: Any, processor: Any, records: list[dict], records_file: Path
 # --------------------------------------------------------------------------- one training run
 
 
+def train_config(
+    preset: DemoPreset,
+    model_path: str,
+    data: str,
+    output_dir: str,
+    method: str,
+    seed: int,
+    steps: int,
+    batch_size: int,
+    logging_steps: int,
+) -> dict[str, Any]:
+    """The `dvsft train` keys of a demo-style run: a tiny model learning to read from scratch."""
+    pixels = page_pixels(preset)
+    return {
+        "model": {"path": model_path},
+        "train": {"vision": True, "projector": True, "llm": "all"},  # from scratch: every part learns
+        "data": data,
+        "output_dir": output_dir,
+        "method": method,
+        "vision_lambda": preset.vision_lambda,
+        "vision_eps": preset.vision_eps,
+        "one_qa_per_image": True,
+        "min_pixels": pixels,
+        "max_pixels": pixels,
+        "max_length": 1024,
+        "learning_rate": preset.learning_rate,
+        "warmup_ratio": 0.05,
+        "lr_scheduler": "cosine",
+        "global_batch_size": batch_size,
+        "per_device_batch_size": batch_size,
+        "max_steps": steps,
+        "seed": seed,
+        "bf16": "auto",
+        "logging_steps": logging_steps,
+        "save_steps": 10**9,
+        "save_total_limit": 1,
+        "report_to": "none",
+    }
+
+
 def quiet_transformers() -> None:
     """No per-file progress bars or warnings from transformers under the demo's own progress display."""
     from transformers.utils import logging as hf_logging
@@ -292,33 +332,18 @@ def run_one(job: dict) -> list[dict]:
             if state.global_step in job["eval_steps"]:
                 record(model, state.global_step)
 
-    config = {
-        "model": {"path": job["base"]},
-        "train": {"vision": True, "projector": True, "llm": "all"},  # from scratch: every part learns
-        "data": job["train"],
-        "output_dir": job["output_dir"],
-        "method": job["method"],
-        "vision_lambda": preset.vision_lambda,
-        "vision_eps": preset.vision_eps,
-        "one_qa_per_image": True,
-        "min_pixels": pixels,
-        "max_pixels": pixels,
-        "max_length": 1024,
-        "learning_rate": preset.learning_rate,
-        "warmup_ratio": 0.05,
-        "lr_scheduler": "cosine",
-        "global_batch_size": preset.batch_size,
-        "per_device_batch_size": preset.batch_size,
-        "max_steps": preset.steps,
-        "seed": job["seed"],
-        "bf16": "auto",
-        "logging_steps": 10,
-        "save_steps": 10**9,
-        "save_total_limit": 1,
-        "report_to": "none",
-        "progress": False,
-        "save_final": True,
-    }
+    config = train_config(
+        preset,
+        job["base"],
+        job["train"],
+        job["output_dir"],
+        job["method"],
+        job["seed"],
+        steps=preset.steps,
+        batch_size=preset.batch_size,
+        logging_steps=10,
+    )
+    config["progress"] = False
     t0 = time.time()
     result = train(config, callbacks=[EvalCallback()])
     for row in rows:

@@ -243,32 +243,18 @@ def run_job(job: dict) -> dict:
             objectives.setdefault("asvr", {})["codes"] = job["codes"]
         if "lsd" in stage.method.split("+"):
             objectives.setdefault("lsd", {})["regions_per_image"] = cp.lsd_regions
-        config = {
-            "model": {"path": model_path},
-            "train": {"vision": True, "projector": True, "llm": "all"},  # from scratch: every part learns
-            "data": job["sets"][stage.data],
-            "output_dir": str(Path(job["output_dir"]) / f"stage{i + 1}"),
-            "method": stage.method,
-            "vision_lambda": dp.vision_lambda,
-            "vision_eps": dp.vision_eps,
-            "one_qa_per_image": True,
-            "min_pixels": pixels,
-            "max_pixels": pixels,
-            "max_length": 1024,
-            "learning_rate": dp.learning_rate,
-            "warmup_ratio": 0.05,
-            "lr_scheduler": "cosine",
-            "global_batch_size": cp.batch_size,
-            "per_device_batch_size": cp.batch_size,
-            "max_steps": n_steps,
-            "seed": job["seed"],
-            "bf16": "auto",
-            "logging_steps": max(1, n_steps // 10),
-            "save_steps": 10**9,
-            "save_total_limit": 1,
-            "report_to": "none",
-            "objectives": objectives,
-        }
+        config = demo.train_config(
+            dp,
+            model_path,
+            job["sets"][stage.data],
+            str(Path(job["output_dir"]) / f"stage{i + 1}"),
+            stage.method,
+            job["seed"],
+            steps=n_steps,
+            batch_size=cp.batch_size,
+            logging_steps=max(1, n_steps // 10),
+        )
+        config["objectives"] = objectives
         result = train(config, callbacks=[Progress()])
         model_path = str(result.final_dir)
         done += n_steps
