@@ -68,12 +68,19 @@ def corpus_words() -> list[str]:
 
 
 def train_tokenizer(vocab_size: int = 2048, extra_text: list[str] | None = None):
-    """A byte-level BPE tokenizer (Qwen style) trained on the bundled corpus."""
+    """A byte-level BPE tokenizer trained on the bundled corpus, splitting text exactly as Qwen does.
+
+    Only the merges (and so the vocabulary) are the corpus's own; NFC, the split regex (digits one by
+    one, the space before a number apart from it) and the byte alphabet are Qwen's.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from dvsft.training.qwen_vocab import qwen_normalizer, qwen_pre_tokenizer
+
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = qwen_normalizer()
+    tok.pre_tokenizer = qwen_pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

