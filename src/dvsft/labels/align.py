@@ -19,7 +19,7 @@ from dvsft.geometry import Grid
 class AlignConfig:
     max_height_cells: float = 3.0  # drop words taller than this many token cells (resized pixels)
     max_subtokens: int = 3  # drop words whose tokenization is longer (needs a tokenizer)
-    leading_space: bool = True  # tokenize labels as " word" (mid-sentence form) or "word"
+    leading_space: bool = True  # tokenize labels as " word" (mid-sentence form; bare where that starts blank)
 
 
 @dataclass
@@ -34,21 +34,56 @@ class Alignment:
 
 
 _WORD_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {label text: ids}
+_BLANK_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {id: whitespace-only?}
 
 
-def first_token_ids(words: list[str], tokenizer: Any, leading_space: bool) -> list[list[int]]:
-    """Token ids of each word, as it is tokenized for a label (memoised per tokenizer)."""
-    texts = [(" " + w) if leading_space else w for w in words]
+def _memo(table: weakref.WeakKeyDictionary, tokenizer: Any) -> dict:
     try:
-        cache = _WORD_IDS.setdefault(tokenizer, {})
+        return table.setdefault(tokenizer, {})
     except TypeError:  # not weak-referenceable: no memo
-        cache = {}
+        return {}
+
+
+def _tokenize(texts: list[str], tokenizer: Any) -> dict[str, list[int]]:
+    cache = _memo(_WORD_IDS, tokenizer)
     missing = sorted({t for t in texts if t not in cache})
     if missing:
         if len(cache) > 1_000_000:
             cache.clear()
         cache.update(zip(missing, tokenizer(missing, add_special_tokens=False)["input_ids"], strict=True))
-    return [cache[t] for t in texts]
+    return cache
+
+
+def is_blank_token(token_id: int, tokenizer: Any) -> bool:
+    """Whether a token decodes to whitespace only (Qwen's bare space 220, newlines, tabs)."""
+    cache = _memo(_BLANK_IDS, tokenizer)
+    if token_id not in cache:
+        cache[token_id] = not tokenizer.decode([token_id]).strip()
+    return cache[token_id]
+
+
+def first_token_ids(words: list[str], tokenizer: Any, leading_space: bool) -> list[list[int]]:
+    """Token ids of each word as its label is tokenized (memoised per tokenizer).
+
+    With ``leading_space`` a word is tokenized in its mid-sentence form ``" " + word``, unless that
+    form begins with a whitespace-only token: Qwen's tokenizers split the space off numbers and most
+    symbols (``" 12"`` is ``[" ", "1", "2"]``), and a bare space carries none of the word. Such words
+    take their bare tokenization (``"12"`` is ``["1", "2"]``), so the label is the first token of the
+    word's content and the sub-token filter counts that same form.
+    """
+    if not leading_space:
+        cache = _tokenize(words, tokenizer)
+        return [cache[w] for w in words]
+    spaced = [" " + w for w in words]
+    cache = _tokenize(spaced, tokenizer)
+    bare = [w for w, s in zip(words, spaced, strict=True) if cache[s] and is_blank_token(cache[s][0], tokenizer)]
+    if bare:
+        cache = _tokenize(bare, tokenizer)
+    out = []
+    for w, s in zip(words, spaced, strict=True):
+        ids = cache[s]
+        out.append(cache[w] if ids and is_blank_token(ids[0], tokenizer) else ids)
+    return out
 
 
 def align_words(
@@ -83,6 +118,9 @@ def align_words(
                 continue
             if len(tok_ids) > config.max_subtokens:
                 dropped["too_many_subtokens"] += 1
+                continue
+            if is_blank_token(tok_ids[0], tokenizer):  # never teach a visual token a bare space
+                dropped["untokenizable"] += 1
                 continue
         # the last pixel inside the box: its bottom-right corner
         token = grid.token_at_point(max(x0, x1 - 0.5), max(y0, y1 - 0.5))
