@@ -4,7 +4,6 @@ import pytest
 
 from dvsft.labels.stats import compute_stats, file_stats
 from dvsft.records import write_jsonl
-from dvsft.training.tiny import train_tokenizer
 
 
 def labels(*tokens):
@@ -49,18 +48,35 @@ def test_table1_numbers_in_words(tmp_path):
     s = file_stats(tmp_path / "aligned.jsonl")
     assert s["records"] == 3 and s["samples"] == 4 and s["images"] == 2
     assert s["text_labels"] == 2 + 1 + 3 + 1 and s["text_label_unit"] == "words"
-    assert s["vision_labels"] == 8 and s["visual_tokens"] == 6 + 20 + 20
-    assert s["vision_coverage"] == pytest.approx(8 / 46)
+    # per sample, as the paper's Table 1: record b holds two QA pairs, so its image counts twice
+    assert s["vision_labels"] == 3 + 2 * 5 + 0 and s["visual_tokens"] == 6 + 2 * 20 + 20
+    assert s["vision_coverage"] == pytest.approx(13 / 66)
+    # per image: images a and b once each (b's first record)
+    assert s["per_image"] == {"vision_labels": 8, "visual_tokens": 26, "vision_coverage": pytest.approx(8 / 26)}
     assert s["dropped"] == {"token_conflict": 2, "too_tall": 3}
 
 
-def test_text_labels_in_tokens():
-    tok = train_tokenizer(512)
-    s = compute_stats(RECORDS, tok)
+def test_text_labels_in_tokens(qwen_tok):
+    s = compute_stats(RECORDS, qwen_tok)
     answers = ["red apple", "yes", "three blind mice", "no"]
-    expected = sum(len(tok.encode(a, add_special_tokens=False)) for a in answers)
+    expected = sum(len(qwen_tok.encode(a, add_special_tokens=False)) for a in answers)
     assert s["text_labels"] == expected and s["text_label_unit"] == "tokens"
-    assert expected > 7  # a 512-token BPE splits some of these words
+    price = {**RECORDS[0], "messages": [{"role": "assistant", "content": "$1,250"}]}
+    assert compute_stats([price], qwen_tok)["text_labels"] == 6  # "$", "1", ",", "2", "5", "0"
+    assert compute_stats([price])["text_labels"] == 1
+
+
+def test_label_kinds_and_blank_labels(qwen_tok):
+    words = ["Total", "naïve", "42", "3.5%", "12/31", "COVID-19", "A4", "-", "•", "😀", "東京", "مرحبا", "١٢٣"]
+    rec = {"id": "k", "image": "k.png", "grid": [4, 4], "vision_labels": labels(*range(len(words)))}
+    for lab, w in zip(rec["vision_labels"], words, strict=True):
+        lab["text"] = w
+    s = compute_stats([rec])
+    assert s["label_kinds"] == {"alphabetic": 2, "numeric": 4, "mixed": 2, "punctuation": 3, "other_script": 2}
+    assert s["blank_labels"] == 0
+    rec["vision_labels"][2]["token_id"] = 220  # the bare space the old " 42" labels got
+    rec["vision_labels"][3]["token_id"] = 18
+    assert compute_stats([rec], qwen_tok)["blank_labels"] == 1
 
 
 def test_unaligned_records_are_rejected_by_id(tmp_path):

@@ -184,6 +184,15 @@ def stats(
         ("visual tokens", f"{result['visual_tokens']:,}"),
         ("vision coverage", f"{100 * result['vision_coverage']:.2f}%"),
     ]
+    img = result["per_image"]
+    rows += [
+        ("vision labels, per image", f"{img['vision_labels']:,}"),
+        ("visual tokens, per image", f"{img['visual_tokens']:,}"),
+        ("vision coverage, per image", f"{100 * img['vision_coverage']:.2f}%"),
+    ]
+    total = result["vision_labels"] or 1
+    rows += [(f"labels: {k}", f"{v:,} ({100 * v / total:.1f}%)") for k, v in result["label_kinds"].items()]
+    rows.append(("labels: whitespace-only", f"{result['blank_labels']:,}"))
     rows += [(f"dropped: {k}", f"{v:,}") for k, v in result["dropped"].items()]
     Console().print(_table(str(aligned), rows))
 
