@@ -99,7 +99,8 @@ def test_qwen_layout_is_the_grid(name):
 def test_qwen_family_from_processor():
     from transformers import Qwen2VLImageProcessorPil
 
-    ip = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, size={"shortest_edge": 64 * 64, "longest_edge": 512 * 512})
+    size = {"shortest_edge": 64 * 64, "longest_edge": 512 * 512}
+    ip = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, size=size)
     assert spec_for_processor(ip).name == "qwen3-vl"
     lay = layout_for(ip, 900, 700)
     assert lay.num_tokens == grid_for(ip, 900, 700).num_tokens
@@ -274,3 +275,186 @@ def test_idefics3_smolvlm_released_settings_match_processor_counts(name):
         tiles = [v for v in lay.views if v.kind == "tile"]
         assert len(tiles) == rows * cols
         assert lay.prompt.count("<row_") == rows * cols and lay.prompt.count(f"<row_{rows}_col_{cols}>") == (n > 0)
+
+
+# --------------------------------------------------------------------------- painted-pixel probes
+# Mid-scale settings (InternVL / LLaVA-OneVision: tiles of 56 px, patches of 7 px; Idefics3 /
+# SmolVLM: tiles of 112 px, patches of 14 px, two Lanczos resizes) so that the resampling
+# kernels (bicubic: 2 px, Lanczos: 3 px, per resize) stay inside one token for many pixels.
+
+TEXT = dict(model_type="qwen2", vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+TEXT.update(num_attention_heads=2, num_key_value_heads=1)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+
+
+def inside_one_cut(cuts, lo: float, hi: float) -> int | None | bool:
+    """The index whose single cut holds [lo, hi]; None when no cut meets it; False when it straddles."""
+    hit = [(a, b, k) for a, b, k in cuts if a < hi and b > lo]
+    if not hit:
+        return None
+    if len(hit) == 1 and hit[0][0] <= lo and hi <= hit[0][1]:
+        return hit[0][2]
+    return False
+
+
+def clean_probe(lay, x: int, y: int, margins: list[tuple[float, float]]) -> bool:
+    """True when each view sees the painted pixel's blur box (pixel +- the view's margins) in one token or none."""
+    for v, (mx, my) in zip(lay.views, margins, strict=True):
+        c = inside_one_cut(v.x_cuts, x - mx, x + 1 + mx)
+        r = inside_one_cut(v.y_cuts, y - my, y + 1 + my)
+        if c is False or r is False:
+            return False
+    return True
+
+
+def run_probes(name, settings, proc, token_changes, sizes, margin_of, per_image=3, shrink_view=None):
+    """Paint one pixel black; the changed tokens (in the model's sequence order) are exactly layout.token_at."""
+    rng = random.Random(name)
+    checked = 0
+    for w, h in sizes:
+        lay = layout_for(name, w, h, **settings)
+        base = Image.new("RGB", (w, h), (255, 255, 255))
+        before = token_changes(proc, base, lay, None)
+        margins = margin_of(lay)
+        done = 0
+        for _ in range(400):
+            if done == per_image:
+                break
+            x, y = rng.randrange(w), rng.randrange(h)
+            if not clean_probe(lay, x, y, margins):
+                continue
+            probe = base.copy()
+            probe.putpixel((x, y), (0, 0, 0))
+            change = token_changes(proc, probe, lay, before)
+            assert change.shape == (lay.num_tokens,), (w, h)
+            changed = set(np.flatnonzero(change > 1e-6).tolist())
+            expected = set(lay.token_at(x, y))
+            for v in lay.views:
+                mine = {p for p in changed if v.local(p) is not None}
+                want = {p for p in expected if v.local(p) is not None}
+                if v.kind == shrink_view and want:  # bilinear shrink blends neighbours: the named one weighs most
+                    (p,) = want
+                    assert change[p] == max(change[q] for q in mine), (w, h, x, y, v.kind)
+                else:
+                    assert mine == want, (name, w, h, x, y, v.kind, v.index)
+            assert not changed & set(lay.separators)
+            done += 1
+            checked += 1
+    assert checked >= 2 * len(sizes), f"only {checked} clean probe pixels"
+
+
+def test_internvl_probe_through_processor_and_tiny_model():
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = dict(VISION, image_size=[56, 56], patch_size=[7, 7])
+    model = InternVLForConditionalGeneration(
+        InternVLConfig(vision_config=vision, text_config=TEXT, image_token_id=5, downsample_ratio=0.5)
+    ).eval()
+    settings = {"tile_size": 56, "patch_size": 7, "downsample_ratio": 0.5, "max_tiles": 6}
+    proc = internvl_processor(56, 6, seq=16)
+
+    def token_changes(proc, image, lay, before):
+        pv = proc.image_processor(images=image, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            emb = model.model.vision_tower.embeddings(pv)[:, 1:]  # the model drops CLS ("default" strategy)
+            n, p2, d = emb.shape
+            side = int(p2**0.5)
+            tokens = model.model.pixel_shuffle(emb.reshape(n, side, side, d), scale_factor=0.5).reshape(-1, 4 * d)
+        return tokens if before is None else (tokens - before).abs().amax(-1).numpy()
+
+    def margin(lay):  # bicubic: 2 px of the tile (or of the image, when upsampling), in original pixels
+        return [
+            (2 * max(1.0, (v.region[2] - v.region[0]) / 56) + 1, 2 * max(1.0, (v.region[3] - v.region[1]) / 56) + 1)
+            for v in lay.views
+        ]
+
+    sizes = [(300, 120), (90, 260), (200, 200), (57, 40), (420, 330), (150, 75)]
+    run_probes("internvl", settings, proc, token_changes, sizes, margin)
+
+
+def test_llava_onevision_probe_through_processor_and_tiny_model():
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(0)
+    pins = [[h, w] for h in range(56, 337, 56) for w in range(56, 337, 56)]
+    vision = dict(VISION, model_type="siglip_vision_model", image_size=56, patch_size=7)
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=TEXT,
+        image_token_index=5,
+        image_grid_pinpoints=pins,
+        vision_feature_select_strategy="full",
+    )
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    settings = {"crop_size": 56, "patch_size": 7, "image_grid_pinpoints": pins}
+    proc = llava_processor(56, pins, tokens=64)
+    newline = torch.zeros(32)
+
+    def token_changes(proc, image, lay, before):
+        out = proc.image_processor(images=image, return_tensors="pt")
+        with torch.no_grad():
+            emb = model.model.vision_tower.embeddings(out["pixel_values"][0])
+            (packed,), _ = model.model.pack_image_features([emb], out["image_sizes"], image_newline=newline)
+        return packed if before is None else (packed - before).abs().amax(-1).numpy()
+
+    def margin(lay):  # bicubic: 2 px of the base image / the crop canvas, in original pixels
+        crops = lay.views[1]
+        x0, y0, x1, y1 = crops.region
+        return [
+            (2 * max(1.0, lay.width / 56) + 1, 2 * max(1.0, lay.height / 56) + 1),
+            (2 * max(1.0, (x1 - x0) / (56 * crops.crops[1])) + 1, 2 * max(1.0, (y1 - y0) / (56 * crops.crops[0])) + 1),
+        ]
+
+    sizes = [(600, 240), (180, 520), (400, 400), (700, 650), (660, 120)]
+    run_probes("llava_onevision", settings, proc, token_changes, sizes, margin, shrink_view="crops")
+
+
+@pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
+def test_idefics3_smolvlm_probe_through_processor_and_tiny_model(name):
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+    )
+
+    from dvsft.families.idefics3 import _rescale_to_max_len
+
+    torch.manual_seed(0)
+    cfg_cls, model_cls = (
+        (Idefics3Config, Idefics3ForConditionalGeneration)
+        if name == "idefics3"
+        else (SmolVLMConfig, SmolVLMForConditionalGeneration)
+    )
+    text = dict(TEXT, model_type="llama")
+    vision = dict(VISION, image_size=112, patch_size=14)
+    model = model_cls(cfg_cls(vision_config=vision, text_config=text, image_token_id=5, scale_factor=2)).eval()
+    settings = {"longest_edge": 4 * 112, "tile_size": 112, "patch_size": 14, "scale_factor": 2}
+    proc = idefics3_processor(4 * 112, 112, seq=16)
+
+    def token_changes(proc, image, lay, before):
+        pv = proc.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        with torch.no_grad():
+            mask = torch.ones(pv.shape[0], 8, 8, dtype=torch.bool)  # 112 / 14 patches per side
+            emb = model.model.vision_model.embeddings(pv, patch_attention_mask=mask).contiguous()
+            tokens = model.model.connector.pixel_shuffle(emb, 2).reshape(-1, emb.shape[-1] * 4)
+        return tokens if before is None else (tokens - before).abs().amax(-1).numpy()
+
+    def margin(lay):  # Lanczos: 3 px per resize (to 448 longest side, to whole tiles, global: to one tile)
+        h1, w1 = _rescale_to_max_len(lay.height, lay.width, 448)
+        out = []
+        for v in lay.views:
+            m = []
+            for size, first, whole in (
+                (lay.width, w1, v.region[2] - v.region[0]),
+                (lay.height, h1, v.region[3] - v.region[1]),
+            ):
+                a1, a2 = size / first, whole / 112  # original pixels per pixel after each resize
+                extra = 3 * max(a2, size / 112) if v.kind == "global" else 0.0
+                m.append(3 * max(1.0, a1) + 3 * max(a1, a2) + extra + 1)
+            out.append(tuple(m))
+        return out
+
+    sizes = [(900, 360), (300, 800), (700, 700), (1000, 500), (460, 90)]
+    run_probes(name, settings, proc, token_changes, sizes, margin)
