@@ -181,8 +181,10 @@ def make_records(tmp_path):
                 "messages": [{"role": "user", "content": "<image>Read."}, {"role": "assistant", "content": page.text}],
             }
         )
-    recs.append({"id": "flat", "image": "images/p0.png", "width": 3000, "height": 10, "words": []})
-    recs.append({"id": "nobox", "image": "images/p0.png", "width": 100, "height": 100, "words": [{"text": "x"}]})
+    Image.new("L", (3000, 10)).save(tmp_path / "data" / "images" / "flat.png")
+    recs.append({"id": "flat", "image": "images/flat.png", "width": 3000, "height": 10, "words": []})
+    size = {"width": pages[0].width, "height": pages[0].height}
+    recs.append({"id": "nobox", "image": "images/p0.png", **size, "words": [{"text": "x"}]})
     nosize = dict(recs[0], id="nosize")  # size read from the PNG header
     del nosize["width"], nosize["height"]
     recs.append(nosize)
@@ -203,7 +205,7 @@ def test_align_file_records_errors_and_overlays(tmp_path, tokenizer):
         overlay_limit=2,
     )
     assert summary["records"] == 5 and summary["aligned"] == 3 and summary["errors"] == 2
-    errors = {e["id"]: e["error"] for e in read_jsonl(errors_path(out))}
+    errors = {e["id"]: e["reason"] for e in read_jsonl(errors_path(out))}
     assert "aspect ratio" in errors["flat"] and "3000x10" in errors["flat"]
     assert "words[0] has no" in errors["nobox"]
     rows = list(read_jsonl(out))

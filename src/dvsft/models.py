@@ -48,8 +48,18 @@ def build_processor(image_processor: Any, tokenizer: Any, model_type: str, chat_
     )
 
 
+def check_model_dir(model_dir: str | Path) -> Path:
+    """``model_dir`` as a Path; a plain FileNotFoundError when it is not a local model directory."""
+    path = Path(model_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+    return path
+
+
 def model_type_of(model_dir: str | Path) -> str:
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = json.loads((check_model_dir(model_dir) / "config.json").read_text())
     return cfg.get("model_type", "")
 
 
@@ -103,6 +113,7 @@ def load_model(model_dir: str | Path, dtype: Any = None, trust_remote_code: bool
     """The model of a local HF directory, with its image-text-to-text head."""
     from transformers import AutoModelForImageTextToText
 
+    check_model_dir(model_dir)
     return AutoModelForImageTextToText.from_pretrained(
         model_dir, dtype=dtype or "auto", trust_remote_code=trust_remote_code
     )

@@ -10,8 +10,10 @@ A record holds one image and a conversation; a conversation with several questio
 * ``keep_conversations=True``: each record stays one multi-turn sample.
 
 Every sample keeps the record's system turns, and the image placeholder ``<image>`` goes with the
-sample's first user turn. Bad records (no image file, no assistant answer, malformed messages)
-are skipped, logged with their id and reason, and listed in the result's ``skipped``.
+sample's first user turn. Bad lines and records (unreadable JSON, anything
+:func:`dvsft.records.check_record` finds: missing or undecodable image, a size that differs from the image's,
+non-numeric / non-finite / inverted boxes; no assistant answer, malformed messages) are skipped, logged with
+their file, line, id and reason, and listed in the result's ``skipped`` and ``problems``.
 """
 
 from __future__ import annotations
@@ -22,20 +24,31 @@ import random
 from pathlib import Path
 from typing import Any
 
-from dvsft.records import image_path, read_jsonl
+from dvsft.records import Problem, check_record, image_path, iter_lines
 
 log = logging.getLogger(__name__)
 IMAGE_PLACEHOLDER = "<image>"
 
 
 class RecordList(list):
-    """A list of sample dicts that also carries ``skipped``: ``[(record id, reason), ...]``."""
+    """A list of sample dicts that also carries what was skipped.
+
+    ``skipped``: ``[(record id, reason), ...]``, one per skipped line or record; ``problems``: every
+    :class:`dvsft.records.Problem` found (file, line, id, reason), possibly several per record.
+    """
 
     skipped: list[tuple[str, str]]
+    problems: list[Problem]
 
-    def __init__(self, items=(), skipped: list[tuple[str, str]] | None = None):
+    def __init__(
+        self,
+        items=(),
+        skipped: list[tuple[str, str]] | None = None,
+        problems: list[Problem] | None = None,
+    ):
         super().__init__(items)
         self.skipped = list(skipped or [])
+        self.problems = list(problems or [])
 
 
 def has_image_placeholder(message: dict[str, Any]) -> bool:
@@ -79,13 +92,8 @@ def _placeholder_newline(template: dict[str, Any]) -> bool:
     return isinstance(content, str) and (IMAGE_PLACEHOLDER + "\n") in content
 
 
-def _check(record: dict[str, Any], records_file: Path) -> str | None:
-    """The reason a record cannot be trained on, or None."""
-    if not record.get("image"):
-        return "no image field"
-    path = image_path(record, records_file)
-    if not path.is_file():
-        return f"image file not found: {path}"
+def _check(record: dict[str, Any]) -> str | None:
+    """The training-specific reason a (schema-valid) record cannot be trained on, or None."""
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         return "no messages"
@@ -98,8 +106,6 @@ def _check(record: dict[str, Any], records_file: Path) -> str | None:
         return "no assistant turn with an answer"
     if sum(_count_images(m) for m in messages) > 1:
         return "more than one image placeholder (one image per record is supported)"
-    if not isinstance(record.get("words", []), list):
-        return "words is not a list"
     return None
 
 
@@ -158,16 +164,31 @@ def load_records(
     rng = random.Random(seed)
     samples: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
-    for i, record in enumerate(read_jsonl(path)):
-        rid = str(record.get("id") or f"{path.name}#{i + 1}")
-        reason = _check(record, path)
-        if reason is not None:
-            log.warning("skipping record %s of %s: %s", rid, path, reason)
-            skipped.append((rid, reason))
+    problems: list[Problem] = []
+    for line in iter_lines(path):
+        if line.error is not None:
+            found = [Problem(str(path), line.number, None, line.error)]
+            record: dict[str, Any] = {}
+        else:
+            record = line.record  # type: ignore[assignment]
+            found = check_record(record, path, line.number, image=True)
+            if not found and (reason := _check(record)) is not None:
+                found = [Problem(str(path), line.number, _id_of(record), reason)]
+        rid = _id_of(record) or f"{path.name}#{line.number}"
+        if found:
+            for problem in found:
+                log.warning("skipping %s", problem)
+            skipped.append((rid, "; ".join(p.reason for p in found)))
+            problems.extend(found)
             continue
         record = dict(record, id=rid, image=str(image_path(record, path).resolve()))
         if keep_conversations:
             samples.append(record)
         else:
             samples.extend(expand_record(record, rng, qa_per_image))
-    return RecordList(samples, skipped)
+    return RecordList(samples, skipped, problems)
+
+
+def _id_of(record: dict[str, Any]) -> str | None:
+    rid = record.get("id")
+    return None if rid is None or rid == "" else str(rid)

@@ -56,23 +56,23 @@ class Sample:
 
 def read_samples(path: str | Path) -> list[dict[str, Any]]:
     """The raw sample dicts of a JSON list file or a JSONL file (errors name the file and line)."""
+    from dvsft.records import read_jsonl
+
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".jsonl":
-        rows = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{line_no}: invalid JSON: {err}") from err
-    else:
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: invalid JSON: {err}") from err
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of samples, got {type(rows).__name__}")
+        return list(read_jsonl(path))
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8: byte 0x{data[err.start]:02x}") from err
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})") from err
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of samples, got {type(rows).__name__}")
     return rows
 
 

@@ -62,6 +62,12 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         ] = None,
         overwrite: Annotated[bool, typer.Option(help="Discard earlier predictions instead of resuming.")] = False,
         device: Annotated[str | None, typer.Option(help="cpu / cuda (default: cuda when available).")] = None,
+        skip_bad: Annotated[
+            bool,
+            typer.Option(
+                "--skip-bad", help="Record unreadable items in OUT/<bench>/errors.jsonl and go on (default: stop)."
+            ),
+        ] = False,
     ) -> None:
         """Evaluate a model on the paper's benchmarks and OCR tasks (resumable; greedy decoding)."""
         from rich.console import Console
@@ -104,11 +110,16 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                     overwrite=overwrite,
                     device=device,
                     progress=progress,
+                    skip_bad=skip_bad,
                 )
             except (ValueError, FileNotFoundError, RuntimeError) as err:
                 console.print(f"[red]error:[/red] {err}")
                 raise typer.Exit(code=2) from err
         console.print(scores_table(results))
+        for name, res in results.items():
+            if res.get("skipped_bad"):
+                errors = out / name / "errors.jsonl"
+                console.print(f"[yellow]{name}: {res['skipped_bad']} unreadable items skipped, see {errors}[/]")
         console.print(f"scores: {out / 'scores.json'}")
 
     @app.command("ocr-set")

@@ -14,7 +14,7 @@ from typing import Any
 from dvsft.evaluation import layouts
 from dvsft.evaluation.items import EvalItem
 from dvsft.evaluation.layouts import Ctx
-from dvsft.records import image_path, read_jsonl
+from dvsft.records import Problem, check_record, image_path, iter_lines
 
 DEFAULT_SPLITS = {
     "docvqa": "validation",
@@ -101,29 +101,54 @@ def records_items(path: Path, bench: str) -> Iterator[EvalItem]:
     ``META_KEYS`` (e.g. MME ``category``, OCRBench ``dataset``/``question_type``). For ``ocr`` the
     reference is the assistant turn, else the record's words joined by spaces.
     """
-    for n, rec in enumerate(read_jsonl(path), 1):
-        where = f"{path}:{n}"
-        if "image" in rec:
-            images = [image_path(rec, path)]
-        elif rec.get("images"):
-            images = [image_path({"image": im}, path) for im in rec["images"]]
-        else:
-            raise ValueError(f"{where}: record has no 'image'")
-        user, assistant = _turns(rec.get("messages") or [], where)
-        if rec.get("answers"):
-            answers = [str(a) for a in rec["answers"]]
-        elif assistant is not None:
-            answers = [assistant]
-        elif bench == "ocr" and rec.get("words") is not None:
-            answers = [" ".join(str(w["text"]) for w in rec["words"])]
-        else:
-            answers = []
-        if bench == "ocr" and not answers:
-            raise ValueError(f"{where}: OCR records need words or an assistant turn (the reference text)")
-        if bench != "ocr" and user is None:
-            raise ValueError(f"{where}: record has no user turn to take the question from")
-        meta = {k: rec[k] for k in META_KEYS if k in rec}
-        yield EvalItem(str(rec.get("id", f"{path.stem}-{n}")), user or "", answers, list(images), meta)
+    for line in iter_lines(path):
+        n, rec = line.number, line.record
+        try:
+            if rec is None:
+                raise ValueError(str(Problem(str(path), n, None, str(line.error))))
+            yield _record_item(rec, path, n, bench)
+        except ValueError as err:
+            rid = str(rec["id"]) if rec is not None and isinstance(rec.get("id"), str | int) else f"{path.stem}-{n}"
+            yield EvalItem(rid, "", [], [BadSource(str(err))])
+
+
+class BadSource:
+    """The image source of an item that could not be read: loading it raises the reason."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __call__(self):
+        raise ValueError(self.reason)
+
+
+def _record_item(rec: dict[str, Any], path: Path, n: int, bench: str) -> EvalItem:
+    """One word record as an evaluation item; ValueError names the file and line."""
+    where = f"{path}:{n}"
+    problems = check_record(rec, path, n, image=False)
+    if problems:
+        raise ValueError(str(problems[0]))
+    if "image" in rec:
+        images = [image_path(rec, path)]
+    elif rec.get("images"):
+        images = [image_path({"image": im}, path) for im in rec["images"]]
+    else:
+        raise ValueError(f"{where}: record has no 'image'")
+    user, assistant = _turns(rec.get("messages") or [], where)
+    if rec.get("answers"):
+        answers = [str(a) for a in rec["answers"]]
+    elif assistant is not None:
+        answers = [assistant]
+    elif bench == "ocr" and rec.get("words") is not None:
+        answers = [" ".join(str(w["text"]) for w in rec["words"])]
+    else:
+        answers = []
+    if bench == "ocr" and not answers:
+        raise ValueError(f"{where}: OCR records need words or an assistant turn (the reference text)")
+    if bench != "ocr" and user is None:
+        raise ValueError(f"{where}: record has no user turn to take the question from")
+    meta = {k: rec[k] for k in META_KEYS if k in rec}
+    return EvalItem(str(rec.get("id", f"{path.stem}-{n}")), user or "", answers, list(images), meta)
 
 
 def _turns(messages: list[dict[str, Any]], where: str) -> tuple[str | None, str | None]:

@@ -2,7 +2,9 @@
 
 Outputs under ``OUT/<bench>/``: ``predictions.jsonl`` (one row per item, appended as batches
 finish, so a killed run resumes where it stopped), ``scores.json``, ``run.json`` (the settings;
-a resume with different settings is refused) and, for DocVQA/InfoVQA, ``submission.json``.
+a resume with different settings is refused), ``errors.jsonl`` (items skipped with ``skip_bad``: id and
+reason) and, for DocVQA/InfoVQA, ``submission.json``. Without ``skip_bad`` an unreadable item stops the
+run with an error naming it, after the items before it are generated and saved.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ PREDICTIONS = "predictions.jsonl"
 SCORES = "scores.json"
 RUN = "run.json"
 SUBMISSION = "submission.json"
+ERRORS = "errors.jsonl"
 
 
 def expand_scales(items: Iterable[EvalItem], scales: list[float]) -> Iterator[EvalItem]:
@@ -67,12 +70,16 @@ def run_benchmark(
     limit: int | None = None,
     post_prompt: str = SHORT_ANSWER_PROMPT,
     on_done: Callable[[int], None] | None = None,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate ``items`` (the first ``limit``) and return the scores written to ``scores.json``."""
+    """Evaluate ``items`` (the first ``limit``) and return the scores written to ``scores.json``.
+
+    ``skip_bad``: an item whose images cannot be read is written to ``errors.jsonl`` and left out.
+    """
     out = Path(out_dir) / bench.name
     check_settings(out, settings)
     pred_file = out / PREDICTIONS
-    done = {row["id"] for row in read_jsonl(pred_file)} if pred_file.is_file() else set()
+    done = {row["id"] for row in read_jsonl(pred_file, own=True)} if pred_file.is_file() else set()
     seen: set[str] = set()
     pending: list[EvalItem] = []
     gen_seconds, generated = 0.0, 0
@@ -80,23 +87,44 @@ def run_benchmark(
     source = items if limit is None else _take(items, limit)
     if bench.name == "ocr":
         source = expand_scales(source, scales)
-    with JsonlAppender(pred_file) as sink:
+    (out / ERRORS).unlink(missing_ok=True)  # items that failed before are retried
+    bad = 0
+    with JsonlAppender(pred_file) as sink, JsonlAppender(out / ERRORS) as error_sink:
 
         def flush() -> None:
-            nonlocal gen_seconds, generated
+            nonlocal gen_seconds, generated, bad
             if not pending:
                 return
-            prompts = [bench.prompt(it, post_prompt) for it in pending]
-            images = [[scaled(im, it.meta.get("scale", 1.0)) for im in it.load_images()] for it in pending]
-            t0 = time.perf_counter()
-            predictions = generate(prompts, images)
-            gen_seconds += time.perf_counter() - t0
-            generated += len(pending)
-            for it, prompt, pred in zip(pending, prompts, predictions, strict=True):
-                sink.write(make_row(bench, it, prompt, pred))
-            if on_done:
-                on_done(len(pending))
+            ready, images, failure = [], [], None
+            for it in pending:
+                try:
+                    images.append([scaled(im, it.meta.get("scale", 1.0)) for im in it.load_images()])
+                except ValueError as err:
+                    if not skip_bad:
+                        failure = (it, err)
+                        break
+                    error_sink.write({"id": it.id, "reason": str(err)})
+                    bad += 1
+                    if on_done:
+                        on_done(1)
+                    continue
+                ready.append(it)
             pending.clear()
+            if ready:
+                prompts = [bench.prompt(it, post_prompt) for it in ready]
+                t0 = time.perf_counter()
+                predictions = generate(prompts, images)
+                gen_seconds += time.perf_counter() - t0
+                generated += len(ready)
+                for it, prompt, pred in zip(ready, prompts, predictions, strict=True):
+                    sink.write(make_row(bench, it, prompt, pred))
+                if on_done:
+                    on_done(len(ready))
+            if failure is not None:
+                raise ValueError(
+                    f"{bench.name}: {failure[1]} (predictions so far are kept in {pred_file}; "
+                    "--skip-bad records unreadable items in errors.jsonl and goes on)"
+                ) from failure[1]
 
         for item in source:
             if item.id in seen:
@@ -110,9 +138,12 @@ def run_benchmark(
             if len(pending) >= batch_size:
                 flush()
         flush()
-    rows = [row for row in read_jsonl(pred_file) if row["id"] in seen]
+    if not bad:
+        (out / ERRORS).unlink(missing_ok=True)
+    rows = [row for row in read_jsonl(pred_file, own=True) if row["id"] in seen]
     scores = summarize(bench, rows, settings)
     scores["generated_now"] = generated
+    scores["skipped_bad"] = bad
     if generated:
         scores["samples_per_s"] = generated / gen_seconds
     (out / SCORES).write_text(json.dumps(scores, indent=2))

@@ -47,10 +47,12 @@ def evaluate(
     overwrite: bool = False,
     device: str | None = None,
     progress: Callable[[str, int | None], Callable[[int], None]] | None = None,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a model on benchmarks; returns ``{bench: scores}`` (also merged into ``OUT/scores.json``).
 
-    ``progress(description, total)`` may return a callback that receives done-item counts.
+    ``progress(description, total)`` may return a callback that receives done-item counts. ``skip_bad``:
+    items that cannot be read go to ``OUT/<bench>/errors.jsonl`` instead of stopping the run.
     """
     import torch
 
@@ -102,7 +104,7 @@ def evaluate(
         tick = progress(f"{bench.title}", total) if progress else None
         generate = Generator(model, processor, tokens)
         results[bench.name] = run_benchmark(
-            bench, items, generate, out, settings, batch_size, limit, post_prompt, on_done=tick
+            bench, items, generate, out, settings, batch_size, limit, post_prompt, on_done=tick, skip_bad=skip_bad
         )
     _merge_summary(out / SUMMARY, results)
     return results

@@ -7,6 +7,7 @@ dropped; a token that receives more than one word loses all its labels.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -102,7 +103,17 @@ def align_words(
         if not text:
             dropped["empty"] += 1
             continue
-        x0, y0, x1, y1 = (float(v) for v in word["box"])
+        box = word.get("box")
+        if not isinstance(box, list | tuple) or len(box) != 4 or not all(_is_number(v) for v in box):
+            dropped["bad_box"] += 1
+            continue
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+            dropped["non_finite_box"] += 1
+            continue
+        if x0 > x1 or y0 > y1:
+            dropped["inverted_box"] += 1
+            continue
         if not (0 <= x0 < x1 <= grid.width and 0 <= y0 < y1 <= grid.height):
             x0, y0 = max(0.0, x0), max(0.0, y0)
             x1, y1 = min(float(grid.width), x1), min(float(grid.height), y1)
@@ -137,6 +148,10 @@ def align_words(
             labels.append(label)
     labels.sort(key=lambda lab: lab["token"])
     return Alignment(labels, dropped)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def record_size(record: dict[str, Any], records_file: Any = None) -> tuple[int, int]:

@@ -2,8 +2,9 @@
 
 Each output record is the input record plus ``grid: [rows, cols]``, ``vision_labels`` (with
 ``token_id`` when a tokenizer is given), ``dropped`` (words removed per filter) and ``align``
-(the settings used). Image paths are rewritten relative to the output file. Records that cannot
-be aligned (invalid image size, missing boxes...) go to ``<out stem>.errors.jsonl`` with the reason.
+(the settings used). Image paths are rewritten relative to the output file. Lines and records that cannot
+be aligned (unreadable JSON, anything :func:`dvsft.records.check_record` finds, an image size the processors
+refuse...) go to ``<out stem>.errors.jsonl``, one row per problem: ``{"file", "line", "id", "reason"}``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dvsft.labels.align import AlignConfig, align_record
-from dvsft.records import image_path, read_jsonl, write_jsonl
+from dvsft.records import Problem, check_record, image_path, iter_lines, write_jsonl
 
 
 def errors_path(out: Path) -> Path:
@@ -43,7 +44,8 @@ def align_file(
     overlay_limit: int | None = None,
     progress: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
-    """Align ``words_file`` into ``out``; returns counts (records, aligned, errors, labels, dropped)."""
+    """Align ``words_file`` into ``out``; returns counts (records, aligned, errors = records that failed,
+    error_rows, labels, dropped)."""
     from PIL import Image, ImageOps
 
     from dvsft.labels.overlay import save_overlay
@@ -69,14 +71,27 @@ def align_file(
 
     def rows():
         nonlocal overlays
-        for n, rec in enumerate(read_jsonl(words_file), 1):
+        for line in iter_lines(words_file):
+            n = line.number
             summary["records"] += 1
             if progress:
                 progress()
-            try:
-                grid, alignment = align_record(rec, source, tokenizer, config, min_pixels, max_pixels, words_file)
-            except (ValueError, KeyError, TypeError) as err:
-                errors.append({"line": n, "id": rec.get("id"), "image": rec.get("image"), "error": str(err)})
+            if line.error is not None:
+                errors.append(Problem(str(words_file), n, None, line.error).row())
+                summary["failed"] += 1
+                continue
+            rec = line.record
+            assert rec is not None
+            problems = check_record(rec, words_file, n)
+            if not problems:
+                try:
+                    grid, alignment = align_record(rec, source, tokenizer, config, min_pixels, max_pixels, words_file)
+                except (ValueError, KeyError, TypeError) as err:
+                    rid = None if rec.get("id") is None else str(rec["id"])
+                    problems = [Problem(str(words_file), n, rid, str(err))]
+            if problems:
+                errors.extend(p.row() for p in problems)
+                summary["failed"] += 1
                 continue
             row = dict(rec)
             if "image" in rec:
@@ -108,4 +123,5 @@ def align_file(
         write_jsonl(err_file, errors)
     elif err_file.exists():
         err_file.unlink()
-    return {**summary, "errors": len(errors), "overlays": overlays, "dropped": dict(sorted(dropped.items()))}
+    failed = summary.pop("failed", 0)
+    return {**summary, "errors": failed, "error_rows": len(errors), "overlays": overlays, "dropped": dict(sorted(dropped.items()))}

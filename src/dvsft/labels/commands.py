@@ -128,9 +128,7 @@ def align(
     config = AlignConfig(max_height_cells, max_subtokens, not no_leading_space)
     try:
         tok = load_tokenizer(tokenizer) if tokenizer else None
-        total = (
-            sum(1 for line in words.read_text(encoding="utf-8").splitlines() if line.strip()) if words.is_file() else 0
-        )
+        total = sum(1 for line in words.open("rb") if line.strip()) if words.is_file() else 0
         with _progress() as bar:
             task = bar.add_task("align", total=total)
             summary = align_file(

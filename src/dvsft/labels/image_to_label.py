@@ -107,7 +107,7 @@ def done_ids(out: str | Path) -> set[str]:
     ids: set[str] = set()
     for path in (Path(out), errors_path(out)):
         if path.exists():
-            ids.update(str(row["id"]) for row in read_jsonl(path) if "id" in row)
+            ids.update(str(row["id"]) for row in read_jsonl(path, own=True) if "id" in row)
     return ids
 
 

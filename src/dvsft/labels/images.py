@@ -101,3 +101,42 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
         lo, hi = float(arr.min()), float(arr.max())
         arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+
+
+def image_size(path: str | Path, decode: bool = True) -> tuple[int, int]:
+    """Upright (EXIF-oriented) ``(width, height)`` of an image file, checked without a full RGB conversion.
+
+    The header is read; with ``decode`` the data is checked too (PNG: every chunk's CRC; JPEG: a 1/8-scale
+    decode; other formats: a full decode). Raises :class:`ImageError` like :func:`load_image`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(MISSING, "no such file" if not path.exists() else "not a regular file", path)
+    if path.stat().st_size == 0:
+        raise ImageError(ZERO_SIZE, "file is empty (0 bytes)", path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                width, height = img.size
+                if _orientation(img) in (5, 6, 7, 8):  # EXIF transpose turns it by 90 degrees
+                    width, height = height, width
+                fmt = img.format
+                if decode and fmt != "PNG":
+                    if fmt == "JPEG":
+                        img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+                    img.load()
+            if decode and fmt == "PNG":
+                with Image.open(path) as img:
+                    img.verify()  # must follow the open directly
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageError(UNDECODABLE, f"{type(err).__name__}: {err}", path) from err
+    check_size(width, height, path)
+    return width, height
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a malformed EXIF block counts as no orientation
+        return 1

@@ -34,6 +34,19 @@ def _fit_label(text: str, size: int, width: float):
     return font, text
 
 
+def drawable_box(word: Any, width: int, height: int) -> tuple[float, float, float, float] | None:
+    """A word's box clipped to the image, or None when it cannot be drawn (no box, non-finite, inverted, outside)."""
+    from dvsft.records import box_problem
+
+    if box_problem(word) is not None:
+        return None
+    x0, y0, x1, y1 = (float(v) for v in word["box"])
+    x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return x0, y0, x1, y1
+
+
 def draw_overlay(
     image: Image.Image, grid: Grid, labels: list[dict[str, Any]], words: list[dict[str, Any]] | None = None
 ) -> Image.Image:
@@ -54,13 +67,15 @@ def draw_overlay(
         y = min(round(row * grid.cell / grid.scale_y), grid.height - 1)
         draw.line((0, y, grid.width - 1, y), fill=GRID, width=1)
     for word in words or []:
-        try:
-            x0, y0, x1, y1 = (float(v) for v in word["box"])
-            token = grid.token_at_point(min(max(x1 - 0.5, 0), grid.width), min(max(y1 - 0.5, 0), grid.height))
-        except (KeyError, TypeError, ValueError):
+        box = drawable_box(word, grid.width, grid.height)
+        if box is None:
             continue
+        x0, y0, x1, y1 = box
+        token = grid.token_at_point(max(x0, x1 - 0.5), max(y0, y1 - 0.5))
         colour = KEPT if labeled.get(token) == str(word.get("text", "")).strip() else DROPPED
-        draw.rectangle((round(x0), round(y0), round(x1) - 1, round(y1) - 1), outline=colour, width=1)
+        draw.rectangle(
+            (round(x0), round(y0), max(round(x0), round(x1) - 1), max(round(y0), round(y1) - 1)), outline=colour
+        )
     cell_w, cell_h = grid.cell / grid.scale_x, grid.cell / grid.scale_y
     size = max(6, int(cell_h * 0.3))
     for token, text in labeled.items():

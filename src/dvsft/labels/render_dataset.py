@@ -166,7 +166,7 @@ def completed_documents(words_file: Path) -> set[str]:
     """Documents whose records are all in ``words_file``; records of partly written ones are removed."""
     if not words_file.exists():
         return set()
-    rows = list(read_jsonl(words_file))
+    rows = list(read_jsonl(words_file, own=True))
     written = Counter(r.get("doc") for r in rows)
     expected = {r.get("doc"): r.get("doc_records") for r in rows}
     done = {d for d, n in written.items() if d is not None and expected[d] == n}
@@ -264,7 +264,7 @@ def render_source(
         "documents_resumed": len(done & {d.id for d in docs}),
         **dict(sorted(counts.items())),
         "images": counts["records"],
-        "records_in_file": sum(1 for _ in read_jsonl(words_file)),
+        "records_in_file": sum(1 for _ in read_jsonl(words_file, own=True)),
         "options": asdict(options),
         "transcription_instruction": TRANSCRIBE_INSTRUCTION,
     }

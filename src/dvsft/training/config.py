@@ -105,6 +105,7 @@ class TrainConfig:
     fsdp_config: str | None = opt(None, "FSDP JSON config file for the HF Trainer")
     resume: bool | str = opt(False, "true: continue from the last checkpoint in output_dir; or a checkpoint dir")
     save_final: bool = opt(True, "write the trained model + processor to output_dir/final")
+    strict: bool = opt(False, "fail on the first bad record instead of skipping it (reasons: skipped_records.jsonl)")
 
 
 # --------------------------------------------------------------------------- keys and help

@@ -86,15 +86,24 @@ def resume_checkpoint(cfg: TrainConfig) -> str | None:
 
 def load_dataset(cfg: TrainConfig) -> list[dict[str, Any]]:
     from dvsft.data.dataset import load_records
+    from dvsft.data.skips import report_skips
 
     paths = cfg.data if isinstance(cfg.data, list) else [cfg.data]
     samples: list[dict[str, Any]] = []
+    problems, skipped = [], 0
     for p in paths:
-        samples.extend(load_records(p, one_qa_per_image=cfg.one_qa_per_image, seed=cfg.seed))
+        loaded = load_records(p, one_qa_per_image=cfg.one_qa_per_image, seed=cfg.seed)
+        samples.extend(loaded)
+        problems.extend(loaded.problems)
+        skipped += len(loaded.skipped)
+    reasons = report_skips(
+        problems, skipped, len(samples), cfg.output_dir, cfg.strict, os.environ.get("RANK", "0") == "0"
+    )
     if cfg.max_samples is not None:
         samples = samples[: cfg.max_samples]
     if not samples:
-        raise ValueError(f"no trainable samples in {', '.join(map(str, paths))}")
+        why = f": all {skipped} records were skipped, reasons in {reasons}" if skipped else ""
+        raise ValueError(f"no trainable samples in {', '.join(map(str, paths))}{why}")
     return samples
 
 

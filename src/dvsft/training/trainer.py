@@ -151,7 +151,7 @@ class JsonlLogCallback(TrainerCallback):
             return
         if self._resume_step is not None and os.path.isfile(self.path):
             # drop rows written after the checkpoint we resume from (they will be recomputed)
-            kept = [r for r in read_jsonl(self.path) if int(r.get("step", 0)) <= self._resume_step]
+            kept = [r for r in read_jsonl(self.path, own=True) if int(r.get("step", 0)) <= self._resume_step]
             write_jsonl(self.path, kept)
             self.rows = kept
         elif self._resume_step is None and os.path.isfile(self.path):
