@@ -304,12 +304,14 @@ def _message_reasons(messages: Any) -> list[str]:
 
 
 def _image_reasons(record: dict[str, Any], file: str | Path | None, decode: bool) -> list[str]:
-    from dvsft.labels.images import ImageError, image_size
+    from dvsft.labels.images import MISSING, ImageError, image_size
 
     path = image_path(record, file)
     try:
         w, h = image_size(path, decode=decode)
     except ImageError as err:
+        if err.reason == MISSING:
+            return [f"image file not found: {path}"]
         return [f"image {path}: {err.reason}: {err.detail}"]
     if record.get("width") is None and record.get("height") is None:
         record["width"], record["height"] = w, h

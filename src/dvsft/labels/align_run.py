@@ -124,4 +124,5 @@ def align_file(
     elif err_file.exists():
         err_file.unlink()
     failed = summary.pop("failed", 0)
-    return {**summary, "errors": failed, "error_rows": len(errors), "overlays": overlays, "dropped": dict(sorted(dropped.items()))}
+    counts = {**summary, "errors": failed, "error_rows": len(errors), "overlays": overlays}
+    return {**counts, "dropped": dict(sorted(dropped.items()))}

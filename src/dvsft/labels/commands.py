@@ -58,6 +58,9 @@ def render(
     max_question_ppl: float = typer.Option(None, help="Drop QA pairs whose question perplexity is above this."),
     ppl_batch_size: int = typer.Option(8, help="Batch size of the perplexity model."),
     workers: int = typer.Option(1, help="Rendering processes."),
+    max_word_chars: int = typer.Option(
+        10_000, help="Skip words longer than this many characters (word_too_long); 0 = split them all."
+    ),
 ) -> None:
     """Render text documents onto token-aligned images (label-to-image) and write word records."""
     from rich.console import Console
@@ -85,7 +88,10 @@ def render(
         max_question_ppl=max_question_ppl,
         ppl_batch_size=ppl_batch_size,
         workers=workers,
+        max_word_chars=max_word_chars,
     )
+    if max_word_chars < 0:
+        _fail(f"--max-word-chars {max_word_chars}: must be 0 (no cap) or positive")
     if qa_per_image < 1:
         _fail(f"--qa-per-image {qa_per_image}: must be at least 1")
     if png not in ("palette", "rgb"):

@@ -11,8 +11,11 @@ Layout rules (paper section 4.1, DESIGN.md section 3):
   bottom-right corner lies inside the last cell and ``align_words`` puts it on that token.
 - Text is drawn inside its token row: the font size is clamped so ascent + descent fit the cell
   height, and the glyph ink of every word is checked against the row.
-- A word wider than a whole row is split by characters into row-wide pieces, each its own word.
-  Words with characters the face has no glyph for are skipped (counted in ``Page.skipped``).
+- A word wider than a whole row is split by characters into row-wide pieces, each its own word. The split
+  points come from the characters' advance widths (prefix sums + binary search, then checked against the
+  real ink), so splitting is linear in the word's length. Words longer than ``max_word_chars`` characters
+  are skipped (``word_too_long``), as are words with characters the face has no glyph for
+  (``unsupported_characters``); both are counted in ``Page.skipped``.
 - One dark and one light colour per page, random from ``rng``: light text on a dark background
   (the paper's setting) or the reverse with ``dark_text=True``. Anti-aliased pixels are blends
   of the two, so a page is stored as an 8-bit palette image (fast, small PNGs).
@@ -23,6 +26,7 @@ Layout rules (paper section 4.1, DESIGN.md section 3):
 
 from __future__ import annotations
 
+import bisect
 import colorsys
 import functools
 import io
@@ -53,6 +57,7 @@ class RenderStyle:
     pad: int = 2  # blank pixels before a word's ink inside its first cell
     gap: int = 6  # blank pixels at least between a word's ink and the next word's slot
     full_height: bool = False  # every page max_rows tall (otherwise only the rows it uses)
+    max_word_chars: int | None = 10_000  # longer "words" are skipped (word_too_long); None = no cap
 
 
 @dataclass
@@ -159,6 +164,10 @@ class Page:
         raise ValueError(f"unknown PNG mode {mode!r}; use 'palette' or 'rgb'")
 
 
+def _ink_width(glyph: tuple[Image.Image, tuple[int, int, int, int]]) -> int:
+    return glyph[1][2] - glyph[1][0]
+
+
 def luminance(rgb: tuple[int, int, int]) -> float:
     """Relative luminance in [0, 1] (Rec. 709 weights on gamma-encoded values)."""
     r, g, b = rgb
@@ -188,9 +197,17 @@ def blend_palette(background: tuple[int, int, int], foreground: tuple[int, int, 
     return palette
 
 
-@functools.lru_cache(maxsize=65536)
+CACHED_GLYPH_CHARS = 64  # glyphs of longer texts (split pieces) are not cached: the cache stays small
+
+
 def word_glyph(face: str, size: int, text: str) -> tuple[Image.Image, tuple[int, int, int, int]] | None:
     """The anti-aliased ink of ``text`` cropped tight, and its box relative to the origin on the baseline."""
+    if len(text) <= CACHED_GLYPH_CHARS:
+        return _cached_glyph(face, size, text)
+    return _draw_glyph(face, size, text)
+
+
+def _draw_glyph(face: str, size: int, text: str) -> tuple[Image.Image, tuple[int, int, int, int]] | None:
     font = fonts.load_font(face, size)
     left, top, right, bottom = font.getbbox(text, anchor="ls")
     m = 2
@@ -201,6 +218,30 @@ def word_glyph(face: str, size: int, text: str) -> tuple[Image.Image, tuple[int,
         return None
     ox, oy = m - left, m - top
     return canvas.crop(ink), (ink[0] - ox, ink[1] - oy, ink[2] - ox, ink[3] - oy)
+
+
+_cached_glyph = functools.lru_cache(maxsize=65536)(_draw_glyph)
+
+
+@functools.lru_cache(maxsize=64)
+def _advances(face: str, size: int) -> dict[str, float]:
+    """Per-character advance widths of one face and size (filled as characters are met)."""
+    return {}
+
+
+def advance_prefix(face: str, size: int, word: str) -> list[float]:
+    """``p[i]`` = advance width of ``word[:i]`` (no kerning): a linear-time width estimate of any prefix."""
+    widths = _advances(face, size)
+    font = fonts.load_font(face, size)
+    out = [0.0]
+    total = 0.0
+    for c in word:
+        w = widths.get(c)
+        if w is None:
+            w = widths[c] = font.getlength(c)
+        total += w
+        out.append(total)
+    return out
 
 
 class Renderer:
@@ -295,39 +336,56 @@ class Renderer:
     def _pieces(self, text: str, face: str, size: int, skipped: Counter):
         """(text, char span, glyph) of each word; words wider than a row are split by characters."""
         room = self.cols * self.cell - self.style.pad - self.style.gap
+        cap = self.style.max_word_chars
         for m in WORD_RE.finditer(text):
             word, start = m.group(), m.start()
+            if cap is not None and len(word) > cap:
+                skipped["word_too_long"] += 1
+                continue
             if not fonts.supports(face, word):
                 skipped["unsupported_characters"] += 1
                 continue
-            glyph = word_glyph(face, size, word)
-            if glyph is None:
-                skipped["no_ink"] += 1
-                continue
-            if glyph[1][2] - glyph[1][0] <= room:
-                yield word, (start, m.end()), glyph
-                continue
+            prefix = advance_prefix(face, size, word)
+            if prefix[-1] <= room + self.cell:  # may fit: measure the real ink
+                glyph = word_glyph(face, size, word)
+                if glyph is None:
+                    skipped["no_ink"] += 1
+                    continue
+                if _ink_width(glyph) <= room:
+                    yield word, (start, m.end()), glyph
+                    continue
             skipped["split_wide_word"] += 1
             offset = 0
             while offset < len(word):
-                k = self._longest_fit(face, size, word[offset:], room)
-                piece = word[offset : offset + k]
-                g = word_glyph(face, size, piece)
+                k, g = self._longest_fit(face, size, word, offset, prefix, room)
                 if g is not None:
-                    yield piece, (start + offset, start + offset + k), g
+                    yield word[offset : offset + k], (start + offset, start + offset + k), g
                 offset += k
 
     @staticmethod
-    def _longest_fit(face: str, size: int, word: str, room: int) -> int:
-        lo, hi = 1, len(word)  # the longest prefix whose ink fits ``room`` (at least one character)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            g = word_glyph(face, size, word[:mid])
-            if g is None or g[1][2] - g[1][0] <= room:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+    def _longest_fit(
+        face: str, size: int, word: str, offset: int, prefix: list[float], room: int
+    ) -> tuple[int, tuple[Image.Image, tuple[int, int, int, int]] | None]:
+        """(k, glyph of ``word[offset:offset+k]``): the longest piece whose ink fits ``room`` (k >= 1).
+
+        The advance widths give k by binary search; a few real renderings correct it for kerning and side
+        bearings, so the cost is one row-wide glyph per piece whatever the word's length.
+        """
+        n = len(word)
+        k = max(1, bisect.bisect_right(prefix, prefix[offset] + room, lo=offset) - 1 - offset)
+        k = min(k, n - offset)
+        g = word_glyph(face, size, word[offset : offset + k])
+        while k > 1 and g is not None and _ink_width(g) > room:
+            k -= 1
+            g = word_glyph(face, size, word[offset : offset + k])
+        for _ in range(8):  # ink is narrower than the advances: try a few more characters
+            if offset + k >= n:
+                break
+            bigger = word_glyph(face, size, word[offset : offset + k + 1])
+            if bigger is not None and _ink_width(bigger) > room:
+                break
+            k, g = k + 1, bigger
+        return k, g
 
     def draw(self, layout: PageLayout, rng: random.Random) -> Page:
         """Paint a laid-out page with a random dark/light colour pair."""

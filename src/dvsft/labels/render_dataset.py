@@ -53,10 +53,15 @@ class RenderOptions:
     max_question_ppl: float | None = None
     ppl_batch_size: int = 8
     workers: int = 1
+    max_word_chars: int = 10_000  # longer words are skipped (word_too_long); 0 = no cap
 
     def renderer(self) -> Renderer:
         style = RenderStyle(
-            font=self.font, font_size=self.font_size, dark_text=self.dark_text, full_height=self.full_height
+            font=self.font,
+            font_size=self.font_size,
+            dark_text=self.dark_text,
+            full_height=self.full_height,
+            max_word_chars=self.max_word_chars or None,
         )
         return Renderer(self.family, self.cols, self.max_rows, style, self.min_pixels, self.max_pixels)
 
