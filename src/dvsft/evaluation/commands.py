@@ -113,6 +113,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                     skip_bad=skip_bad,
                 )
             except (ValueError, FileNotFoundError, RuntimeError) as err:
+                from dvsft.cli import debug_enabled
+
+                if debug_enabled():
+                    raise
                 console.print(f"[red]error:[/red] {err}")
                 raise typer.Exit(code=2) from err
         console.print(scores_table(results))

@@ -9,7 +9,14 @@ import typer
 
 
 def _fail(message: str) -> None:
+    import sys
+
     from rich.console import Console
+
+    from dvsft.cli import debug_enabled
+
+    if debug_enabled() and sys.exc_info()[0] is not None:
+        raise  # noqa: PLE0704 - --debug: the traceback of the error being handled
     from rich.markup import escape
 
     Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}")

@@ -67,20 +67,21 @@ def report_to(cfg: TrainConfig) -> str | list[str]:
 
 
 def resume_checkpoint(cfg: TrainConfig) -> str | None:
-    """The checkpoint dir to resume from (``resume: true`` = the last one in output_dir)."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The checkpoint dir to resume from (``resume: true`` = the newest intact one in output_dir)."""
+    from dvsft.training.checkpoints import check_checkpoint, latest_intact, remove_staging
 
     if cfg.resume is False or cfg.resume is None:
         return None
     if cfg.resume is True:
-        out = Path(cfg.output_dir)
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if last is None:
-            raise FileNotFoundError(f"--resume: no checkpoint-* dir in {out}")
-        return last
+        if os.environ.get("RANK", "0") == "0":
+            remove_staging(cfg.output_dir)
+        return str(latest_intact(cfg.output_dir))
     path = Path(str(cfg.resume))
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"--resume {path}: not a checkpoint dir (no trainer_state.json)")
+    problem = check_checkpoint(path)
+    if problem is not None:
+        raise ValueError(f"--resume {path}: {problem}")
     return str(path)
 
 

@@ -19,13 +19,14 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from dvsft.records import JsonlAppender, read_jsonl, write_jsonl
+from dvsft.training.checkpoints import AtomicCheckpoints
 from dvsft.training.objectives import HEADS_ATTR, HiddenStates, Objective, base_model
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
-class DVSFTTrainer(Trainer):
-    """``transformers.Trainer`` whose loss is the sum of weighted objective terms."""
+class DVSFTTrainer(AtomicCheckpoints, Trainer):
+    """``transformers.Trainer`` whose loss is the sum of weighted objective terms; checkpoints are atomic."""
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
 
@@ -114,13 +115,12 @@ class DVSFTTrainer(Trainer):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+    def save_checkpoint_extras(self, folder: str) -> None:
+        """The objectives' heads, into the staged checkpoint (see :class:`AtomicCheckpoints`)."""
         heads = getattr(base_model(self.model), HEADS_ATTR, None)
         if heads is not None and len(heads) and self.args.should_save:
             from safetensors.torch import save_file
 
-            folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
             state = {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
             save_file(state, os.path.join(folder, "objective_heads.safetensors"))
 
