@@ -155,6 +155,39 @@ def test_wide_words_split_and_unsupported_characters_skipped():
     assert not align_words(page.words, grid_for("qwen3-vl", page.width, page.height, **SMALL)).dropped
 
 
+def test_overlong_word_splitting_draws_a_bounded_number_of_glyphs(monkeypatch):
+    """Splitting costs a few row-wide renderings per piece, whatever the word's length (was: every prefix)."""
+    from dvsft.labels import render
+
+    drawn: list[int] = []
+    draw = render.word_glyph
+    monkeypatch.setattr(
+        render, "word_glyph", lambda face, size, text: drawn.append(len(text)) or draw(face, size, text)
+    )
+    word = "".join(random.Random(1).choice("abcdefghijklmnopqrstuvwxyz") for _ in range(20_000))
+    style = RenderStyle(font="DejaVuSans", max_word_chars=None)
+    r = Renderer("qwen3-vl", cols=8, max_rows=64, style=style, **SMALL)
+    layouts = r.layout(word)
+    pieces = [p.text for lay in layouts for p in lay.placements]
+    assert "".join(pieces) == word and layouts[0].skipped == {"split_wide_word": 1}
+    assert all(p.box[2] <= 8 * 32 for lay in layouts for p in lay.placements)
+    assert len(drawn) <= 3 * len(pieces) and max(drawn) <= 2 * max(map(len, pieces))
+    # each piece is the longest that fits: one more character would overflow the row
+    room = 8 * 32 - r.style.pad - r.style.gap
+    start = 0
+    for piece in pieces[:-1]:
+        start += len(piece)
+        glyph = draw("DejaVuSans", layouts[0].font_size, piece + word[start])
+        assert glyph[1][2] - glyph[1][0] > room
+
+
+def test_words_over_the_length_cap_are_skipped_with_a_reason():
+    r = Renderer("qwen3-vl", cols=8, max_rows=4, style=RenderStyle(font="DejaVuSans", max_word_chars=50), **SMALL)
+    (layout,) = r.layout("short " + "x" * 51 + " end")
+    assert [p.text for p in layout.placements] == ["short", "end"]
+    assert layout.skipped == {"word_too_long": 1}
+
+
 def test_font_size_is_clamped_to_the_row():
     assert fonts.fit_size("DejaVuSans", 40, 32) < 40
     ascent, descent = fonts.line_extent("DejaVuSans", fonts.fit_size("DejaVuSans", 40, 28))
