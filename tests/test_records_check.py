@@ -226,3 +226,16 @@ def test_stats_names_file_and_line_of_a_bad_line(tmp_path):
     path.write_text('{"id": "a", "grid": [1, 1], "vision_labels": []}\nnot json\n')
     with pytest.raises(ValueError, match=r"aligned\.jsonl:2: invalid JSON"):
         file_stats(path)
+
+
+def test_stats_and_region_tasks_refuse_an_invalid_record_by_name(tmp_path):
+    from dvsft.related.region_tasks import TaskConfig, build_task_file
+
+    path = tmp_path / "aligned.jsonl"
+    bad = record("r2", words=[{"text": "x", "box": [1, 1, math.nan, 5]}], grid=[1, 1], vision_labels=[])
+    path.write_text(json.dumps(record("r1", grid=[1, 1], vision_labels=[])) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(ValueError, match=r"aligned\.jsonl:2: record r2: words\[0\] box x1 is nan"):
+        file_stats(path)
+    with pytest.raises(ValueError, match=r"aligned\.jsonl:2: record r2: words\[0\] box x1 is nan"):
+        build_task_file(path, tmp_path / "tasks.jsonl", TaskConfig())
+    assert not list(tmp_path.glob("tasks*"))

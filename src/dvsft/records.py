@@ -119,6 +119,18 @@ def read_jsonl(path: str | Path, own: bool = False) -> Iterator[dict[str, Any]]:
         yield line.record  # type: ignore[misc]
 
 
+def read_records(path: str | Path, image: bool = False) -> Iterator[dict[str, Any]]:
+    """Yield the word records of a JSONL file; the first unreadable line or invalid record raises
+    :class:`RecordError` naming file, line, id and reason (see :func:`check_record`)."""
+    for line in iter_lines(path):
+        if line.error is not None:
+            raise RecordError(Problem(str(path), line.number, None, line.error))
+        problems = check_record(line.record, path, line.number, image=image)  # type: ignore[arg-type]
+        if problems:
+            raise RecordError(problems[0])
+        yield line.record  # type: ignore[misc]
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     """Write rows to ``path`` atomically (temp file + rename); returns the row count.
 

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from dvsft.records import read_jsonl
+from dvsft.records import read_records
 
 
 def _text(content: Any) -> str:
@@ -110,4 +110,4 @@ def file_stats(path: str | Path, tokenizer: Any = None) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
-    return {"file": str(path), **compute_stats(read_jsonl(path), tokenizer, str(path))}
+    return {"file": str(path), **compute_stats(read_records(path), tokenizer, str(path))}

@@ -309,7 +309,7 @@ def build_task_file(
     records_file: str | Path, out_file: str | Path, config: TaskConfig, limit: int | None = None
 ) -> Counter:
     """Write the region-task records of every record of ``records_file`` to ``out_file`` (images re-pointed)."""
-    from dvsft.records import image_path, read_jsonl, write_jsonl
+    from dvsft.records import image_path, read_records, write_jsonl
 
     records_file, out_file = Path(records_file), Path(out_file)
     if not records_file.is_file():
@@ -319,7 +319,7 @@ def build_task_file(
     out_dir = out_file.resolve().parent
 
     def rows():
-        for n, record in enumerate(read_jsonl(records_file)):
+        for n, record in enumerate(read_records(records_file)):
             if limit is not None and n >= limit:
                 break
             record = dict(record)
