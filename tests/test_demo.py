@@ -61,6 +61,20 @@ def test_demo_toy_end_to_end(tmp_path):
         assert model.config.model_type == "qwen3_vl" and processor.tokenizer is not None
 
 
+def test_demo_methods_option_and_log_lines(tmp_path):
+    """`--methods dvsft` trains DV-SFT only; piped output gets one line per evaluation point."""
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "dvsft.cli", "demo", "--preset", "toy", "--steps", "2", "--workers", "1"]
+    proc = subprocess.run([*cmd, "--methods", "dvsft", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["runs"]
+    assert {r["method"] for r in rows} == {"dvsft"}
+    assert not (out / "runs" / "sft-seed0").exists() and not (out / "sft").exists()
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("DV-SFT seed 0 step ")]
+    assert len(lines) == len(rows) == 1 + len(eval_steps(PRESETS["toy"], 2))
+    assert all("held-out word accuracy" in line and line.endswith("%") for line in lines)
+
+
 def test_summary_and_margins():
     rows = [
         {"method": m, "seed": s, "step": st, "word_acc": wa, "cer": c, "vision_top1": v}

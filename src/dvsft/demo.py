@@ -310,15 +310,18 @@ def run_one(job: dict) -> list[dict]:
     def record(model: Any, step: int) -> None:
         t = time.time()
         metrics = evaluate(model, processor, heldout, heldout_file)
-        rows.append(
-            {
-                "method": job["method"],
-                "seed": job["seed"],
-                "step": step,
-                **metrics,
-                "eval_seconds": round(time.time() - t, 2),
-            }
-        )
+        row = {
+            "method": job["method"],
+            "seed": job["seed"],
+            "step": step,
+            **metrics,
+            "eval_seconds": round(time.time() - t, 2),
+        }
+        rows.append(row)
+        if queue is not None:
+            queue.put(("eval", row))
+        if job.get("on_eval") is not None:
+            job["on_eval"](row)
 
     class EvalCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kw):
@@ -326,7 +329,7 @@ def run_one(job: dict) -> list[dict]:
 
         def on_step_end(self, args, state, control, model=None, **kw):
             if queue is not None:
-                queue.put((job["name"], state.global_step))
+                queue.put(("step", job["name"], state.global_step))
             if progress is not None:
                 progress(job["name"], state.global_step)
             if state.global_step in job["eval_steps"]:
@@ -426,6 +429,14 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+LENS_LEGEND = (
+    ("green: the cell's word", (0, 150, 0)),
+    ("red: another word", (200, 0, 0)),
+    ("blue: cell with no word label (no word ends in it)", (0, 0, 200)),
+    ("red lines: token grid", (255, 0, 0)),
+)
+
+
 def plot_lens(model_dirs: dict[str, Path], heldout_file: Path, record: dict, path: Path, pixels: int) -> None:
     """Visual-logit overlays of the final models, side by side, on one held-out page."""
     from PIL import Image, ImageDraw
@@ -445,11 +456,14 @@ def plot_lens(model_dirs: dict[str, Path], heldout_file: Path, record: dict, pat
         upscale = max(2.0, 768 / image.width)
         panel = lens_overlay(image, result.grid, result.top1_texts(), correct=correct, upscale=upscale)
         label = {"sft": "SFT", "dvsft": "DV-SFT"}[method]
-        titled = Image.new("RGB", (panel.width, panel.height + 28), "white")
-        titled.paste(panel, (0, 28))
-        ImageDraw.Draw(titled).text(
-            (6, 6), f"{label}: top-1 token of each visual token's logits (green: its word, red: wrong)", fill="black"
-        )
+        titled = Image.new("RGB", (panel.width, panel.height + 40), "white")
+        titled.paste(panel, (0, 40))
+        draw = ImageDraw.Draw(titled)
+        draw.text((6, 4), f"{label}: top-1 token of each visual token's own logits", fill="black")
+        x = 6
+        for text, colour in LENS_LEGEND:  # the colours lens_overlay uses
+            draw.text((x, 22), text, fill=colour)
+            x += draw.textlength(text) + 12
         panels.append(titled)
     original = Image.new("RGB", (panels[0].width, image.height * panels[0].width // image.width + 28), "white")
     original.paste(image.resize((panels[0].width, original.height - 28)), (0, 28))
@@ -517,8 +531,8 @@ def eval_steps(preset: DemoPreset, steps: int) -> list[int]:
     return sorted({max(1, round(steps * (i + 1) / preset.eval_points)) for i in range(preset.eval_points)})
 
 
-def run_parallel(jobs: list[dict], workers: int, on_step: Any) -> list[dict]:
-    """Run jobs in ``workers`` spawned processes, relaying their step counts to ``on_step(name, step)``."""
+def run_parallel(jobs: list[dict], workers: int, on_step: Any, on_eval: Any) -> list[dict]:
+    """Run jobs in ``workers`` spawned processes, relaying ``on_step(name, step)`` and ``on_eval(row)``."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -529,11 +543,21 @@ def run_parallel(jobs: list[dict], workers: int, on_step: Any) -> list[dict]:
         futures = [pool.submit(run_one, {**job, "queue": queue}) for job in jobs]
         while not all(f.done() for f in futures):
             while not queue.empty():
-                on_step(*queue.get())
+                kind, *payload = queue.get()
+                (on_step if kind == "step" else on_eval)(*payload)
             time.sleep(0.2)
+        while not queue.empty():
+            kind, *payload = queue.get()
+            (on_step if kind == "step" else on_eval)(*payload)
         for f in futures:
             rows.extend(f.result())
     return rows
+
+
+def progress_line(row: dict) -> str:
+    """One evaluation point as a plain log line."""
+    name = {"sft": "SFT", "dvsft": "DV-SFT"}[row["method"]]
+    return f"{name} seed {row['seed']} step {row['step']}: held-out word accuracy {100 * row['word_acc']:.1f}%"
 
 
 def run_demo(
@@ -579,7 +603,7 @@ def run_demo(
             save_tiny(
                 base, replace(preset.tiny, seed=seed, min_pixels=page_pixels(preset), max_pixels=page_pixels(preset))
             )
-        for method in METHODS:
+        for method in methods:
             jobs.append(
                 {
                     "name": f"{method} seed {seed}",
@@ -599,16 +623,32 @@ def run_demo(
         job["threads"] = threads or max(1, cores // workers)
 
     rows: list[dict] = []
+    # in a terminal: live bars; in a log file: one line per evaluation point
+    log_lines = not console.is_terminal
+
+    def on_eval(row: dict) -> None:
+        if log_lines:
+            print(progress_line(row), flush=True)
+
     with Progress(
-        TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        TextColumn("{task.description:<16}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=log_lines,
     ) as progress:
         bars = {job["name"]: progress.add_task(job["name"], total=preset.steps) for job in jobs}
+
+        def on_step(name: str, step: int) -> None:
+            progress.update(bars[name], completed=step)
+
         if workers == 1:  # in this process: no start-up cost, progress straight from the callback
             for job in jobs:
-                job["progress"] = lambda name, step: progress.update(bars[name], completed=step)
+                job["progress"], job["on_eval"] = on_step, on_eval
                 rows.extend(run_one(job))
         else:
-            rows.extend(run_parallel(jobs, workers, lambda name, step: progress.update(bars[name], completed=step)))
+            rows.extend(run_parallel(jobs, workers, on_step, on_eval))
 
     rows.sort(key=lambda r: (r["method"], r["seed"], r["step"]))
     summary = summarize(rows)
