@@ -283,14 +283,30 @@ def test_load_records_expands_qa_pairs_and_skips_bad_records(tmp_path, caplog):
 
 
 def test_one_qa_per_image_draws_with_the_seed(tmp_path):
-    path = write_records(tmp_path)
-    draws = {tuple(s["id"] for s in load_records(path, one_qa_per_image=True, seed=seed)) for seed in range(12)}
-    assert all(len(d) == 2 and d[1] == "single" for d in draws)
-    assert len({d[0] for d in draws}) == 3  # every pair gets drawn across epochs
+    path = write_records(tmp_path)  # "multi" (3 pairs) and "single" (1 pair) show the same image
+    draws = [tuple(s["id"] for s in load_records(path, one_qa_per_image=True, seed=seed)) for seed in range(20)]
+    assert all(len(d) == 1 for d in draws)  # one pair per image, drawn over both records of the image
+    assert {d[0] for d in draws} == {"multi#qa0", "multi#qa1", "multi#qa2", "single"}  # each gets drawn
     assert load_records(path, one_qa_per_image=True, seed=5) == load_records(path, one_qa_per_image=True, seed=5)
-    assert len(load_records(path, qa_per_image=2)) == 3
     kept = load_records(path, keep_conversations=True)
     assert [s["id"] for s in kept] == ["multi", "single"] and len(kept[0]["messages"]) == 7
+
+
+def test_two_qa_pairs_per_image_are_one_sample(tmp_path):
+    """The paper's InfoVQA setting: two QA pairs of an image, one sample, so its vision labels train once."""
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "info.png")
+    turns = conversation("<image>Q1", "A1", "Q2", "A2", "Q3", "A3", "Q4", "A4")
+    (tmp_path / "r.jsonl").write_text(json.dumps({"id": "info", "image": "info.png", "messages": turns}) + "\n")
+    for seed in range(6):
+        (sample,) = load_records(tmp_path / "r.jsonl", qa_per_image=2, keep_conversations=True, seed=seed)
+        asked = [m["content"] for m in sample["messages"] if m["role"] == "user"]
+        answers = [m["content"] for m in sample["messages"] if m["role"] == "assistant"]
+        assert len(asked) == 2 and asked[0].startswith("<image>") and "<image>" not in asked[1]
+        assert [a.removeprefix("<image>").replace("Q", "A") for a in asked] == answers
+    separate = load_records(tmp_path / "r.jsonl", qa_per_image=2, keep_conversations=False)
+    assert len(separate) == 2 and all(len(s["messages"]) == 2 for s in separate)
+    every = load_records(tmp_path / "r.jsonl", keep_conversations=False)
+    assert [s["id"] for s in every] == ["info#qa0", "info#qa1", "info#qa2", "info#qa3"]
 
 
 def test_load_records_then_collate(processor, tmp_path):

@@ -154,6 +154,41 @@ def test_presets_parse(name):
     assert cfg.method
 
 
+def _qa_file(path: Path, n_images: int, pairs: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_images):
+        Image.new("RGB", (32, 32), "white").save(path.parent / f"{path.stem}{i}.png")
+        qa = [({"role": "user", "content": f"Q{k}"}, {"role": "assistant", "content": f"A{k}"}) for k in range(pairs)]
+        turns = [m for pair in qa for m in pair]
+        turns[0]["content"] = "<image>" + turns[0]["content"]
+        rows.append({"id": f"{path.stem}{i}", "image": f"{path.stem}{i}.png", "messages": turns})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_recipes_choose_qa_pairs_as_the_paper(tmp_path):
+    """Qwen3-VL recipes: 1 pair per image (2 for InfoVQA, one sample); the graft recipe: every pair."""
+    from dvsft.training.train import load_dataset
+
+    data = [str(_qa_file(tmp_path / d / f"{d}.jsonl", 3, 4)) for d in ("docvqa", "infovqa")]
+    out = str(tmp_path / "run")
+    for name in ("qwen3vl_2b_full", "qwen3vl_8b_lora"):
+        cfg = load_config(CONFIGS / f"{name}.yaml", {"data": data, "output_dir": out})
+        validate(cfg)
+        samples = load_dataset(cfg)
+        turns = [sum(m["role"] == "assistant" for m in s["messages"]) for s in samples]
+        assert turns == [1, 1, 1, 2, 2, 2], name
+    cfg = load_config(CONFIGS / "qwen3_1.7b_graft.yaml", {"data": data, "output_dir": out})
+    validate(cfg)
+    samples = load_dataset(cfg)
+    assert len(samples) == 2 * 3 * 4 and all(len(s["messages"]) == 2 for s in samples)
+    with pytest.raises(ValueError, match="qa_per_image: infovq names no data file"):
+        validate(load_config(None, {"model": "tiny", "data": data, "qa_per_image": {"infovq": 2}}))
+    with pytest.raises(ValueError, match="qa_per_image: 0 is not a count"):
+        validate(load_config(None, {"model": "tiny", "data": data, "qa_per_image": 0}))
+
+
 def test_method_names_count_text_once():
     assert method_names("dvsft") == ["sft", "dvsft"]
     assert method_names("basic+dvsft") == ["sft", "basic", "dvsft"]

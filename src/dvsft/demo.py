@@ -260,7 +260,7 @@ def train_config(
         "method": method,
         "vision_lambda": preset.vision_lambda,
         "vision_eps": preset.vision_eps,
-        "one_qa_per_image": True,
+        "qa_per_image": 1,
         "min_pixels": pixels,
         "max_pixels": pixels,
         "max_length": 1024,

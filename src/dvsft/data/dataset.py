@@ -1,13 +1,14 @@
 """Training samples from word-record JSONL files (see :mod:`dvsft.records`).
 
-A record holds one image and a conversation; a conversation with several question-answer pairs
-(user turn, assistant turn, user turn, ...) becomes several samples:
+A record holds one image and a conversation of question-answer pairs (user turn, assistant turn,
+user turn, ...). Two options choose the samples:
 
-* default: one sample per QA pair (the image and its vision labels repeat in each);
-* ``one_qa_per_image=True``: one QA pair per image, drawn with ``seed`` (the paper's setting, so
-  vision labels are not trained several times per epoch). Draw a fresh pair each epoch by
-  loading with ``seed=epoch``; ``qa_per_image=2`` keeps two (the paper's InfoVQA setting);
-* ``keep_conversations=True``: each record stays one multi-turn sample.
+* ``qa_per_image``: at most this many pairs per image, drawn with ``seed`` among the pairs of every
+  record of that image (``None``: all pairs). The paper keeps 1 (2 for InfoVQA) so an image's vision
+  labels are not trained several times per epoch; draw fresh pairs each epoch with ``seed=epoch``.
+* ``keep_conversations``: the chosen pairs of a record stay one multi-turn sample (``True``; the
+  paper's InfoVQA setting: two pairs, one sample, the vision labels once) or each pair becomes its
+  own sample (``False``; the image and its vision labels repeat in each).
 
 Every sample keeps the record's system turns, and the image placeholder ``<image>`` goes with the
 sample's first user turn. Bad lines and records (unreadable JSON, anything
@@ -124,25 +125,64 @@ def _count_images(message: dict[str, Any]) -> int:
 
 
 def expand_record(
-    record: dict[str, Any], rng: random.Random | None = None, qa_per_image: int | None = None
+    record: dict[str, Any], chosen: list[int] | None = None, keep_conversations: bool = False
 ) -> list[dict[str, Any]]:
-    """Samples of one (valid) record: one per QA pair, or ``qa_per_image`` pairs drawn with ``rng``."""
-    system, pairs = qa_pairs(record["messages"])
-    pairs = [p for p in pairs if _text_of(p[-1]).strip()]
-    image_turn = next((m for m in record["messages"] if has_image_placeholder(m)), {})
-    chosen = list(range(len(pairs)))
-    if qa_per_image is not None and len(pairs) > qa_per_image:
-        chosen = sorted((rng or random.Random(0)).sample(chosen, qa_per_image))
-    samples = []
+    """Samples of one (valid) record: its QA pairs ``chosen`` (all when None), one sample or one per pair."""
+    system, pairs = answered_pairs(record)
+    chosen = list(range(len(pairs))) if chosen is None else sorted(chosen)
+    if not chosen:
+        return []
     rid = str(record.get("id", ""))
+    image_turn = next((m for m in record["messages"] if has_image_placeholder(m)), {})
     image_in_system = any(has_image_placeholder(m) for m in system)
-    for k in chosen:
-        sample = dict(record)
-        pair = copy.deepcopy(pairs[k]) if image_in_system else _move_image_to(pairs[k], image_turn)
-        sample["messages"] = copy.deepcopy(system) + pair
-        sample["id"] = rid if len(pairs) == 1 else f"{rid}#qa{k}"
-        sample["source_id"] = rid
-        samples.append(sample)
+
+    def sample_of(ks: list[int], sid: str) -> dict[str, Any]:
+        turns = [m for k in ks for m in copy.deepcopy(pairs[k])]
+        if not image_in_system:
+            turns = _move_image_to(turns, image_turn)
+        return dict(record, messages=copy.deepcopy(system) + turns, id=sid, source_id=rid)
+
+    if keep_conversations:
+        whole = len(chosen) == len(pairs)
+        return [sample_of(chosen, rid if whole else rid + "#qa" + "+".join(map(str, chosen)))]
+    return [sample_of([k], rid if len(pairs) == 1 else f"{rid}#qa{k}") for k in chosen]
+
+
+def answered_pairs(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+    """(system turns, QA pairs whose answer is not empty) of a record."""
+    system, pairs = qa_pairs(record["messages"])
+    return system, [p for p in pairs if _text_of(p[-1]).strip()]
+
+
+def select_samples(
+    records: list[dict[str, Any]],
+    qa_per_image: int | None = None,
+    keep_conversations: bool = False,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Samples of valid records (image paths resolved): ``qa_per_image`` pairs per image, grouped or not.
+
+    The pairs of an image are pooled over all its records (same ``image`` path) and drawn with a
+    generator seeded by ``seed`` and the image, so the draw does not depend on file order.
+    """
+    if qa_per_image is not None and qa_per_image < 1:
+        raise ValueError(f"qa_per_image must be >= 1 (or None for all pairs), got {qa_per_image}")
+    chosen: dict[int, list[int] | None] = {}
+    if qa_per_image is not None:
+        by_image: dict[str, list[tuple[int, int]]] = {}
+        for r, record in enumerate(records):
+            pool = by_image.setdefault(str(record.get("image")), [])
+            pool.extend((r, k) for k in range(len(answered_pairs(record)[1])))
+        for image, pool in by_image.items():
+            if len(pool) > qa_per_image:
+                pool = random.Random(f"{seed}:{image}").sample(pool, qa_per_image)
+            for r, k in pool:
+                chosen.setdefault(r, []).append(k)  # type: ignore[union-attr]
+    samples: list[dict[str, Any]] = []
+    for r, record in enumerate(records):
+        if qa_per_image is not None and r not in chosen:
+            continue
+        samples.extend(expand_record(record, chosen.get(r), keep_conversations))
     return samples
 
 
@@ -153,7 +193,10 @@ def load_records(
     qa_per_image: int | None = None,
     keep_conversations: bool = False,
 ) -> RecordList:
-    """Training samples of a word-record JSONL file, image paths made absolute, bad records skipped."""
+    """Training samples of a word-record JSONL file, image paths made absolute, bad records skipped.
+
+    ``one_qa_per_image=True`` is ``qa_per_image=1``; see the module docstring for the options.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"records file not found: {path}")
@@ -161,8 +204,7 @@ def load_records(
         qa_per_image = 1
     if qa_per_image is not None and qa_per_image < 1:
         raise ValueError(f"qa_per_image must be >= 1, got {qa_per_image}")
-    rng = random.Random(seed)
-    samples: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
     problems: list[Problem] = []
     for line in iter_lines(path):
@@ -181,12 +223,8 @@ def load_records(
             skipped.append((rid, "; ".join(p.reason for p in found)))
             problems.extend(found)
             continue
-        record = dict(record, id=rid, image=str(image_path(record, path).resolve()))
-        if keep_conversations:
-            samples.append(record)
-        else:
-            samples.extend(expand_record(record, rng, qa_per_image))
-    return RecordList(samples, skipped, problems)
+        records.append(dict(record, id=rid, image=str(image_path(record, path).resolve())))
+    return RecordList(select_samples(records, qa_per_image, keep_conversations, seed), skipped, problems)
 
 
 def _id_of(record: dict[str, Any]) -> str | None:

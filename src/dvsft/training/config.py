@@ -70,7 +70,14 @@ class TrainConfig:
     vision_eps: float = opt(0.1, "vision smoothing eps: mass spread over the image's label set")
     label_leading_space: bool = opt(True, "tokenize vision labels as ' word' (mid-sentence form)")
     align: AlignSection = opt(AlignSection(), "label filters (paper section 4.1)")
-    one_qa_per_image: bool = opt(True, "keep one QA pair per image (paper: avoids duplicate vision labels)")
+    qa_per_image: int | dict[str, int | None] | None = opt(
+        None,
+        "QA pairs drawn per image (null = all); a mapping sets it per data file by name or stem, "
+        "e.g. {default: 1, infovqa: 2} (the paper's Qwen3-VL setting)",
+    )
+    keep_conversations: bool = opt(
+        True, "a record's chosen QA pairs stay one multi-turn sample (vision labels once); false = one per pair"
+    )
     max_samples: int | None = opt(None, "use only the first N samples of data (quick runs); None = all")
     min_pixels: int = opt(32 * 32 * 64, "image processor min pixels")
     max_pixels: int = opt(32 * 32 * 2048, "image processor max pixels")
@@ -368,3 +375,28 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("global_batch_size and per_device_batch_size must be positive")
     if not cfg.data:
         raise ValueError("no training data: set data to a word-record JSONL file")
+    check_qa_per_image(cfg.qa_per_image, cfg.data if isinstance(cfg.data, list) else [cfg.data])
+
+
+def qa_per_image_for(setting: int | dict[str, int | None] | None, path: str | Path) -> int | None:
+    """The ``qa_per_image`` of one data file: the setting, or its mapping's entry for the file (else ``default``)."""
+    if not isinstance(setting, dict):
+        return setting
+    p = Path(path)
+    for key in (str(path), p.name, p.stem):
+        if key in setting:
+            return setting[key]
+    return setting.get("default")
+
+
+def check_qa_per_image(setting: int | dict[str, int | None] | None, data: list[str]) -> None:
+    """Counts are >= 1 or null; every mapping key names a data file (path, name or stem) or is ``default``."""
+    values = setting.values() if isinstance(setting, dict) else [setting]
+    for v in values:
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"qa_per_image: {v!r} is not a count >= 1 or null (all pairs)")
+    if isinstance(setting, dict):
+        names = {"default"} | {k for d in data for k in (str(d), Path(d).name, Path(d).stem)}
+        unknown = sorted(str(k) for k in setting if str(k) not in names)
+        if unknown:
+            raise ValueError(f"qa_per_image: {', '.join(unknown)} names no data file ({', '.join(map(str, data))})")

@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dvsft.training.config import TrainConfig, config_from_dict, load_config, to_dict, validate
+from dvsft.training.config import (
+    TrainConfig,
+    config_from_dict,
+    load_config,
+    qa_per_image_for,
+    to_dict,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +100,12 @@ def load_dataset(cfg: TrainConfig) -> list[dict[str, Any]]:
     samples: list[dict[str, Any]] = []
     problems, skipped = [], 0
     for p in paths:
-        loaded = load_records(p, one_qa_per_image=cfg.one_qa_per_image, seed=cfg.seed)
+        loaded = load_records(
+            p,
+            seed=cfg.seed,
+            qa_per_image=qa_per_image_for(cfg.qa_per_image, p),
+            keep_conversations=cfg.keep_conversations,
+        )
         samples.extend(loaded)
         problems.extend(loaded.problems)
         skipped += len(loaded.skipped)
