@@ -186,3 +186,42 @@ def test_bench_eval_reports_both_batch_sizes(tiny_model):
     res = throughput_benchmark(n=4, batch_size=4, max_new_tokens=2, model_dir=tiny_model)
     assert res["single_samples_per_s"] > 0 and res["batched_samples_per_s"] > 0
     assert res["ratio"] == pytest.approx(res["single_s"] / res["batched_s"]) and 0 <= res["agree"] <= 4
+
+
+def test_prompt_style_and_rules_are_used_and_recorded(tiny_model, data, tmp_path):
+    from dvsft.evaluation.metrics import LMMS_EVAL_VERSION
+
+    out = tmp_path / "out"
+    benches = {b: data[b] for b in ("chartqa", "ocrbench", "mme", "ocr")}
+    result = run_eval(tiny_model, out, benches, "--prompt-style", "lmms-eval", "--rules", "official")
+    assert result.exit_code == 0, result.output
+    assert "metric rules: official" in text(result) and "prompt style: lmms-eval" in text(result)
+    for row in rows_of(out, "chartqa"):
+        assert row["prompt"] == row["question"] + "\nAnswer the question with a single word."
+    for row in rows_of(out, "ocrbench"):
+        assert row["prompt"] == row["question"].strip()  # lmms-eval's OCRBench appends nothing
+    settings = {b: json.loads((out / b / "scores.json").read_text())["settings"] for b in benches}
+    assert settings["chartqa"]["prompt"] == "{question}\nAnswer the question with a single word."
+    assert settings["ocrbench"]["post_prompt"] == "" and settings["ocrbench"]["prompt"] == "{question}"
+    assert settings["ocr"]["post_prompt"] is None and settings["ocr"]["prompt"] == "Transcribe the text in the image."
+    assert all(s["prompt_style"] == "lmms-eval" and s["metric_rules"].startswith("official") for s in settings.values())
+    mme = json.loads((out / "mme" / "scores.json").read_text())["metrics"]
+    assert {"yes_no_accuracy", "yes_no_f1"} <= set(mme) and mme["yes_no"]["n"] == 4
+
+    # Full-width predictions: correct under lmms-eval's rules, wrong under the official script. Changing
+    # --rules rescores the stored predictions (a resume generates nothing and is not refused).
+    pred_file = out / "ocrbench" / "predictions.jsonl"
+    rows = rows_of(out, "ocrbench")
+    for row in rows:
+        row["prediction"] = "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in row["answers"][0])
+    pred_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    final = {}
+    for rules in ("official", "lmms-eval"):
+        res = run_eval(tiny_model, out, {"ocrbench": data["ocrbench"]}, "--prompt-style", "lmms-eval", "--rules", rules)
+        assert res.exit_code == 0, res.output
+        scores = json.loads((out / "ocrbench" / "scores.json").read_text())
+        assert scores["generated_now"] == 0
+        final[scores["settings"]["metric_rules"]] = scores["metrics"]["final_score"]
+    assert f"metric rules: lmms-eval {LMMS_EVAL_VERSION}" in text(res)
+    # lmms-eval folds the two ordinary items back to ASCII; HME100k (x^{2}+1) is never folded
+    assert final == {M.rules_label("official"): 0, f"lmms-eval {LMMS_EVAL_VERSION}": 2}

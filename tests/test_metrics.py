@@ -117,16 +117,44 @@ def test_ocrbench_substring_rule():
     assert M.ocrbench_score("foo", ["bar", " FOO "], "ctw") == 1
 
 
-def test_ocrbench_hme100k_ignores_spaces_keeps_case():
-    assert M.ocrbench_score("x ^ { 2 } + 1", ["x^{2}+1"], "HME100k") == 1
-    # lmms-eval lowercases the prediction, so an answer with capitals cannot match ...
-    assert M.ocrbench_score(r"\frac{A}{B}", [r"\frac{A}{B}"], "HME100k") == 0
-    # ... the official OCRBench script keeps the prediction's case
-    assert M.ocrbench_score(r"\frac{A}{B}", [r"\frac{A}{B}"], "HME100k", lowercase_prediction=False) == 1
-    assert M.ocrbench_score(r"\frac{a}{b}", [r"\frac{A}{B}"], "HME100k", lowercase_prediction=False) == 0
+@pytest.mark.parametrize("rules", ["lmms-eval", "official"])
+def test_ocrbench_hme100k_ignores_spaces_keeps_case(rules):
+    assert M.ocrbench_score("x ^ { 2 } + 1", ["x^{2}+1"], "HME100k", rules) == 1
+    # lmms-eval >= 0.7.2 and the official script keep the prediction's case (lmms-eval <= 0.7.1 lowercased it)
+    assert M.ocrbench_score(r"\frac{A}{B}", [r"\frac{A}{B}"], "HME100k", rules) == 1
+    assert M.ocrbench_score(r"\frac{a}{b}", [r"\frac{A}{B}"], "HME100k", rules) == 0
+
+
+def test_ocrbench_fullwidth_folding_only_under_lmms_eval_rules():
+    assert M.fold_fullwidth("ＣＥＮＴＲＡＬ\u3000１２！") == "CENTRAL 12!"
+    assert M.fold_fullwidth("中文ｶﾀ") == "中文ｶﾀ"  # only U+FF01..FF5E and U+3000 move
+    assert M.ocrbench_score("ＣＥＮＴＲＡＬ", ["central"], "IIIT5K") == 1
+    assert M.ocrbench_score("ＣＥＮＴＲＡＬ", ["central"], "IIIT5K", "official") == 0
+    assert M.ocrbench_score("ｘ＾２", ["x^2"], "HME100k") == 0  # HME100k is never folded
+    with pytest.raises(ValueError, match="unknown metric rules"):
+        M.ocrbench_score("a", ["a"], "IIIT5K", "lmms")
+
+
+def test_clean_prediction_cuts_reasoning_blocks_as_lmms_eval():
+    assert M.clean_prediction("  <think>it is 3</think>\n 4 ") == "4"
+    assert M.clean_prediction("reasoning...</analysis>Yes") == "Yes"  # prefilled opening tag
+    assert M.clean_prediction("<think>unclosed answer ") == "<think>unclosed answer"
+    assert M.clean_prediction(" <think>a</think>4 ", "official") == "<think>a</think>4"
 
 
 # ------------------------------------------------------------------ OCR-VQA, SQuAD
+
+
+def test_mme_yes_no_metrics():
+    pairs = [("Yes", "Yes"), ("Yes", "no."), ("No", "No"), ("No", "yes, it is"), ("Yes", "maybe"), ("No", "n")]
+    m = M.yes_no_metrics(pairs)
+    # parsed: yes, no, no, yes, other, no -> tp 1, fn 1, tn 2, fp 1, one other (left out of P and R)
+    assert m["accuracy"] == pytest.approx(100 * 3 / 6) and m["other"] == 1 and m["n"] == 6
+    assert m["precision"] == pytest.approx(50.0) and m["recall"] == pytest.approx(50.0)
+    assert m["f1"] == pytest.approx(50.0) and m["yes_ratio"] == pytest.approx(100 * 2 / 6)
+    assert M.yes_no_metrics([("No", "No")])["f1"] == 0.0  # no positives: 0, not a division error
+    with pytest.raises(ValueError, match="Yes or No"):
+        M.yes_no_metrics([("maybe", "yes")])
 
 
 def test_exact_match():

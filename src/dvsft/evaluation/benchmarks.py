@@ -14,11 +14,9 @@ from typing import Any
 
 from dvsft.evaluation import metrics as M
 from dvsft.evaluation.items import EvalItem
-from dvsft.labels.instructions import TRANSCRIBE_INSTRUCTION as TRANSCRIBE_PROMPT  # the renderer's task wording
+from dvsft.evaluation.prompts import MME_YES_NO, SHORT_ANSWER_PROMPT, TRANSCRIBE_PROMPT, build_prompt
 
-SHORT_ANSWER_PROMPT = "\nAnswer the question using a single word or phrase."  # the paper's (and lmms-eval's)
-
-MME_YES_NO = " Please answer yes or no."  # lmms-eval replaces it by the short-answer prompt
+__all__ = ["BENCHMARKS", "MME_YES_NO", "SHORT_ANSWER_PROMPT", "TRANSCRIBE_PROMPT", "Benchmark", "get_benchmark"]
 
 OCRBENCH_RECOGNITION = (
     "Regular Text Recognition",
@@ -48,26 +46,19 @@ class Benchmark:
     title: str
     primary: str  # the metric printed first
     max_new_tokens: int
-    score_row: Callable[[Row], dict[str, float]]
+    score_row: Callable[[str, Row, str], dict[str, float]]  # (cleaned prediction, row, rules) -> metrics
     aggregate: Callable[[list[Row]], dict[str, Any]]
     submission: bool = False  # writes the DocVQA/InfoVQA server's submission JSON
 
-    def prompt(self, item: EvalItem, post_prompt: str = SHORT_ANSWER_PROMPT) -> str:
-        """The user text that follows the image(s)."""
-        if self.name == "ocr":
-            return TRANSCRIBE_PROMPT
-        question = item.question.strip()
-        if self.name == "textvqa":
-            question = question.capitalize()  # as lmms-eval's textvqa_doc_to_text
-        if self.name == "mme":
-            question = question.replace(MME_YES_NO, "")
-        return f"{question}{post_prompt}"
+    def prompt(self, item: EvalItem, post_prompt: str | None = None, style: str = "paper") -> str:
+        """The user text that follows the image(s) (``dvsft.evaluation.prompts``)."""
+        return build_prompt(self.name, item.question, style, post_prompt)
 
-    def score(self, row: Row) -> dict[str, float] | None:
-        """Per-item metrics, or None where the answers are private."""
+    def score(self, row: Row, rules: str = "lmms-eval") -> dict[str, float] | None:
+        """Per-item metrics under ``rules`` (``metrics.RULES``), or None where the answers are private."""
         if not row.get("answers"):
             return None
-        return self.score_row(row)
+        return self.score_row(M.clean_prediction(row["prediction"], rules), row, rules)
 
 
 def _pct(values: list[float]) -> float:
@@ -120,23 +111,31 @@ def _ocrbench_aggregate(rows: list[Row]) -> dict[str, Any]:
 
 def _mme_aggregate(rows: list[Row]) -> dict[str, Any]:
     """lmms-eval's MME: per image (question pair) acc = mean correct * 100, acc+ = all correct * 100;
-    a category scores mean(acc) + mean(acc+); perception / cognition are sums over categories."""
+    a category scores mean(acc) + mean(acc+); perception / cognition are sums over categories.
+    Beside them the paper's numbers: yes/no accuracy and F1 over all questions (``metrics.yes_no_metrics``)."""
     by_cat: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    answered: list[tuple[str, str]] = []
     for r in _scored(rows):
+        answered.append((r["answers"][0], r.get("parsed", r["prediction"])))
         meta = r.get("meta", {})
         by_cat[meta.get("category", "")][meta.get("pair", r["id"])].append(r["score"])
     categories = {}
-    for cat, pairs in sorted(by_cat.items()):
-        acc = sum(100.0 * sum(s) / len(s) for s in pairs.values()) / len(pairs)
+    for cat, pairs in by_cat.items():  # summed in order of appearance, as lmms-eval (same float rounding)
+        acc = sum(sum(s) / len(s) * 100.0 for s in pairs.values()) / len(pairs)
         acc_plus = sum(100.0 * all(s) for s in pairs.values()) / len(pairs)
-        categories[cat] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus, "images": len(pairs)}
+        score = sum(100.0 * all(s) + sum(s) / len(s) * 100.0 for s in pairs.values()) / len(pairs)
+        categories[cat] = {"acc": acc, "acc_plus": acc_plus, "score": score, "images": len(pairs)}
     perception = sum(v["score"] for c, v in categories.items() if c in MME_PERCEPTION)
     cognition = sum(v["score"] for c, v in categories.items() if c not in MME_PERCEPTION)
+    yes_no = M.yes_no_metrics(answered)
     return {
         "perception": perception,
         "cognition": cognition,
         "total": perception + cognition,
-        "categories": categories,
+        "yes_no_accuracy": yes_no.get("accuracy", float("nan")),
+        "yes_no_f1": yes_no.get("f1", float("nan")),
+        "yes_no": yes_no,
+        "categories": dict(sorted(categories.items())),
         "n_scored": sum(1 for _ in _scored(rows)),
     }
 
@@ -164,8 +163,8 @@ def _ocr_aggregate(rows: list[Row]) -> dict[str, Any]:
     return out
 
 
-def _ocr_row(row: Row) -> dict[str, float]:
-    pred, ref = row["prediction"], row["answers"][0]
+def _ocr_row(pred: str, row: Row, rules: str) -> dict[str, float]:
+    ref = row["answers"][0]
     p, r = M.normalize_whitespace(pred), M.normalize_whitespace(ref)
     edits = M.levenshtein(p, r)
     matched = M.aligned_word_matches(p.split(), r.split())
@@ -180,8 +179,8 @@ def _ocr_row(row: Row) -> dict[str, float]:
     }
 
 
-def _squad_row(row: Row) -> dict[str, float]:
-    return {"score": M.squad_f1(row["prediction"], row["answers"]), "em": M.squad_em(row["prediction"], row["answers"])}
+def _squad_row(pred: str, row: Row, rules: str) -> dict[str, float]:
+    return {"score": M.squad_f1(pred, row["answers"]), "em": M.squad_em(pred, row["answers"])}
 
 
 def _squad_aggregate(rows: list[Row]) -> dict[str, Any]:
@@ -195,8 +194,20 @@ def _squad_aggregate(rows: list[Row]) -> dict[str, Any]:
     }
 
 
-def _one(fn: Callable[[str, Any], float]) -> Callable[[Row], dict[str, float]]:
-    return lambda row: {"score": float(fn(row["prediction"], row["answers"]))}
+def _one(fn: Callable[[str, Any], float]) -> Callable[[str, Row, str], dict[str, float]]:
+    return lambda pred, row, rules: {"score": float(fn(pred, row["answers"]))}
+
+
+def _chartqa_row(pred: str, row: Row, rules: str) -> dict[str, float]:
+    return {"score": float(any(M.relaxed_correctness(pred, a) for a in row["answers"]))}
+
+
+def _ocrbench_row(pred: str, row: Row, rules: str) -> dict[str, float]:
+    return {"score": float(M.ocrbench_score(pred, row["answers"], row.get("meta", {}).get("dataset", ""), rules))}
+
+
+def _mme_row(pred: str, row: Row, rules: str) -> dict[str, Any]:
+    return {"score": M.mme_correct(pred, row["answers"][0]), "parsed": M.mme_parse(pred)}
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -205,36 +216,11 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("docvqa", "DocVQA", "anls", 32, _one(M.anls), _mean_of("score", "anls"), submission=True),
         Benchmark("infovqa", "InfographicVQA", "anls", 32, _one(M.anls), _mean_of("score", "anls"), submission=True),
         Benchmark("squad", "SQuAD (rendered)", "f1", 32, _squad_row, _squad_aggregate),
-        Benchmark(
-            "chartqa",
-            "ChartQA",
-            "relaxed_overall",
-            16,
-            lambda row: {"score": float(any(M.relaxed_correctness(row["prediction"], a) for a in row["answers"]))},
-            _chartqa_aggregate,
-        ),
-        Benchmark(
-            "ocrbench",
-            "OCRBench",
-            "final_score",
-            128,
-            lambda row: {
-                "score": float(
-                    M.ocrbench_score(row["prediction"], row["answers"], row.get("meta", {}).get("dataset", ""))
-                )
-            },
-            _ocrbench_aggregate,
-        ),
+        Benchmark("chartqa", "ChartQA", "relaxed_overall", 16, _chartqa_row, _chartqa_aggregate),
+        Benchmark("ocrbench", "OCRBench", "final_score", 128, _ocrbench_row, _ocrbench_aggregate),
         Benchmark("ocrvqa", "OCR-VQA", "exact_match", 32, _one(M.exact_match), _mean_of("score", "exact_match")),
         Benchmark("textvqa", "TextVQA", "vqa_accuracy", 32, _one(M.vqa_accuracy), _mean_of("score", "vqa_accuracy")),
-        Benchmark(
-            "mme",
-            "MME",
-            "total",
-            16,
-            lambda row: {"score": M.mme_correct(row["prediction"], row["answers"][0])},
-            _mme_aggregate,
-        ),
+        Benchmark("mme", "MME", "total", 16, _mme_row, _mme_aggregate),
         Benchmark("ocr", "OCR transcription", "word_accuracy", 1024, _ocr_row, _ocr_aggregate),
     ]
 }

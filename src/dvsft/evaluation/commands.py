@@ -56,10 +56,21 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         post_prompt: Annotated[
             str | None,
             typer.Option(
-                help="Text appended to each question (default: the paper's "
+                help="Text appended to each question (default: the prompt style's; the paper's is "
                 "'\\nAnswer the question using a single word or phrase.')."
             ),
         ] = None,
+        prompt_style: Annotated[
+            str,
+            typer.Option(help="paper (the paper's protocol) or lmms-eval (lmms-eval's own prompt per benchmark)."),
+        ] = "paper",
+        rules: Annotated[
+            str,
+            typer.Option(
+                help="Metric rules: lmms-eval (its current release, see docs/evaluation.md) or official "
+                "(OCRBench: the official script, no full-width folding)."
+            ),
+        ] = "lmms-eval",
         overwrite: Annotated[bool, typer.Option(help="Discard earlier predictions instead of resuming.")] = False,
         device: Annotated[str | None, typer.Option(help="cpu / cuda (default: cuda when available).")] = None,
         skip_bad: Annotated[
@@ -73,10 +84,15 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from dvsft.evaluation.benchmarks import SHORT_ANSWER_PROMPT
+        from dvsft.evaluation.metrics import RULES, rules_label
+        from dvsft.evaluation.prompts import PROMPT_STYLES
         from dvsft.evaluation.suite import evaluate, scores_table
 
         console = Console()
+        if prompt_style not in PROMPT_STYLES:
+            raise typer.BadParameter(f"--prompt-style {prompt_style!r}: use one of {', '.join(PROMPT_STYLES)}")
+        if rules not in RULES:
+            raise typer.BadParameter(f"--rules {rules!r}: use one of {', '.join(RULES)}")
         try:
             scale_values = [float(s) for s in _split_list(scales)]
         except ValueError as err:
@@ -103,7 +119,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                     max_pixels=max_pixels,
                     max_new_tokens=max_new_tokens,
                     scales=scale_values,
-                    post_prompt=SHORT_ANSWER_PROMPT if post_prompt is None else post_prompt,
+                    post_prompt=post_prompt,
                     selection=selection,
                     select_visible_n=select_visible,
                     seed=seed,
@@ -111,6 +127,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                     device=device,
                     progress=progress,
                     skip_bad=skip_bad,
+                    prompt_style=prompt_style,
+                    rules=rules,
                 )
             except (ValueError, FileNotFoundError, RuntimeError) as err:
                 from dvsft.cli import debug_enabled
@@ -120,6 +138,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 console.print(f"[red]error:[/red] {err}")
                 raise typer.Exit(code=2) from err
         console.print(scores_table(results))
+        console.print(f"metric rules: {rules_label(rules)}; prompt style: {prompt_style}")
         for name, res in results.items():
             if res.get("skipped_bad"):
                 errors = out / name / "errors.jsonl"

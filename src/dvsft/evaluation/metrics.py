@@ -1,16 +1,59 @@
-"""Benchmark metrics, rule for rule as lmms-eval computes them (DESIGN.md section 5).
+"""Benchmark metrics, rule for rule as lmms-eval ``LMMS_EVAL_VERSION`` computes them.
 
 Every function scores one prediction; the aggregations over a benchmark live in
 ``dvsft.evaluation.benchmarks``. Quirks of the reference code are kept on purpose and
-noted where they matter, so our numbers compare with published lmms-eval numbers.
+noted where they matter, so our numbers compare with published lmms-eval numbers; the test
+suite checks them item by item against lmms-eval's own task code (tests/test_lmms_eval_parity.py).
 """
 
 from __future__ import annotations
 
 import re
+import statistics
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+
+LMMS_EVAL_VERSION = "0.7.3"  # the lmms-eval release whose rules the default ("lmms-eval") rules follow
+RULES = ("lmms-eval", "official")  # "official": the benchmark's own script where it differs (OCRBench)
+# lmms-eval's default --reasoning_tags: these blocks are cut from a prediction before scoring.
+REASONING_TAGS = (("<think>", "</think>"), ("<analysis>", "</analysis>"))
+
+
+def check_rules(rules: str) -> str:
+    if rules not in RULES:
+        raise ValueError(f"unknown metric rules {rules!r}; use one of {', '.join(RULES)}")
+    return rules
+
+
+def rules_label(rules: str) -> str:
+    """The rule set as recorded in ``scores.json`` (``settings.metric_rules``)."""
+    check_rules(rules)
+    if rules == "official":
+        return f"official (OCRBench: the official script; others as lmms-eval {LMMS_EVAL_VERSION})"
+    return f"lmms-eval {LMMS_EVAL_VERSION}"
+
+
+def strip_reasoning(text: str, tag_pairs: Sequence[tuple[str, str]] = REASONING_TAGS) -> str:
+    """lmms-eval's ``strip_reasoning_tags``: cut closed tag blocks, keep what follows a lone end tag, strip."""
+    result = text
+    for start_tag, end_tag in tag_pairs:
+        while start_tag in result and end_tag in result:
+            start = result.find(start_tag)
+            end = result.find(end_tag, start)
+            if end == -1:
+                break
+            result = result[:start] + result[end + len(end_tag) :]
+        if end_tag in result and start_tag not in result:
+            result = result.rsplit(end_tag, 1)[-1]
+    return result.strip()
+
+
+def clean_prediction(prediction: str, rules: str = "lmms-eval") -> str:
+    """The prediction a metric sees: lmms-eval cuts reasoning blocks and strips; the official scripts strip."""
+    check_rules(rules)
+    return strip_reasoning(prediction) if rules == "lmms-eval" else prediction.strip()
+
 
 # ---------------------------------------------------------------- edit distance
 
@@ -175,33 +218,45 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     for i in range(len(gts)):
         matching = sum(1 for j, gt in enumerate(gts) if j != i and gt == pred)
         accs.append(min(1.0, matching / 3))
-    return sum(accs) / len(accs)
+    return float(statistics.mean(accs))  # exact mean, rounded once (as lmms-eval), not sum / len
 
 
 # ---------------------------------------------------------------- OCRBench
 
 
-def ocrbench_score(
-    prediction: str, answers: str | Sequence[str], dataset: str, lowercase_prediction: bool = True
-) -> int:
+def fold_fullwidth(text: str) -> str:
+    """Full-width ASCII (U+FF01..U+FF5E) and the ideographic space (U+3000) as ASCII, nothing else changed."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xFF01 <= code <= 0xFF5E:
+            out.append(chr(code - 0xFEE0))
+        elif code == 0x3000:
+            out.append(" ")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def ocrbench_score(prediction: str, answers: str | Sequence[str], dataset: str, rules: str = "lmms-eval") -> int:
     """1 if a GT answer is a substring of the prediction, else 0 (OCRBench rule).
 
-    Ordinary items compare lowercased and stripped, newlines as spaces. ``HME100k`` (handwritten
-    math) compares with all spaces removed and the answer's case kept. lmms-eval lowercases the
-    prediction first even for HME100k (so answers with capitals never match); the official
-    OCRBench script does not: ``lowercase_prediction=False`` gives the official rule.
+    Ordinary items compare lowercased and stripped, newlines as spaces; lmms-eval (since 0.7.3) first
+    folds full-width ASCII and the ideographic space to ASCII on both sides, the official script
+    (``rules="official"``) does not. ``HME100k`` (handwritten math) compares with all spaces removed
+    and case kept on both sides (lmms-eval lowercased the prediction up to 0.7.1; no longer).
     """
+    check_rules(rules)
+    fold = fold_fullwidth if rules == "lmms-eval" else (lambda t: t)
     pred = prediction.strip()
-    if lowercase_prediction:
-        pred = pred.lower()
     answers = [answers] if isinstance(answers, str) else list(answers)
     for gt in answers:
         if dataset == "HME100k":
             answer = gt.strip().replace("\n", " ").replace(" ", "")
             predict = pred.strip().replace("\n", " ").replace(" ", "")
         else:
-            answer = gt.lower().strip().replace("\n", " ")
-            predict = pred.lower().strip().replace("\n", " ")
+            answer = fold(gt).lower().strip().replace("\n", " ")
+            predict = fold(pred).lower().strip().replace("\n", " ")
         if answer in predict:
             return 1
     return 0
@@ -211,7 +266,7 @@ def ocrbench_score(
 
 
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
-    """Case-insensitive exact match after stripping (OCRVQA)."""
+    """Case-insensitive exact match after stripping (OCR-VQA; Qwen-VL's ``evaluate_exact_match_accuracy``)."""
     pred = prediction.strip().lower()
     return float(any(pred == a.strip().lower() for a in answers))
 
@@ -269,6 +324,39 @@ def mme_correct(prediction: str, answer: str) -> float:
     if gt not in ("yes", "no"):
         raise ValueError(f"MME answers are Yes or No, got {answer!r}")
     return float(mme_parse(prediction) == gt)
+
+
+def yes_no_metrics(pairs: Iterable[tuple[str, str]]) -> dict[str, float]:
+    """Yes/no accuracy, precision, recall and F1 ("yes" positive) over (answer, prediction) pairs, in %.
+
+    Predictions are parsed with ``mme_parse``. Accuracy counts every question (an "other" answer is
+    wrong); precision and recall leave "other" answers out, as MME's official ``calculation.py`` does.
+    """
+    gts, preds = [], []
+    for answer, prediction in pairs:
+        gt = answer.lower().strip().replace(".", "")
+        if gt not in ("yes", "no"):
+            raise ValueError(f"MME answers are Yes or No, got {answer!r}")
+        gts.append(gt)
+        preds.append(mme_parse(prediction))
+    n = len(gts)
+    if not n:
+        return {"n": 0}
+    tp = sum(g == "yes" and p == "yes" for g, p in zip(gts, preds, strict=True))
+    fp = sum(g == "no" and p == "yes" for g, p in zip(gts, preds, strict=True))
+    fn = sum(g == "yes" and p == "no" for g, p in zip(gts, preds, strict=True))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "accuracy": 100.0 * sum(g == p for g, p in zip(gts, preds, strict=True)) / n,
+        "precision": 100.0 * precision,
+        "recall": 100.0 * recall,
+        "f1": 100.0 * f1,
+        "yes_ratio": 100.0 * preds.count("yes") / n,
+        "other": preds.count("other"),
+        "n": n,
+    }
 
 
 # ---------------------------------------------------------------- OCR tasks

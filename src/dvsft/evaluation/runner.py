@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from dvsft.evaluation.benchmarks import SHORT_ANSWER_PROMPT, Benchmark
+from dvsft.evaluation.benchmarks import Benchmark
 from dvsft.evaluation.items import EvalItem
 from dvsft.records import JsonlAppender, read_jsonl
 
@@ -27,6 +27,7 @@ SCORES = "scores.json"
 RUN = "run.json"
 SUBMISSION = "submission.json"
 ERRORS = "errors.jsonl"
+SCORING_ONLY = ("metric_rules",)  # settings that change scores, not predictions: a resume may change them
 
 
 def expand_scales(items: Iterable[EvalItem], scales: list[float]) -> Iterator[EvalItem]:
@@ -49,7 +50,7 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
     run_file = out / RUN
     if run_file.is_file() and (out / PREDICTIONS).is_file():
         old = json.loads(run_file.read_text())
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v and k not in SCORING_ONLY}
         if diff:
             changes = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise ValueError(
@@ -68,13 +69,17 @@ def run_benchmark(
     settings: dict[str, Any],
     batch_size: int = 8,
     limit: int | None = None,
-    post_prompt: str = SHORT_ANSWER_PROMPT,
+    post_prompt: str | None = None,
     on_done: Callable[[int], None] | None = None,
     skip_bad: bool = False,
+    prompt_style: str = "paper",
+    rules: str = "lmms-eval",
 ) -> dict[str, Any]:
     """Evaluate ``items`` (the first ``limit``) and return the scores written to ``scores.json``.
 
-    ``skip_bad``: an item whose images cannot be read is written to ``errors.jsonl`` and left out.
+    ``post_prompt`` None takes ``prompt_style``'s own (``dvsft.evaluation.prompts``); ``rules``: the
+    metric rules (``metrics.RULES``). ``skip_bad``: an item whose images cannot be read is written to
+    ``errors.jsonl`` and left out.
     """
     out = Path(out_dir) / bench.name
     check_settings(out, settings)
@@ -111,13 +116,13 @@ def run_benchmark(
                 ready.append(it)
             pending.clear()
             if ready:
-                prompts = [bench.prompt(it, post_prompt) for it in ready]
+                prompts = [bench.prompt(it, post_prompt, prompt_style) for it in ready]
                 t0 = time.perf_counter()
                 predictions = generate(prompts, images)
                 gen_seconds += time.perf_counter() - t0
                 generated += len(ready)
                 for it, prompt, pred in zip(ready, prompts, predictions, strict=True):
-                    sink.write(make_row(bench, it, prompt, pred))
+                    sink.write(make_row(bench, it, prompt, pred, rules))
                 if on_done:
                     on_done(len(ready))
             if failure is not None:
@@ -141,7 +146,7 @@ def run_benchmark(
     if not bad:
         (out / ERRORS).unlink(missing_ok=True)
     rows = [row for row in read_jsonl(pred_file, own=True) if row["id"] in seen]
-    scores = summarize(bench, rows, settings)
+    scores = summarize(bench, rows, settings, rules)
     scores["generated_now"] = generated
     scores["skipped_bad"] = bad
     if generated:
@@ -161,7 +166,9 @@ def _take(items: Iterable[EvalItem], n: int) -> Iterator[EvalItem]:
         yield item
 
 
-def make_row(bench: Benchmark, item: EvalItem, prompt: str, prediction: str) -> dict[str, Any]:
+def make_row(
+    bench: Benchmark, item: EvalItem, prompt: str, prediction: str, rules: str = "lmms-eval"
+) -> dict[str, Any]:
     row: dict[str, Any] = {
         "id": item.id,
         "question": item.question,
@@ -170,18 +177,20 @@ def make_row(bench: Benchmark, item: EvalItem, prompt: str, prediction: str) -> 
         "prediction": prediction,
         "meta": item.meta,
     }
-    row.update(rescore(bench, row))
+    row.update(rescore(bench, row, rules))
     return row
 
 
-def rescore(bench: Benchmark, row: dict[str, Any]) -> dict[str, Any]:
+def rescore(bench: Benchmark, row: dict[str, Any], rules: str = "lmms-eval") -> dict[str, Any]:
     """The row's metric fields (``score`` and extras) from its prediction and answers."""
-    metrics = bench.score(row)
+    metrics = bench.score(row, rules)
     return {"score": None} if metrics is None else metrics
 
 
-def summarize(bench: Benchmark, rows: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
-    rows = [{**row, **rescore(bench, row)} for row in rows]
+def summarize(
+    bench: Benchmark, rows: list[dict[str, Any]], settings: dict[str, Any], rules: str = "lmms-eval"
+) -> dict[str, Any]:
+    rows = [{**row, **rescore(bench, row, rules)} for row in rows]
     metrics = bench.aggregate(rows)
     return {
         "bench": bench.name,

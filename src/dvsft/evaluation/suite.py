@@ -9,9 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dvsft.evaluation.benchmarks import SHORT_ANSWER_PROMPT, get_benchmark
+from dvsft.evaluation.benchmarks import get_benchmark
 from dvsft.evaluation.generation import Generator
 from dvsft.evaluation.loaders import DEFAULT_SPLITS, iter_items
+from dvsft.evaluation.metrics import check_rules, rules_label
+from dvsft.evaluation.prompts import check_style, effective_post_prompt, prompt_template
 from dvsft.evaluation.runner import run_benchmark
 from dvsft.evaluation.visible import read_selection, select_visible, write_selection
 
@@ -40,7 +42,7 @@ def evaluate(
     max_pixels: int | None = None,
     max_new_tokens: int | None = None,
     scales: list[float] | None = None,
-    post_prompt: str = SHORT_ANSWER_PROMPT,
+    post_prompt: str | None = None,
     selection: str | Path | None = None,
     select_visible_n: int | None = None,
     seed: int = 0,
@@ -48,11 +50,14 @@ def evaluate(
     device: str | None = None,
     progress: Callable[[str, int | None], Callable[[int], None]] | None = None,
     skip_bad: bool = False,
+    prompt_style: str = "paper",
+    rules: str = "lmms-eval",
 ) -> dict[str, Any]:
     """Evaluate a model on benchmarks; returns ``{bench: scores}`` (also merged into ``OUT/scores.json``).
 
     ``progress(description, total)`` may return a callback that receives done-item counts. ``skip_bad``:
     items that cannot be read go to ``OUT/<bench>/errors.jsonl`` instead of stopping the run.
+    ``post_prompt`` None takes ``prompt_style``'s own per benchmark; ``rules``: ``metrics.RULES``.
     """
     import torch
 
@@ -61,6 +66,8 @@ def evaluate(
     if len(benches) != len(data):
         raise ValueError(f"--bench names {len(benches)} benchmark(s) but --data gives {len(data)} path(s)")
     specs = [get_benchmark(b) for b in benches]
+    check_style(prompt_style)
+    check_rules(rules)
     if (select_visible_n or selection) and "ocrvqa" not in benches:
         raise ValueError("--select-visible / --selection apply to the ocrvqa benchmark only")
     for path in data:
@@ -92,7 +99,10 @@ def evaluate(
             "min_pixels": _size(processor, "shortest_edge"),
             "max_pixels": _size(processor, "longest_edge"),
             "max_new_tokens": tokens,
-            "post_prompt": post_prompt,
+            "prompt_style": prompt_style,
+            "post_prompt": effective_post_prompt(bench.name, prompt_style, post_prompt),
+            "prompt": prompt_template(bench.name, prompt_style, post_prompt),
+            "metric_rules": rules_label(rules),
             "scales": scales if bench.name == "ocr" else None,
             "selection": sorted(only_ids) if only_ids is not None else None,
         }
@@ -104,7 +114,18 @@ def evaluate(
         tick = progress(f"{bench.title}", total) if progress else None
         generate = Generator(model, processor, tokens)
         results[bench.name] = run_benchmark(
-            bench, items, generate, out, settings, batch_size, limit, post_prompt, on_done=tick, skip_bad=skip_bad
+            bench,
+            items,
+            generate,
+            out,
+            settings,
+            batch_size,
+            limit,
+            post_prompt,
+            on_done=tick,
+            skip_bad=skip_bad,
+            prompt_style=prompt_style,
+            rules=rules,
         )
     _merge_summary(out / SUMMARY, results)
     return results
