@@ -29,12 +29,25 @@ def _image_only(processor_cls: type) -> type:
 
 
 def processor_class(model_type: str) -> type:
+    """The multimodal processor class of a model type (from its family module, :mod:`dvsft.families`)."""
     import transformers
 
-    names = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
-    if model_type not in names:
-        raise ValueError(f"model type {model_type!r} is not supported yet; supported: {', '.join(names)}")
-    return getattr(transformers, names[model_type])
+    from dvsft.families import family_spec
+
+    try:
+        spec = family_spec(model_type)
+    except ValueError as err:
+        raise ValueError(f"model type {model_type!r} is not supported yet: {err}") from None
+    return getattr(transformers, spec.processor)
+
+
+def image_processor_class(model_type: str) -> type:
+    """The PIL image processor class of a model type (no torchvision needed)."""
+    import transformers
+
+    from dvsft.families import family_spec
+
+    return getattr(transformers, family_spec(model_type).image_processor)
 
 
 def build_processor(image_processor: Any, tokenizer: Any, model_type: str, chat_template: str | None = None):
@@ -68,7 +81,7 @@ def load_processor(model_dir: str | Path, trust_remote_code: bool = False, **siz
 
     ``size`` may carry ``min_pixels`` / ``max_pixels`` to override the directory's setting.
     """
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+    from transformers import AutoTokenizer
     from transformers.utils import is_torchvision_available
 
     model_dir = Path(model_dir)
@@ -77,7 +90,7 @@ def load_processor(model_dir: str | Path, trust_remote_code: bool = False, **siz
 
         processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     else:
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+        image_processor = image_processor_class(model_type_of(model_dir)).from_pretrained(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         template = None
         tmpl_file = model_dir / "chat_template.jinja"

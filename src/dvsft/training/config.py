@@ -51,7 +51,7 @@ class LoraSection:
     r: int = opt(64, "LoRA rank (paper, Qwen3-VL-8B)")
     alpha: int = opt(128, "LoRA alpha")
     dropout: float = opt(0.0, "LoRA dropout")
-    target_modules: list[str] | None = opt(None, "module name suffixes; None = every linear layer of the LLM")
+    target_modules: list[str] | None = opt(None, "module name suffixes; None = the family's LoRA targets")
 
 
 @dataclass
@@ -129,6 +129,8 @@ TINY_HELP = {
     "min_pixels": "the tiny processor's saved min pixels (the top-level min_pixels applies in training)",
     "max_pixels": "the tiny processor's saved max pixels (the top-level max_pixels applies in training)",
     "seed": "initialisation seed of the tiny model",
+    "family": "architecture of the tiny model: qwen3-vl, qwen3.5 (Gated DeltaNet + attention), qwen3-vl-moe",
+    "experts": "qwen3-vl-moe: experts per MoE layer (2 active per token)",
 }
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dvsft.training.config import LoraSection, TrainConfig, TrainParts
-from dvsft.training.objectives import base_model, language_model_of, vision_tower_of
+from dvsft.training.objectives import _spec, base_model, language_model_of, projector_of, vision_tower_of
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +186,9 @@ def graft(llm_dir: str | Path, vision_dir: str | Path, dtype: Any = None, trust_
 
 
 def _projector_modules(model: Any) -> list[Any]:
-    visual = vision_tower_of(model)
-    mods = [visual.merger]
-    mods += list(getattr(visual, "deepstack_merger_list", []) or [])
+    """The family's projector (+ Qwen3-VL's DeepStack mergers, which also map to the LLM's size)."""
+    mods = [projector_of(model)]
+    mods += list(getattr(vision_tower_of(model), "deepstack_merger_list", []) or [])
     return mods
 
 
@@ -237,10 +237,14 @@ def trainable_counts(model: Any) -> dict[str, int]:
 
 
 def lora_targets(model: Any, wanted: list[str] | None = None) -> list[str]:
-    """Full names of the LLM's linear layers (optionally only those whose name ends with one of ``wanted``)."""
+    """Full names of the LLM's linear layers whose name ends with one of ``wanted`` (default: the family
+    module's ``lora_targets``; every linear layer of the LLM for a model no family module knows)."""
     from torch import nn
 
     base = base_model(model)
+    if not wanted:
+        spec = _spec(base)
+        wanted = list(spec.lora_targets) if spec is not None else None
     lm = language_model_of(base)
     lm_ids = {id(m) for m in lm.modules()}
     names = []

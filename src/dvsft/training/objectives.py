@@ -184,6 +184,16 @@ def base_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def _spec(model: nn.Module):
+    """The registered family of ``model`` (None for a model type no family module knows)."""
+    from dvsft.families import spec_for_model
+
+    try:
+        return spec_for_model(base_model(model))
+    except ValueError:
+        return None
+
+
 def lm_head_of(model: nn.Module) -> nn.Module:
     head = base_model(model).get_output_embeddings()
     if head is None:
@@ -192,19 +202,23 @@ def lm_head_of(model: nn.Module) -> nn.Module:
 
 
 def language_model_of(model: nn.Module) -> nn.Module:
-    """The decoder stack (has ``.layers``, ``.norm``, ``.embed_tokens``)."""
+    """The decoder stack (has ``.layers``, ``.norm``, ``.embed_tokens``): the family module's accessor."""
+    spec = _spec(model)
+    if spec is not None:
+        return spec.language_model(model)
     inner = base_model(model).model
     return getattr(inner, "language_model", inner)
 
 
 def vision_tower_of(model: nn.Module) -> nn.Module:
-    inner = base_model(model).model
-    return inner.visual
+    spec = _spec(model)
+    return spec.vision_tower(model) if spec is not None else base_model(model).model.visual
 
 
 def projector_of(model: nn.Module) -> nn.Module:
     """The module that maps vision features to the LLM's hidden size (Qwen-VL: ``visual.merger``)."""
-    return vision_tower_of(model).merger
+    spec = _spec(model)
+    return spec.projector(model) if spec is not None else vision_tower_of(model).merger
 
 
 def gathered(module: nn.Module):

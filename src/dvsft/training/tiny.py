@@ -1,4 +1,9 @@
-"""`--model tiny`: a real Qwen3-VL architecture at toy size, with a tokenizer trained offline.
+"""`--model tiny`: a real Qwen3-VL (or Qwen3.5 / Qwen3-VL-MoE) architecture at toy size, with a
+tokenizer trained offline.
+
+``TinyConfig.family`` picks the architecture: ``qwen3-vl`` (default), ``qwen3.5`` (hybrid Gated
+DeltaNet + attention decoder: one linear-attention layer, then full attention) or
+``qwen3-vl-moe`` (sparse-expert MLPs); all three use the Qwen3-VL processor (patch 16, merge 2).
 
 Everything is built from configs and text that installs with Python (``pydoc_data.topics``),
 so tests, the demo and CI run with no hub access. The result is an ordinary HF model
@@ -53,6 +58,8 @@ class TinyConfig:
     min_pixels: int = 32 * 32 * 4
     max_pixels: int = 32 * 32 * 256
     seed: int = 0
+    family: str = "qwen3-vl"  # qwen3-vl, qwen3.5, qwen3-vl-moe
+    experts: int = 4  # qwen3-vl-moe: experts per MoE layer (2 active per token)
 
 
 def corpus_text() -> str:
@@ -123,25 +130,64 @@ def build_processor(tokenizer, min_pixels: int, max_pixels: int):
     return family_processor(image_processor, tokenizer, "qwen3_vl", CHAT_TEMPLATE)
 
 
-def build_model_config(cfg: TinyConfig, tokenizer):
-    from transformers import Qwen3VLConfig
+TINY_FAMILIES = ("qwen3-vl", "qwen3.5", "qwen3-vl-moe")
 
+
+def _sections(rotary_dim: int) -> list[int]:
+    quarter = rotary_dim // 2  # mrope sections (t, h, w) sum to rotary_dim / 2
+    return [quarter - 2 * (quarter // 3), quarter // 3, quarter // 3]
+
+
+def _text_config(cfg: TinyConfig, tokenizer) -> dict:
     head_dim = cfg.hidden_size // cfg.heads
-    quarter = head_dim // 2  # mrope sections (t, h, w) sum to head_dim / 2
-    section = [quarter - 2 * (quarter // 3), quarter // 3, quarter // 3]
-    return Qwen3VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.hidden_size * 3,
-            num_hidden_layers=cfg.layers,
-            num_attention_heads=cfg.heads,
-            num_key_value_heads=cfg.kv_heads,
-            head_dim=head_dim,
-            max_position_embeddings=4096,
-            rope_scaling={"rope_type": "default", "mrope_section": section, "mrope_interleaved": True},
-            tie_word_embeddings=True,
-        ),
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.hidden_size * 3,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        rope_scaling={"rope_type": "default", "mrope_section": _sections(head_dim), "mrope_interleaved": True},
+        tie_word_embeddings=True,
+    )
+    if cfg.family == "qwen3.5":
+        # partial rotary (half the head), Gated DeltaNet layers first, full attention last
+        text.pop("rope_scaling")
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "mrope_section": _sections(head_dim // 2),
+            "mrope_interleaved": True,
+        }
+        text["layer_types"] = ["linear_attention"] * (cfg.layers - 1) + ["full_attention"]
+        text.update(
+            linear_num_key_heads=cfg.kv_heads,
+            linear_num_value_heads=cfg.heads,
+            linear_key_head_dim=head_dim,
+            linear_value_head_dim=head_dim,
+        )
+    elif cfg.family == "qwen3-vl-moe":
+        text.update(
+            num_experts=cfg.experts,
+            num_experts_per_tok=min(2, cfg.experts),
+            moe_intermediate_size=cfg.hidden_size * 2,
+            decoder_sparse_step=1,
+        )
+    return text
+
+
+def build_model_config(cfg: TinyConfig, tokenizer):
+    from transformers import Qwen3_5Config, Qwen3VLConfig, Qwen3VLMoeConfig
+
+    if cfg.family not in TINY_FAMILIES:
+        raise ValueError(f"tiny.family must be one of {', '.join(TINY_FAMILIES)}; got {cfg.family!r}")
+    config_class = {"qwen3-vl": Qwen3VLConfig, "qwen3.5": Qwen3_5Config, "qwen3-vl-moe": Qwen3VLMoeConfig}
+    vision_extra = {} if cfg.family == "qwen3.5" else {"deepstack_visual_indexes": []}
+    return config_class[cfg.family](
+        text_config=_text_config(cfg, tokenizer),
         vision_config=dict(
             depth=cfg.vision_depth,
             hidden_size=cfg.vision_hidden_size,
@@ -152,7 +198,7 @@ def build_model_config(cfg: TinyConfig, tokenizer):
             spatial_merge_size=2,
             temporal_patch_size=2,
             num_position_embeddings=256,
-            deepstack_visual_indexes=[],
+            **vision_extra,
         ),
         image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
@@ -163,15 +209,18 @@ def build_model_config(cfg: TinyConfig, tokenizer):
 
 
 def build_tiny(cfg: TinyConfig | None = None, extra_text: list[str] | None = None):
-    """(model, processor) of a freshly initialised tiny Qwen3-VL."""
+    """(model, processor) of a freshly initialised tiny Qwen3-VL (or ``cfg.family``)."""
     import torch
-    from transformers import Qwen3VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     cfg = cfg or TinyConfig()
+    if cfg.family not in TINY_FAMILIES:
+        raise ValueError(f"tiny.family must be one of {', '.join(TINY_FAMILIES)}; got {cfg.family!r}")
     tokenizer = train_tokenizer(cfg.vocab_size, extra_text)
     processor = build_processor(tokenizer, cfg.min_pixels, cfg.max_pixels)
     torch.manual_seed(cfg.seed)
-    model = Qwen3VLForConditionalGeneration(build_model_config(cfg, tokenizer))
+    config = build_model_config(cfg, tokenizer)
+    model = AutoModelForImageTextToText.from_config(config)
     for cfg_obj in (model.config, model.config.text_config, model.generation_config):
         cfg_obj.pad_token_id = tokenizer.pad_token_id
         cfg_obj.eos_token_id = tokenizer.eos_token_id
