@@ -223,6 +223,34 @@ def qa(question, answer, context, qid, impossible=None, start=None):
 SMALL_OPTS = dict(cols=16, max_rows=6, font="DejaVuSans", **SMALL)
 
 
+def test_pairs_whose_answer_is_not_drawn_on_one_page_are_dropped(tmp_path, words):
+    """An answer split over two pages, or with a word the renderer skipped, is dropped and counted."""
+    from dvsft.labels.render_dataset import RenderOptions as Opts
+
+    renderer = Opts(**SMALL_OPTS).renderer()
+    text = text_of(words, 100, 300) + " Tokyo 東京 tower"  # DejaVuSans has no CJK glyphs: 東京 is skipped
+    layouts = renderer.layout(text, face="DejaVuSans")
+    assert len(layouts) >= 2 and sum(lay.skipped["unsupported_characters"] for lay in layouts) == 1
+    last, first = layouts[0].placements[-1], layouts[1].placements[0]
+    across = text[last.span[0] : first.span[1]]  # the last word of page 0 and the first of page 1
+    inside = layouts[1].placements[2].text
+    qas = [
+        qa("Across?", across, text, "across"),
+        qa("Skipped?", "Tokyo 東京 tower", text, "skipped"),
+        qa("Whole?", inside, text, "whole", start=text.index(inside, first.span[0])),
+        qa("Tokyo?", "Tokyo", text, "tokyo"),
+    ]
+    src = tmp_path / "train-v1.1.json"
+    src.write_text(json.dumps(squad([{"context": text, "qas": qas}], "v1.1")))
+    stats = render_source(src, tmp_path / "out", RenderOptions(**SMALL_OPTS))
+    recs = list(read_jsonl(tmp_path / "out" / "words.jsonl"))
+    assert sorted(r["qas"][0]["id"] for r in recs) == ["tokyo", "whole"]
+    assert stats["qa_dropped_answer_across_pages"] == 1 and stats["qa_dropped_answer_not_drawn"] == 1
+    assert stats["qa_pairs"] == 4 and stats["qa_pairs_kept"] == 2 == stats["samples"]
+    for rec in recs:  # the page shows the whole answer
+        assert rec["qas"][0]["answers"][0] in " ".join(w["text"] for w in rec["words"])
+
+
 def test_squad_v2_qa_on_the_page_holding_the_answer(tmp_path, words):
     short = text_of(words, 0, 40)
     long = text_of(words, 100, 300)  # several 16x6 pages
@@ -241,15 +269,15 @@ def test_squad_v2_qa_on_the_page_holding_the_answer(tmp_path, words):
     src = tmp_path / "train-v2.0.json"
     src.write_text(json.dumps(squad(paragraphs)))
     stats = render_source(src, tmp_path / "out", RenderOptions(**SMALL_OPTS))
-    assert stats["impossible_questions"] == 1 and stats["answer_not_on_one_page"] == 1
+    assert stats["impossible_questions"] == 1 and stats["qa_dropped_answer_not_in_text"] == 1
     recs = list(read_jsonl(tmp_path / "out" / "words.jsonl"))
-    assert len(recs) == 4 == stats["images"] == stats["samples"]  # one QA pair per image
+    assert len(recs) == 3 == stats["images"] == stats["samples"] == stats["qa_pairs_kept"]  # one pair per image
     by_q = {r["qas"][0]["id"]: r for r in recs}
     for qid in ("q3", "q4"):
         rec = by_q[qid]
         assert rec["page"] > 0
         assert target in " ".join(w["text"] for w in rec["words"])
-    assert by_q["q5"]["page"] == 0
+    assert "q5" not in by_q  # never put on page 0
     assert by_q["q3"]["page"] == by_q["q4"]["page"] and by_q["q3"]["image"] != by_q["q4"]["image"]
     for rec in recs:
         user, assistant = rec["messages"]

@@ -3,10 +3,12 @@
 Per document (its random generator is seeded by ``seed`` and the document id, so output does not
 depend on resuming or on the number of workers):
 
-- QA documents: each QA pair goes to the page that holds its answer (SQuAD ``answer_start`` when it
-  matches the text, else the first occurrence of the answer that lies on one page; the first page
-  when none does). The pairs of a page are grouped ``qa_per_image`` at a time and each group gets
-  its own freshly coloured image of that page. Pages without QA are not written.
+- QA documents: each QA pair goes to the page on which every character of its answer is drawn
+  (SQuAD ``answer_start`` when it matches the text, else the first such occurrence of the answer).
+  A pair whose answer is split over two pages, or has a word the renderer skipped (no glyph, taller
+  than a row, too long), or is not in the text, is dropped and counted (``qa_dropped_answer_*``).
+  The pairs of a page are grouped ``qa_per_image`` at a time and each group gets its own freshly
+  coloured image of that page. Pages without QA are not written.
 - Documents without QA: every page gets a transcription task (user ``<image>Transcribe the text in
   the image.``, assistant = the page's words joined by spaces).
 
@@ -31,6 +33,8 @@ from dvsft.labels.instructions import TRANSCRIBE_INSTRUCTION, qa_prompt
 from dvsft.labels.render import PageLayout, Renderer, RenderStyle
 from dvsft.labels.sources import QA, Document, load_documents
 from dvsft.records import JsonlAppender, read_jsonl, write_jsonl
+
+ANSWER_REASONS = ("answer_not_in_text", "answer_not_drawn", "answer_across_pages")
 
 
 @dataclass(frozen=True)
@@ -79,12 +83,6 @@ def safe_name(record_id: str) -> str:
     return safe
 
 
-def _layout_span(layout: PageLayout) -> tuple[int, int] | None:
-    if not layout.placements:
-        return None
-    return layout.placements[0].span[0], layout.placements[-1].span[1]
-
-
 def answer_spans(text: str, qa: QA) -> list[tuple[int, int]]:
     """Candidate character spans of the answer: ``answer_start`` when it matches, else every occurrence."""
     answer = qa.answers[0].strip()
@@ -98,14 +96,37 @@ def answer_spans(text: str, qa: QA) -> list[tuple[int, int]]:
     return spans
 
 
-def locate_answer(text: str, qa: QA, layouts: list[PageLayout]) -> int | None:
-    """Index of the page holding the whole answer, or None."""
-    page_spans = [_layout_span(lay) for lay in layouts]
-    for start, end in answer_spans(text, qa):
-        for i, span in enumerate(page_spans):
-            if span is not None and span[0] <= start and end <= span[1]:
-                return i
-    return None
+def char_pages(text: str, layouts: list[PageLayout]) -> list[int]:
+    """For each character of ``text``: the index of the page that draws it, or -1 (whitespace, skipped words)."""
+    owner = [-1] * len(text)
+    for i, lay in enumerate(layouts):
+        for placement in lay.placements:
+            start, end = placement.span
+            owner[start:end] = [i] * (end - start)
+    return owner
+
+
+def locate_answer(text: str, qa: QA, layouts: list[PageLayout], owner: list[int] | None = None) -> int | str:
+    """Index of the page that draws every character of the answer, else why none does.
+
+    Reasons: ``answer_not_in_text``, ``answer_not_drawn`` (a word of the answer was skipped by the
+    renderer: no glyph, taller than a row, too long), ``answer_across_pages``. With several candidate
+    spans the first that lies on one page wins; otherwise the first span's reason is given.
+    """
+    spans = answer_spans(text, qa)
+    if not spans:
+        return "answer_not_in_text"
+    owner = char_pages(text, layouts) if owner is None else owner
+    reasons = []
+    for start, end in spans:
+        pages = {owner[c] for c in range(start, end) if not text[c].isspace()}
+        if -1 in pages:
+            reasons.append("answer_not_drawn")
+        elif len(pages) == 1:
+            return pages.pop()
+        else:
+            reasons.append("answer_across_pages")
+    return reasons[0]
 
 
 def render_document(doc: Document, options: RenderOptions, out_dir: Path) -> tuple[list[dict[str, Any]], Counter]:
@@ -118,17 +139,19 @@ def render_document(doc: Document, options: RenderOptions, out_dir: Path) -> tup
         counts.update({f"words_{k}": v for k, v in lay.skipped.items()})
     if not any(lay.placements for lay in layouts):
         counts["empty_documents"] += 1
+        counts["qa_dropped_answer_not_drawn"] += len(doc.qas or [])
         return [], counts
     jobs: list[tuple[int, list[QA] | None]] = []
     if doc.qas is None:
         jobs = [(i, None) for i, lay in enumerate(layouts) if lay.placements]
     else:
         by_page: dict[int, list[QA]] = defaultdict(list)
+        owner = char_pages(doc.text, layouts)
         for qa in doc.qas:
-            page = locate_answer(doc.text, qa, layouts)
-            if page is None:
-                counts["answer_not_on_one_page"] += 1
-                page = 0
+            page = locate_answer(doc.text, qa, layouts, owner)
+            if isinstance(page, str):  # never on a page that does not show the whole answer
+                counts[f"qa_dropped_{page}"] += 1
+                continue
             by_page[page].append(qa)
         step = max(1, options.qa_per_image)
         for page in sorted(by_page):
@@ -263,6 +286,7 @@ def render_source(
             if progress:
                 progress("render", 1, len(todo))
     counts["documents_rendered"] = sum(1 for d in todo) - counts["empty_documents"]
+    counts["qa_pairs_kept"] -= sum(counts[f"qa_dropped_{r}"] for r in ANSWER_REASONS)
     stats: dict[str, Any] = {
         "source": str(source),
         "documents": len(docs),
