@@ -273,3 +273,26 @@ def test_cli_render_align_stats(tmp_path, cli, tokenizer_dir):
     assert res.exit_code == 1 and "run `dvsft align`" in res.output
     res = runner.invoke(cli, ["render", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")])
     assert res.exit_code == 1 and "no such file" in res.output
+
+
+def test_cli_align_defaults_to_the_training_grid(tmp_path, cli):
+    """`dvsft align` sees the grid `dvsft train` sees: at most 2,048 visual tokens unless a flag says otherwise."""
+    from dvsft.training.config import TrainConfig
+
+    train = TrainConfig()
+    Image.new("RGB", (4000, 3000), "white").save(tmp_path / "big.png")
+    rec = {"id": "big", "image": "big.png", "width": 4000, "height": 3000, "words": [word("Total", (10, 10, 90, 40))]}
+    write_jsonl(tmp_path / "w.jsonl", [rec])
+    runner = CliRunner()
+
+    def grid(*flags):
+        res = runner.invoke(cli, ["align", str(tmp_path / "w.jsonl"), "--out", str(tmp_path / "a.jsonl"), *flags])
+        assert res.exit_code == 0, res.output
+        return next(iter(read_jsonl(tmp_path / "a.jsonl")))["grid"]
+
+    want = grid_for("qwen3-vl", 4000, 3000, train.min_pixels, train.max_pixels)
+    assert grid() == [want.rows, want.cols] and want.num_tokens <= 2048
+    native = grid_for("qwen3-vl", 4000, 3000)
+    assert grid("--processor-pixels") == [native.rows, native.cols] and native.num_tokens > 2048
+    small = grid_for("qwen3-vl", 4000, 3000, max_pixels=32 * 32 * 256)
+    assert grid("--max-pixels", str(32 * 32 * 256)) == [small.rows, small.cols]

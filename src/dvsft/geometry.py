@@ -30,6 +30,11 @@ from typing import Any
 
 MAX_ASPECT_RATIO = 200
 
+# `dvsft train`'s resolution (the paper's Table 4: 64 to 2,048 visual tokens of 32 x 32 pixels);
+# `dvsft align` uses the same unless told otherwise, so inspection and training see one grid.
+TRAIN_MIN_PIXELS = 32 * 32 * 64
+TRAIN_MAX_PIXELS = 32 * 32 * 2048
+
 
 @dataclass(frozen=True)
 class Family:

@@ -124,8 +124,11 @@ def align(
     out: Path = typer.Option(..., "--out", help="Aligned records (JSONL)."),
     family: str = typer.Option("qwen3-vl", help="Model family or a local model directory (its processor config)."),
     tokenizer: Path = typer.Option(None, help="Model directory whose tokenizer gives label token ids."),
-    min_pixels: int = typer.Option(None, help="Override min_pixels."),
-    max_pixels: int = typer.Option(None, help="Override max_pixels."),
+    min_pixels: int = typer.Option(None, help="Min pixels [default: dvsft train's, 65536 = 64 tokens of 32 px]."),
+    max_pixels: int = typer.Option(None, help="Max pixels [default: dvsft train's, 2097152 = 2048 tokens of 32 px]."),
+    processor_pixels: bool = typer.Option(
+        False, "--processor-pixels", help="Use the family's / model dir's own min and max pixels instead."
+    ),
     max_height_cells: float = typer.Option(3.0, help="Drop words taller than this many token cells."),
     max_subtokens: int = typer.Option(3, help="Drop words longer than this many tokens (needs --tokenizer)."),
     no_leading_space: bool = typer.Option(False, "--no-leading-space", help="Tokenize labels as 'word', not ' word'."),
@@ -135,10 +138,14 @@ def align(
     """Align word boxes to a model's visual tokens (bottom-right corner rule + the paper's filters)."""
     from rich.console import Console
 
+    from dvsft.geometry import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
     from dvsft.labels.align import AlignConfig
     from dvsft.labels.align_run import align_file, errors_path, load_tokenizer
 
     config = AlignConfig(max_height_cells, max_subtokens, not no_leading_space)
+    if not processor_pixels:  # the grid `dvsft train` sees (it sets these on every processor)
+        min_pixels = TRAIN_MIN_PIXELS if min_pixels is None else min_pixels
+        max_pixels = TRAIN_MAX_PIXELS if max_pixels is None else max_pixels
     try:
         tok = load_tokenizer(tokenizer) if tokenizer else None
         total = sum(1 for line in words.open("rb") if line.strip()) if words.is_file() else 0

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from dvsft.geometry import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 from dvsft.training.tiny import TinyConfig
 
 
@@ -79,8 +80,8 @@ class TrainConfig:
         True, "a record's chosen QA pairs stay one multi-turn sample (vision labels once); false = one per pair"
     )
     max_samples: int | None = opt(None, "use only the first N samples of data (quick runs); None = all")
-    min_pixels: int = opt(32 * 32 * 64, "image processor min pixels")
-    max_pixels: int = opt(32 * 32 * 2048, "image processor max pixels")
+    min_pixels: int = opt(TRAIN_MIN_PIXELS, "image processor min pixels")
+    max_pixels: int = opt(TRAIN_MAX_PIXELS, "image processor max pixels")
     max_length: int = opt(8192, "max sequence length (longer samples are truncated by the collator)")
     learning_rate: float = opt(5e-6, "peak learning rate")
     warmup_ratio: float = opt(0.03, "linear warmup as a fraction of all steps")
