@@ -17,6 +17,7 @@ from dvsft.cli import app
 from dvsft.data.formats import load_dataset_samples
 from dvsft.data.prepare import prepare
 from dvsft.labels.image_to_label import collect_inputs, errors_path, label_inputs
+from dvsft.labels.instructions import FORMAT_INSTRUCTIONS
 from dvsft.labels.ocr import register_engine
 from dvsft.records import image_path, read_jsonl
 
@@ -206,7 +207,8 @@ def test_prepare_docvqa_parquet(parquet_dir, tmp_path):
             )
             assert assistant["content"] == "555-1234"
         else:
-            assert by_q[user["content"][len("<image>") :]] == assistant["content"]
+            question, instruction = user["content"][len("<image>") :].split("\n")
+            assert by_q[question] == assistant["content"] and instruction in FORMAT_INSTRUCTIONS
     assert len(list((tmp_path / "o" / "images").iterdir())) == 2  # the unanswered image is not written
 
     again = prepare("docvqa", parquet_dir, tmp_path / "o2", split="train")
@@ -239,8 +241,29 @@ def test_prepare_infovqa_parquet_two_pairs_per_image(tmp_path):
     assert len(msgs) == 4 and msgs[0]["content"].startswith("<image>Question ")
     assert "<image>" not in msgs[2]["content"]
     for q, a in ((msgs[0]["content"], msgs[1]["content"]), (msgs[2]["content"], msgs[3]["content"])):
-        k = q.removeprefix("<image>").removeprefix("Question ").rstrip("?")
+        k = q.split("\n")[0].removeprefix("<image>").removeprefix("Question ").rstrip("?")
         assert a == f"answer {k}"
+
+
+def test_prepare_adds_format_instructions_to_every_question(tmp_path):
+    """Paper appendix A.1: format-control instructions in the training data of DocVQA and InfoVQA too."""
+    colours = ["red", "green", "blue", "white", "black", "gray", "yellow", "purple"]
+    rows = [qa_row(str(k), f"Question {k}?", [f"a{k}"], png_bytes(c), k, "train") for k, c in enumerate(colours)]
+    rows += [qa_row(f"{k}b", f"Question {k}b?", [f"b{k}"], png_bytes(c), k, "train") for k, c in enumerate(colours)]
+    write_parquet(tmp_path / "in" / "train-00000-of-00001.parquet", rows)
+    seen = []
+    for dataset in ("docvqa", "infovqa"):
+        stats = prepare(dataset, tmp_path / "in", tmp_path / dataset, qa_per_image=0)
+        for r in read_jsonl(stats.out):
+            for m in r["messages"][::2]:
+                question, instruction = m["content"].removeprefix("<image>").split("\n")
+                assert question.startswith("Question ") and instruction in FORMAT_INSTRUCTIONS
+                seen.append(instruction)
+        again = prepare(dataset, tmp_path / "in", tmp_path / f"{dataset}2", qa_per_image=0)
+        assert list(read_jsonl(again.out)) == list(read_jsonl(stats.out))  # seeded per image
+        plain = prepare(dataset, tmp_path / "in", tmp_path / f"{dataset}3", qa_per_image=0, instructions=False)
+        assert all("\n" not in m["content"] for r in read_jsonl(plain.out) for m in r["messages"])
+    assert len(set(seen)) > 1  # drawn at random, not one fixed instruction
 
 
 # ---- prepare: official JSON releases -----------------------------------------------------------------------
@@ -262,7 +285,7 @@ def test_prepare_docvqa_official_json(tmp_path):
         {"questionId": 400, "question": "page number?", "image": "documents/pybv0228_81.png", "answers": ["81"]},
     ]
     (rel / "train_v1.0.json").write_text(json.dumps({"dataset_name": "docvqa", "data": data}))
-    stats = prepare("docvqa", rel, tmp_path / "o", split="train")
+    stats = prepare("docvqa", rel, tmp_path / "o", split="train", instructions=False)
     rows = list(read_jsonl(stats.out))
     assert len(rows) == 2 and stats.qa_kept == 2 and stats.missing_images == 0
     for r in rows:
@@ -291,7 +314,7 @@ def test_prepare_infovqa_official_json_with_image_root(tmp_path):
     ]
     ann = tmp_path / "ann" / "infographicsVQA_train_v1.0.json"
     ann.write_text(json.dumps({"data": data}))
-    stats = prepare("infovqa", ann, tmp_path / "o", image_root=images)
+    stats = prepare("infovqa", ann, tmp_path / "o", image_root=images, instructions=False)
     rows = {r["id"]: r for r in read_jsonl(stats.out)}
     assert [m["content"] for m in rows["infovqa-1"]["messages"]] == ["<image>q1?", "a1", "q2?", "a2"]
     assert image_path(rows["infovqa-1"], stats.out).resolve() == (images / "37313.jpeg").resolve()

@@ -32,6 +32,11 @@ def prepare(
         True, "--multi-turn/--separate", help="Several QA pairs of one image: one conversation, or one record each."
     ),
     image_root: Path | None = typer.Option(None, help="Where the official JSON's images are (searched first)."),
+    instructions: bool = typer.Option(
+        True,
+        "--instructions/--no-instructions",
+        help="Follow each question with a random format-control instruction (SQuAD: dvsft render adds them).",
+    ),
 ) -> None:
     """Convert DocVQA / InfographicVQA / SQuAD downloads into records with conversations (no OCR yet)."""
     from rich.console import Console
@@ -50,6 +55,7 @@ def prepare(
             seed=seed,
             multi_turn=multi_turn,
             image_root=image_root,
+            instructions=instructions,
         )
     except (OSError, ValueError) as err:
         console.print(f"[red]error:[/red] {escape(str(err))}")

@@ -3,7 +3,9 @@
 Output (no OCR yet): DocVQA/InfoVQA give ``{"id", "image", "messages"}`` records for ``dvsft label``; SQuAD gives
 ``{"id", "title", "text", "messages"}`` documents for ``dvsft render``. Following the paper (appendix A.1), a
 random subset of QA pairs is kept per image: 1 by default, 2 for InfoVQA; several pairs become the turns of one
-conversation (so each image's vision labels appear once) unless ``multi_turn=False``.
+conversation (so each image's vision labels appear once) unless ``multi_turn=False``. With ``instructions``
+(default) every DocVQA/InfoVQA question is followed by a random format-control instruction (paper appendix
+A.1, :mod:`dvsft.labels.instructions`), seeded per image; SQuAD documents get theirs from ``dvsft render``.
 
 Layouts: the lmms-lab parquet files (``questionId, question, answers, image{bytes,path}, ...``; images are
 written to ``DIR/images/*.png``), the official JSON releases (DocVQA ``{"data": [{"questionId", "question",
@@ -60,6 +62,7 @@ def prepare(
     seed: int = 0,
     multi_turn: bool = True,
     image_root: str | Path | None = None,
+    instructions: bool = True,
 ) -> PrepareStats:
     """Convert ``path`` (file or folder in one of the layouts) into ``out_dir/<dataset>[_<split>].jsonl``.
 
@@ -87,7 +90,9 @@ def prepare(
         else:
             json_file = _find_file(path, ".json", split)
             groups = _json_groups(json_file, dataset, image_root, stats)
-        rows = _build_rows(dataset, groups, n, seed, multi_turn, stats, image_key="image", out_dir=out_dir)
+        rows = _build_rows(
+            dataset, groups, n, seed, multi_turn, stats, image_key="image", out_dir=out_dir, instructions=instructions
+        )
     stats.records = write_jsonl(out, rows)
     return stats
 
@@ -269,11 +274,17 @@ def _select(qas: list[QA], n: int, seed: int, key: str) -> list[QA]:
     return [qas[i] for i in keep]
 
 
-def messages_for(qas: list[QA]) -> list[dict[str, str]]:
-    """User/assistant turns; the first user turn starts with ``<image>``."""
+def messages_for(qas: list[QA], rng: random.Random | None = None) -> list[dict[str, str]]:
+    """User/assistant turns; the first user turn starts with ``<image>``.
+
+    With ``rng`` each question is followed by ``\n`` + a format-control instruction drawn from it.
+    """
+    from dvsft.labels.instructions import FORMAT_INSTRUCTIONS
+
     messages = []
     for k, qa in enumerate(qas):
-        messages.append({"role": "user", "content": ("<image>" if k == 0 else "") + qa.question})
+        question = qa.question if rng is None else f"{qa.question}\n{rng.choice(FORMAT_INSTRUCTIONS)}"
+        messages.append({"role": "user", "content": ("<image>" if k == 0 else "") + question})
         messages.append({"role": "assistant", "content": qa.answer})
     return messages
 
@@ -287,6 +298,7 @@ def _build_rows(
     stats: PrepareStats,
     image_key: str | None,
     out_dir: Path | None = None,
+    instructions: bool = False,
 ) -> Iterator[dict[str, Any]]:
     for key, group in groups.items():
         qas = group["qas"]
@@ -296,6 +308,7 @@ def _build_rows(
         chosen = _select(qas, n, seed, key)
         stats.images += 1
         stats.qa_kept += len(chosen)
+        rng = random.Random(f"{seed}:{key}:instructions") if instructions else None
         for part in [chosen] if multi_turn else [[qa] for qa in chosen]:
             row: dict[str, Any] = {"id": f"{dataset}-{part[0].qid}"}
             if image_key is not None and out_dir is not None:
@@ -303,5 +316,5 @@ def _build_rows(
             else:
                 row["title"] = group.get("title", "")
                 row["text"] = group["text"]
-            row["messages"] = messages_for(part)
+            row["messages"] = messages_for(part, rng)
             yield row
