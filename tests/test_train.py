@@ -373,6 +373,76 @@ def test_cli_train_and_unknown_key(tiny_dir, records, tmp_path):
 
 # ----------------------------------------------------------------------------- graft
 
+# Published sizes (config.json of Qwen/Qwen3-1.7B and Qwen/Qwen3-VL-2B-Instruct): the two LLMs are the same shape.
+QWEN3_1_7B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16)
+QWEN3_1_7B.update(num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True)
+QWEN3_VL_2B_VISION = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048)
+QWEN3_VL_2B_VISION.update(patch_size=16, spatial_merge_size=2, deepstack_visual_indexes=[5, 11, 17])
+
+
+def test_graft_of_qwen3_1_7b_copies_the_whole_visual_of_qwen3_vl_2b(qwen_tok):
+    """At the real sizes (meta tensors) every vision-side tensor, merger and DeepStack mergers included, fits."""
+    from transformers import Qwen3Config, Qwen3VLConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    from dvsft.training.model_setup import graft_config
+
+    vl = Qwen3VLConfig(
+        text_config={**QWEN3_1_7B, "rope_scaling": {"rope_type": "default", "mrope_section": [24, 20, 20]}},
+        vision_config=QWEN3_VL_2B_VISION,
+    )
+    config = graft_config(Qwen3Config(**QWEN3_1_7B), vl, qwen_tok)
+    assert config.text_config.hidden_size == vl.text_config.hidden_size == 2048
+    with torch.device("meta"):
+        ours = Qwen3VLVisionModel._from_config(config.vision_config).state_dict()
+        theirs = Qwen3VLVisionModel._from_config(vl.vision_config).state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    assert sum(k.startswith("deepstack_merger_list.") for k in ours) == 3 * 6  # 3 mergers: norm, fc1, fc2
+
+
+def test_graft_of_an_equally_wide_llm_copies_merger_and_deepstack_mergers(tmp_path):
+    from transformers import AutoModelForImageTextToText, Qwen3Config, Qwen3ForCausalLM
+
+    from dvsft.models import save_processor
+    from dvsft.training.model_setup import PROJECTOR_PREFIXES, graft
+    from dvsft.training.tiny import TinyConfig, build_model_config, build_processor, train_tokenizer
+
+    tok = train_tokenizer(600)
+    config = build_model_config(TinyConfig(), tok)
+    config.vision_config.deepstack_visual_indexes = [0]  # as Qwen3-VL: DeepStack mergers beside the merger
+    torch.manual_seed(3)
+    vl = AutoModelForImageTextToText.from_config(config)
+    vl.save_pretrained(tmp_path / "vl")
+    save_processor(build_processor(tok, 32 * 32 * 4, 32 * 32 * 64), tmp_path / "vl")
+    text = config.text_config
+    llm = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tok),
+            hidden_size=text.hidden_size,  # as wide as the VL model's own LLM, like Qwen3-1.7B and Qwen3-VL-2B
+            intermediate_size=96,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=text.head_dim,
+        )
+    )
+    llm.save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    source = vision_tower_of(vl).state_dict()
+    model, _ = graft(tmp_path / "llm", tmp_path / "vl")
+    record = model.config.dvsft_graft
+    assert record["fresh"] == [] and record["copied"] == sorted(source)
+    assert any(k.startswith("deepstack_merger_list.0.") for k in record["copied"])
+    got = vision_tower_of(model).state_dict()
+    assert all(torch.equal(got[k], source[k]) for k in source)
+    model, _ = graft(tmp_path / "llm", tmp_path / "vl", fresh_projector=True)
+    record = model.config.dvsft_graft
+    assert record["fresh"] == sorted(k for k in source if k.startswith(PROJECTOR_PREFIXES))
+    assert {"merger.linear_fc1.weight", "deepstack_merger_list.0.linear_fc2.weight"} <= set(record["fresh"])
+    got = vision_tower_of(model).state_dict()
+    assert not torch.equal(got["merger.linear_fc2.weight"], source["merger.linear_fc2.weight"])
+    assert torch.equal(got["blocks.0.attn.qkv.weight"], source["blocks.0.attn.qkv.weight"])
+
 
 def _llm_tokenizer():
     """A BPE tokenizer with ChatML tokens but no vision tokens (like a text LLM's)."""
@@ -428,8 +498,9 @@ def test_graft_llm_onto_vision_tower(tiny_dir, records, tmp_path):
     ours, theirs = vision_tower_of(model), vision_tower_of(vl)
     assert torch.equal(ours.blocks[0].attn.qkv.weight, theirs.blocks[0].attn.qkv.weight)
     assert ours.merger.linear_fc2.weight.shape == (48, theirs.merger.linear_fc2.weight.shape[1])
-    assert any(name.startswith("merger.") for name in graft["fresh"])
-    assert not any(name.startswith("blocks.") for name in graft["fresh"])
+    # a 48-wide LLM on a 64-wide VL model: only the projector's output layer cannot be copied
+    assert graft["fresh"] == ["merger.linear_fc2.bias", "merger.linear_fc2.weight"]
+    assert set(graft["copied"]) == set(theirs.state_dict()) - set(graft["fresh"])
     run.trainer.train()
     vision = [r["vision_loss"] for r in run.log_callback.rows if "vision_loss" in r]
     assert len(vision) == 2 and all(v == v for v in vision)

@@ -32,7 +32,10 @@ def opt(default: Any, help: str) -> Any:
 class ModelConfig:
     path: str | None = opt(None, "local HF model dir (Qwen3-VL, Qwen2-VL, Qwen2.5-VL) or `tiny`")
     llm: str | None = opt(None, "graft: dir of a text LLM (Qwen3ForCausalLM); needs `vision_from`")
-    vision_from: str | None = opt(None, "graft: dir of a Qwen3-VL model whose vision tower is used")
+    vision_from: str | None = opt(
+        None, "graft: dir of a Qwen3-VL model whose vision tower is copied (ViT, merger, DeepStack mergers)"
+    )
+    fresh_projector: bool = opt(False, "graft: re-initialise the merger and DeepStack mergers instead of copying them")
     trust_remote_code: bool = opt(False, "pass trust_remote_code=True to transformers (only if you trust the dir)")
     attn_implementation: str | None = opt(None, "attention kernel: sdpa, eager, flash_attention_2; None = default")
 

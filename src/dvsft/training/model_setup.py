@@ -36,7 +36,9 @@ def load_base(cfg: TrainConfig, dtype: Any = None) -> tuple[Any, Any]:
 
     m = cfg.model
     if m.llm or m.vision_from:
-        model, processor = graft(m.llm, m.vision_from, dtype=dtype, trust_remote_code=m.trust_remote_code)
+        model, processor = graft(
+            m.llm, m.vision_from, dtype=dtype, trust_remote_code=m.trust_remote_code, fresh_projector=m.fresh_projector
+        )
     elif m.path == "tiny":
         import torch
 
@@ -117,14 +119,43 @@ def graft_config(llm_config: Any, vl_config: Any, tokenizer: Any) -> Any:
     )
 
 
-def graft(llm_dir: str | Path, vision_dir: str | Path, dtype: Any = None, trust_remote_code: bool = False):
+PROJECTOR_PREFIXES = ("merger.", "deepstack_merger_list.")
+
+
+def copy_vision_tower(source: Any, target: Any, fresh_projector: bool = False) -> tuple[list[str], list[str]]:
+    """Copy ``source``'s vision-tower tensors into ``target``'s; returns (copied names, fresh names).
+
+    A tensor is copied when the target has it with the same shape; the rest keep their fresh
+    initialisation: the projector's output layers (``merger.linear_fc2``, each DeepStack merger's
+    ``linear_fc2``) when the LLM widths differ, and every projector tensor with ``fresh_projector``.
+    """
+    src, dst = source.state_dict(), target.state_dict()
+    copied = []
+    for name, tensor in dst.items():
+        if fresh_projector and name.startswith(PROJECTOR_PREFIXES):
+            continue
+        if name in src and src[name].shape == tensor.shape:
+            tensor.copy_(src[name])
+            copied.append(name)
+    return sorted(copied), sorted(set(dst) - set(copied))
+
+
+def graft(
+    llm_dir: str | Path,
+    vision_dir: str | Path,
+    dtype: Any = None,
+    trust_remote_code: bool = False,
+    fresh_projector: bool = False,
+):
     """(model, processor): a Qwen3VLForConditionalGeneration from a text LLM + another model's vision tower.
 
-    Text model and lm_head come from ``llm_dir`` (a Qwen3ForCausalLM-style dir), the vision tower from
-    ``vision_dir`` (a Qwen3-VL dir). Projector weights (merger, DeepStack mergers) whose shapes differ
-    because the hidden sizes differ are freshly initialised (listed in ``model.config.dvsft_graft``).
-    The processor is the VL dir's image processor + the LLM's tokenizer with the vision special tokens
-    added (embeddings resized) and a ChatML chat template.
+    Text model and lm_head come from ``llm_dir`` (a Qwen3ForCausalLM-style dir). From ``vision_dir`` (a
+    Qwen3-VL dir) the whole ``model.visual`` is copied: ViT, merger and DeepStack mergers, every tensor
+    whose shape fits. When the LLM is as wide as the VL model's own LLM (Qwen3-1.7B and Qwen3-VL-2B: both
+    2,048) that is everything; otherwise the projector's output layers (``linear_fc2``) are fresh.
+    ``fresh_projector`` re-initialises the merger and DeepStack mergers in any case. The names are in
+    ``model.config.dvsft_graft`` (``copied``, ``fresh``). The processor is the VL dir's image processor
+    + the LLM's tokenizer with the vision special tokens added (embeddings resized) and a ChatML template.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen3VLForConditionalGeneration
@@ -154,14 +185,7 @@ def graft(llm_dir: str | Path, vision_dir: str | Path, dtype: Any = None, trust_
     with torch.no_grad():
         if not config.tie_word_embeddings:
             model.lm_head.weight.copy_(llm.get_output_embeddings().weight)
-        fresh = []
-        target = vision_tower_of(model).state_dict()
-        for name, tensor in vision_tower_of(vl).state_dict().items():
-            if name in target and target[name].shape == tensor.shape:
-                target[name].copy_(tensor)
-            else:
-                fresh.append(name)
-        fresh += [n for n in target if n not in vision_tower_of(vl).state_dict()]
+        copied, fresh = copy_vision_tower(vision_tower_of(vl), vision_tower_of(model), fresh_projector)
     if len(tokenizer) > config.text_config.vocab_size:
         model.resize_token_embeddings(len(tokenizer))
     if config.tie_word_embeddings:
@@ -169,7 +193,8 @@ def graft(llm_dir: str | Path, vision_dir: str | Path, dtype: Any = None, trust_
     model.config.dvsft_graft = {
         "llm": str(llm_dir),
         "vision_from": str(vision_dir),
-        "fresh": sorted(fresh),
+        "copied": copied,
+        "fresh": fresh,
         "added_tokens": added,
     }
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -178,6 +203,7 @@ def graft(llm_dir: str | Path, vision_dir: str | Path, dtype: Any = None, trust_
     processor = build_processor(image_processor, tokenizer, "qwen3_vl", CHAT_TEMPLATE)
     if fresh:
         log.info("graft: freshly initialised %d vision-side tensors (projector): %s", len(fresh), fresh[:6])
+    log.info("graft: copied %d of %d vision-side tensors from %s", len(copied), len(copied) + len(fresh), vision_dir)
     del llm, vl
     return model, processor
 
