@@ -431,3 +431,18 @@ def test_ppl_filter_strict_drops_loose_keeps(tmp_path, words, ppl_model):
     assert q_strict["qa_dropped_question_ppl"] == 6 and q_strict["images"] == 0
     saved = json.loads((tmp_path / "q" / "render_stats.json").read_text())
     assert saved["qa_dropped_question_ppl"] == 6
+
+
+def test_render_also_writes_parquet_shards(tmp_path):
+    from dvsft.record_sources import data_files
+    from dvsft.records import read_records
+
+    src = tmp_path / "docs.txt"
+    src.write_text("The first document has words.\n\nThe second one too.\n\nAnd a third.\n")
+    opts = dict(SMALL_OPTS, out_format="parquet", rows_per_shard=2)
+    stats = render_source(src, tmp_path / "out", RenderOptions(**opts))
+    shards = data_files(tmp_path / "out" / "words")
+    assert len(shards) == 2 and stats["records_in_file"] == 3
+    sharded = list(read_records(tmp_path / "out" / "words", image=True))  # images resolve from the shard folder
+    jsonl = list(read_jsonl(tmp_path / "out" / "words.jsonl"))
+    assert [r["words"] for r in sharded] == [r["words"] for r in jsonl]

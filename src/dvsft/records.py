@@ -120,15 +120,18 @@ def read_jsonl(path: str | Path, own: bool = False) -> Iterator[dict[str, Any]]:
 
 
 def read_records(path: str | Path, image: bool = False) -> Iterator[dict[str, Any]]:
-    """Yield the word records of a JSONL file; the first unreadable line or invalid record raises
-    :class:`RecordError` naming file, line, id and reason (see :func:`check_record`)."""
-    for line in iter_lines(path):
-        if line.error is not None:
-            raise RecordError(Problem(str(path), line.number, None, line.error))
-        problems = check_record(line.record, path, line.number, image=image)  # type: ignore[arg-type]
+    """Yield the word records of a source (a JSONL or Parquet file, a folder of shards, a ``datasets`` folder:
+    see :mod:`dvsft.record_sources`); the first unreadable line or invalid record raises :class:`RecordError`
+    naming file, line (or row), id and reason (see :func:`check_record`)."""
+    from dvsft.record_sources import iter_entries
+
+    for entry in iter_entries(path):
+        if entry.error is not None:
+            raise RecordError(Problem(str(entry.file), entry.number, None, entry.error))
+        problems = check_record(entry.record, entry.file, entry.number, image=image)  # type: ignore[arg-type]
         if problems:
             raise RecordError(problems[0])
-        yield line.record  # type: ignore[misc]
+        yield entry.record  # type: ignore[misc]
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
@@ -250,7 +253,7 @@ def _schema_reasons(record: dict[str, Any], need_image: bool) -> list[str]:
     img = record.get("image")
     if img is not None and not (isinstance(img, str) and img):
         reasons.append(f"image must be a path string, got {img!r}")
-    elif need_image and img is None:
+    elif need_image and img is None and not isinstance(record.get("image_bytes"), bytes):
         reasons.append("no image field")
     w, h = record.get("width"), record.get("height")
     for name, v in (("width", w), ("height", h)):
@@ -318,9 +321,10 @@ def _message_reasons(messages: Any) -> list[str]:
 def _image_reasons(record: dict[str, Any], file: str | Path | None, decode: bool) -> list[str]:
     from dvsft.labels.images import MISSING, ImageError, image_size
 
-    path = image_path(record, file)
+    data = record.get("image_bytes")
+    path: Path | str = "<image bytes>" if isinstance(data, bytes) else image_path(record, file)
     try:
-        w, h = image_size(path, decode=decode)
+        w, h = image_size(data if isinstance(data, bytes) else path, decode=decode)
     except ImageError as err:
         if err.reason == MISSING:
             return [f"image file not found: {path}"]

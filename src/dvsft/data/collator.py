@@ -19,6 +19,7 @@ Sequences are padded on the right; one image per record.
 from __future__ import annotations
 
 import copy
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,15 +33,19 @@ from dvsft.labels.align import AlignConfig, Alignment, align_words
 from dvsft.models import set_pixels
 
 
-def load_image(source: str | Path | Image.Image, record_id: str = "?") -> Image.Image:
-    """An RGB image with its EXIF orientation applied (the orientation OCR saw)."""
+def load_image(source: str | Path | bytes | Image.Image, record_id: str = "?") -> Image.Image:
+    """An RGB image (from a path, the file's bytes, or a PIL image) with its EXIF orientation applied (the
+    orientation OCR saw)."""
     if isinstance(source, Image.Image):
         return ImageOps.exif_transpose(source).convert("RGB")
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
     try:
         with Image.open(source) as im:
             return ImageOps.exif_transpose(im).convert("RGB")
     except (OSError, ValueError) as err:
-        raise ValueError(f"record {record_id}: cannot read image {source}: {err}") from err
+        shown = source if not isinstance(source, io.BytesIO) else "<image bytes>"
+        raise ValueError(f"record {record_id}: cannot read image {shown}: {err}") from err
 
 
 def to_processor_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -144,13 +149,15 @@ class VisionCollator:
         rid = str(record.get("id", "?"))
         if "messages" not in record or not record["messages"]:
             raise ValueError(f"record {rid}: no messages")
-        if "image" not in record:
+        data = record.get("image_bytes")
+        if "image" not in record and not isinstance(data, bytes):
             raise ValueError(f"record {rid}: no image")
-        image = load_image(record["image"], rid)
+        image = load_image(data if isinstance(data, bytes) else record["image"], rid)
         w, h = image.size
         if record.get("width") not in (None, w) or record.get("height") not in (None, h):
+            shown = record.get("image", "<image bytes>")
             raise ValueError(
-                f"record {rid}: image {record['image']} is {w}x{h} after EXIF orientation but the record says "
+                f"record {rid}: image {shown} is {w}x{h} after EXIF orientation but the record says "
                 f"{record.get('width')}x{record.get('height')}; its word boxes would not match"
             )
         try:

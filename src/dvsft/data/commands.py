@@ -15,8 +15,40 @@ class DatasetName(StrEnum):
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    """Add `prepare` to the app."""
+    """Add `prepare`, `convert` and `merge` to the app."""
     app.command("prepare")(prepare)
+    app.command("convert")(convert)
+    app.command("merge")(merge)
+
+
+def convert(
+    source: Path = typer.Argument(..., help="Records: JSONL, Parquet, a folder of shards or a datasets folder."),
+    out: Path = typer.Argument(..., help="Output: a .jsonl file, a .parquet file, or a folder (shards/datasets)."),
+    to: str = typer.Option("auto", help="jsonl, parquet or datasets; auto = from OUT's suffix (.jsonl/.parquet)."),
+    rows_per_shard: int = typer.Option(10_000, min=1, help="Records per Parquet shard."),
+    embed_images: bool = typer.Option(False, help="Store the image files inside the records (image_bytes)."),
+) -> None:
+    """Convert word records between JSONL, Parquet shards and a Hugging Face datasets folder (lossless)."""
+    from dvsft.data.convert import convert as run
+
+    n = run(source, out, to, rows_per_shard, embed_images)
+    typer.echo(f"{n} records -> {out}")
+
+
+def merge(
+    parts: list[Path] = typer.Argument(..., help="Outputs of `dvsft label --shard i/N` (JSONL files or folders)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Merged records; error rows go to <stem>.errors.jsonl."),
+    source: Path | None = typer.Option(None, help="The labeling input: check each of its inputs landed once."),
+    image_root: Path | None = typer.Option(None, help="--image-root of the label runs (for --source)."),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl, or parquet: OUT is a folder of shards."),
+    rows_per_shard: int = typer.Option(10_000, min=1, help="Records per Parquet shard (--format parquet)."),
+) -> None:
+    """Join sharded label outputs, checking that no input is missing or present twice."""
+    from dvsft.labels.merge import merge as run
+
+    report = run(parts, out, fmt, rows_per_shard, source, image_root)
+    checked = f", all {report.expected} inputs of {source} exactly once" if report.expected is not None else ""
+    typer.echo(f"{report.parts} parts: {report.records} records and {report.errors} error rows{checked} -> {out}")
 
 
 def prepare(
@@ -37,6 +69,8 @@ def prepare(
         "--instructions/--no-instructions",
         help="Follow each question with a random format-control instruction (SQuAD: dvsft render adds them).",
     ),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl, or parquet: a folder <dataset>[_<split>]/ of shards."),
+    rows_per_shard: int = typer.Option(10_000, min=1, help="Records per Parquet shard (--format parquet)."),
 ) -> None:
     """Convert DocVQA / InfographicVQA / SQuAD downloads into records with conversations (no OCR yet)."""
     from rich.console import Console
@@ -56,6 +90,8 @@ def prepare(
             multi_turn=multi_turn,
             image_root=image_root,
             instructions=instructions,
+            fmt=fmt,
+            rows_per_shard=rows_per_shard,
         )
     except (OSError, ValueError) as err:
         console.print(f"[red]error:[/red] {escape(str(err))}")

@@ -25,7 +25,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from dvsft.records import Problem, check_record, image_path, iter_lines
+from dvsft.record_sources import iter_entries
+from dvsft.records import Problem, check_record, image_path
 
 log = logging.getLogger(__name__)
 IMAGE_PLACEHOLDER = "<image>"
@@ -193,12 +194,14 @@ def load_records(
     qa_per_image: int | None = None,
     keep_conversations: bool = False,
 ) -> RecordList:
-    """Training samples of a word-record JSONL file, image paths made absolute, bad records skipped.
+    """Training samples of a record source (JSONL or Parquet file, folder of shards, ``datasets`` folder: see
+    :mod:`dvsft.record_sources`), image paths made absolute, bad records skipped. Everything is held in memory;
+    ``dvsft.data.streaming`` streams large sources instead.
 
     ``one_qa_per_image=True`` is ``qa_per_image=1``; see the module docstring for the options.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"records file not found: {path}")
     if one_qa_per_image:
         qa_per_image = 1
@@ -207,24 +210,31 @@ def load_records(
     records: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
     problems: list[Problem] = []
-    for line in iter_lines(path):
-        if line.error is not None:
-            found = [Problem(str(path), line.number, None, line.error)]
+    for entry in iter_entries(path):
+        if entry.error is not None:
+            found = [Problem(str(entry.file), entry.number, None, entry.error)]
             record: dict[str, Any] = {}
         else:
-            record = line.record  # type: ignore[assignment]
-            found = check_record(record, path, line.number, image=True)
+            record = entry.record  # type: ignore[assignment]
+            found = check_record(record, entry.file, entry.number, image=True)
             if not found and (reason := _check(record)) is not None:
-                found = [Problem(str(path), line.number, _id_of(record), reason)]
-        rid = _id_of(record) or f"{path.name}#{line.number}"
+                found = [Problem(str(entry.file), entry.number, _id_of(record), reason)]
+        rid = _id_of(record) or f"{entry.file.name}#{entry.number}"
         if found:
             for problem in found:
                 log.warning("skipping %s", problem)
             skipped.append((rid, "; ".join(p.reason for p in found)))
             problems.extend(found)
             continue
-        records.append(dict(record, id=rid, image=str(image_path(record, path).resolve())))
+        records.append(absolute_image(dict(record, id=rid), entry.file))
     return RecordList(select_samples(records, qa_per_image, keep_conversations, seed), skipped, problems)
+
+
+def absolute_image(record: dict[str, Any], file: Path) -> dict[str, Any]:
+    """The record with its image path made absolute (kept as is when the image bytes are in the record)."""
+    if isinstance(record.get("image_bytes"), bytes):
+        return record
+    return dict(record, image=str(image_path(record, file).resolve()))
 
 
 def _id_of(record: dict[str, Any]) -> str | None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dvsft.records import write_jsonl
+from dvsft.record_table import DEFAULT_ROWS_PER_SHARD, check_format, write_records
 
 DATASETS = ("docvqa", "infovqa", "squad")
 DEFAULT_QA_PER_IMAGE = {"docvqa": 1, "infovqa": 2, "squad": 1}
@@ -63,11 +63,14 @@ def prepare(
     multi_turn: bool = True,
     image_root: str | Path | None = None,
     instructions: bool = True,
+    fmt: str = "jsonl",
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
 ) -> PrepareStats:
     """Convert ``path`` (file or folder in one of the layouts) into ``out_dir/<dataset>[_<split>].jsonl``.
 
     ``qa_per_image``: QA pairs kept per image (0 = all), default 1 (2 for InfoVQA), chosen at random with
-    ``seed`` (stable per image, independent of file order).
+    ``seed`` (stable per image, independent of file order). ``fmt="parquet"`` writes the folder
+    ``out_dir/<dataset>[_<split>]/`` of Parquet shards (``rows_per_shard`` records each) instead.
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
@@ -77,7 +80,9 @@ def prepare(
     n = DEFAULT_QA_PER_IMAGE[dataset] if qa_per_image is None else qa_per_image
     if n < 0:
         raise ValueError("--qa-per-image must be >= 0 (0 keeps all)")
-    out = out_dir / f"{dataset}{'_' + split if split else ''}.jsonl"
+    name = f"{dataset}{'_' + split if split else ''}"
+    out = out_dir / (name if check_format(fmt) == "parquet" else f"{name}.jsonl")
+    records_dir = out if fmt == "parquet" else out_dir
     stats = PrepareStats(out=out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if dataset == "squad":
@@ -91,9 +96,9 @@ def prepare(
             json_file = _find_file(path, ".json", split)
             groups = _json_groups(json_file, dataset, image_root, stats)
         rows = _build_rows(
-            dataset, groups, n, seed, multi_turn, stats, image_key="image", out_dir=out_dir, instructions=instructions
+            dataset, groups, n, seed, multi_turn, stats, image_key="image", out_dir=records_dir, instructions=instructions
         )
-    stats.records = write_jsonl(out, rows)
+    stats.records = write_records(out, rows, fmt, rows_per_shard)
     return stats
 
 

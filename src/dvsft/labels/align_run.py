@@ -9,6 +9,7 @@ refuse...) go to ``<out stem>.errors.jsonl``, one row per problem: ``{"file", "l
 
 from __future__ import annotations
 
+import io
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -16,11 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from dvsft.labels.align import AlignConfig, align_record
-from dvsft.records import Problem, check_record, image_path, iter_lines, write_jsonl
+from dvsft.record_sources import iter_entries
+from dvsft.record_table import DEFAULT_ROWS_PER_SHARD, check_format, write_records
+from dvsft.records import Problem, check_record, image_path, write_jsonl
 
 
 def errors_path(out: Path) -> Path:
-    return out.with_name(out.stem + ".errors.jsonl")
+    from dvsft.labels.image_to_label import errors_path as beside
+
+    return beside(out)
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -43,17 +48,22 @@ def align_file(
     overlay_dir: str | Path | None = None,
     overlay_limit: int | None = None,
     progress: Callable[[], Any] | None = None,
+    fmt: str = "jsonl",
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
 ) -> dict[str, Any]:
-    """Align ``words_file`` into ``out``; returns counts (records, aligned, errors = records that failed,
-    error_rows, labels, dropped)."""
+    """Align ``words_file`` (any record source: JSONL, Parquet, shards, a ``datasets`` folder) into ``out``
+    (JSONL, or with ``fmt="parquet"`` a folder of shards); returns counts (records, aligned, errors = records
+    that failed, error_rows, labels, dropped)."""
     from PIL import Image, ImageOps
 
     from dvsft.labels.overlay import save_overlay
     from dvsft.labels.render_dataset import safe_name
 
     words_file, out = Path(words_file), Path(out)
-    if not words_file.is_file():
-        raise ValueError(f"{words_file}: no such file")
+    if not words_file.exists():
+        raise ValueError(f"{words_file}: no such file or folder")
+    check_format(fmt)
+    out_dir = out.resolve() if fmt == "parquet" and out.suffix.lower() != ".parquet" else out.resolve().parent
     config = config or AlignConfig()
     settings = {
         "source": str(source),
@@ -71,32 +81,32 @@ def align_file(
 
     def rows():
         nonlocal overlays
-        for line in iter_lines(words_file):
-            n = line.number
+        for entry in iter_entries(words_file):
+            n, file = entry.number, entry.file
             summary["records"] += 1
             if progress:
                 progress()
-            if line.error is not None:
-                errors.append(Problem(str(words_file), n, None, line.error).row())
+            if entry.error is not None:
+                errors.append(Problem(str(file), n, None, entry.error).row())
                 summary["failed"] += 1
                 continue
-            rec = line.record
+            rec = entry.record
             assert rec is not None
-            problems = check_record(rec, words_file, n)
+            problems = check_record(rec, file, n)
             if not problems:
                 try:
-                    grid, alignment = align_record(rec, source, tokenizer, config, min_pixels, max_pixels, words_file)
+                    grid, alignment = align_record(rec, source, tokenizer, config, min_pixels, max_pixels, file)
                 except (ValueError, KeyError, TypeError) as err:
                     rid = None if rec.get("id") is None else str(rec["id"])
-                    problems = [Problem(str(words_file), n, rid, str(err))]
+                    problems = [Problem(str(file), n, rid, str(err))]
             if problems:
                 errors.extend(p.row() for p in problems)
                 summary["failed"] += 1
                 continue
             row = dict(rec)
-            if "image" in rec:
-                img = image_path(rec, words_file)
-                row["image"] = Path(os.path.relpath(img, out.resolve().parent)).as_posix()
+            if "image" in rec and not isinstance(rec.get("image_bytes"), bytes):
+                img = image_path(rec, file)
+                row["image"] = Path(os.path.relpath(img, out_dir)).as_posix()
             row["grid"] = [grid.rows, grid.cols]
             row["vision_labels"] = alignment.labels
             row["dropped"] = dict(sorted(alignment.dropped.items()))
@@ -106,9 +116,9 @@ def align_file(
             summary["visual_tokens"] += grid.num_tokens
             dropped.update(alignment.dropped)
             if overlay_dir is not None and (overlay_limit is None or overlays < overlay_limit) and "image" in rec:
-                img = image_path(rec, words_file)
-                if img.is_file():
-                    with Image.open(img) as im:
+                img = rec["image_bytes"] if isinstance(rec.get("image_bytes"), bytes) else image_path(rec, file)
+                if isinstance(img, bytes) or img.is_file():
+                    with Image.open(io.BytesIO(img) if isinstance(img, bytes) else img) as im:
                         im = ImageOps.exif_transpose(im)
                         if im.size != (grid.width, grid.height):  # the record's size is authoritative
                             im = im.resize((grid.width, grid.height))
@@ -117,7 +127,7 @@ def align_file(
                     overlays += 1
             yield row
 
-    write_jsonl(out, rows())
+    write_records(out, rows(), fmt, rows_per_shard)
     err_file = errors_path(out)
     if errors:
         write_jsonl(err_file, errors)

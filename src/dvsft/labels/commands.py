@@ -68,6 +68,10 @@ def render(
     max_word_chars: int = typer.Option(
         10_000, help="Skip words longer than this many characters (word_too_long); 0 = split them all."
     ),
+    out_format: str = typer.Option(
+        "jsonl", "--out-format", help="parquet: also write OUT/words/ as Parquet shards (from words.jsonl)."
+    ),
+    rows_per_shard: int = typer.Option(10_000, min=1, help="Records per Parquet shard (--out-format parquet)."),
 ) -> None:
     """Render text documents onto token-aligned images (label-to-image) and write word records."""
     from rich.console import Console
@@ -96,6 +100,8 @@ def render(
         ppl_batch_size=ppl_batch_size,
         workers=workers,
         max_word_chars=max_word_chars,
+        out_format=out_format,
+        rows_per_shard=rows_per_shard,
     )
     if max_word_chars < 0:
         _fail(f"--max-word-chars {max_word_chars}: must be 0 (no cap) or positive")
@@ -120,8 +126,8 @@ def render(
 
 
 def align(
-    words: Path = typer.Argument(..., help="Word records (JSONL)."),
-    out: Path = typer.Option(..., "--out", help="Aligned records (JSONL)."),
+    words: Path = typer.Argument(..., help="Word records: JSONL, Parquet, a folder of shards or a datasets folder."),
+    out: Path = typer.Option(..., "--out", help="Aligned records (JSONL; a folder of shards with --format parquet)."),
     family: str = typer.Option("qwen3-vl", help="Model family or a local model directory (its processor config)."),
     tokenizer: Path = typer.Option(None, help="Model directory whose tokenizer gives label token ids."),
     min_pixels: int = typer.Option(None, help="Min pixels [default: dvsft train's, 65536 = 64 tokens of 32 px]."),
@@ -134,6 +140,8 @@ def align(
     no_leading_space: bool = typer.Option(False, "--no-leading-space", help="Tokenize labels as 'word', not ' word'."),
     overlay: Path = typer.Option(None, help="Write alignment overlay PNGs into this folder."),
     overlay_limit: int = typer.Option(20, help="At most this many overlays."),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl, or parquet: --out is a folder of Parquet shards."),
+    rows_per_shard: int = typer.Option(10_000, min=1, help="Records per Parquet shard (--format parquet)."),
 ) -> None:
     """Align word boxes to a model's visual tokens (bottom-right corner rule + the paper's filters)."""
     from rich.console import Console
@@ -141,6 +149,7 @@ def align(
     from dvsft.geometry import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
     from dvsft.labels.align import AlignConfig
     from dvsft.labels.align_run import align_file, errors_path, load_tokenizer
+    from dvsft.record_sources import count_records
 
     config = AlignConfig(max_height_cells, max_subtokens, not no_leading_space)
     if not processor_pixels:  # the grid `dvsft train` sees (it sets these on every processor)
@@ -148,7 +157,7 @@ def align(
         max_pixels = TRAIN_MAX_PIXELS if max_pixels is None else max_pixels
     try:
         tok = load_tokenizer(tokenizer) if tokenizer else None
-        total = sum(1 for line in words.open("rb") if line.strip()) if words.is_file() else 0
+        total = count_records(words) if words.exists() else 0
         with _progress() as bar:
             task = bar.add_task("align", total=total)
             summary = align_file(
@@ -162,8 +171,10 @@ def align(
                 overlay,
                 overlay_limit,
                 lambda: bar.advance(task),
+                fmt,
+                rows_per_shard,
             )
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         _fail(str(err))
     rows = [(k, str(v)) for k, v in summary.items() if k != "dropped"]
     rows += [(f"dropped: {k}", str(v)) for k, v in summary["dropped"].items()]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dvsft.labels.images import OCR_FAILURE, UNDECODABLE, ImageError, load_image
+from dvsft.record_table import DEFAULT_ROWS_PER_SHARD, check_format, open_sink
 from dvsft.records import JsonlAppender, read_jsonl
 
 IMAGE_EXTENSIONS = frozenset(
@@ -49,9 +50,9 @@ class LabelStats:
 
 
 def errors_path(out: str | Path) -> Path:
-    """``words.jsonl`` -> ``words.errors.jsonl`` (next to the output)."""
+    """``words.jsonl`` -> ``words.errors.jsonl``, ``words/`` (shards) -> ``words.errors.jsonl`` (next to it)."""
     out = Path(out)
-    return out.with_name(f"{out.stem}.errors.jsonl")
+    return out.with_name(f"{out.stem if out.suffix.lower() == '.jsonl' else out.name}.errors.jsonl")
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -103,11 +104,15 @@ def shard(inputs: list[LabelInput], index: int, count: int) -> list[LabelInput]:
 
 
 def done_ids(out: str | Path) -> set[str]:
-    """Ids already present in the output or its errors file."""
+    """Ids already present in the output (a JSONL file or a folder of Parquet shards) or its errors file."""
+    from dvsft.record_sources import read_ids
+
     ids: set[str] = set()
-    for path in (Path(out), errors_path(out)):
-        if path.exists():
-            ids.update(str(row["id"]) for row in read_jsonl(path, own=True) if "id" in row)
+    out = Path(out)
+    if out.is_file() or (out.is_dir() and any(out.glob("*.parquet"))):
+        ids.update(read_ids(out, own=True))
+    if errors_path(out).exists():
+        ids.update(str(row["id"]) for row in read_jsonl(errors_path(out), own=True) if "id" in row)
     return ids
 
 
@@ -169,16 +174,23 @@ def label_inputs(
     workers: int = 1,
     retry_errors: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
+    fmt: str = "jsonl",
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
 ) -> LabelStats:
     """OCR ``inputs`` into ``out`` (+ its errors file), skipping ids already there.
 
     ``engine_options`` go to :func:`dvsft.labels.ocr.get_engine`; ``threads`` defaults to cores // workers.
     ``workers > 1`` runs that many processes, each loading its own engine once. ``on_progress(done, total)``
     is called after each input (``done`` counts skipped inputs too). ``retry_errors`` clears the errors file
-    first, so inputs that failed before are tried again (e.g. after fixing missing files).
+    first, so inputs that failed before are tried again (e.g. after fixing missing files). ``fmt="parquet"``
+    writes ``out`` as a folder of shards of ``rows_per_shard`` records; a rerun keeps the whole shards and
+    redoes the records of the shard that was being written.
     """
     t0 = time.perf_counter()
     out = Path(out)
+    check_format(fmt)
+    if fmt == "parquet" and out.is_file():
+        raise ValueError(f"--out {out}: a file; --format parquet writes a folder of shards")
     options = dict(engine_options or {})
     if engine == "rapidocr":
         options.setdefault("threads", default_threads(workers))
@@ -192,8 +204,8 @@ def label_inputs(
     if on_progress:
         on_progress(done, stats.total)
 
-    out_dir = out.resolve().parent
-    with JsonlAppender(out) as records, JsonlAppender(errors_path(out)) as errors:
+    out_dir = out.resolve() if fmt == "parquet" else out.resolve().parent
+    with open_sink(out, fmt, rows_per_shard) as records, JsonlAppender(errors_path(out)) as errors:
 
         def write_error(item: LabelInput, reason: str, detail: str) -> None:
             errors.write({"id": item.id, "image": item.image, "reason": reason, "detail": detail})

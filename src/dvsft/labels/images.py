@@ -9,8 +9,10 @@ the upright frame. Multi-frame files (GIF, TIFF) use their first frame.
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -103,21 +105,36 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
 
 
-def image_size(path: str | Path, decode: bool = True) -> tuple[int, int]:
-    """Upright (EXIF-oriented) ``(width, height)`` of an image file, checked without a full RGB conversion.
+def image_size(path: str | Path | bytes, decode: bool = True) -> tuple[int, int]:
+    """Upright (EXIF-oriented) ``(width, height)`` of an image file (or its bytes, e.g. from a Parquet shard),
+    checked without a full RGB conversion.
 
     The header is read; with ``decode`` the data is checked too (PNG: every chunk's CRC; JPEG: a 1/8-scale
     decode; other formats: a full decode). Raises :class:`ImageError` like :func:`load_image`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(MISSING, "no such file" if not path.exists() else "not a regular file", path)
-    if path.stat().st_size == 0:
-        raise ImageError(ZERO_SIZE, "file is empty (0 bytes)", path)
+    if isinstance(path, bytes):
+        data = path
+        path = "<image bytes>"
+
+        def opened() -> Any:
+            return Image.open(io.BytesIO(data))
+
+        if not data:
+            raise ImageError(ZERO_SIZE, "image bytes are empty", path)
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ImageError(MISSING, "no such file" if not path.exists() else "not a regular file", path)
+        if path.stat().st_size == 0:
+            raise ImageError(ZERO_SIZE, "file is empty (0 bytes)", path)
+
+        def opened() -> Any:
+            return Image.open(path)
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as img:
+            with opened() as img:
                 width, height = img.size
                 if _orientation(img) in (5, 6, 7, 8):  # EXIF transpose turns it by 90 degrees
                     width, height = height, width
@@ -127,7 +144,7 @@ def image_size(path: str | Path, decode: bool = True) -> tuple[int, int]:
                         img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
                     img.load()
             if decode and fmt == "PNG":
-                with Image.open(path) as img:
+                with opened() as img:
                     img.verify()  # must follow the open directly
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageError(UNDECODABLE, f"{type(err).__name__}: {err}", path) from err

@@ -71,7 +71,8 @@ class RapidOCREngine:
 
     ``threads``: onnxruntime intra-op threads (None = all cores). ``min_score``: drop words (and lines) scoring
     below it. ``use_cls``: run the 180-degree text-line classifier (off: upright documents, ~40% faster).
-    ``params``: extra rapidocr config overrides, e.g. ``{"Det.limit_side_len": 960}``.
+    ``params``: extra rapidocr config overrides, e.g. ``{"Det.limit_side_len": 960}``. ``device``: ``cpu``,
+    ``cuda`` or ``cuda:N`` (onnxruntime-gpu's CUDA provider, see :func:`cuda_params`).
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class RapidOCREngine:
         min_score: float = 0.5,
         use_cls: bool = False,
         params: dict[str, Any] | None = None,
+        device: str = "cpu",
     ):
         from rapidocr import RapidOCR
 
@@ -92,6 +94,7 @@ class RapidOCREngine:
         if threads:
             cfg["EngineConfig.onnxruntime.intra_op_num_threads"] = int(threads)
             cfg["EngineConfig.onnxruntime.inter_op_num_threads"] = 1
+        cfg.update(cuda_params(device))
         cfg.update(params or {})
         logging.getLogger("RapidOCR").setLevel(logging.ERROR)
         self.min_score = float(min_score)
@@ -120,6 +123,28 @@ class RapidOCREngine:
                     continue
                 words.append({"text": text, "box": box, "score": round(float(score), 4)})
         return words
+
+
+def cuda_params(device: str) -> dict[str, Any]:
+    """rapidocr settings for ``device`` (``cpu``, ``cuda`` or ``cuda:N``); a CUDA device needs onnxruntime's
+    CUDAExecutionProvider (the ``onnxruntime-gpu`` package) and raises a one-line ``ValueError`` without it."""
+    if device == "cpu":
+        return {}
+    name, _, index = device.partition(":")
+    if name != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"--device {device!r}: use cpu, cuda or cuda:N")
+    import onnxruntime
+
+    providers = onnxruntime.get_available_providers()
+    if "CUDAExecutionProvider" not in providers:
+        raise ValueError(
+            f"--device {device}: onnxruntime has no CUDAExecutionProvider (available: {', '.join(providers)}); "
+            "install onnxruntime-gpu in place of onnxruntime (pip uninstall onnxruntime && pip install onnxruntime-gpu)"
+        )
+    return {
+        "EngineConfig.onnxruntime.use_cuda": True,
+        "EngineConfig.onnxruntime.cuda_ep_cfg.device_id": int(index or 0),
+    }
 
 
 class _PerWordScores:

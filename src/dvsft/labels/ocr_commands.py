@@ -42,6 +42,9 @@ def label(
     ocr_param: list[str] = typer.Option([], help="Extra rapidocr config, KEY=VALUE, e.g. Det.limit_side_len=960."),
     retry_errors: bool = typer.Option(False, help="Try the inputs listed in the errors file again."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl, or parquet: --out is a folder of Parquet shards."),
+    rows_per_shard: int = typer.Option(10_000, min=1, help="Records per Parquet shard (--format parquet)."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N (rapidocr on onnxruntime-gpu's CUDA provider)."),
 ) -> None:
     """OCR images into word records (resumable: rerun the same command after an interruption)."""
     from rich.console import Console
@@ -63,8 +66,18 @@ def label(
         options = {"min_score": min_score, "use_cls": cls, "params": parse_params(ocr_param)}
         if threads:
             options["threads"] = threads
-    elif ocr_param or threads or cls:
-        console.print(f"[yellow]note:[/yellow] --threads/--cls/--ocr-param only apply to rapidocr, not {engine!r}")
+        if device != "cpu":
+            from dvsft.labels.ocr import cuda_params
+
+            try:
+                cuda_params(device)
+            except ValueError as err:
+                console.print(f"[red]error:[/red] {escape(str(err))}")
+                raise typer.Exit(2) from err
+            options["device"] = device
+    elif ocr_param or threads or cls or device != "cpu":
+        note = "--threads/--cls/--ocr-param/--device only apply to rapidocr"
+        console.print(f"[yellow]note:[/yellow] {note}, not {engine!r}")
 
     with _progress_bar(console, enabled=progress) as bar:
         task = bar.add_task("OCR", total=len(inputs))
@@ -86,6 +99,8 @@ def label(
                 workers=workers,
                 retry_errors=retry_errors,
                 on_progress=on_progress,
+                fmt=fmt,
+                rows_per_shard=rows_per_shard,
             )
         except (ValueError, TypeError, RuntimeError) as err:  # bad engine name/options, a dead worker
             console.print(f"[red]error:[/red] {escape(str(err))}")

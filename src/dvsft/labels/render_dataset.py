@@ -32,6 +32,7 @@ from typing import Any
 from dvsft.labels.instructions import TRANSCRIBE_INSTRUCTION, qa_prompt
 from dvsft.labels.render import PageLayout, Renderer, RenderStyle
 from dvsft.labels.sources import QA, Document, load_documents
+from dvsft.record_table import check_format
 from dvsft.records import JsonlAppender, read_jsonl, write_jsonl
 
 ANSWER_REASONS = ("answer_not_in_text", "answer_not_drawn", "answer_across_pages")
@@ -58,6 +59,8 @@ class RenderOptions:
     ppl_batch_size: int = 8
     workers: int = 1
     max_word_chars: int = 10_000  # longer words are skipped (word_too_long); 0 = no cap
+    out_format: str = "jsonl"  # or "parquet": also DIR/words/ shards, built from words.jsonl at the end
+    rows_per_shard: int = 10_000
 
     def renderer(self) -> Renderer:
         style = RenderStyle(
@@ -264,6 +267,7 @@ def render_source(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     options.renderer()  # validate the geometry before any work
+    check_format(options.out_format)
     counts: Counter = Counter({k: 0 for k in ("records", "samples", "empty_documents", "pages_used")})
     docs = load_documents(source, options.source_format, counts)
     words_file = out_dir / "words.jsonl"
@@ -297,5 +301,9 @@ def render_source(
         "options": asdict(options),
         "transcription_instruction": TRANSCRIBE_INSTRUCTION,
     }
+    if options.out_format == "parquet":
+        from dvsft.data.convert import convert
+
+        convert(words_file, out_dir / "words", "parquet", options.rows_per_shard)
     (out_dir / "render_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
