@@ -96,7 +96,7 @@ def prepare(
             json_file = _find_file(path, ".json", split)
             groups = _json_groups(json_file, dataset, image_root, stats)
         rows = _build_rows(
-            dataset, groups, n, seed, multi_turn, stats, image_key="image", out_dir=records_dir, instructions=instructions
+            dataset, groups, n, seed, multi_turn, stats, "image", out_dir=records_dir, instructions=instructions
         )
     stats.records = write_records(out, rows, fmt, rows_per_shard)
     return stats
