@@ -446,3 +446,41 @@ def test_render_also_writes_parquet_shards(tmp_path):
     sharded = list(read_records(tmp_path / "out" / "words", image=True))  # images resolve from the shard folder
     jsonl = list(read_jsonl(tmp_path / "out" / "words.jsonl"))
     assert [r["words"] for r in sharded] == [r["words"] for r in jsonl]
+
+
+def test_doc_gain_compares_the_answer_with_and_without_the_document(tmp_path, words, ppl_model):
+    """Relevance: ppl(answer | document, question) against ppl(answer | question), and the min_doc_gain filter."""
+    from dvsft.labels.perplexity import PerplexityScorer, answer_context, no_document_context, quantiles
+
+    ctx = text_of(words, 0, 60)
+    qas = [qa(f"Which word comes {i}?", " ".join(words[i : i + 1 + i % 3]), ctx, f"q{i}") for i in range(8)]
+    scorer = PerplexityScorer(ppl_model, batch_size=4)
+    items = [(ctx, q["question"], q["answers"][0]["text"]) for q in qas]
+    scores = scorer.qa_scores(items)
+    for (d, q, a), s in zip(items, scores, strict=True):
+        (with_doc, without) = scorer.score([(answer_context(d, q), " " + a), (no_document_context(q), " " + a)])
+        assert s["answer_ppl"] == pytest.approx(with_doc, rel=1e-5)
+        assert s["answer_ppl_no_doc"] == pytest.approx(without, rel=1e-5)
+        assert s["doc_gain"] == pytest.approx(without / with_doc, rel=1e-5)
+    gains = sorted(s["doc_gain"] for s in scores)
+    assert gains[0] < gains[-1]
+    src = tmp_path / "sq.json"
+    src.write_text(json.dumps(squad([{"context": ctx, "qas": qas}])))
+    k = max(range(len(gains) - 1), key=lambda i: gains[i + 1] - gains[i])  # cut at the widest gap
+    assert gains[k + 1] - gains[k] > 2e-4  # (stored scores are rounded to 4 decimals)
+    opts = dict(SMALL_OPTS, ppl_model=str(ppl_model), min_doc_gain=(gains[k] + gains[k + 1]) / 2)
+    stats = render_source(src, tmp_path / "gain", RenderOptions(**opts))
+    assert stats["qa_dropped_doc_gain"] == k + 1 and stats["qa_pairs_kept"] == 8 - (k + 1)
+    kept = list(read_jsonl(tmp_path / "gain" / "words.jsonl"))
+    assert sorted(r["qas"][0]["doc_gain"] for r in kept) == pytest.approx(gains[k + 1 :], rel=1e-3)
+    measured = json.loads((tmp_path / "gain" / "render_stats.json").read_text())["ppl_quantiles"]
+    assert measured["doc_gain"] == pytest.approx(quantiles(gains), rel=1e-3)
+    assert set(measured) == {"answer_ppl", "answer_ppl_no_doc", "doc_gain", "question_ppl"}
+
+
+def test_quantiles_interpolate():
+    from dvsft.labels.perplexity import quantiles
+
+    q = quantiles([float(v) for v in range(101)])
+    assert q["p5"] == 5 and q["p50"] == 50 and q["p99"] == 99 and quantiles([]) == {}
+    assert quantiles([1.0, 2.0])["p50"] == 1.5

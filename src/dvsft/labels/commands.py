@@ -63,6 +63,9 @@ def render(
     ppl_model: Path = typer.Option(None, help="Local causal LM directory for the perplexity filter."),
     max_answer_ppl: float = typer.Option(None, help="Drop QA pairs whose answer perplexity is above this."),
     max_question_ppl: float = typer.Option(None, help="Drop QA pairs whose question perplexity is above this."),
+    min_doc_gain: float = typer.Option(
+        None, help="Drop QA pairs whose answer perplexity without the document is not this many times higher."
+    ),
     ppl_batch_size: int = typer.Option(8, help="Batch size of the perplexity model."),
     workers: int = typer.Option(1, help="Rendering processes."),
     max_word_chars: int = typer.Option(
@@ -78,8 +81,8 @@ def render(
 
     from dvsft.labels.render_dataset import RenderOptions, render_source
 
-    if (max_answer_ppl is not None or max_question_ppl is not None) and ppl_model is None:
-        _fail("--max-answer-ppl / --max-question-ppl need --ppl-model")
+    if (max_answer_ppl is not None or max_question_ppl is not None or min_doc_gain is not None) and ppl_model is None:
+        _fail("--max-answer-ppl / --max-question-ppl / --min-doc-gain need --ppl-model")
     options = RenderOptions(
         family=family,
         cols=cols,
@@ -97,6 +100,7 @@ def render(
         ppl_model=str(ppl_model) if ppl_model else None,
         max_answer_ppl=max_answer_ppl,
         max_question_ppl=max_question_ppl,
+        min_doc_gain=min_doc_gain,
         ppl_batch_size=ppl_batch_size,
         workers=workers,
         max_word_chars=max_word_chars,

@@ -1,14 +1,26 @@
-"""Perplexity filter for rendered QA pairs (paper appendix A.1: Qwen3-0.6B; thresholds were lost).
+"""Perplexity filter for rendered QA pairs (paper appendix A.1; its conditions are lost from the text).
 
-With a local causal LM:
+The paper keeps SQuAD pairs that are relevant to their document and fluent, judged by the
+perplexity of a small unimodal LM (Qwen3-0.6B). With a local causal LM each pair gets:
 
-- answer perplexity   = ppl(" " + answer   | document + "\\n\\nQuestion: " + question + "\\nAnswer:")
-- question perplexity = ppl(" " + question | document + "\\n\\nQuestion:")
+- ``answer_ppl`` = ppl(" " + answer | document + "\\n\\nQuestion: " + question + "\\nAnswer:"): how
+  predictable the answer is once the model has read the document and the question. High: a
+  non-fluent or oddly cut answer span, or one the model cannot find in the document.
+- ``answer_ppl_no_doc`` = ppl(" " + answer | "Question: " + question + "\\nAnswer:"): the same
+  answer without the document.
+- ``doc_gain`` = answer_ppl_no_doc / answer_ppl: how much reading the document helps. Near or
+  below 1 the answer is guessable from the question alone (world knowledge, "yes", a year), so
+  the pair does not make the model read the image: the relevance criterion of
+  ``min_doc_gain``.
+- ``question_ppl`` = ppl(" " + question | document + "\\n\\nQuestion:"): how expected the
+  question is after the document. High: weakly related to the document, or oddly phrased.
 
-A pair whose answer perplexity is high is a weak or non-fluent answer; a high question
-perplexity means the question is weakly related to the document. Pairs above the thresholds
-are dropped. Context and target are tokenized separately and concatenated, so the target's
-tokens are exact; a context that is too long is cut from the left (the question is kept).
+A pair is dropped when ``answer_ppl`` > ``max_answer_ppl``, ``question_ppl`` > ``max_question_ppl``
+or ``doc_gain`` < ``min_doc_gain``. There are no default thresholds: perplexities are on the scale
+of the scoring model and its tokenizer, and the paper's values did not survive. Score a run without
+thresholds, read the quantiles in ``render_stats.json`` (``ppl_quantiles``) and choose there.
+Context and target are tokenized separately and concatenated, so the target's tokens are exact;
+a context that is too long is cut from the left (the question is kept).
 """
 
 from __future__ import annotations
@@ -25,6 +37,13 @@ def answer_context(document: str, question: str) -> str:
 
 def question_context(document: str) -> str:
     return f"{document}\n\nQuestion:"
+
+
+def no_document_context(question: str) -> str:
+    return f"Question: {question.strip()}\nAnswer:"
+
+
+SCORES = ("answer_ppl", "answer_ppl_no_doc", "doc_gain", "question_ppl")
 
 
 class PerplexityScorer:
@@ -97,18 +116,41 @@ class PerplexityScorer:
     def qa_scores(
         self, items: Sequence[tuple[str, str, str]], progress: Callable[[int], Any] | None = None
     ) -> list[dict[str, float]]:
-        """``[{"answer_ppl", "question_ppl"}]`` for (document, question, answer) triples."""
-        answer_pairs = [(answer_context(d, q), " " + a.strip()) for d, q, a in items]
-        question_pairs = [(question_context(d), " " + q.strip()) for d, q, _ in items]
-        a = self.score(answer_pairs, progress)
-        q = self.score(question_pairs, progress)
-        return [{"answer_ppl": x, "question_ppl": y} for x, y in zip(a, q, strict=True)]
+        """``[{"answer_ppl", "answer_ppl_no_doc", "doc_gain", "question_ppl"}]`` for (document, question, answer)."""
+        a = self.score([(answer_context(d, q), " " + ans.strip()) for d, q, ans in items], progress)
+        bare = self.score([(no_document_context(q), " " + ans.strip()) for _, q, ans in items], progress)
+        q = self.score([(question_context(d), " " + q.strip()) for d, q, _ in items], progress)
+        return [
+            {"answer_ppl": x, "answer_ppl_no_doc": y, "doc_gain": y / x, "question_ppl": z}
+            for x, y, z in zip(a, bare, q, strict=True)
+        ]
 
 
-def keep_pair(scores: dict[str, float], max_answer_ppl: float | None, max_question_ppl: float | None) -> str | None:
+def keep_pair(
+    scores: dict[str, float],
+    max_answer_ppl: float | None,
+    max_question_ppl: float | None,
+    min_doc_gain: float | None = None,
+) -> str | None:
     """None to keep a pair, else the name of the filter that drops it."""
     if max_answer_ppl is not None and scores["answer_ppl"] > max_answer_ppl:
         return "answer_ppl"
     if max_question_ppl is not None and scores["question_ppl"] > max_question_ppl:
         return "question_ppl"
+    if min_doc_gain is not None and scores["doc_gain"] < min_doc_gain:
+        return "doc_gain"
     return None
+
+
+def quantiles(values: Sequence[float], levels: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)) -> dict:
+    """``{"p5": ..., "p50": ..., ...}``: linear-interpolated quantiles of ``values`` (empty: ``{}``)."""
+    data = sorted(values)
+    if not data:
+        return {}
+    out = {}
+    for q in levels:
+        pos = q * (len(data) - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, len(data) - 1)
+        out[f"p{round(q * 100)}"] = round(data[lo] + (data[hi] - data[lo]) * (pos - lo), 4)
+    return out

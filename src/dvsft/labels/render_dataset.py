@@ -56,6 +56,7 @@ class RenderOptions:
     ppl_model: str | None = None
     max_answer_ppl: float | None = None
     max_question_ppl: float | None = None
+    min_doc_gain: float | None = None
     ppl_batch_size: int = 8
     workers: int = 1
     max_word_chars: int = 10_000  # longer words are skipped (word_too_long); 0 = no cap
@@ -228,32 +229,37 @@ def render_documents(
 
 def apply_ppl_filter(
     docs: list[Document], options: RenderOptions, counts: Counter, progress: Callable[[int, int], Any] | None = None
-) -> None:
-    """Score every QA pair with the perplexity model; drop pairs over the thresholds (in place)."""
-    from dvsft.labels.perplexity import PerplexityScorer, keep_pair
+) -> dict[str, dict[str, float]]:
+    """Score every QA pair with the perplexity model; drop pairs over the thresholds (in place).
+
+    Returns the quantiles of each score over all pairs (before dropping), to choose thresholds from.
+    """
+    from dvsft.labels.perplexity import SCORES, PerplexityScorer, keep_pair, quantiles
 
     items = [(doc, qa) for doc in docs if doc.qas for qa in doc.qas]
     if not items:
-        return
+        return {}
     scorer = PerplexityScorer(options.ppl_model, batch_size=options.ppl_batch_size)
-    total = 2 * len(items)
+    total = 3 * len(items)
     scores = scorer.qa_scores(
         [(doc.text, qa.question, qa.answers[0]) for doc, qa in items],
         progress=(lambda n: progress(n, total)) if progress else None,
     )
     for (_, qa), s in zip(items, scores, strict=True):
         qa.scores = {k: round(v, 4) for k, v in s.items()}
+    measured = {k: quantiles([s[k] for s in scores]) for k in SCORES}
     for doc in docs:
         if not doc.qas:
             continue
         kept = []
         for qa in doc.qas:
-            reason = keep_pair(qa.scores, options.max_answer_ppl, options.max_question_ppl)
+            reason = keep_pair(qa.scores, options.max_answer_ppl, options.max_question_ppl, options.min_doc_gain)
             if reason is None:
                 kept.append(qa)
             else:
                 counts[f"qa_dropped_{reason}"] += 1
         doc.qas = kept
+    return measured
 
 
 def render_source(
@@ -276,8 +282,11 @@ def render_source(
     qa_docs = [d for d in pending if d.qas is not None]
     counts["qa_pairs"] = sum(len(d.qas) for d in qa_docs)
     counts["documents_without_qa_pairs"] = sum(1 for d in qa_docs if not d.qas)
+    measured = {}
     if options.ppl_model:
-        apply_ppl_filter(qa_docs, options, counts, (lambda n, t: progress("perplexity", n, t)) if progress else None)
+        measured = apply_ppl_filter(
+            qa_docs, options, counts, (lambda n, t: progress("perplexity", n, t)) if progress else None
+        )
     todo = [d for d in pending if d.qas is None or d.qas]
     counts["qa_pairs_kept"] = sum(len(d.qas) for d in todo if d.qas)
     with JsonlAppender(words_file) as out:
@@ -298,6 +307,7 @@ def render_source(
         **dict(sorted(counts.items())),
         "images": counts["records"],
         "records_in_file": sum(1 for _ in read_jsonl(words_file, own=True)),
+        **({"ppl_quantiles": measured} if measured else {}),
         "options": asdict(options),
         "transcription_instruction": TRANSCRIBE_INSTRUCTION,
     }
