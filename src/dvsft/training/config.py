@@ -135,6 +135,7 @@ TINY_HELP = {
     "seed": "initialisation seed of the tiny model",
     "family": "architecture of the tiny model: qwen3-vl, qwen3.5 (Gated DeltaNet + attention), qwen3-vl-moe",
     "experts": "qwen3-vl-moe: experts per MoE layer (2 active per token)",
+    "tokenizer": "corpus (trained on pydoc topics with Qwen's splitting, vocab_size) or qwen (Qwen's real tokenizer)",
 }
 
 

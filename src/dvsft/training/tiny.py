@@ -60,6 +60,7 @@ class TinyConfig:
     seed: int = 0
     family: str = "qwen3-vl"  # qwen3-vl, qwen3.5, qwen3-vl-moe
     experts: int = 4  # qwen3-vl-moe: experts per MoE layer (2 active per token)
+    tokenizer: str = "corpus"  # corpus (trained on pydoc topics, Qwen's splitting) or qwen (Qwen's real vocabulary)
 
 
 def corpus_text() -> str:
@@ -111,6 +112,24 @@ def train_tokenizer(vocab_size: int = 2048, extra_text: list[str] | None = None)
     )
     fast.padding_side = "left"
     return fast
+
+
+def tiny_tokenizer(cfg: TinyConfig, extra_text: list[str] | None = None):
+    """The tiny model's tokenizer: ``corpus`` (trained here, small vocabulary) or ``qwen`` (Qwen's real one).
+
+    ``qwen`` is Qwen2/2.5/3/Qwen3-VL's tokenizer (Qwen3.5's for ``family: qwen3.5``) with its real ids,
+    so labels, filters and the collator see exactly what a released Qwen model sees; the embedding
+    then has a row per Qwen token (about 152k / 248k), cheap at tiny hidden sizes.
+    """
+    if cfg.tokenizer == "corpus":
+        return train_tokenizer(cfg.vocab_size, extra_text)
+    if cfg.tokenizer != "qwen":
+        raise ValueError(f"tiny.tokenizer must be corpus or qwen; got {cfg.tokenizer!r}")
+    from dvsft.training.qwen_vocab import qwen_tokenizer
+
+    tok = qwen_tokenizer("qwen3.5" if cfg.family == "qwen3.5" else "qwen3-vl")
+    tok.padding_side = "left"
+    return tok
 
 
 def build_processor(tokenizer, min_pixels: int, max_pixels: int):
@@ -216,7 +235,7 @@ def build_tiny(cfg: TinyConfig | None = None, extra_text: list[str] | None = Non
     cfg = cfg or TinyConfig()
     if cfg.family not in TINY_FAMILIES:
         raise ValueError(f"tiny.family must be one of {', '.join(TINY_FAMILIES)}; got {cfg.family!r}")
-    tokenizer = train_tokenizer(cfg.vocab_size, extra_text)
+    tokenizer = tiny_tokenizer(cfg, extra_text)
     processor = build_processor(tokenizer, cfg.min_pixels, cfg.max_pixels)
     torch.manual_seed(cfg.seed)
     config = build_model_config(cfg, tokenizer)
