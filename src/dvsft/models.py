@@ -13,7 +13,7 @@ from typing import Any
 
 
 def _image_only(processor_cls: type) -> type:
-    """A subclass of a Qwen-VL processor class that accepts ``video_processor=None``."""
+    """A subclass of a processor class that accepts ``video_processor=None``."""
 
     class ImageOnlyProcessor(processor_cls):
         def check_argument_for_proper_class(self, argument_name: str, argument: Any):
@@ -23,6 +23,13 @@ def _image_only(processor_cls: type) -> type:
 
         def save_pretrained(self, save_directory, **kwargs):
             save_processor(self, save_directory)
+
+        if processor_cls.__name__ == "SmolVLMProcessor":  # its template rendering reads video frame settings
+
+            def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+                from transformers.processing_utils import ProcessorMixin
+
+                return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
 
     ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = processor_cls.__name__
     return ImageOnlyProcessor
@@ -50,14 +57,29 @@ def image_processor_class(model_type: str) -> type:
     return getattr(transformers, family_spec(model_type).image_processor)
 
 
-def build_processor(image_processor: Any, tokenizer: Any, model_type: str, chat_template: str | None = None):
+# processor settings outside the image processor and tokenizer (saved in processor_config.json)
+PROCESSOR_KEYS = (
+    "image_seq_length",  # InternVL
+    "num_image_tokens",  # LLaVA-OneVision
+    "vision_feature_select_strategy",
+    "vision_aspect_ratio",
+    "image_seq_len",  # Idefics3 / SmolVLM
+)
+
+
+def build_processor(
+    image_processor: Any, tokenizer: Any, model_type: str, chat_template: str | None = None, **settings: Any
+):
     """A processor of the family's class around the given image processor and tokenizer (no video)."""
-    cls = _image_only(processor_class(model_type))
-    return cls(
+    cls = processor_class(model_type)
+    video = "video_processor" in getattr(cls, "get_attributes", lambda: [])()
+    kwargs = {"video_processor": None} if video else {}
+    return (_image_only(cls) if video else cls)(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        video_processor=None,
         chat_template=chat_template or getattr(tokenizer, "chat_template", None),
+        **kwargs,
+        **settings,
     )
 
 
@@ -98,14 +120,21 @@ def load_processor(model_dir: str | Path, trust_remote_code: bool = False, **siz
             template = tmpl_file.read_text()
         elif (model_dir / "chat_template.json").is_file():
             template = json.loads((model_dir / "chat_template.json").read_text())["chat_template"]
-        processor = build_processor(image_processor, tokenizer, model_type_of(model_dir), template)
+        settings = {}
+        if (model_dir / "processor_config.json").is_file():
+            saved = json.loads((model_dir / "processor_config.json").read_text())
+            settings = {k: saved[k] for k in PROCESSOR_KEYS if k in saved}
+        processor = build_processor(image_processor, tokenizer, model_type_of(model_dir), template, **settings)
     set_pixels(processor, **size)
     return processor
 
 
 def set_pixels(processor: Any, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
-    """Override the processor's min/max pixels in place."""
+    """Override the processor's min/max pixels in place (Qwen-VL families; tiled families' processors
+    have tile settings instead and are left as they are)."""
     ip = processor.image_processor
+    if not type(ip).__name__.startswith("Qwen2VLImageProcessor"):
+        return
     if min_pixels is not None:
         ip.size["shortest_edge"] = int(min_pixels)
     if max_pixels is not None:
@@ -120,6 +149,9 @@ def save_processor(processor: Any, out_dir: str | Path) -> None:
     processor.image_processor.save_pretrained(out)
     if getattr(processor, "chat_template", None):
         (out / "chat_template.jinja").write_text(processor.chat_template)
+    settings = {k: getattr(processor, k) for k in PROCESSOR_KEYS if getattr(processor, k, None) is not None}
+    if settings:
+        (out / "processor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def load_model(model_dir: str | Path, dtype: Any = None, trust_remote_code: bool = False):

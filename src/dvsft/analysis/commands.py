@@ -60,11 +60,12 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 img = open_image(image, str(image))
                 result = run_lens(mdl, proc, img, top_k=top_k)
                 overlay = out / "lens.png"
-                lens_overlay(img, result.grid, result.top1_texts(), upscale=upscale).save(overlay)
+                lens_overlay(img, result.geometry, result.top1_texts(), upscale=upscale).save(overlay)
                 (out / "lens.json").write_text(
                     json.dumps({"image": str(image), **result.to_json()}, ensure_ascii=False, indent=1)
                 )
-                console.print(f"wrote {overlay} and {out / 'lens.json'} ({result.grid.rows}x{result.grid.cols} tokens)")
+                n = result.layout.num_tokens if result.layout is not None else result.grid.num_tokens
+                console.print(f"wrote {overlay} and {out / 'lens.json'} ({n} visual tokens)")
                 return
             rows = list(itertools.islice(read_jsonl(records), limit))
             entries = []
@@ -78,7 +79,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                     img = open_image(image_path(record, records), rid)
                     path = out / "overlays" / f"{len(entries):05d}_{_safe(rid)}.png"
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    lens_overlay(img, result.grid, result.top1_texts(), correct, upscale=upscale).save(path)
+                    lens_overlay(img, result.geometry, result.top1_texts(), correct, upscale=upscale).save(path)
                     data = result.to_json()
                     for tok in data["tokens"]:
                         tok["top"] = tok["top"][:top_k]

@@ -23,25 +23,40 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from dvsft.geometry import Grid, grid_for
+from dvsft.geometry import Grid, Layout, grid_for, layout_for
 from dvsft.labels.instructions import TRANSCRIBE_INSTRUCTION
 
 LENS_PROMPT = TRANSCRIBE_INSTRUCTION  # text after the image cannot change causal visual logits
 
 
+# views that show the whole image at a coarser scale; overlays draw the other (finer) views
+SUMMARY_VIEWS = ("thumbnail", "global", "base")
+
+
 @dataclass
 class LensResult:
-    """Top-k readings of each visual token of one image (row-major token order)."""
+    """Top-k readings of each visual token of one image (image-token sequence order).
 
-    grid: Grid
+    ``grid`` is the Qwen-VL grid (None for tiled families); ``layout`` the family's view list
+    (positions index ``top_ids``; a LLaVA-OneVision newline slot is read like any token).
+    """
+
+    grid: Grid | None
     top_ids: list[list[int]]  # [num_tokens][k]
     top_probs: list[list[float]]
     top_texts: list[list[str]]
+    layout: Layout | None = None
+
+    @property
+    def geometry(self) -> Grid | Layout:
+        return self.grid if self.grid is not None else self.layout
 
     def top1_texts(self) -> list[str]:
         return [texts[0] for texts in self.top_texts]
 
     def to_json(self) -> dict[str, Any]:
+        if self.grid is None:
+            return self._layout_json()
         g = self.grid
         return {
             "grid": [g.rows, g.cols],
@@ -59,12 +74,35 @@ class LensResult:
             ],
         }
 
+    def _layout_json(self) -> dict[str, Any]:
+        lay = self.layout
+        assert lay is not None
+        tokens = []
+        for view in lay.views:
+            for k in range(view.num_tokens):
+                pos = view.position(k)
+                ids, texts, probs = self.top_ids[pos], self.top_texts[pos], self.top_probs[pos]
+                top = [{"id": i, "text": t, "prob": round(p, 6)} for i, t, p in zip(ids, texts, probs, strict=True)]
+                box = [round(v, 2) for v in view.token_box(k)]
+                tokens.append({"token": pos, "view": view.kind, "view_index": view.index, "box": box, "top": top})
+        views = [
+            {"kind": v.kind, "index": v.index, "grid": [v.rows, v.cols], "offset": v.offset, "region": list(v.region)}
+            for v in lay.views
+        ]
+        return {"family": lay.family, "size": [lay.width, lay.height], "views": views, "tokens": tokens}
+
 
 def image_token_id(model: Any, processor: Any) -> int:
-    tid = getattr(model.config, "image_token_id", None)
-    if tid is None:
-        tid = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<|image_pad|>"))
-    return int(tid)
+    """The family's image placeholder id (the tokens the model fills with visual features)."""
+    from dvsft.families import spec_for_processor
+
+    try:
+        return spec_for_processor(processor).image_token_id(processor)
+    except ValueError:
+        tid = getattr(model.config, "image_token_id", None)
+        if tid is None:
+            tid = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<|image_pad|>"))
+        return int(tid)
 
 
 def visual_hidden_states(model: Any, processor: Any, image: Image.Image, prompt: str = LENS_PROMPT):
@@ -72,8 +110,10 @@ def visual_hidden_states(model: Any, processor: Any, image: Image.Image, prompt:
     import torch
 
     from dvsft.evaluation.generation import model_inputs
+    from dvsft.training.losses import MODEL_INPUTS
 
     inputs = model_inputs(processor, model, [prompt], [[image.convert("RGB")]])
+    inputs = {k: v for k, v in inputs.items() if k in MODEL_INPUTS}
     with torch.inference_mode():
         hidden = model.model(**inputs).last_hidden_state[0]
     mask = inputs["input_ids"][0] == image_token_id(model, processor)
@@ -104,17 +144,18 @@ def token_text(tokenizer: Any, token_id: int) -> str:
 
 def run_lens(model: Any, processor: Any, image: Image.Image, top_k: int = 5, prompt: str = LENS_PROMPT) -> LensResult:
     """The visual logit lens of one image."""
-    grid = grid_for(processor, image.width, image.height)
+    layout = layout_for(processor, image.width, image.height)
+    grid = grid_for(processor, image.width, image.height) if layout.family.startswith("qwen") else None
     hidden = visual_hidden_states(model, processor, image, prompt)
-    if hidden.shape[0] != grid.num_tokens:
+    if hidden.shape[0] != layout.num_tokens:
         raise RuntimeError(
-            f"the prompt holds {hidden.shape[0]} visual tokens but the processor's grid has {grid.num_tokens}"
+            f"the prompt holds {hidden.shape[0]} visual tokens but the processor's view list has {layout.num_tokens}"
         )
     probs, ids = visual_topk(model, hidden, top_k)
     tok = processor.tokenizer
     ids_l, probs_l = ids.tolist(), probs.tolist()
     texts = [[token_text(tok, i) for i in row] for row in ids_l]
-    return LensResult(grid, ids_l, probs_l, texts)
+    return LensResult(grid, ids_l, probs_l, texts, layout)
 
 
 # ------------------------------------------------------------------------------------ overlay
@@ -134,7 +175,7 @@ def display_text(text: str) -> str:
 
 def lens_overlay(
     image: Image.Image,
-    grid: Grid,
+    grid: Grid | Layout,
     texts: list[str],
     correct: dict[int, bool] | None = None,
     upscale: float = 1.0,
@@ -143,8 +184,12 @@ def lens_overlay(
     """``image`` with the token grid drawn over it and each cell's text (e.g. its top-1 token).
 
     ``correct`` (token -> bool) colours labeled cells green (hit) or red (miss); others are blue.
-    ``upscale`` enlarges the image first so small cells stay readable.
+    ``upscale`` enlarges the image first so small cells stay readable. With a tiled family's
+    :class:`~dvsft.geometry.Layout`, the cells of its finer views (tiles, crops) are drawn, not
+    the thumbnail / global / base views.
     """
+    if isinstance(grid, Layout):
+        return _layout_overlay(image, grid, texts, correct, upscale, font_size)
     if len(texts) != grid.num_tokens:
         raise ValueError(f"{len(texts)} texts for a grid of {grid.num_tokens} tokens")
     base = image.convert("RGB")
@@ -175,6 +220,39 @@ def lens_overlay(
     return Image.alpha_composite(base.convert("RGBA"), layer).convert("RGB")
 
 
+def _layout_overlay(
+    image: Image.Image,
+    layout: Layout,
+    texts: list[str],
+    correct: dict[int, bool] | None,
+    upscale: float,
+    font_size: int | None,
+) -> Image.Image:
+    if len(texts) != layout.num_tokens:
+        raise ValueError(f"{len(texts)} texts for a view list of {layout.num_tokens} tokens")
+    base = image.convert("RGB")
+    if upscale != 1.0:
+        base = base.resize((round(base.width * upscale), round(base.height * upscale)), Image.Resampling.BICUBIC)
+    sx, sy = base.width / layout.width, base.height / layout.height
+    views = [v for v in layout.views if v.kind not in SUMMARY_VIEWS] or list(layout.views)
+    cells = [(v.position(k), v.token_box(k)) for v in views for k in range(v.num_tokens)]
+    cells = [(p, b) for p, b in cells if b[2] > b[0] and b[3] > b[1]]
+    layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    smallest = min((min((b[2] - b[0]) * sx, (b[3] - b[1]) * sy) for _, b in cells), default=10.0)
+    font = _font(font_size or max(6, int(smallest * 0.35)))
+    for pos, (x0, y0, x1, y1) in cells:
+        draw.rectangle((x0 * sx, y0 * sy, x1 * sx - 1, y1 * sy - 1), outline=(255, 0, 0, 150), width=1)
+        shown = _fit(display_text(texts[pos]), font, (x1 - x0) * sx - 2)
+        colour = (0, 0, 200, 255)
+        if correct is not None and pos in correct:
+            colour = (0, 150, 0, 255) if correct[pos] else (200, 0, 0, 255)
+        at = (x0 * sx + 1, y0 * sy + 1)
+        draw.rectangle(draw.textbbox(at, shown, font=font), fill=(255, 255, 255, 190))
+        draw.text(at, shown, fill=colour, font=font)
+    return Image.alpha_composite(base.convert("RGBA"), layer).convert("RGB")
+
+
 def _fit(text: str, font: ImageFont.FreeTypeFont, width: float) -> str:
     """``text`` cut (with an ellipsis) to fit ``width`` pixels."""
     if font.getlength(text) <= width:
@@ -187,10 +265,11 @@ def _fit(text: str, font: ImageFont.FreeTypeFont, width: float) -> str:
 # ------------------------------------------------------------------------------------ label accuracy
 
 
-def record_labels(record: dict[str, Any], grid: Grid, tokenizer: Any, where: str) -> dict[int, int]:
-    """token -> label id of a record: its ``vision_labels`` when made for this grid, else its words aligned now."""
+def record_labels(record: dict[str, Any], grid: Grid | Layout, tokenizer: Any, where: str) -> dict[int, int]:
+    """token -> label id of a record: its ``vision_labels`` when made for this grid, else its words aligned now
+    (on every view of a tiled family's view list)."""
     labels = record.get("vision_labels")
-    same_grid = list(record.get("grid") or []) == [grid.rows, grid.cols]
+    same_grid = isinstance(grid, Grid) and list(record.get("grid") or []) == [grid.rows, grid.cols]
     if labels and same_grid and all("token_id" in lab for lab in labels):
         return {int(lab["token"]): int(lab["token_id"]) for lab in labels}
     if record.get("words") is not None:
@@ -229,7 +308,7 @@ def vision_label_accuracy(
             raise ValueError(f"{where}: no 'image'")
         image = open_image(image_path(record, records_file), str(record.get("id", i)))
         result = run_lens(model, processor, image, top_k=max(5, top_k), prompt=prompt)
-        labels = record_labels(record, result.grid, processor.tokenizer, where)
+        labels = record_labels(record, result.geometry, processor.tokenizer, where)
         for token, label in labels.items():
             top = result.top_ids[token]
             hits1 += top[0] == label

@@ -8,12 +8,16 @@ Everything the model sees comes from its OWN processor and chat template; dvsft 
   character span between the two is mapped to tokens through the tokenizer's offsets.
 * ``vision_positions`` [N, 2] (batch index, sequence position), ``vision_targets`` [N] and
   ``vision_label_sets`` [N, S] (-1 padded): the words aligned to visual tokens by
-  :func:`dvsft.labels.align.align_words` on the grid :func:`dvsft.geometry.grid_for` computes
-  from the same processor. The k-th image token of an image is token k of that grid; the
-  collator checks the processor's token count and ``image_grid_thw`` against the grid and raises
-  rather than shift a label.
+  :func:`dvsft.labels.align.align_words` on the view list :func:`dvsft.geometry.layout_for`
+  computes from the same processor (Qwen-VL: the grid of :func:`dvsft.geometry.grid_for`; tiled
+  families: every tile / thumbnail / crop grid / global view, each aligned on its own). The
+  image tokens are found by the family's own image-token id (:mod:`dvsft.families`); the k-th
+  of them is position k of the view list. The collator checks the processor's token count
+  (and Qwen's ``image_grid_thw``) against the geometry and raises, naming the record, rather
+  than shift a label.
 
-Sequences are padded on the right; one image per record.
+Sequences are padded on the right; one image per record. The family's pixel inputs are batched
+as its model expects (tiles / crops per image padded with zero images where counts differ).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import torch
 from PIL import Image, ImageOps
 
 from dvsft.data.dataset import IMAGE_PLACEHOLDER, has_image_placeholder
-from dvsft.geometry import Grid, grid_for
+from dvsft.families import spec_for_processor
+from dvsft.geometry import Grid, Layout, grid_for, layout_for
 from dvsft.labels.align import AlignConfig, Alignment, align_words
 from dvsft.models import set_pixels
 
@@ -85,11 +90,29 @@ class Encoded:
     labels: torch.Tensor
     mm_token_type_ids: torch.Tensor | None
     pixel_values: torch.Tensor
-    image_grid_thw: torch.Tensor
+    image_grid_thw: torch.Tensor | None
     vision_tokens: list[tuple[int, int]]  # (sequence position, first-token id)
     label_set: list[int]
-    grid: Grid
+    grid: Grid | None  # Qwen-VL families
     alignment: Alignment | None
+    layout: Layout | None = None
+    image_inputs: dict[str, torch.Tensor] | None = None  # the family's other model inputs (image_sizes, masks)
+
+
+SEQUENCE_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")  # batched on their own
+
+
+def stack_images(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Per-record image tensors as one batch tensor: concatenated along dim 0, where dim 1 (tiles or
+    crops per image, [1, n, ...]) differs first padded with zeros (the models skip all-zero images)."""
+    if len({tuple(p.shape[1:]) for p in parts}) > 1 and all(p.dim() >= 3 for p in parts):
+        n = max(p.shape[1] for p in parts)
+        padded = []
+        for p in parts:
+            extra = p.new_zeros((p.shape[0], n - p.shape[1], *p.shape[2:]))
+            padded.append(torch.cat([p, extra], dim=1))
+        parts = padded
+    return torch.cat(parts)
 
 
 class VisionCollator:
@@ -115,8 +138,10 @@ class VisionCollator:
         self.align_config = align_config or AlignConfig()
         self.vision_labels = vision_labels
         self.max_length = int(max_length)
-        self.image_token = getattr(processor, "image_token", "<|image_pad|>")
-        self.image_token_id = int(self.tokenizer.convert_tokens_to_ids(self.image_token))
+        self.family = spec_for_processor(processor)
+        self.qwen = self.family.name.startswith("qwen")
+        self.image_token = getattr(processor, "image_token", None) or self.family.image_token  # in the template
+        self.image_token_id = self.family.image_token_id(processor)  # what the model fills with features
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
 
@@ -171,22 +196,34 @@ class VisionCollator:
             )
         out = self.processor(text=[text], images=[image], return_tensors="pt", return_offsets_mapping=True)
         ids = out["input_ids"][0]
-        grid = grid_for(self.processor, w, h)
+        layout = layout_for(self.processor, w, h)
+        grid = grid_for(self.processor, w, h) if self.qwen else None
         image_pos = torch.nonzero(ids == self.image_token_id).flatten()
         n_img = int(image_pos.numel())
-        thw = tuple(int(v) for v in out["image_grid_thw"][0])
-        if n_img != grid.num_tokens or thw != grid.grid_thw:
+        if grid is not None:
+            thw = tuple(int(v) for v in out["image_grid_thw"][0])
+            if n_img != grid.num_tokens or thw != grid.grid_thw:
+                raise ValueError(
+                    f"record {rid}: the processor made {n_img} image tokens (image_grid_thw {thw}) for the {w}x{h} "
+                    f"image but the token grid has {grid.num_tokens} ({grid.rows}x{grid.cols}, grid_thw "
+                    f"{grid.grid_thw}); refusing to align labels to shifted tokens"
+                )
+            if n_img and int(image_pos[-1] - image_pos[0]) != n_img - 1:
+                raise ValueError(f"record {rid}: the image tokens are not contiguous")
+        elif n_img != layout.num_tokens:
+            views = ", ".join(f"{v.kind} {v.rows}x{v.cols}" for v in layout.views)
             raise ValueError(
-                f"record {rid}: the processor made {n_img} image tokens (image_grid_thw {thw}) for the {w}x{h} "
-                f"image but the token grid has {grid.num_tokens} ({grid.rows}x{grid.cols}, grid_thw {grid.grid_thw}); "
-                "refusing to align labels to shifted tokens"
+                f"record {rid}: the processor made {n_img} {self.family.name} image tokens (id {self.image_token_id}) "
+                f"for the {w}x{h} image but its view list has {layout.num_tokens} ({views}); refusing to align "
+                "labels to shifted tokens"
             )
-        if n_img and int(image_pos[-1] - image_pos[0]) != n_img - 1:
-            raise ValueError(f"record {rid}: the image tokens are not contiguous")
-        labels = self._text_labels(ids, out["offset_mapping"][0], text, spans, n_img)
+        grow = len(layout.prompt) - len(self.image_token) if layout.prompt else (n_img - 1) * len(self.image_token)
+        labels = self._text_labels(ids, out["offset_mapping"][0], text, spans, grow)
         alignment, vision_tokens, label_set = None, [], []
         if self.vision_labels:
-            alignment = align_words(record.get("words") or [], grid, tokenizer=self.tokenizer, config=self.align_config)
+            alignment = align_words(
+                record.get("words") or [], grid or layout, tokenizer=self.tokenizer, config=self.align_config
+            )
             vision_tokens = [(int(image_pos[lab["token"]]), int(lab["token_id"])) for lab in alignment.labels]
             label_set = alignment.label_set
         mm = out.get("mm_token_type_ids")
@@ -209,19 +246,21 @@ class VisionCollator:
             labels=labels,
             mm_token_type_ids=mm,
             pixel_values=out["pixel_values"],
-            image_grid_thw=out["image_grid_thw"],
+            image_grid_thw=out.get("image_grid_thw"),
             vision_tokens=vision_tokens,
             label_set=label_set,
             grid=grid,
             alignment=alignment,
+            layout=layout,
+            image_inputs={k: out[k] for k in self.family.model_inputs if k not in SEQUENCE_INPUTS and k in out},
         )
 
     def _text_labels(
-        self, ids: torch.Tensor, offsets: torch.Tensor, text: str, spans: list[tuple[int, int]], n_img: int
+        self, ids: torch.Tensor, offsets: torch.Tensor, text: str, spans: list[tuple[int, int]], grow: int
     ) -> torch.Tensor:
-        """-100 everywhere but the tokens overlapping an answer span (offsets are in the expanded text)."""
+        """-100 everywhere but the tokens overlapping an answer span (offsets are in the expanded text,
+        where the image placeholder grew by ``grow`` characters)."""
         at = text.index(self.image_token)
-        grow = (n_img - 1) * len(self.image_token)
         labels = torch.full_like(ids, -100)
         starts, ends = offsets[:, 0], offsets[:, 1]
         for a, b in spans:
@@ -252,8 +291,11 @@ class VisionCollator:
         }
         if all(e.mm_token_type_ids is not None for e in enc):
             batch["mm_token_type_ids"] = pad([e.mm_token_type_ids for e in enc], 0)
-        batch["pixel_values"] = torch.cat([e.pixel_values for e in enc])
-        batch["image_grid_thw"] = torch.cat([e.image_grid_thw for e in enc])
+        batch["pixel_values"] = stack_images([e.pixel_values for e in enc])
+        if all(e.image_grid_thw is not None for e in enc):
+            batch["image_grid_thw"] = torch.cat([e.image_grid_thw for e in enc])
+        for key in enc[0].image_inputs or {}:
+            batch[key] = stack_images([e.image_inputs[key] for e in enc])
         batch["labels"] = pad([e.labels for e in enc], -100)
         if self.vision_labels:
             positions = [(b, p) for b, e in enumerate(enc) for p, _ in e.vision_tokens]

@@ -19,7 +19,10 @@ def model_inputs(processor: Any, model: Any, prompts: list[str], images: list[li
     texts = [chat_text(processor, len(ims), p) for p, ims in zip(prompts, images, strict=True)]
     flat = [im for ims in images for im in ims]
     processor.tokenizer.padding_side = "left"
-    inputs = processor(text=texts, images=flat or None, padding=True, return_tensors="pt")
+    # Idefics3 / SmolVLM count images per sample from a nested list
+    nested = type(processor).__name__ in ("Idefics3Processor", "SmolVLMProcessor")
+    batch_images = (images if nested else flat) if flat else None
+    inputs = processor(text=texts, images=batch_images, padding=True, return_tensors="pt")
     device, dtype = model.device, model.dtype
     return {
         k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) if hasattr(v, "to") else v

@@ -117,8 +117,15 @@ def settings_from(source: Any) -> dict[str, Any]:
         side = int(round(int(seq) ** 0.5))
         if side * side != int(seq):
             raise ValueError(f"image_seq_length {seq} is not a square number of tokens per tile")
-        # tokens per side = tile / patch * ratio; keep patch 14 and solve the ratio
-        out["downsample_ratio"] = side * DEFAULTS["patch_size"] / out["tile_size"]
+        # tokens per side = tile / patch * ratio: patch 14 when the tile is a multiple of it (solve the
+        # ratio), else the patch whose 2 x 2 shuffle (or, failing that, the patch) is one token cell
+        tile = out["tile_size"]
+        if tile % DEFAULTS["patch_size"] == 0:
+            out["downsample_ratio"] = side * DEFAULTS["patch_size"] / tile
+        elif tile % (2 * side) == 0:
+            out["patch_size"], out["downsample_ratio"] = tile // (2 * side), 0.5
+        else:
+            out["patch_size"], out["downsample_ratio"] = tile // side, 1.0
     return out
 
 

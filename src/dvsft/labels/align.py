@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 import weakref
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dvsft.geometry import Grid
+from dvsft.geometry import Grid, Layout
 
 
 @dataclass
@@ -25,8 +26,9 @@ class AlignConfig:
 
 @dataclass
 class Alignment:
-    labels: list[dict[str, Any]]  # [{"token": k, "text": w, "token_id": id?}] sorted by token
+    labels: list[dict[str, Any]]  # [{"token": k, "text": w, "token_id": id?, "view": kind?}] sorted by token
     dropped: Counter = field(default_factory=Counter)  # filter name -> words dropped
+    per_view: dict[str, Counter] = field(default_factory=dict)  # view kind -> labels and drops (layouts only)
 
     @property
     def label_set(self) -> list[int]:
@@ -87,18 +89,21 @@ def first_token_ids(words: list[str], tokenizer: Any, leading_space: bool) -> li
     return out
 
 
-def align_words(
+def _candidates(
     words: list[dict[str, Any]],
-    grid: Grid,
-    tokenizer: Any = None,
-    config: AlignConfig | None = None,
-) -> Alignment:
-    """Assign each word to the token that holds its bottom-right corner and apply the paper's filters."""
-    config = config or AlignConfig()
-    dropped: Counter = Counter()
-    kept: list[tuple[int, dict[str, Any]]] = []
+    width: int,
+    height: int,
+    tokenizer: Any,
+    config: AlignConfig,
+    dropped: Counter,
+    too_tall: Callable[[float], bool] | None = None,
+) -> list[tuple[str, tuple[float, float, float, float], int | None]]:
+    """Words that pass the word-level filters: (text, box clipped to the image, first token id).
+
+    ``too_tall(height in original pixels)`` applies the height filter here (one-view grids)."""
     texts = [str(w.get("text", "")).strip() for w in words]
     ids = first_token_ids(texts, tokenizer, config.leading_space) if tokenizer is not None else [None] * len(words)
+    out = []
     for word, text, tok_ids in zip(words, texts, ids, strict=True):
         if not text:
             dropped["empty"] += 1
@@ -114,15 +119,16 @@ def align_words(
         if x0 > x1 or y0 > y1:
             dropped["inverted_box"] += 1
             continue
-        if not (0 <= x0 < x1 <= grid.width and 0 <= y0 < y1 <= grid.height):
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
             x0, y0 = max(0.0, x0), max(0.0, y0)
-            x1, y1 = min(float(grid.width), x1), min(float(grid.height), y1)
+            x1, y1 = min(float(width), x1), min(float(height), y1)
             if x1 <= x0 or y1 <= y0:
                 dropped["outside_image"] += 1
                 continue
-        if (y1 - y0) * grid.scale_y > config.max_height_cells * grid.cell:
+        if too_tall is not None and too_tall(y1 - y0):
             dropped["too_tall"] += 1
             continue
+        first = None
         if tok_ids is not None:
             if not tok_ids:
                 dropped["untokenizable"] += 1
@@ -133,12 +139,13 @@ def align_words(
             if is_blank_token(tok_ids[0], tokenizer):  # never teach a visual token a bare space
                 dropped["untokenizable"] += 1
                 continue
-        # the last pixel inside the box: its bottom-right corner
-        token = grid.token_at_point(max(x0, x1 - 0.5), max(y0, y1 - 0.5))
-        label: dict[str, Any] = {"token": token, "text": text}
-        if tok_ids is not None:
-            label["token_id"] = int(tok_ids[0])
-        kept.append((token, label))
+            first = int(tok_ids[0])
+        out.append((text, (x0, y0, x1, y1), first))
+    return out
+
+
+def _resolve_conflicts(kept: list[tuple[int, dict[str, Any]]], dropped: Counter) -> list[dict[str, Any]]:
+    """A token that receives more than one word loses all its labels."""
     per_token = Counter(token for token, _ in kept)
     labels = []
     for token, label in kept:
@@ -146,8 +153,92 @@ def align_words(
             dropped["token_conflict"] += 1
         else:
             labels.append(label)
+    return labels
+
+
+def align_words(
+    words: list[dict[str, Any]],
+    grid: Grid | Layout,
+    tokenizer: Any = None,
+    config: AlignConfig | None = None,
+) -> Alignment:
+    """Assign each word to the token that holds its bottom-right corner and apply the paper's filters.
+
+    ``grid`` may be a :class:`~dvsft.geometry.Layout` (a family's view list): see :func:`align_layout`.
+    """
+    if isinstance(grid, Layout):
+        return align_layout(words, grid, tokenizer, config)
+    config = config or AlignConfig()
+    dropped: Counter = Counter()
+    kept: list[tuple[int, dict[str, Any]]] = []
+
+    def too_tall(height: float) -> bool:
+        return height * grid.scale_y > config.max_height_cells * grid.cell
+
+    for text, (x0, y0, x1, y1), first in _candidates(
+        words, grid.width, grid.height, tokenizer, config, dropped, too_tall
+    ):
+        # the last pixel inside the box: its bottom-right corner
+        token = grid.token_at_point(max(x0, x1 - 0.5), max(y0, y1 - 0.5))
+        label: dict[str, Any] = {"token": token, "text": text}
+        if first is not None:
+            label["token_id"] = first
+        kept.append((token, label))
+    labels = _resolve_conflicts(kept, dropped)
     labels.sort(key=lambda lab: lab["token"])
     return Alignment(labels, dropped)
+
+
+def align_layout(
+    words: list[dict[str, Any]],
+    layout: Layout,
+    tokenizer: Any = None,
+    config: AlignConfig | None = None,
+) -> Alignment:
+    """Align words to every view of a family's view list, each view on its own.
+
+    In each view (tile, thumbnail, base image, crop grid, global image) a word labels the token
+    that sees its bottom-right corner; the height filter counts that token's cell height in
+    original pixels (a word can be too tall for a tile yet fit the coarser thumbnail); a token
+    of the view that receives two words loses both. Labels carry ``view`` (kind) and
+    ``view_index``; ``token`` is the position in the image-token sequence. ``dropped`` holds
+    the word-level filters once per word and the view-level ones (``too_tall``, ``unseen``:
+    the corner lies in the view's region but no token sees it, ``token_conflict``) once per
+    word and view (a tile that does not show the corner does not count);
+    :attr:`Alignment.per_view` breaks labels and drops down by view kind.
+    """
+    config = config or AlignConfig()
+    dropped: Counter = Counter()
+    per_view: dict[str, Counter] = {}
+    candidates = _candidates(words, layout.width, layout.height, tokenizer, config, dropped)
+    labels: list[dict[str, Any]] = []
+    for view in layout.views:
+        stats = per_view.setdefault(view.kind, Counter())
+        kept: list[tuple[int, dict[str, Any]]] = []
+        for text, (x0, y0, x1, y1), first in candidates:
+            x, y = max(x0, x1 - 0.5), max(y0, y1 - 0.5)
+            k = view.local_at_point(x, y)
+            if k is None:
+                rx0, ry0, rx1, ry1 = view.region
+                if rx0 <= x < rx1 and ry0 <= y < ry1:  # inside the view, in a strip no token sees
+                    stats["unseen"] += 1
+                continue
+            _, cy0, _, cy1 = view.token_box(k)
+            if y1 - y0 > config.max_height_cells * (cy1 - cy0):
+                stats["too_tall"] += 1
+                continue
+            pos = view.position(k)
+            label: dict[str, Any] = {"token": pos, "text": text, "view": view.kind, "view_index": view.index}
+            if first is not None:
+                label["token_id"] = first
+            kept.append((pos, label))
+        got = _resolve_conflicts(kept, stats)
+        stats["labels"] += len(got)
+        labels += got
+    for stats in per_view.values():
+        dropped.update({k: v for k, v in stats.items() if k != "labels"})
+    labels.sort(key=lambda lab: lab["token"])
+    return Alignment(labels, dropped, {k: Counter(v) for k, v in per_view.items()})
 
 
 def _is_number(v: Any) -> bool:

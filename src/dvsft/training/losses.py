@@ -312,7 +312,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "position_ids")
+MODEL_INPUTS = (
+    *("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "position_ids"),
+    *("image_sizes", "batch_num_images", "pixel_attention_mask"),  # LLaVA-OneVision, Idefics3 / SmolVLM
+)
 
 
 def last_hidden_state(model: nn.Module, batch: dict[str, Any]) -> Tensor:

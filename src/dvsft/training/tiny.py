@@ -58,7 +58,7 @@ class TinyConfig:
     min_pixels: int = 32 * 32 * 4
     max_pixels: int = 32 * 32 * 256
     seed: int = 0
-    family: str = "qwen3-vl"  # qwen3-vl, qwen3.5, qwen3-vl-moe
+    family: str = "qwen3-vl"  # qwen3-vl, qwen3.5, qwen3-vl-moe, internvl, llava_onevision, idefics3, smolvlm
     experts: int = 4  # qwen3-vl-moe: experts per MoE layer (2 active per token)
     tokenizer: str = "corpus"  # corpus (trained on pydoc topics, Qwen's splitting) or qwen (Qwen's real vocabulary)
 
@@ -75,11 +75,19 @@ def corpus_words() -> list[str]:
     return re.findall(r"[A-Za-z]+(?:'[a-z]+)?", corpus_text())
 
 
-def train_tokenizer(vocab_size: int = 2048, extra_text: list[str] | None = None):
+def train_tokenizer(
+    vocab_size: int = 2048,
+    extra_text: list[str] | None = None,
+    specials: list[str] | None = None,
+    attrs: dict[str, str] | None = None,
+    chat_template: str = CHAT_TEMPLATE,
+):
     """A byte-level BPE tokenizer trained on the bundled corpus, splitting text exactly as Qwen does.
 
     Only the merges (and so the vocabulary) are the corpus's own; NFC, the split regex (digits one by
-    one, the space before a number apart from it) and the byte alphabet are Qwen's.
+    one, the space before a number apart from it) and the byte alphabet are Qwen's. ``specials`` /
+    ``attrs`` / ``chat_template``: another family's special tokens, their tokenizer attributes and
+    its template (the tiled tiny families).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -92,7 +100,7 @@ def train_tokenizer(vocab_size: int = 2048, extra_text: list[str] | None = None)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + [t for t in specials or [] if t not in SPECIAL_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -102,8 +110,9 @@ def train_tokenizer(vocab_size: int = 2048, extra_text: list[str] | None = None)
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
-        extra_special_tokens={
+        chat_template=chat_template,
+        extra_special_tokens=attrs
+        or {
             "image_token": "<|image_pad|>",
             "video_token": "<|video_pad|>",
             "vision_start_token": "<|vision_start|>",
@@ -149,7 +158,8 @@ def build_processor(tokenizer, min_pixels: int, max_pixels: int):
     return family_processor(image_processor, tokenizer, "qwen3_vl", CHAT_TEMPLATE)
 
 
-TINY_FAMILIES = ("qwen3-vl", "qwen3.5", "qwen3-vl-moe")
+QWEN_TINY = ("qwen3-vl", "qwen3.5", "qwen3-vl-moe")
+TINY_FAMILIES = (*QWEN_TINY, "internvl", "llava_onevision", "idefics3", "smolvlm")
 
 
 def _sections(rotary_dim: int) -> list[int]:
@@ -201,8 +211,8 @@ def _text_config(cfg: TinyConfig, tokenizer) -> dict:
 def build_model_config(cfg: TinyConfig, tokenizer):
     from transformers import Qwen3_5Config, Qwen3VLConfig, Qwen3VLMoeConfig
 
-    if cfg.family not in TINY_FAMILIES:
-        raise ValueError(f"tiny.family must be one of {', '.join(TINY_FAMILIES)}; got {cfg.family!r}")
+    if cfg.family not in QWEN_TINY:
+        raise ValueError(f"tiny.family must be one of {', '.join(QWEN_TINY)}; got {cfg.family!r}")
     config_class = {"qwen3-vl": Qwen3VLConfig, "qwen3.5": Qwen3_5Config, "qwen3-vl-moe": Qwen3VLMoeConfig}
     vision_extra = {} if cfg.family == "qwen3.5" else {"deepstack_visual_indexes": []}
     return config_class[cfg.family](
@@ -235,6 +245,12 @@ def build_tiny(cfg: TinyConfig | None = None, extra_text: list[str] | None = Non
     cfg = cfg or TinyConfig()
     if cfg.family not in TINY_FAMILIES:
         raise ValueError(f"tiny.family must be one of {', '.join(TINY_FAMILIES)}; got {cfg.family!r}")
+    if cfg.family not in QWEN_TINY:
+        from dvsft.training.tiny_tiled import build_tiled
+
+        model, processor = build_tiled(cfg, extra_text)
+        model.config.dvsft_tiny = asdict(cfg)
+        return model, processor
     tokenizer = tiny_tokenizer(cfg, extra_text)
     processor = build_processor(tokenizer, cfg.min_pixels, cfg.max_pixels)
     torch.manual_seed(cfg.seed)

@@ -22,7 +22,10 @@ from dvsft.records import JsonlAppender, read_jsonl, write_jsonl
 from dvsft.training.checkpoints import AtomicCheckpoints
 from dvsft.training.objectives import HEADS_ATTR, HiddenStates, Objective, base_model
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+MODEL_INPUTS = (
+    *("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"),
+    *("image_sizes", "batch_num_images", "pixel_attention_mask"),  # LLaVA-OneVision, Idefics3 / SmolVLM
+)
 
 
 class DVSFTTrainer(AtomicCheckpoints, Trainer):
@@ -114,6 +117,28 @@ class DVSFTTrainer(AtomicCheckpoints, Trainer):
         return out
 
     # ------------------------------------------------------------------ checkpoints
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """Resume weights; checkpoints that ``save_pretrained`` wrote in the family's original key
+        format (InternVL, LLaVA-OneVision, Idefics3 / SmolVLM) load through ``from_pretrained``,
+        which maps the keys back (the Trainer's raw ``load_state_dict`` would miss every key)."""
+        target = model if model is not None else self.model
+        path = os.path.join(resume_from_checkpoint, "model.safetensors")
+        if base_model(target) is target and os.path.isfile(path):
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                keys = set(f.keys())
+            own = target.state_dict()
+            if not keys <= set(own):
+                dtype = next(target.parameters()).dtype
+                loaded = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype).state_dict()
+                missing = [k for k in own if k not in loaded and not k.startswith(HEADS_ATTR + ".")]
+                if missing:
+                    raise ValueError(f"checkpoint {resume_from_checkpoint} lacks {len(missing)} weights: {missing[:3]}")
+                target.load_state_dict(loaded, strict=False)
+                return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def save_checkpoint_extras(self, folder: str) -> None:
         """The objectives' heads, into the staged checkpoint (see :class:`AtomicCheckpoints`)."""

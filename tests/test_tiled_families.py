@@ -1,0 +1,177 @@
+"""Tiled families (InternVL, LLaVA-OneVision, Idefics3, SmolVLM) through the DV-SFT code paths.
+
+Tiny real models and real processors (``TinyConfig.family``, 64-px tiles): the collator finds the
+family's image tokens by its own id and labels every view on its own, the chunked loss equals
+the naive full-logits reference, training runs and resumes, ``dvsft eval --bench ocr`` and
+``dvsft lens`` run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from test_losses import naive_vision
+from test_train import losses, make_records, overrides
+from typer.testing import CliRunner
+
+from dvsft.cli import app
+from dvsft.data.collator import VisionCollator
+from dvsft.training.config import load_config
+from dvsft.training.losses import model_loss
+from dvsft.training.tiny import TinyConfig, save_tiny
+from dvsft.training.train import train
+
+FAMILIES = ["internvl", "llava_onevision", "idefics3", "smolvlm"]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_dir(request, tmp_path_factory) -> tuple[str, Path]:
+    fam = request.param
+    return fam, save_tiny(tmp_path_factory.mktemp(f"tiny_{fam}") / "model", TinyConfig(family=fam, vocab_size=512))
+
+
+def records(n: int = 2) -> list[dict]:
+    out = []
+    for i, (w, h) in enumerate([(160, 96), (100, 140), (130, 130)][:n]):
+        im = Image.new("RGB", (w, h), "white")
+        ImageDraw.Draw(im).rectangle((10 + i, 10, 40, 20), fill="black")
+        words = [
+            {"text": "the", "box": [4, 4, 28, 20]},
+            {"text": "value", "box": [36, 36, 70, 50]},
+            {"text": "class", "box": [60, 70, 90, 84]},
+        ]
+        msgs = [{"role": "user", "content": "<image>Read it."}, {"role": "assistant", "content": "the value class"}]
+        out.append({"id": f"r{i}", "image": im, "words": words, "messages": msgs})
+    return out
+
+
+def test_collator_labels_every_view_at_the_family_tokens(family_dir):
+    from dvsft.families import family_spec
+    from dvsft.models import load_processor
+
+    fam, path = family_dir
+    processor = load_processor(path)
+    collator = VisionCollator(processor)
+    image_id = family_spec(fam).image_token_id(processor)
+    assert collator.image_token_id == image_id
+    for rec in records(3):
+        enc = collator.encode(rec)
+        lay = enc.layout
+        positions = torch.nonzero(enc.input_ids == image_id).flatten()
+        assert positions.numel() == lay.num_tokens  # the processor's tokens, as the view list says
+        assert processor.tokenizer.decode(enc.labels[enc.labels != -100]) == "the value class<|im_end|>"
+        labels = enc.alignment.labels
+        kinds = {v.kind for v in lay.views}
+        assert set(enc.alignment.per_view) == kinds
+        assert sum(c["labels"] for c in enc.alignment.per_view.values()) == len(labels)
+        assert {lab["view"] for lab in labels} == kinds  # every kind of view got its own labels
+        for lab in labels:
+            word = next(w for w in rec["words"] if w["text"] == lab["text"])
+            x, y = word["box"][2] - 0.5, word["box"][3] - 0.5
+            view = lay.views[lab["view_index"]]
+            assert view.token_at_point(x, y) == lab["token"]  # that view's token that sees the corner
+            assert lab["token"] not in lay.separators
+        # vision positions are the image tokens the labels name, in sequence order
+        assert enc.vision_tokens == [(int(positions[lab["token"]]), lab["token_id"]) for lab in labels]
+        per_word = {}
+        for lab in labels:
+            per_word.setdefault(lab["text"], []).append(lab["view"])
+        assert any(len(v) > 1 for v in per_word.values())  # one word, several views
+
+
+def test_collator_count_mismatch_names_the_record(family_dir, monkeypatch):
+    import dvsft.data.collator as collator_module
+    from dvsft.geometry import layout_for
+    from dvsft.models import load_processor
+
+    _, path = family_dir
+    collator = VisionCollator(load_processor(path))
+    real = layout_for
+
+    def one_view_short(source, w, h, **kw):  # geometry that disagrees with the processor
+        lay = real(source, w, h, **kw)
+        return type(lay)(lay.family, w, h, lay.views[:-1], lay.num_tokens - lay.views[-1].num_slots, lay.prompt)
+
+    monkeypatch.setattr(collator_module, "layout_for", one_view_short)
+    with pytest.raises(ValueError, match=r"record r0: the processor made \d+ .* image tokens .* view list has"):
+        collator(records(1))
+
+
+def test_tiled_loss_matches_full_logits_reference(family_dir):
+    from dvsft.models import load_model, load_processor
+
+    _, path = family_dir
+    model, processor = load_model(path, dtype=torch.float64), load_processor(path)
+    batch = VisionCollator(processor)(records(2))
+    eps, lam = 0.2, 0.5
+    out = model_loss(model, batch, vision_weight=lam, eps=eps, chunk_size=3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(out.loss, params, allow_unused=True)
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images", "pixel_attention_mask")
+    inputs = {k: batch[k] for k in keys if k in batch}
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    logits = model(**inputs).logits  # the naive path: every position's full-vocabulary logits
+    pos = batch["vision_positions"]
+    v_ref = naive_vision(logits[pos[:, 0], pos[:, 1]], batch["vision_targets"], batch["vision_label_sets"], eps)
+    v = logits.shape[-1]
+    t_ref = F.cross_entropy(logits[:, :-1].reshape(-1, v), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    ref = t_ref + lam * v_ref
+    assert out.n_vision > 6 and out.n_text > 0
+    assert torch.allclose(out.loss, ref, atol=1e-10)
+    want = torch.autograd.grad(ref, params, allow_unused=True)
+    for a, b in zip(got, want, strict=True):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            assert torch.allclose(a, b, atol=1e-10, rtol=1e-7)
+
+
+def test_tiled_trains_and_resumes(family_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    from dvsft.models import load_model
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                control.should_training_stop = True
+
+    fam, path = family_dir
+    data = make_records(tmp_path / "data", n=2, seed=5)
+    args = dict(max_steps=4, save_steps=2)
+    full = train(load_config(None, overrides(path, data, tmp_path / "a", **args)))
+    vision, text = losses(full.log, "vision_loss"), losses(full.log, "text_loss")
+    assert all(row["vision_tokens"] > 0 for row in full.log if "vision_tokens" in row)
+    assert vision[-1] < vision[0] and text[-1] < text[0], (vision, text)
+    assert load_model(full.final_dir).config.model_type == fam
+    part = overrides(path, data, tmp_path / "b", **args, save_final=False)
+    first = train(load_config(None, part), callbacks=[Stop()])
+    assert losses(first.log) == pytest.approx(losses(full.log)[:2], abs=1e-6)
+    resumed = train(load_config(None, [*part, "--resume"]))
+    assert losses(resumed.log) == pytest.approx(losses(full.log), abs=1e-5)
+
+
+def test_tiled_eval_ocr_and_lens_run(family_dir, tmp_path):
+    from test_benchmarks import word_records
+
+    _, path = family_dir
+    ocr = word_records(tmp_path / "ocr" / "words.jsonl", transcription=True)
+    out = tmp_path / "eval"
+    args = ["eval", "--model", str(path), "--bench", "ocr", "--data", str(ocr), "--out", str(out)]
+    result = runner.invoke(app, [*args, "--max-new-tokens", "3", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert len((out / "ocr" / "predictions.jsonl").read_text().splitlines()) == 3
+    lens_out = tmp_path / "lens"
+    result = runner.invoke(app, ["lens", "--model", str(path), "--records", str(ocr), "--out", str(lens_out)])
+    assert result.exit_code == 0, result.output
+    acc = json.loads((lens_out / "accuracy.json").read_text())
+    assert acc["n"] > 0 and 0.0 <= acc["top1"] <= 1.0
+    entry = json.loads((lens_out / "lens.json").read_text())["records"][0]
+    assert {t["view"] for t in entry["tokens"]} == {v["kind"] for v in entry["views"]}
+    assert Path(entry["overlay"]).is_file()
