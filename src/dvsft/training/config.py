@@ -83,6 +83,8 @@ class TrainConfig:
         True, "a record's chosen QA pairs stay one multi-turn sample (vision labels once); false = one per pair"
     )
     max_samples: int | None = opt(None, "use only the first N samples of data (quick runs); None = all")
+    streaming: bool = opt(False, "stream the data (Parquet shards, datasets folders), do not load it; needs max_steps")
+    stream_window: int = opt(2048, "streaming: records shuffled together (memory grows with it, not with the data)")
     min_pixels: int = opt(TRAIN_MIN_PIXELS, "image processor min pixels")
     max_pixels: int = opt(TRAIN_MAX_PIXELS, "image processor max pixels")
     max_length: int = opt(8192, "max sequence length (longer samples are truncated by the collator)")

@@ -120,6 +120,17 @@ def load_dataset(cfg: TrainConfig) -> list[dict[str, Any]]:
     return samples
 
 
+def streaming_samples(cfg: TrainConfig) -> Any:
+    """``cfg.data`` as a :class:`dvsft.data.streaming.StreamingSamples` (records are read while training)."""
+    from dvsft.data.streaming import StreamingSamples
+
+    if cfg.max_samples is not None:
+        raise ValueError("max_samples does not apply to streaming input; convert a subset instead")
+    paths = cfg.data if isinstance(cfg.data, list) else [cfg.data]
+    sources = [(p, qa_per_image_for(cfg.qa_per_image, p)) for p in paths]
+    return StreamingSamples(sources, seed=cfg.seed, window_rows=cfg.stream_window, qa_per_image=None)
+
+
 def build(cfg: TrainConfig):
     """(model, processor, objectives, trainable counts): the model set up for training."""
     import torch
@@ -250,7 +261,7 @@ def prepare(config: TrainConfig | dict[str, Any] | str | Path, callbacks: list[A
     cfg = as_config(config)
     validate(cfg)
     resume = resume_checkpoint(cfg)
-    samples = load_dataset(cfg)
+    samples = streaming_samples(cfg) if cfg.streaming else load_dataset(cfg)
     model, processor, objectives, trainable = build(cfg)
     if not any(v for k, v in trainable.items() if k.endswith("_trainable")):
         raise ValueError("nothing to train: every parameter is frozen (see train.* and lora.*)")

@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback
 from dvsft.records import JsonlAppender, read_jsonl, write_jsonl
 from dvsft.training.checkpoints import AtomicCheckpoints
 from dvsft.training.objectives import HEADS_ATTR, HiddenStates, Objective, base_model
+from dvsft.training.streaming import StreamingTrainerMixin
 
 MODEL_INPUTS = (
     *("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"),
@@ -28,7 +29,7 @@ MODEL_INPUTS = (
 )
 
 
-class DVSFTTrainer(AtomicCheckpoints, Trainer):
+class DVSFTTrainer(StreamingTrainerMixin, AtomicCheckpoints, Trainer):
     """``transformers.Trainer`` whose loss is the sum of weighted objective terms; checkpoints are atomic."""
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
@@ -141,7 +142,8 @@ class DVSFTTrainer(AtomicCheckpoints, Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def save_checkpoint_extras(self, folder: str) -> None:
-        """The objectives' heads, into the staged checkpoint (see :class:`AtomicCheckpoints`)."""
+        """The objectives' heads and a stream's position, into the staged checkpoint (:class:`AtomicCheckpoints`)."""
+        super().save_checkpoint_extras(folder)
         heads = getattr(base_model(self.model), HEADS_ATTR, None)
         if heads is not None and len(heads) and self.args.should_save:
             from safetensors.torch import save_file

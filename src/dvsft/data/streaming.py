@@ -1,0 +1,321 @@
+"""Streaming training input: records read from Parquet shards or ``datasets`` folders (memory-mapped Arrow)
+a window at a time, in a deterministic order per seed and epoch, split across ranks and DataLoader workers,
+with a position that a checkpoint saves and a resume restores.
+
+The order of epoch ``e``: the row groups of every source (Parquet row groups, Arrow record batches) are
+shuffled with ``(seed, e)`` and cut into windows of about ``window_rows`` rows; the rows of each window are
+shuffled with ``(seed, e, window)``. Global position ``g`` of that sequence goes to rank ``g % world_size``
+(example-level, as ``datasets.distributed.split_dataset_by_node`` splits a stream whose shards do not divide
+evenly), where it is local position ``j = g // world_size``. Local positions form batches of
+``batch_size``; DataLoader worker ``k`` takes batches ``k, k + workers, ...``, so the batches come out in the
+same order with any number of workers. Only the windows holding a position still to read are read, one row
+group at a time, so memory does not grow with the dataset.
+
+Each sample carries ``(epoch, j)``; the trainer records what it trained and saves it with each checkpoint
+(:meth:`StreamingSamples.state_dict`); a resume skips exactly those positions and continues with the same
+sequence. Records are checked lazily (:func:`dvsft.records.check_record` without decoding the image, plus
+the training checks); a bad one is skipped with a warning. Each record gives one sample: its QA pairs
+(``qa_per_image`` of them, drawn as in :func:`dvsft.data.dataset.select_samples` but per record) as one
+conversation.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dvsft.record_sources import ARROW, JSONL, PARQUET, data_files, rows_of
+
+log = logging.getLogger(__name__)
+POSITION = "_stream_position"  # (epoch, local position) on each sample, removed by the collator
+DEFAULT_WINDOW_ROWS = 2048
+MAX_WARNINGS = 20
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One row group of one file: the smallest piece read at once."""
+
+    file: Path
+    kind: str
+    index: int  # row group (Parquet) or record batch (Arrow)
+    rows: int
+    first_row: int  # 1-based row number of its first row in the file (for problem messages)
+    qa_per_image: int | None
+
+
+def units_of(path: str | Path, qa_per_image: int | None = None) -> list[Unit]:
+    """The row groups of a Parquet or Arrow source, from metadata only."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    units = []
+    for file, kind in data_files(path):
+        if kind == JSONL:
+            raise ValueError(
+                f"{file}: streaming reads Parquet or Arrow; convert it: dvsft convert {file} <folder> --to parquet"
+            )
+        first = 1
+        if kind == PARQUET:
+            meta = pq.ParquetFile(file).metadata
+            sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        else:
+            with pa.memory_map(str(file)) as source:
+                sizes = [b.num_rows for b in pa.ipc.open_stream(source)]
+        for i, n in enumerate(sizes):
+            if n:
+                units.append(Unit(file, kind, i, n, first, qa_per_image))
+            first += n
+    return units
+
+
+class StreamingSamples(IterableDataset):
+    """Training samples streamed from record sources (see the module docstring).
+
+    ``sources``: paths, or ``(path, qa_per_image)`` pairs. ``rank``/``world_size``/``batch_size`` are set by
+    the trainer before iterating.
+    """
+
+    def __init__(
+        self,
+        sources: list[str | Path | tuple[str | Path, int | None]],
+        seed: int = 0,
+        window_rows: int = DEFAULT_WINDOW_ROWS,
+        qa_per_image: int | None = 1,
+        check_images: bool = True,
+    ):
+        super().__init__()
+        self.units: list[Unit] = []
+        for src in sources:
+            path, qa = src if isinstance(src, tuple) else (src, qa_per_image)
+            self.units.extend(units_of(path, qa))
+        self.rows = sum(u.rows for u in self.units)
+        if not self.rows:
+            raise ValueError(f"no records in {', '.join(str(s) for s in sources)}")
+        self.seed = int(seed)
+        self.window_rows = max(1, int(window_rows))
+        self.check_images = check_images
+        self.rank, self.world_size, self.batch_size = 0, 1, 1
+        self.epoch = 0  # set_epoch(k) -> base_epoch + k
+        self.base_epoch = 0
+        self.resume_epoch: int | None = None
+        self.consumed: dict[int, Ranges] = {}  # epoch -> positions trained (main process)
+
+    # -- order ------------------------------------------------------------------------------------
+    def windows(self, epoch: int) -> list[list[Unit]]:
+        """The windows of ``epoch``: shuffled row groups, grouped to about ``window_rows`` rows."""
+        order = list(self.units)
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        out: list[list[Unit]] = []
+        size = self.window_rows
+        for unit in order:
+            if size >= self.window_rows:
+                out.append([])
+                size = 0
+            out[-1].append(unit)
+            size += unit.rows
+        return out
+
+    def rows_per_rank(self, rank: int | None = None) -> int:
+        r = self.rank if rank is None else rank
+        return len(range(r, self.rows, self.world_size))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the trainer at each epoch (0, 1, ... from the start of this run)."""
+        self.epoch = self.base_epoch + int(epoch)
+
+    # -- state ------------------------------------------------------------------------------------
+    def mark_trained(self, positions: torch.Tensor) -> None:
+        """Record trained ``(epoch, j)`` positions (from a batch's ``sample_positions``)."""
+        for epoch, j in positions.tolist():
+            if epoch not in self.consumed:
+                self.consumed = {e: r for e, r in self.consumed.items() if e > epoch}
+                self.consumed[epoch] = Ranges()
+            self.consumed[epoch].add(j)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"epoch", "consumed": [[start, stop), ...], "rows", "seed"}`` of this rank."""
+        if not self.consumed:
+            return {"epoch": self.epoch, "consumed": [], "rows": self.rows, "seed": self.seed}
+        epoch = max(self.consumed)
+        return {"epoch": epoch, "consumed": self.consumed[epoch].spans(), "rows": self.rows, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after the positions a checkpoint recorded (same sources, seed and world size)."""
+        if state.get("rows") != self.rows or state.get("seed") != self.seed:
+            raise ValueError(
+                f"cannot resume the data stream: the checkpoint read {state.get('rows')} records with seed "
+                f"{state.get('seed')}, this run has {self.rows} with seed {self.seed}"
+            )
+        epoch = int(state["epoch"])
+        done = Ranges.of(state["consumed"])
+        if done.count() >= self.rows_per_rank():  # that epoch was finished: start the next one
+            epoch, done = epoch + 1, Ranges()
+        self.base_epoch = self.epoch = epoch
+        self.consumed = {epoch: done}
+
+    # -- iteration --------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch = self.epoch
+        done = self.consumed.get(epoch, Ranges())
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        first_open = done.first_missing()
+        start_batch = first_open // self.batch_size
+        warned = 0
+        offset = 0
+        for w, window in enumerate(self.windows(epoch)):
+            n = sum(u.rows for u in window)
+            mine = []
+            for g in range(offset + (self.rank - offset) % self.world_size, offset + n, self.world_size):
+                j = g // self.world_size
+                b = j // self.batch_size
+                if b >= start_batch and (b - start_batch) % workers == worker and j not in done:
+                    mine.append((g - offset, j))
+            offset += n
+            if not mine:
+                continue
+            perm = list(range(n))
+            random.Random(f"{self.seed}:{epoch}:{w}").shuffle(perm)
+            wanted = {perm[k] for k, _ in mine}
+            rows = _read_rows(window, wanted)
+            for k, j in mine:
+                unit, number, record = rows[perm[k]]
+                sample, problem = self._sample(record, unit, number)
+                if sample is None:
+                    if warned < MAX_WARNINGS:
+                        log.warning("skipping %s", problem)
+                        warned += 1
+                    continue
+                sample[POSITION] = (epoch, j)
+                yield sample
+
+    def _sample(self, record: dict[str, Any], unit: Unit, number: int) -> tuple[dict[str, Any] | None, Any]:
+        from dvsft.data.dataset import _check, _id_of, absolute_image, answered_pairs, expand_record
+        from dvsft.records import Problem, check_record
+
+        found = check_record(record, unit.file, number, image=self.check_images, decode=False)
+        if not found and (reason := _check(record)) is not None:
+            found = [Problem(str(unit.file), number, _id_of(record), reason)]
+        if found:
+            return None, found[0]
+        rid = _id_of(record) or f"{unit.file.name}#{number}"
+        record = absolute_image(dict(record, id=rid), unit.file)
+        pairs = answered_pairs(record)[1]
+        chosen = list(range(len(pairs)))
+        if unit.qa_per_image is not None and len(chosen) > unit.qa_per_image:
+            chosen = random.Random(f"{self.seed}:{record.get('image')}").sample(chosen, unit.qa_per_image)
+        samples = expand_record(record, chosen, keep_conversations=True)
+        return samples[0], None
+
+    def order_ids(self, epoch: int) -> list[str]:
+        """Record ids in global position order for ``epoch`` (reads every record; for checks and tests)."""
+        ids: list[str] = []
+        for w, window in enumerate(self.windows(epoch)):
+            n = sum(u.rows for u in window)
+            rows = _read_rows(window, set(range(n)))
+            perm = list(range(n))
+            random.Random(f"{self.seed}:{epoch}:{w}").shuffle(perm)
+            ids.extend(str(rows[p][2].get("id")) for p in perm)
+        return ids
+
+
+def _read_rows(window: list[Unit], wanted: set[int]) -> dict[int, tuple[Unit, int, dict[str, Any]]]:
+    """``window row -> (unit, row number in its file, record)`` for the wanted rows of a window."""
+    out: dict[int, tuple[Unit, int, dict[str, Any]]] = {}
+    start = 0
+    for unit in window:
+        local = sorted(k - start for k in wanted if start <= k < start + unit.rows)
+        if local:
+            batch = _read_unit(unit)
+            picked = batch.take(local) if len(local) < unit.rows else batch
+            for k, record in zip(local, rows_of(picked), strict=True):
+                out[start + k] = (unit, unit.first_row + k, record)
+        start += unit.rows
+    return out
+
+
+def _read_unit(unit: Unit) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if unit.kind == PARQUET:
+        return pq.ParquetFile(unit.file).read_row_group(unit.index)
+    assert unit.kind == ARROW
+    with pa.memory_map(str(unit.file)) as source:
+        for i, batch in enumerate(pa.ipc.open_stream(source)):
+            if i == unit.index:
+                return batch
+    raise ValueError(f"{unit.file}: record batch {unit.index} not found")
+
+
+class Ranges:
+    """A set of non-negative integers kept as sorted ``[start, stop)`` spans."""
+
+    def __init__(self) -> None:
+        self._set: set[int] = set()
+        self._prefix = 0  # every position below this is in the set
+
+    @classmethod
+    def of(cls, spans: list[list[int]]) -> Ranges:
+        r = cls()
+        for a, b in spans:
+            for j in range(a, b):
+                r.add(j)
+        return r
+
+    def add(self, j: int) -> None:
+        if j < self._prefix:
+            return
+        self._set.add(j)
+        while self._prefix in self._set:
+            self._set.discard(self._prefix)
+            self._prefix += 1
+
+    def __contains__(self, j: int) -> bool:
+        return j < self._prefix or j in self._set
+
+    def first_missing(self) -> int:
+        return self._prefix
+
+    def count(self) -> int:
+        return self._prefix + len(self._set)
+
+    def spans(self) -> list[list[int]]:
+        out = [[0, self._prefix]] if self._prefix else []
+        for j in sorted(self._set):
+            if out and out[-1][1] == j:
+                out[-1][1] = j + 1
+            else:
+                out.append([j, j + 1])
+        return out
+
+
+class PositionCollator:
+    """Wrap a collator: strip each sample's stream position and return them as ``sample_positions`` [B, 2]
+    (and the samples' ids as ``sample_ids``), for the trainer to record."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        positions = [s.get(POSITION, (-1, -1)) for s in samples]
+        clean = [{k: v for k, v in s.items() if k != POSITION} for s in samples]
+        batch = self.inner(clean)
+        batch["sample_positions"] = torch.tensor(positions, dtype=torch.long).reshape(-1, 2)
+        batch["sample_ids"] = [str(s.get("id")) for s in clean]
+        return batch
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader whose ``set_epoch`` reaches the streaming dataset (the Trainer calls it every epoch)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)  # type: ignore[attr-defined]

@@ -1,0 +1,105 @@
+"""The trainer side of streaming input (:mod:`dvsft.data.streaming`): a plain DataLoader per rank, the trained
+positions recorded from each batch, saved with every checkpoint (``data_state.json``) and restored on resume.
+
+The DataLoader is not handed to ``accelerate``: the dataset already splits itself across ranks, and
+``accelerate`` would wrap an iterable dataset into its own sharding (or dispatch batches from rank 0).
+The Trainer's own fast-forward on resume (``ignore_data_skip=False`` re-reads and collates every skipped
+batch) is switched off; the dataset skips the trained positions without reading them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from dvsft.data.streaming import EpochDataLoader, PositionCollator, StreamingSamples
+
+DATA_STATE = "data_state.json"
+
+
+class StreamingTrainerMixin:
+    """``transformers.Trainer`` mixin; active only when ``train_dataset`` is a :class:`StreamingSamples`."""
+
+    trained_samples: list[tuple[int, int, int, str]]  # (step, epoch, local position, id) trained by this process
+
+    def _streaming(self) -> StreamingSamples | None:
+        ds = getattr(self, "train_dataset", None)
+        return ds if isinstance(ds, StreamingSamples) else None
+
+    def get_train_dataloader(self) -> Any:
+        ds = self._streaming()
+        if ds is None:
+            return super().get_train_dataloader()  # type: ignore[misc]
+        args = self.args  # type: ignore[attr-defined]
+        ds.rank, ds.world_size = args.process_index, args.world_size
+        ds.batch_size = self._train_batch_size  # type: ignore[attr-defined]
+        kwargs: dict[str, Any] = {
+            "batch_size": ds.batch_size,
+            "collate_fn": PositionCollator(self.data_collator),  # type: ignore[attr-defined]
+            "num_workers": args.dataloader_num_workers,
+            "pin_memory": args.dataloader_pin_memory,
+        }
+        if args.dataloader_num_workers > 0:
+            kwargs["prefetch_factor"] = args.dataloader_prefetch_factor or 2
+        return EpochDataLoader(ds, **kwargs)
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        positions = inputs.pop("sample_positions", None)
+        ids = inputs.pop("sample_ids", None)
+        ds = self._streaming()
+        if ds is not None and positions is not None:
+            positions = positions.cpu()
+            ds.mark_trained(positions)
+            step = self.state.global_step + 1  # type: ignore[attr-defined]
+            rows = [(step, e, j, i) for (e, j), i in zip(positions.tolist(), ids or [], strict=False)]
+            self.__dict__.setdefault("trained_samples", []).extend(rows)
+        return super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
+
+    def save_checkpoint_extras(self, folder: str) -> None:
+        super().save_checkpoint_extras(folder)  # type: ignore[misc]
+        ds = self._streaming()
+        if ds is None:
+            return
+        args = self.args  # type: ignore[attr-defined]
+        states: list[Any] = [ds.state_dict()]
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * args.world_size
+            torch.distributed.all_gather_object(gathered, states[0])
+            states = gathered
+        if args.should_save:
+            with open(os.path.join(folder, DATA_STATE), "w") as f:
+                json.dump({"world_size": args.world_size, "ranks": states}, f)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *rest: Any, **kwargs: Any) -> Any:
+        ds = self._streaming()
+        if ds is not None:
+            args = self.args  # type: ignore[attr-defined]
+            if args.max_steps is None or args.max_steps <= 0:
+                raise ValueError("streaming input has no length: set max_steps (optimizer steps to train)")
+            args.ignore_data_skip = True
+            if resume_from_checkpoint:
+                load_data_state(ds, resume_from_checkpoint, args)
+        return super().train(resume_from_checkpoint, *rest, **kwargs)  # type: ignore[misc]
+
+
+def load_data_state(ds: StreamingSamples, checkpoint: str | bool, args: Any) -> None:
+    """Restore this rank's stream position from ``checkpoint/data_state.json``."""
+    if checkpoint is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        checkpoint = get_last_checkpoint(args.output_dir) or ""
+    path = os.path.join(str(checkpoint), DATA_STATE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{checkpoint}: no {DATA_STATE}; it was not written by a streaming run")
+    with open(path) as f:
+        state = json.load(f)
+    if state["world_size"] != args.world_size:
+        raise ValueError(
+            f"{path}: saved by {state['world_size']} processes; resume a stream with the same number "
+            f"(this run has {args.world_size})"
+        )
+    ds.rank, ds.world_size = args.process_index, args.world_size
+    ds.load_state_dict(state["ranks"][args.process_index])
