@@ -12,6 +12,7 @@ Aligned records (``dvsft align``) add ``grid: [rows, cols]`` and
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -206,7 +207,13 @@ def image_path(record: dict[str, Any], records_file: str | Path | None) -> Path:
     p = Path(record["image"])
     if p.is_absolute() or records_file is None:
         return p
-    return Path(records_file).resolve().parent / p
+    return _folder_of(str(records_file)) / p
+
+
+@functools.lru_cache(maxsize=256)
+def _folder_of(records_file: str) -> Path:
+    """The resolved folder of a records file (cached: called once per record)."""
+    return Path(records_file).resolve().parent
 
 
 # ------------------------------------------------------------------------------------ validation

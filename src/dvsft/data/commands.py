@@ -19,6 +19,42 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.command("prepare")(prepare)
     app.command("convert")(convert)
     app.command("merge")(merge)
+    bench_app.command("data")(bench_data)
+
+
+def bench_data(
+    sizes: str = typer.Option("10000,200000", help="Record counts, comma-separated (first vs last is compared)."),
+    repeats: int = typer.Option(3, min=1, help="Runs per measurement (the median is reported)."),
+    workers: int = typer.Option(2, min=0, help="DataLoader workers of the collator measurement."),
+    collate_samples: int = typer.Option(256, min=8, help="Samples through the collator per run."),
+    steps: int = typer.Option(10, min=1, help="Tiny-model optimizer steps per run."),
+    batch_size: int = typer.Option(4, min=1, help="Samples per batch (collator and model)."),
+    keep: Path | None = typer.Option(None, help="Keep the generated data in this folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Peak RSS of one epoch, Parquet streaming vs JSONL in memory; collator vs tiny-model samples/s."""
+    import json
+
+    from dvsft.data.bench import bench_data as run
+
+    counts = tuple(int(x) for x in sizes.split(","))
+    result = run(counts, repeats, workers, collate_samples, steps, batch_size, keep, lambda m: typer.echo(m, err=True))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    for key, r in result["rss"].items():
+        kind, n = key.split("_")
+        typer.echo(
+            f"{kind:>6} {int(n):>9,} records: peak RSS {r['peak_rss_mib']:8.1f} MiB, "
+            f"wall {r['wall_s']:7.1f} s, CPU {r['cpu_s']:7.1f} s"
+        )
+    typer.echo(
+        f"streaming RSS growth {100 * result['stream_growth']:+.1f}% "
+        f"({'flat' if result['stream_flat'] else 'NOT flat'}), in memory {100 * result['memory_growth']:+.1f}%"
+    )
+    c, m = result["collator"], result["model"]
+    typer.echo(f"collator, {workers} workers: {c['samples_per_s']:.1f} samples/s")
+    typer.echo(f"tiny model training: {m['samples_per_s']:.1f} samples/s ({m['steps_per_s']:.2f} steps/s)")
 
 
 def convert(

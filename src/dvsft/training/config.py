@@ -67,7 +67,7 @@ class AlignSection:
 @dataclass
 class TrainConfig:
     model: ModelConfig = opt(ModelConfig(), "the model to train (see model.*)")
-    data: str | list[str] | None = opt(None, "word-record JSONL file(s) with messages (and words for dvsft)")
+    data: str | list[str] | None = opt(None, "word records with messages (JSONL, Parquet, shard or datasets folders)")
     output_dir: str = opt("runs/dvsft", "checkpoints, log.jsonl, TensorBoard logs and final/")
     method: str = opt("dvsft", "objectives joined by '+': sft, dvsft, basic, and registered ones (dvsft+asvr)")
     vision_lambda: float = opt(0.1, "weight of the vision loss: L = L_text + lambda * L_vision (see 'Defaults sweep')")

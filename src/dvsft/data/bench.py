@@ -1,0 +1,247 @@
+"""`dvsft bench data`: memory and throughput of the training data pipeline, streaming vs in memory.
+
+* Peak RSS: a fresh process builds the pipeline and reads one epoch of N synthetic records, either
+  streamed from Parquet shards (:class:`dvsft.data.streaming.StreamingSamples`) or loaded from JSONL into a
+  list (:func:`dvsft.data.dataset.load_records`, the in-memory path); ``ru_maxrss`` at the end.
+* Throughput: samples/s through the real collator (tiny model processor, alignment, text and vision labels)
+  in a DataLoader with ``workers`` processes, next to the tiny model's training samples/s (forward, backward
+  and optimizer step) on the same batches.
+
+Records are synthetic: ``words`` words with boxes on one of a few generated page images, and a QA pair.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+PAGES = 8  # distinct page images the records point at
+PAGE_SIZE = (128, 96)
+VOCAB = ["total", "invoice", "date", "amount", "paid", "due", "tax", "net", "sum", "order", "item", "price"]
+
+
+def synthetic_records(n: int, words: int = 20, seed: int = 0) -> Any:
+    """``n`` word records over ``PAGES`` page images named ``images/pageK.png`` (relative)."""
+    rng = random.Random(seed)
+    w, h = PAGE_SIZE
+    for i in range(n):
+        ws = []
+        for _ in range(words):
+            x, y = rng.uniform(0, w - 30), rng.uniform(0, h - 10)
+            ws.append(
+                {
+                    "text": rng.choice(VOCAB),
+                    "box": [round(x, 1), round(y, 1), round(x + 28, 1), round(y + 9, 1)],
+                    "score": 0.99,
+                }
+            )
+        yield {
+            "id": f"r{i}",
+            "image": f"images/page{i % PAGES}.png",
+            "width": w,
+            "height": h,
+            "words": ws,
+            "messages": [
+                {"role": "user", "content": "<image>What is the first word?"},
+                {"role": "assistant", "content": ws[0]["text"]},
+            ],
+        }
+
+
+def write_data(folder: Path, n: int, words: int = 20) -> tuple[Path, Path]:
+    """``folder/words.jsonl`` and ``folder/shards/`` with the same ``n`` records, and the page images."""
+    from dvsft.record_table import ShardWriter
+    from dvsft.records import _dumps
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "shards" / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(1)
+    for k in range(PAGES):
+        img = Image.new("RGB", PAGE_SIZE, "white")
+        draw = ImageDraw.Draw(img)
+        for _ in range(6):
+            x, y = rng.randrange(0, PAGE_SIZE[0] - 30), rng.randrange(0, PAGE_SIZE[1] - 10)
+            draw.text((x, y), rng.choice(VOCAB), fill="black")
+        img.save(folder / "images" / f"page{k}.png")
+        img.save(folder / "shards" / "images" / f"page{k}.png")
+    jsonl = folder / "words.jsonl"
+    with open(jsonl, "w", encoding="utf-8") as f, ShardWriter(folder / "shards", rows_per_shard=10_000) as shards:
+        for record in synthetic_records(n, words):
+            f.write(_dumps(record) + "\n")
+            shards.write(record)
+    return jsonl, folder / "shards"
+
+
+# ------------------------------------------------------------------------------------------ peak RSS
+
+
+def read_epoch(kind: str, path: str) -> dict[str, Any]:
+    """One epoch through the pipeline in this process; peak RSS (MiB), wall and CPU seconds, sample count."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    n = 0
+    if kind == "stream":
+        from dvsft.data.streaming import StreamingSamples
+
+        for _ in StreamingSamples([path], seed=0):
+            n += 1
+    else:
+        from dvsft.data.dataset import load_records
+
+        samples = load_records(path)
+        for _ in samples:
+            n += 1
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"samples": n, "peak_rss_mib": rss, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+
+
+def measure_rss(kind: str, path: Path) -> dict[str, Any]:
+    """:func:`read_epoch` in a fresh Python process (so earlier runs do not raise the peak)."""
+    call = f"read_epoch({kind!r}, {str(path)!r})"
+    code = f"import json; from dvsft.data.bench import read_epoch; print(json.dumps({call}))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench child failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------ throughput
+
+
+def collator_rate(shards: Path, model_dir: Path, samples: int, workers: int, batch_size: int) -> dict[str, Any]:
+    """Samples/s through DataLoader(StreamingSamples, VisionCollator, workers) for ``samples`` samples."""
+    from dvsft.data.collator import VisionCollator
+    from dvsft.data.streaming import EpochDataLoader, PositionCollator, StreamingSamples
+    from dvsft.geometry import TRAIN_MAX_PIXELS
+    from dvsft.models import load_processor
+
+    inner = VisionCollator(load_processor(model_dir), min_pixels=32 * 32 * 4, max_pixels=TRAIN_MAX_PIXELS)
+    collator = PositionCollator(inner)
+    ds = StreamingSamples([shards], seed=0)
+    ds.batch_size = batch_size
+    kwargs = {"prefetch_factor": 4} if workers else {}
+    loader = EpochDataLoader(ds, batch_size=batch_size, collate_fn=collator, num_workers=workers, **kwargs)
+    t0, c0 = time.perf_counter(), time.process_time()
+    n = 0
+    it = iter(loader)
+    first = next(it)
+    n += first["input_ids"].shape[0]
+    t_first = time.perf_counter()  # worker start-up excluded from the rate
+    for batch in it:
+        n += batch["input_ids"].shape[0]
+        if n >= samples:
+            break
+    wall = time.perf_counter() - t_first
+    counted = n - first["input_ids"].shape[0]
+    return {
+        "samples_per_s": counted / wall,
+        "wall_s": time.perf_counter() - t0,
+        "cpu_s_main": time.process_time() - c0,
+        "samples": counted,
+    }
+
+
+def model_rate(shards: Path, model_dir: Path, steps: int, batch_size: int) -> dict[str, Any]:
+    """Training samples/s of the tiny model (forward + backward + AdamW step) on pre-collated batches."""
+    import torch
+
+    from dvsft.training.config import load_config
+    from dvsft.training.train import prepare
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["--model", str(model_dir), "--data", str(shards), "--output_dir", tmp, "--streaming", "true"]
+        args += ["--max_steps", str(steps), "--min_pixels", str(32 * 32 * 4), "--report_to", "none"]
+        args += ["--global_batch_size", str(batch_size), "--per_device_batch_size", str(batch_size)]
+        run = prepare(load_config(None, args))
+        trainer, model = run.trainer, run.model
+        loader = trainer.get_train_dataloader()
+        batches = []
+        for batch in loader:
+            batch.pop("sample_positions")
+            batch.pop("sample_ids")
+            batches.append(batch)
+            if len(batches) > steps:
+                break
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        model.train()
+
+        def step(batch: dict[str, Any]) -> None:
+            loss = trainer.compute_loss(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        step(batches[0])  # warm-up
+        t0, c0 = time.perf_counter(), time.process_time()
+        for batch in batches[1 : steps + 1]:
+            step(batch)
+        wall = time.perf_counter() - t0
+    return {"samples_per_s": steps * batch_size / wall, "steps_per_s": steps / wall, "cpu_s": time.process_time() - c0}
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def bench_data(
+    sizes: tuple[int, ...] = (10_000, 200_000),
+    repeats: int = 3,
+    workers: int = 2,
+    collate_samples: int = 256,
+    steps: int = 10,
+    batch_size: int = 4,
+    keep: Path | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """The whole benchmark (see the module docstring); returns medians of ``repeats`` runs."""
+    from dvsft.training.tiny import TinyConfig, save_tiny
+
+    say = progress or (lambda msg: None)
+    root_ctx = tempfile.TemporaryDirectory(prefix="dvsft-bench-data-") if keep is None else None
+    root = Path(root_ctx.name) if root_ctx else Path(keep)  # type: ignore[arg-type]
+    try:
+        result: dict[str, Any] = {"rss": {}, "sizes": list(sizes), "repeats": repeats}
+        data: dict[int, tuple[Path, Path]] = {}
+        for n in sizes:
+            say(f"writing {n:,} synthetic records")
+            data[n] = write_data(root / f"n{n}", n)
+        for n in sizes:
+            jsonl, shards = data[n]
+            for kind, path in (("stream", shards), ("memory", jsonl)):
+                runs = []
+                for r in range(repeats):
+                    say(f"peak RSS: {kind} {n:,} records, run {r + 1}/{repeats}")
+                    runs.append(measure_rss(kind, path))
+                result["rss"][f"{kind}_{n}"] = median_of(runs)
+        model_dir = save_tiny(root / "tiny", TinyConfig())
+        small = data[sizes[0]][1]
+        runs = []
+        for r in range(repeats):
+            say(f"collator: {workers} workers, run {r + 1}/{repeats}")
+            runs.append(collator_rate(small, model_dir, collate_samples, workers, batch_size))
+        result["collator"] = median_of(runs)
+        runs = []
+        for r in range(repeats):
+            say(f"tiny model step rate, run {r + 1}/{repeats}")
+            runs.append(model_rate(small, model_dir, steps, batch_size))
+        result["model"] = median_of(runs)
+        result["settings"] = {"workers": workers, "batch_size": batch_size, "collate_samples": collate_samples}
+        first, last = sizes[0], sizes[-1]
+        s0, s1 = result["rss"][f"stream_{first}"]["peak_rss_mib"], result["rss"][f"stream_{last}"]["peak_rss_mib"]
+        m0, m1 = result["rss"][f"memory_{first}"]["peak_rss_mib"], result["rss"][f"memory_{last}"]["peak_rss_mib"]
+        result["stream_growth"] = s1 / s0 - 1
+        result["memory_growth"] = m1 / m0 - 1
+        result["stream_flat"] = abs(result["stream_growth"]) <= 0.10
+        return result
+    finally:
+        if root_ctx is not None:
+            root_ctx.cleanup()
