@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from dvsft.demo import PRESETS, eval_steps, per_seed_margins, summarize
@@ -92,3 +93,44 @@ def test_summary_and_margins():
     margins = per_seed_margins(rows)
     assert [round(m["word_acc"], 6) for m in margins] == [0.6, 0.2]
     assert [round(m["cer"], 6) for m in margins] == [-0.6, -0.2]
+
+
+FAMILY_TYPES = {
+    "qwen3.5": "qwen3_5",
+    "qwen3-vl-moe": "qwen3_vl_moe",
+    "internvl": "internvl",
+    "llava_onevision": "llava_onevision",
+    "idefics3": "idefics3",
+    "smolvlm": "smolvlm",
+}
+
+
+@pytest.fixture(scope="module")
+def toy_pages(tmp_path_factory):
+    from dvsft.demo import build_data
+
+    out = tmp_path_factory.mktemp("toy_pages")
+    build_data(PRESETS["toy"], out)
+    return out / "data"
+
+
+@pytest.mark.parametrize("family", list(FAMILY_TYPES))
+def test_demo_toy_runs_for_each_family(family, toy_pages, tmp_path):
+    """`dvsft demo --family F`: the same pages, the family's tiny model, DV-SFT, evaluation and lens figure."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from dvsft.cli import app
+    from dvsft.models import load_model
+
+    out = tmp_path / "demo"
+    shutil.copytree(toy_pages, out / "data")  # the rendered pages are reused, not rendered again
+    args = ["demo", "--preset", "toy", "--steps", "1", "--workers", "1", "--methods", "dvsft", "--family", family]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output[-3000:]
+    rows = json.loads((out / "results.json").read_text())["runs"]
+    assert {r["method"] for r in rows} == {"dvsft"} and {r["step"] for r in rows} == {0, 1}
+    assert all(0.0 <= r["vision_top1"] <= 1.0 for r in rows)
+    assert (out / "lens.png").is_file()
+    assert load_model(out / "dvsft").config.model_type == FAMILY_TYPES[family]

@@ -451,10 +451,10 @@ def plot_lens(model_dirs: dict[str, Path], heldout_file: Path, record: dict, pat
         model = load_model(model_dir).eval()
         processor = load_processor(model_dir, min_pixels=pixels, max_pixels=pixels)
         result = run_lens(model, processor, image)
-        labels = record_labels(record, result.grid, processor.tokenizer, str(heldout_file))
+        labels = record_labels(record, result.geometry, processor.tokenizer, str(heldout_file))
         correct = {token: result.top_ids[token][0] == label for token, label in labels.items()}
         upscale = max(2.0, 768 / image.width)
-        panel = lens_overlay(image, result.grid, result.top1_texts(), correct=correct, upscale=upscale)
+        panel = lens_overlay(image, result.geometry, result.top1_texts(), correct=correct, upscale=upscale)
         label = {"sft": "SFT", "dvsft": "DV-SFT"}[method]
         titled = Image.new("RGB", (panel.width, panel.height + 40), "white")
         titled.paste(panel, (0, 40))
@@ -570,8 +570,12 @@ def run_demo(
     vision_eps: float | None = None,
     methods: tuple[str, ...] = METHODS,
     threads: int | None = None,
+    family: str | None = None,
 ) -> dict:
-    """Run the whole experiment; returns the results dictionary also written to ``out/results.json``."""
+    """Run the whole experiment; returns the results dictionary also written to ``out/results.json``.
+
+    ``family`` picks the tiny model's architecture (``tiny.family``: qwen3-vl, qwen3.5,
+    qwen3-vl-moe, internvl, llava_onevision, idefics3, smolvlm); the pages are the same."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -585,6 +589,8 @@ def run_demo(
     preset = PRESETS[preset_name]
     overrides = {"steps": steps, "vision_lambda": vision_lambda, "vision_eps": vision_eps}
     preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    if family is not None:
+        preset = replace(preset, tiny=replace(preset.tiny, family=family))
     n_seeds = seeds if seeds is not None else preset.seeds
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -695,9 +701,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         vision_eps: float | None = typer.Option(None, help="vision smoothing eps (default: the preset's)"),
         methods: str = typer.Option("sft,dvsft", help="methods to run (e.g. only dvsft for a lambda/eps sweep)"),
         threads: int | None = typer.Option(None, help="torch threads per run (default: cores / workers)"),
+        family: str | None = typer.Option(None, help="tiny model family (qwen3-vl, qwen3.5, internvl, …)"),
     ) -> None:
         """Train SFT and DV-SFT on rendered text with a tiny Qwen3-VL and compare how fast they learn to read."""
         chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
         if not chosen or set(chosen) - set(METHODS):
             raise typer.BadParameter(f"methods must be among {', '.join(METHODS)}; got {methods!r}")
-        run_demo(preset, seeds, steps, out, workers, vision_lambda, vision_eps, chosen, threads)
+        run_demo(preset, seeds, steps, out, workers, vision_lambda, vision_eps, chosen, threads, family)
