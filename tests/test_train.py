@@ -187,6 +187,8 @@ def test_recipes_choose_qa_pairs_as_the_paper(tmp_path):
         validate(load_config(None, {"model": "tiny", "data": data, "qa_per_image": {"infovq": 2}}))
     with pytest.raises(ValueError, match="qa_per_image: 0 is not a count"):
         validate(load_config(None, {"model": "tiny", "data": data, "qa_per_image": 0}))
+    with pytest.raises(ValueError, match="streaming makes one sample of each record"):
+        validate(load_config(CONFIGS / "qwen3_1.7b_graft.yaml", {"data": data, "streaming": True, "max_steps": 9}))
 
 
 def test_method_names_count_text_once():

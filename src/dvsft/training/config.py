@@ -385,6 +385,11 @@ def validate(cfg: TrainConfig) -> None:
     if not cfg.data:
         raise ValueError("no training data: set data to a word-record JSONL file")
     check_qa_per_image(cfg.qa_per_image, cfg.data if isinstance(cfg.data, list) else [cfg.data])
+    if cfg.streaming and not cfg.keep_conversations:
+        raise ValueError(
+            "streaming makes one sample of each record (keep_conversations: true); for one QA pair per sample, "
+            "write one record per pair (dvsft prepare --separate)"
+        )
 
 
 def qa_per_image_for(setting: int | dict[str, int | None] | None, path: str | Path) -> int | None:
