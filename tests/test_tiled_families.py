@@ -175,3 +175,42 @@ def test_tiled_eval_ocr_and_lens_run(family_dir, tmp_path):
     entry = json.loads((lens_out / "lens.json").read_text())["records"][0]
     assert {t["view"] for t in entry["tokens"]} == {v["kind"] for v in entry["views"]}
     assert Path(entry["overlay"]).is_file()
+
+
+def test_align_and_stats_report_per_view_kind(family_dir, tmp_path):
+    """`dvsft align --family <model dir>` writes each record's view list and per-view labels; `dvsft stats`
+    reports labels, tokens and drops per view kind."""
+    from test_benchmarks import word_records
+
+    from dvsft.geometry import layout_for
+    from dvsft.models import load_processor
+    from dvsft.records import read_jsonl
+
+    _, path = family_dir
+    words = word_records(tmp_path / "w" / "words.jsonl")
+    out = tmp_path / "aligned.jsonl"
+    result = runner.invoke(
+        app, ["align", str(words), "--out", str(out), "--family", str(path), "--tokenizer", str(path)]
+    )
+    assert result.exit_code == 0, result.output
+    rows = list(read_jsonl(out))
+    lay = layout_for(load_processor(path), 160, 64)
+    for row in rows:
+        assert [v["kind"] for v in row["views"]] == [v.kind for v in lay.views]
+        assert row["visual_tokens"] == sum(v.num_tokens for v in lay.views)
+        assert all(
+            lab["token"] == lay.views[lab["view_index"]].token_at_point(*corner(row, lab))
+            for lab in row["vision_labels"]
+        )
+    result = runner.invoke(app, ["stats", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.output)
+    per_view = stats["per_view"]
+    assert set(per_view) == {v.kind for v in lay.views}
+    assert sum(v["vision_labels"] for v in per_view.values()) == stats["vision_labels"] > 0
+    assert sum(v["visual_tokens"] for v in per_view.values()) == stats["visual_tokens"]
+
+
+def corner(row: dict, lab: dict) -> tuple[float, float]:
+    box = next(w["box"] for w in row["words"] if w["text"] == lab["text"])
+    return box[2] - 0.5, box[3] - 0.5

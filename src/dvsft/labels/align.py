@@ -265,6 +265,30 @@ def record_size(record: dict[str, Any], records_file: Any = None) -> tuple[int, 
     return w, h
 
 
+def tiled_source(source: Any) -> Any:
+    """The processor or family name to take a view list from when ``source`` is a tiled family (a
+    non-Qwen family name, model directory or processor), else None (the Qwen grid applies)."""
+    from pathlib import Path
+
+    from dvsft.families import family_spec, spec_for_processor
+
+    if isinstance(source, str | Path) and Path(source).is_dir():
+        from dvsft.models import load_processor, model_type_of
+
+        if family_spec(model_type_of(source) or "qwen3-vl").name.startswith("qwen"):
+            return None
+        return load_processor(source)
+    if isinstance(source, str):
+        try:
+            return None if family_spec(source).name.startswith("qwen") else source
+        except ValueError:
+            return None
+    try:
+        return None if spec_for_processor(source).name.startswith("qwen") else source
+    except ValueError:
+        return None
+
+
 def align_record(
     record: dict[str, Any],
     source: Any,
@@ -273,12 +297,18 @@ def align_record(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     records_file: Any = None,
-) -> tuple[Grid, Alignment]:
-    """Grid and alignment of one word record for a family / model dir / processor (``grid_for`` source)."""
-    from dvsft.geometry import grid_for
+) -> tuple[Grid | Layout, Alignment]:
+    """Grid (Qwen-VL) or view list (tiled families) and alignment of one word record for a family /
+    model dir / processor."""
+    from dvsft.geometry import grid_for, layout_for
 
     width, height = record_size(record, records_file)
-    grid = grid_for(source, width, height, min_pixels, max_pixels)
+    tiled = tiled_source(source)
+    grid = (
+        layout_for(tiled, width, height)
+        if tiled is not None
+        else grid_for(source, width, height, min_pixels, max_pixels)
+    )
     words = record.get("words") or []
     for i, w in enumerate(words):
         box = w.get("box") if isinstance(w, dict) else None

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dvsft.labels.align import AlignConfig, align_record
+from dvsft.geometry import Layout
+from dvsft.labels.align import AlignConfig, align_record, tiled_source
 from dvsft.record_sources import iter_entries
 from dvsft.record_table import DEFAULT_ROWS_PER_SHARD, check_format, write_records
 from dvsft.records import Problem, check_record, image_path, write_jsonl
@@ -78,6 +79,9 @@ def align_file(
     dropped: Counter = Counter()
     summary = Counter()
     overlays = 0
+    tiled = tiled_source(source)
+    if tiled is not None and not isinstance(tiled, str):
+        source = tiled  # a tiled family's model dir: its processor, loaded once
 
     def rows():
         nonlocal overlays
@@ -107,15 +111,27 @@ def align_file(
             if "image" in rec and not isinstance(rec.get("image_bytes"), bytes):
                 img = image_path(rec, file)
                 row["image"] = Path(os.path.relpath(img, out_dir)).as_posix()
-            row["grid"] = [grid.rows, grid.cols]
+            if isinstance(grid, Layout):  # a tiled family: its view list instead of one grid
+                row["views"] = [
+                    {"kind": v.kind, "index": v.index, "grid": [v.rows, v.cols], "offset": v.offset} for v in grid.views
+                ]
+                row["visual_tokens"] = sum(v.num_tokens for v in grid.views)
+                row["dropped_per_view"] = {k: dict(sorted(c.items())) for k, c in alignment.per_view.items()}
+            else:
+                row["grid"] = [grid.rows, grid.cols]
             row["vision_labels"] = alignment.labels
             row["dropped"] = dict(sorted(alignment.dropped.items()))
             row["align"] = settings
             summary["aligned"] += 1
             summary["vision_labels"] += len(alignment.labels)
-            summary["visual_tokens"] += grid.num_tokens
+            summary["visual_tokens"] += grid.num_tokens if not isinstance(grid, Layout) else row["visual_tokens"]
             dropped.update(alignment.dropped)
-            if overlay_dir is not None and (overlay_limit is None or overlays < overlay_limit) and "image" in rec:
+            if (
+                overlay_dir is not None
+                and not isinstance(grid, Layout)
+                and (overlay_limit is None or overlays < overlay_limit)
+                and "image" in rec
+            ):
                 img = rec["image_bytes"] if isinstance(rec.get("image_bytes"), bytes) else image_path(rec, file)
                 if isinstance(img, bytes) or img.is_file():
                     with Image.open(io.BytesIO(img) if isinstance(img, bytes) else img) as im:

@@ -227,6 +227,9 @@ def stats(
     rows += [(f"labels: {k}", f"{v:,} ({100 * v / total:.1f}%)") for k, v in result["label_kinds"].items()]
     rows.append(("labels: whitespace-only", f"{result['blank_labels']:,}"))
     rows += [(f"dropped: {k}", f"{v:,}") for k, v in result["dropped"].items()]
+    for kind, view in result.get("per_view", {}).items():  # tiled families: per view kind
+        rows.append((f"view {kind}: labels / tokens", f"{view['vision_labels']:,} / {view['visual_tokens']:,}"))
+        rows += [(f"view {kind}: dropped {k}", f"{v:,}") for k, v in view["dropped"].items()]
     Console().print(_table(str(aligned), rows))
 
 

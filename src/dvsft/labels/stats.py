@@ -17,6 +17,9 @@
 - blank_labels: vision labels whose token is whitespace-only (must be 0; needs a tokenizer for
   ``token_id``, else the label text is checked)
 - dropped: words removed by each alignment filter (``dropped`` of `dvsft align`), per record
+- per_view (tiled families, records with ``views``): per view kind (tile, thumbnail, base, crops,
+  global) the vision labels, visual tokens, coverage and the view-level drops (too_tall,
+  token_conflict, unseen), per sample like the totals
 """
 
 from __future__ import annotations
@@ -59,16 +62,30 @@ def compute_stats(records: Iterable[dict[str, Any]], tokenizer: Any = None, sour
     image_labels = image_tokens = 0
     dropped: Counter = Counter()
     kinds: Counter = Counter(dict.fromkeys(LABEL_KINDS, 0))
+    per_view: dict[str, Counter] = {}
     for n, rec in enumerate(records, 1):
         where = f"{source}: record {n}" + (f" (id {rec['id']})" if "id" in rec else "")
         grid = rec.get("grid")
-        if not (isinstance(grid, list) and len(grid) == 2 and "vision_labels" in rec):
+        views = rec.get("views")
+        if not ((isinstance(grid, list) and len(grid) == 2) or isinstance(views, list)) or "vision_labels" not in rec:
             raise ValueError(f"{where}: no 'grid'/'vision_labels'; run `dvsft align` on the word records first")
         answers = [_text(m.get("content")) for m in rec.get("messages") or [] if m.get("role") == "assistant"]
         weight = max(1, len(answers))  # samples of this record; a record without QA is one sample
         samples += len(answers)
         labels = rec["vision_labels"]
-        tokens = int(grid[0]) * int(grid[1])
+        if isinstance(views, list):  # a tiled family: every view's tokens, labels per view kind
+            tokens = sum(int(v["grid"][0]) * int(v["grid"][1]) for v in views)
+            for v in views:
+                kind = per_view.setdefault(str(v["kind"]), Counter())
+                kind["visual_tokens"] += weight * int(v["grid"][0]) * int(v["grid"][1])
+            for lab in rec["vision_labels"]:
+                per_view.setdefault(str(lab.get("view")), Counter())["vision_labels"] += weight
+            for kind, counts in (rec.get("dropped_per_view") or {}).items():
+                per_view.setdefault(str(kind), Counter()).update(
+                    {f"dropped_{k}": v for k, v in counts.items() if k != "labels"}
+                )
+        else:
+            tokens = int(grid[0]) * int(grid[1])
         visual_tokens += weight * tokens
         vision_labels += weight * len(labels)
         image = str(rec.get("image", rec.get("id", n)))
@@ -103,7 +120,16 @@ def compute_stats(records: Iterable[dict[str, Any]], tokenizer: Any = None, sour
         "label_kinds": dict(kinds),
         "blank_labels": blank,
         "dropped": dict(sorted(dropped.items())),
+        **({"per_view": {k: _view_stats(c) for k, c in per_view.items()}} if per_view else {}),
     }
+
+
+def _view_stats(c: Counter) -> dict[str, Any]:
+    """Labels, tokens, coverage and drops of one view kind."""
+    out: dict[str, Any] = {"vision_labels": c["vision_labels"], "visual_tokens": c["visual_tokens"]}
+    out["vision_coverage"] = c["vision_labels"] / c["visual_tokens"] if c["visual_tokens"] else 0.0
+    out["dropped"] = {k.removeprefix("dropped_"): v for k, v in sorted(c.items()) if k.startswith("dropped_")}
+    return out
 
 
 def file_stats(path: str | Path, tokenizer: Any = None) -> dict[str, Any]:
