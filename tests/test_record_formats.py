@@ -185,3 +185,15 @@ def test_prepare_writes_shards(tmp_path):
     assert stats.out == tmp_path / "out" / "squad" and stats.records == 1
     (record,) = [e.record for e in iter_entries(stats.out)]
     assert record["text"] == "Paris is in France." and record["messages"][1]["content"] == "France"
+
+
+def test_eval_reads_record_shards_and_datasets_folders(tmp_path):
+    from dvsft.evaluation.loaders import iter_items
+
+    src = image_records(tmp_path / "a")
+    convert(src, tmp_path / "packed", "parquet", embed_images=True)
+    convert(src, tmp_path / "ds", "datasets")
+    for path in (tmp_path / "packed", tmp_path / "packed" / "part-00000.parquet", tmp_path / "ds"):
+        items = list(iter_items("docvqa", path))
+        assert [i.id for i in items] == ["p0", "p1", "p2"] and items[0].answers == ["w"]
+        assert [im.size for im in items[1].load_images()] == [(33, 24)]

@@ -156,3 +156,11 @@ def test_two_processes_see_each_sample_once_per_epoch(tiny_dir, tmp_path):  # no
         assert rank_state["epoch"] == 0 and rank_state["consumed"] == [[0, 4]]
         seen += [order[j * 2 + rank] for j in range(4)]
     assert sorted(seen) == sorted(f"doc{i}" for i in range(8))  # every sample once, none twice
+
+
+def test_streams_a_datasets_folder_memory_mapped(tmp_path):
+    jsonl = make_records(tmp_path / "raw", n=5)
+    convert(jsonl, tmp_path / "ds", "datasets", embed_images=True, rows_per_shard=2)
+    ds = StreamingSamples([tmp_path / "ds"], seed=1, window_rows=2)
+    assert len(ds.units) >= 1 and ds.rows == 5
+    assert sorted(s["id"] for s in ds) == [f"doc{i}" for i in range(5)]

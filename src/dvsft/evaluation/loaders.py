@@ -14,7 +14,7 @@ from typing import Any
 from dvsft.evaluation import layouts
 from dvsft.evaluation.items import EvalItem
 from dvsft.evaluation.layouts import Ctx
-from dvsft.records import Problem, check_record, image_path, iter_lines
+from dvsft.records import Problem, check_record, image_path
 
 DEFAULT_SPLITS = {
     "docvqa": "validation",
@@ -55,6 +55,8 @@ def iter_items(
 
 
 def _dispatch(bench: str, path: Path, split: str, family: str, images: bool) -> Iterator[EvalItem]:
+    if is_record_source(path):
+        return records_items(path, bench)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
@@ -94,21 +96,41 @@ def _single(folder: Path, pattern: str, what: str) -> Path:
 # ------------------------------------------------------------------------------------ word records
 
 
+def is_record_source(path: Path) -> bool:
+    """Word records in Parquet (a file or a folder of ``dvsft`` shards) or a ``datasets`` folder."""
+    import pyarrow.parquet as pq
+
+    from dvsft.record_sources import datasets_dir
+
+    if path.is_dir():
+        if datasets_dir(path) is not None:
+            return True
+        shards = sorted(path.glob("part-*.parquet"))
+        return bool(shards) and len(shards) == len(list(path.glob("*.parquet"))) and is_record_source(shards[0])
+    if path.suffix.lower() != ".parquet":
+        return False
+    names = set(pq.ParquetFile(path).schema_arrow.names)
+    return "extra" in names and "messages" in names  # dvsft.record_table.SCHEMA
+
+
 def records_items(path: Path, bench: str) -> Iterator[EvalItem]:
-    """Word records (``dvsft.records``): question from the user turn, answer from the assistant turn.
+    """Word records (``dvsft.records``, any source of :mod:`dvsft.record_sources`): question from the user
+    turn, answer from the assistant turn.
 
     Optional fields: ``answers`` (list; wins over the assistant turn) and the benchmark fields of
     ``META_KEYS`` (e.g. MME ``category``, OCRBench ``dataset``/``question_type``). For ``ocr`` the
     reference is the assistant turn, else the record's words joined by spaces.
     """
-    for line in iter_lines(path):
-        n, rec = line.number, line.record
+    from dvsft.record_sources import iter_entries
+
+    for entry in iter_entries(path):
+        n, rec, file = entry.number, entry.record, entry.file
         try:
             if rec is None:
-                raise ValueError(str(Problem(str(path), n, None, str(line.error))))
-            yield _record_item(rec, path, n, bench)
+                raise ValueError(str(Problem(str(file), n, None, str(entry.error))))
+            yield _record_item(rec, file, n, bench)
         except ValueError as err:
-            rid = str(rec["id"]) if rec is not None and isinstance(rec.get("id"), str | int) else f"{path.stem}-{n}"
+            rid = str(rec["id"]) if rec is not None and isinstance(rec.get("id"), str | int) else f"{file.stem}-{n}"
             yield EvalItem(rid, "", [], [BadSource(str(err))])
 
 
@@ -128,7 +150,10 @@ def _record_item(rec: dict[str, Any], path: Path, n: int, bench: str) -> EvalIte
     problems = check_record(rec, path, n, image=False)
     if problems:
         raise ValueError(str(problems[0]))
-    if "image" in rec:
+    images: list[Any]
+    if isinstance(rec.get("image_bytes"), bytes):
+        images = [rec["image_bytes"]]
+    elif "image" in rec:
         images = [image_path(rec, path)]
     elif rec.get("images"):
         images = [image_path({"image": im}, path) for im in rec["images"]]
