@@ -164,3 +164,12 @@ def test_streams_a_datasets_folder_memory_mapped(tmp_path):
     ds = StreamingSamples([tmp_path / "ds"], seed=1, window_rows=2)
     assert len(ds.units) >= 1 and ds.rows == 5
     assert sorted(s["id"] for s in ds) == [f"doc{i}" for i in range(5)]
+
+
+def test_bad_records_are_skipped_lazily_with_a_warning(tmp_path, caplog):
+    jsonl = make_records(tmp_path / "raw", n=4)
+    convert(jsonl, tmp_path / "shards", "parquet")
+    (tmp_path / "raw" / "img1.png").unlink()
+    ds = StreamingSamples([tmp_path / "shards"], seed=0)
+    assert sorted(s["id"] for s in ds) == ["doc0", "doc2", "doc3"]
+    assert "record doc1: image file not found" in caplog.text and "part-00000.parquet:2" in caplog.text

@@ -63,6 +63,9 @@ def write_data(folder: Path, n: int, words: int = 20) -> tuple[Path, Path]:
     from dvsft.record_table import ShardWriter
     from dvsft.records import _dumps
 
+    done = folder / f"complete-{n}-{words}"
+    if done.exists():  # a kept folder from an earlier run
+        return folder / "words.jsonl", folder / "shards"
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "shards" / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(1)
@@ -79,6 +82,7 @@ def write_data(folder: Path, n: int, words: int = 20) -> tuple[Path, Path]:
         for record in synthetic_records(n, words):
             f.write(_dumps(record) + "\n")
             shards.write(record)
+    done.touch()
     return jsonl, folder / "shards"
 
 

@@ -21,6 +21,7 @@ conversation.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Iterator
@@ -201,7 +202,9 @@ class StreamingSamples(IterableDataset):
         from dvsft.data.dataset import _check, _id_of, absolute_image, answered_pairs, expand_record
         from dvsft.records import Problem, check_record
 
-        found = check_record(record, unit.file, number, image=self.check_images, decode=False)
+        found = check_record(record, unit.file, number, image=False)
+        if not found and self.check_images:
+            found = [Problem(str(unit.file), number, _id_of(record), r) for r in _image_reasons(record, unit.file)]
         if not found and (reason := _check(record)) is not None:
             found = [Problem(str(unit.file), number, _id_of(record), reason)]
         if found:
@@ -225,6 +228,34 @@ class StreamingSamples(IterableDataset):
             random.Random(f"{self.seed}:{epoch}:{w}").shuffle(perm)
             ids.extend(str(rows[p][2].get("id")) for p in perm)
         return ids
+
+
+def _image_reasons(record: dict[str, Any], file: Path) -> list[str]:
+    """What is wrong with a record's image (header and size; no full decode); checks of the same image file
+    and size are remembered, so records sharing an image read it once per worker."""
+    from dvsft.records import image_path
+
+    data = record.get("image_bytes")
+    w, h = record.get("width"), record.get("height")
+    if isinstance(data, bytes):  # not remembered: the cache would hold the bytes
+        return _image_check.__wrapped__(data, w, h)[0]
+    if not isinstance(record.get("image"), str):
+        return ["no image field"]
+    reasons, w2, h2 = _image_check(str(image_path(record, file)), w, h)
+    if w is None and h is None and w2 is not None:
+        record["width"], record["height"] = w2, h2
+    return reasons
+
+
+@functools.lru_cache(maxsize=4096)
+def _image_check(image: str | bytes, width: int | None, height: int | None) -> tuple[list[str], Any, Any]:
+    from dvsft.records import check_record
+
+    probe: dict[str, Any] = {"image_bytes": image} if isinstance(image, bytes) else {"image": image}
+    if width is not None or height is not None:
+        probe.update(width=width, height=height)
+    reasons = [p.reason for p in check_record(probe, None, image=True, decode=False)]
+    return reasons, probe.get("width"), probe.get("height")
 
 
 def _read_rows(window: list[Unit], wanted: set[int]) -> dict[int, tuple[Unit, int, dict[str, Any]]]:
