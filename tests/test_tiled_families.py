@@ -139,12 +139,12 @@ def test_tiled_trains_and_resumes(family_dir, tmp_path):
 
     class Stop(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 2:
+            if state.global_step == 1:
                 control.should_training_stop = True
 
     fam, path = family_dir
     data = make_records(tmp_path / "data", n=2, seed=5)
-    args = dict(max_steps=4, save_steps=2)
+    args = dict(max_steps=2, save_steps=1)
     full = train(load_config(None, overrides(path, data, tmp_path / "a", **args)))
     vision, text = losses(full.log, "vision_loss"), losses(full.log, "text_loss")
     assert all(row["vision_tokens"] > 0 for row in full.log if "vision_tokens" in row)
@@ -152,7 +152,7 @@ def test_tiled_trains_and_resumes(family_dir, tmp_path):
     assert load_model(full.final_dir).config.model_type == fam
     part = overrides(path, data, tmp_path / "b", **args, save_final=False)
     first = train(load_config(None, part), callbacks=[Stop()])
-    assert losses(first.log) == pytest.approx(losses(full.log)[:2], abs=1e-6)
+    assert losses(first.log) == pytest.approx(losses(full.log)[:1], abs=1e-6)
     resumed = train(load_config(None, [*part, "--resume"]))
     assert losses(resumed.log) == pytest.approx(losses(full.log), abs=1e-5)
 
