@@ -207,3 +207,44 @@ def test_family_eval_ocr_and_lens_run(family_dir, tmp_path):
     assert result.exit_code == 0, result.output
     acc = json.loads((lens_out / "accuracy.json").read_text())
     assert acc["n"] > 0 and 0.0 <= acc["top1"] <= 1.0
+
+
+def test_painted_pixel_lands_in_the_grid_token(family_dir):
+    """One black pixel through the real processor and the tiny model's patch embedding changes exactly the
+    token ``grid.token_at`` names (merge x merge patches per token, consecutive in the sequence)."""
+    import random
+
+    from PIL import Image
+
+    from dvsft.geometry import grid_for
+    from dvsft.models import load_model, load_processor
+
+    _, path = family_dir
+    model, processor = load_model(path).eval(), load_processor(path, min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64)
+    embed = model.model.visual.patch_embed
+    rng = random.Random(0)
+    checked = 0
+    for w, h in [(300, 120), (90, 260), (200, 200), (57, 40), (420, 330)]:
+        grid = grid_for(processor, w, h)
+        white = Image.new("RGB", (w, h), "white")
+        with torch.no_grad():
+            before = embed(processor.image_processor(images=white, return_tensors="pt")["pixel_values"])
+        margin_x, margin_y = 2 / grid.scale_x + 1, 2 / grid.scale_y + 1  # bicubic reach, in original pixels
+        clean = 0
+        for _ in range(40):
+            if clean == 3:
+                break
+            x, y = rng.randrange(w), rng.randrange(h)
+            x0, y0, x1, y1 = grid.token_box(grid.token_at(x, y))
+            if min(x - x0, x1 - x - 1) < margin_x or min(y - y0, y1 - y - 1) < margin_y:
+                continue  # the resampling kernel would reach a neighbouring token
+            image = white.copy()
+            image.putpixel((x, y), (0, 0, 0))
+            with torch.no_grad():
+                after = embed(processor.image_processor(images=image, return_tensors="pt")["pixel_values"])
+            changed = torch.nonzero((after - before).abs().amax(-1) > 1e-6).flatten()
+            tokens = {int(p) // (grid.merge_size**2) for p in changed}
+            assert tokens == {grid.token_at(x, y)}, (w, h, x, y)
+            clean += 1
+        checked += clean
+    assert checked >= 10
