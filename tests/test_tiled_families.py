@@ -214,3 +214,37 @@ def test_align_and_stats_report_per_view_kind(family_dir, tmp_path):
 def corner(row: dict, lab: dict) -> tuple[float, float]:
     box = next(w["box"] for w in row["words"] if w["text"] == lab["text"])
     return box[2] - 0.5, box[3] - 0.5
+
+
+TRUE_SETTINGS = {  # what the tiny models really do (64-px tiles, 8-px patches)
+    "internvl": {"tile_size": 64, "patch_size": 8, "downsample_ratio": 0.5, "max_tiles": 6},
+    "llava_onevision": {"crop_size": 64, "patch_size": 8},
+    "idefics3": {"longest_edge": 256, "tile_size": 64, "patch_size": 8, "scale_factor": 2},
+    "smolvlm": {"longest_edge": 256, "tile_size": 64, "patch_size": 8, "scale_factor": 2},
+}
+
+
+def test_layout_from_the_saved_processor_is_the_models_geometry(family_dir):
+    """Settings read back from the saved processor give the token cells of the model's real patch and
+    merge sizes (a tile that is no multiple of the released patch must not leave a strip unseen)."""
+    import random
+
+    from dvsft.geometry import layout_for
+    from dvsft.models import load_processor
+    from dvsft.training.tiny_tiled import PINPOINTS
+
+    fam, path = family_dir
+    processor = load_processor(path)
+    truth = dict(TRUE_SETTINGS[fam])
+    if fam == "llava_onevision":
+        truth["image_grid_pinpoints"] = PINPOINTS
+    rng = random.Random(1)
+    for _ in range(200):
+        w, h = rng.randint(1, 400), rng.randint(1, 400)
+        got, want = layout_for(processor, w, h), layout_for(fam, w, h, **truth)
+        assert got.num_tokens == want.num_tokens and got.prompt == want.prompt
+        for a, b in zip(got.views, want.views, strict=True):
+            assert (a.kind, a.offset, a.rows, a.cols) == (b.kind, b.offset, b.rows, b.cols)
+            for cuts_a, cuts_b in ((a.x_cuts, b.x_cuts), (a.y_cuts, b.y_cuts)):
+                flat_a, flat_b = [v for c in cuts_a for v in c], [v for c in cuts_b for v in c]
+                assert flat_a == pytest.approx(flat_b), (fam, w, h, a.kind)

@@ -147,7 +147,12 @@ def make_settings_from(defaults: dict[str, Any]):
         seq = get_setting(source, "image_seq_len")
         if seq is not None:
             side = int(round(int(seq) ** 0.5))
-            patches = out.get("tile_size", defaults["tile_size"]) // defaults["patch_size"]
+            tile = out.get("tile_size", defaults["tile_size"])
+            if side * side == int(seq) and tile % defaults["patch_size"] and tile % side == 0:
+                # a tile that is no multiple of the released patch: one token cell is tile / side pixels
+                out["patch_size"], out["scale_factor"] = tile // side, 1
+                return out
+            patches = tile // defaults["patch_size"]
             if side * side != int(seq) or patches % side:
                 raise ValueError(f"image_seq_len {seq} does not fit {patches} patches per tile side")
             out["scale_factor"] = patches // side
