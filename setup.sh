@@ -18,7 +18,7 @@ elif ! python -c "import torch" 2>/dev/null; then
       || pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-pip install --quiet -e ".[test,parity]"
+pip install --quiet -e ".[test,parity,trl]"
 # lmms-eval, the oracle of tests/test_lmms_eval_parity.py: without its dependencies (the parity extra
 # holds the few its task code imports); keep the version equal to dvsft.evaluation.metrics.LMMS_EVAL_VERSION
 pip install --quiet --no-deps "lmms-eval==0.7.3"

@@ -3,11 +3,14 @@
     python examples/custom_trainer.py                      # builds the tiny model, trains 4 steps
     python examples/custom_trainer.py --model path/to/qwen3-vl --records my_records.jsonl --steps 100
 
-The three pieces (see docs/api.md):
+The pieces (see docs/api.md):
 
-* :func:`dvsft.data.dataset.load_records` - word records (JSONL) -> samples, one QA pair each;
-* :class:`dvsft.data.collator.VisionCollator` - the model's own processor + text labels + vision labels;
-* :func:`dvsft.training.losses.model_loss` - ``L_text + lambda * L_vision`` without full-vocabulary logits.
+* :func:`dvsft.load_records` - word records (JSONL) -> samples, one QA pair each;
+* :class:`dvsft.VisionCollator` - the model's own processor + text labels + vision labels;
+* :func:`dvsft.training.losses.model_loss` - ``L_text + lambda * L_vision`` without full-vocabulary logits,
+  through the (wrapped) model's own forward;
+* :func:`dvsft.training.losses.step_tokens` - the step's labeled tokens, so that gradient accumulation and
+  several processes give exactly the loss and gradients of one big batch.
 """
 
 from __future__ import annotations
@@ -19,25 +22,31 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from dvsft.data.collator import VisionCollator
-from dvsft.data.dataset import load_records
+from dvsft import VisionCollator, load_records
 from dvsft.models import load_model, load_processor
 from dvsft.records import write_jsonl
-from dvsft.training.losses import model_loss
+from dvsft.training.losses import StepTokens, model_loss, step_tokens
 
 HISTORY: list[dict[str, float]] = []  # one entry per optimisation step (read by the test)
 
 
 class DVSFTLossTrainer(Trainer):
-    """A user's Trainer subclass: only ``compute_loss`` changes."""
+    """A user's Trainer subclass: the loss, and the step's token counts that make accumulation exact."""
+
+    loss_is_scaled_for_ga = True  # compute_loss returns each micro-batch's share of the step's loss
 
     def __init__(self, *args, vision_weight: float = 0.1, eps: float = 0.1, **kwargs):
         super().__init__(*args, **kwargs)
         self.vision_weight, self.eps = vision_weight, eps
         self.last_terms: dict[str, float] = {}
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        return batches, step_tokens(batches, self.accelerator)  # labeled tokens of the step, all processes
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = model_loss(model, inputs, vision_weight=self.vision_weight, eps=self.eps)
+        tokens = num_items_in_batch if isinstance(num_items_in_batch, StepTokens) else None  # None: evaluation
+        out = model_loss(model, inputs, vision_weight=self.vision_weight, eps=self.eps, tokens=tokens)
         self.last_terms = {
             "loss": float(out.loss.detach()),
             "text_loss": float(out.text_loss),
@@ -107,6 +116,7 @@ def main() -> None:
     ap.add_argument("--records", help="word-records JSONL (default: render a few pages)")
     ap.add_argument("--out", default=None, help="output directory")
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps")
     ap.add_argument("--vision-weight", type=float, default=0.1)
     ap.add_argument("--eps", type=float, default=0.1)
     args = ap.parse_args()
@@ -130,6 +140,7 @@ def main() -> None:
         output_dir=str(out / "run"),
         max_steps=args.steps,
         per_device_train_batch_size=2,
+        gradient_accumulation_steps=args.accumulation,
         learning_rate=1e-4,
         remove_unused_columns=False,  # the collator needs the raw records
         report_to=[],

@@ -25,7 +25,7 @@ def _loss_rows(out: Path) -> list[dict]:
 def test_two_processes_match_one(tiny_dir, tmp_path):  # noqa: F811
     # two samples, global batch 2: every step sees both, whichever process holds which
     data = make_records(tmp_path / "data", n=2, seed=3)
-    common = dict(method="dvsft", max_steps=2, global_batch_size=2, per_device_batch_size=1, learning_rate=1e-3)
+    common = dict(method="dvsft", max_steps=2, global_batch_size=2, per_device_train_batch_size=1, learning_rate=1e-3)
     single = train(load_config(None, overrides(tiny_dir, data, tmp_path / "one", **common)))  # accumulation 2
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CUDA", "LOCAL_RANK", "RANK", "WORLD_SIZE"))}

@@ -265,18 +265,25 @@ def train_config(
         "max_pixels": pixels,
         "max_length": 1024,
         "learning_rate": preset.learning_rate,
-        "warmup_ratio": 0.05,
-        "lr_scheduler": "cosine",
+        "warmup_steps": 0.05,
+        "lr_scheduler_type": "cosine",
         "global_batch_size": batch_size,
-        "per_device_batch_size": batch_size,
+        "per_device_train_batch_size": batch_size,
         "max_steps": steps,
         "seed": seed,
-        "bf16": "auto",
+        "bf16": bf16_supported(),
         "logging_steps": logging_steps,
         "save_steps": 10**9,
         "save_total_limit": 1,
         "report_to": "none",
     }
+
+
+def bf16_supported() -> bool:
+    """bfloat16 where the GPU supports it, else float32."""
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 def quiet_transformers() -> None:
@@ -346,7 +353,7 @@ def run_one(job: dict) -> list[dict]:
         batch_size=preset.batch_size,
         logging_steps=10,
     )
-    config["progress"] = False
+    config["disable_tqdm"] = True  # no progress bar and no printed logs (log.jsonl is still written)
     t0 = time.time()
     result = train(config, callbacks=[EvalCallback()])
     for row in rows:

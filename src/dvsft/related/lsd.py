@@ -188,8 +188,7 @@ def crop_image_processor(config: Any) -> Any:
     """A PIL image processor like the training one: crops reach the teacher the way images reach the model."""
     from transformers import Qwen2VLImageProcessorPil
 
-    model_cfg = getattr(config, "model", None)
-    path = getattr(model_cfg, "vision_from", None) or getattr(model_cfg, "path", None)
+    path = getattr(config, "model_vision_from", None) or getattr(config, "model", None)
     if path == "tiny" or path is None:
         ip = Qwen2VLImageProcessorPil(
             patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3

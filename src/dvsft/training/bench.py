@@ -144,16 +144,13 @@ def _step_fn(variant: str, model: Any, batch: dict[str, Any], cfg: BenchConfig):
     import torch
     import torch.nn.functional as F
 
-    from dvsft.training.losses import (
-        MODEL_INPUTS,
-        dvsft_loss,
-        gather_vision_rows,
-        last_hidden_state,
-        text_loss,
-        vision_loss,
-    )
+    from dvsft.training.losses import dvsft_loss, gather_vision_rows, text_loss, vision_loss
+    from dvsft.training.objectives import forward_hidden, model_inputs
 
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    def last_hidden_state(model: Any, batch: dict[str, Any]) -> Any:
+        return forward_hidden(model, batch).last
+
+    inputs = model_inputs(batch)
     head = model.lm_head
     lam, eps, chunk = cfg.vision_weight, cfg.eps, cfg.chunk_size
     pos, targets, sets = batch["vision_positions"], batch["vision_targets"], batch["vision_label_sets"]

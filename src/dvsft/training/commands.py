@@ -10,12 +10,16 @@ import typer
 def _print_keys() -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from dvsft.training.config import flat_keys
 
-    table = Table("key", "default", "meaning", title="dvsft train config keys")
-    for key, (_, default, help_) in flat_keys().items():
-        table.add_row(key, repr(default), help_)
+    table = Table(
+        "key", "default", "meaning", title="dvsft train config keys (DVSFTConfig = TrainingArguments + DV-SFT)"
+    )
+    for key, (aliases, default, help_) in flat_keys().items():
+        name = key + "".join(f"\n  {a}" for a in aliases)
+        table.add_row(Text(name), Text(repr(default)), Text(help_))
     Console().print(table)
 
 
@@ -32,25 +36,20 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     ) -> None:
         """dvsft train [CONFIG.yaml] [--key value ...]: fine-tune with SFT, DV-SFT or BASIC (HF Trainer).
 
-        CONFIG.yaml is a config file (see configs/); every key can be set or overridden on the command line: --learning_rate 1e-5 --lora.enabled true --model tiny (see --keys).
+        CONFIG.yaml is a config file (see configs/); every key (any TrainingArguments field and DV-SFT's own) can be set or overridden on the command line: --learning_rate 1e-5 --adam_beta2 0.95 --lora true --model tiny (see --keys).
 
-        --resume continues from the last checkpoint in output_dir.
+        --resume continues from the newest intact checkpoint in output_dir (--resume DIR: from DIR).
 
         Distributed: accelerate launch --config_file configs/accelerate/ddp.yaml -m dvsft.cli train CONFIG.yaml
         """  # noqa: E501
         if keys:
             _print_keys()
             return
-        from dvsft.training.config import load_config, validate
+        from dvsft.training.config import load_config
 
         args = list(ctx.args)
         config = Path(args.pop(0)) if args and not args[0].startswith("--") else None
-        try:
-            cfg = load_config(config, args)
-            validate(cfg)
-        except (ValueError, FileNotFoundError) as err:
-            typer.echo(f"Error: {err}", err=True)
-            raise typer.Exit(2) from err
+        cfg = load_config(config, args)  # a bad value: one line naming the key and its source (cli.App)
         from dvsft.training.train import train
 
         result = train(cfg)

@@ -1,80 +1,100 @@
-"""The `dvsft train` configuration: one dataclass, YAML files, command-line overrides.
+"""The training configuration: :class:`DVSFTConfig`, every ``TrainingArguments`` field plus DV-SFT's own.
 
-Defaults are the paper's Table 4 (Qwen3-VL-2B, full fine-tune). Every key can be set in the YAML
-file or overridden on the command line as ``--key value`` (dotted keys for nested sections,
-``--lora.r 16``); values are parsed as YAML scalars (``--bf16 false``, ``--align.max_subtokens 2``).
-``help_text(key)`` gives each key's meaning; ``dvsft train --keys`` prints them all.
+YAML files and command-line overrides go through ``transformers.HfArgumentParser``: any
+``TrainingArguments`` key (``adam_beta2``, ``optim``, ``torch_compile``, ``eval_strategy``, ...) works
+in the YAML file and as ``--key value``. DV-SFT's grouped keys (``lora_r``, ``train_llm``, ...) may
+also be written as YAML sections (``lora: {r: 16}``) or dotted (``--lora.r 16``): those are the
+fields' aliases. Defaults are the paper's Table 4 (Qwen3-VL-2B, full fine-tune).
+
+Values are checked when the config is loaded (ranges, paths that must exist, an output dir that is a
+folder); an error names the key and where its value came from (the YAML file or the command line).
+``dvsft train --keys`` lists every key with its help.
 """
 
-from __future__ import annotations
-
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from transformers import HfArgumentParser, TrainingArguments
 
 from dvsft.geometry import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 from dvsft.training.tiny import TinyConfig
 
+COMMAND_LINE = "command line"
+LAST_CHECKPOINT = ("last", "latest", "true")  # resume_from_checkpoint values meaning "the newest in output_dir"
 
-def opt(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a help string (the config reference)."""
+
+def opt(default: Any, help: str, alias: str | None = None, **extra: Any) -> Any:
+    """A dataclass field with a default, a help string and an optional dotted alias (``--lora.r``)."""
+    metadata: dict[str, Any] = {"help": help, **extra}
+    if alias:
+        metadata["aliases"] = [f"--{alias}"]
     if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    if is_dataclass(default):
-        return field(default_factory=lambda: dataclasses.replace(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+class ConfigError(ValueError):
+    """A config value that is wrong; ``key`` names it (for the 'where it came from' prefix)."""
+
+    def __init__(self, key: str | None, message: str):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
-class ModelConfig:
-    path: str | None = opt(None, "local HF model dir (Qwen3-VL, Qwen2-VL, Qwen2.5-VL) or `tiny`")
-    llm: str | None = opt(None, "graft: dir of a text LLM (Qwen3ForCausalLM); needs `vision_from`")
-    vision_from: str | None = opt(
-        None, "graft: dir of a Qwen3-VL model whose vision tower is copied (ViT, merger, DeepStack mergers)"
+class DVSFTConfig(TrainingArguments):
+    """``TrainingArguments`` + DV-SFT: method, vision loss, labels, data, model, LoRA and parts to train."""
+
+    # ---------------------------------------------------------------- TrainingArguments defaults (paper Table 4)
+    output_dir: str | None = opt("runs/dvsft", "checkpoints, log.jsonl, dvsft_train.json and final/")
+    per_device_train_batch_size: int = opt(1, "samples per device per forward pass")
+    num_train_epochs: float = opt(1.0, "training epochs (max_steps > 0 overrides)")
+    learning_rate: float = opt(5e-6, "peak learning rate")
+    lr_scheduler_type: str = opt("cosine", "HF scheduler name: cosine, linear, constant_with_warmup, ...")
+    warmup_steps: float = opt(0.03, "linear warmup: a float in [0, 1) is a fraction of all steps, >= 1 a step count")
+    logging_steps: float = opt(1, "log every N optimizer steps")
+    save_steps: float = opt(500, "checkpoint every N optimizer steps")
+    save_total_limit: int | None = opt(2, "keep at most this many checkpoints")
+    seed: int = opt(0, "random seed (model init, data order, dropout)")
+    remove_unused_columns: bool = opt(False, "keep False: the collator needs the raw records")
+    resume_from_checkpoint: str | None = opt(
+        None,
+        "continue from a checkpoint dir, or `last` (also `--resume` alone): the newest intact one in output_dir",
+        alias="resume",
+        nargs="?",
+        const="last",
     )
-    fresh_projector: bool = opt(False, "graft: re-initialise the merger and DeepStack mergers instead of copying them")
-    trust_remote_code: bool = opt(False, "pass trust_remote_code=True to transformers (only if you trust the dir)")
-    attn_implementation: str | None = opt(None, "attention kernel: sdpa, eager, flash_attention_2; None = default")
 
-
-@dataclass
-class TrainParts:
-    vision: bool = opt(False, "train the vision encoder (ViT blocks); frozen in the paper")
-    projector: bool = opt(True, "train the projector (the vision tower's merger)")
-    llm: str | bool = opt(
-        "auto", "LLM layers to train: all, first_layer, none; auto = the method's choice (BASIC: first_layer)"
-    )
-
-
-@dataclass
-class LoraSection:
-    enabled: bool = opt(False, "LoRA instead of full fine-tuning: only the adapters train")
-    r: int = opt(64, "LoRA rank (paper, Qwen3-VL-8B)")
-    alpha: int = opt(128, "LoRA alpha")
-    dropout: float = opt(0.0, "LoRA dropout")
-    target_modules: list[str] | None = opt(None, "module name suffixes; None = the family's LoRA targets")
-
-
-@dataclass
-class AlignSection:
-    max_height_cells: float = opt(3.0, "drop words taller than this many visual-token cells")
-    max_subtokens: int = opt(3, "drop words whose tokenization is longer than this")
-
-
-@dataclass
-class TrainConfig:
-    model: ModelConfig = opt(ModelConfig(), "the model to train (see model.*)")
-    data: str | list[str] | None = opt(None, "word records with messages (JSONL, Parquet, shard or datasets folders)")
-    output_dir: str = opt("runs/dvsft", "checkpoints, log.jsonl, TensorBoard logs and final/")
+    # ---------------------------------------------------------------- DV-SFT
     method: str = opt("dvsft", "objectives joined by '+': sft, dvsft, basic, and registered ones (dvsft+asvr)")
-    vision_lambda: float = opt(0.1, "weight of the vision loss: L = L_text + lambda * L_vision (see 'Defaults sweep')")
-    vision_eps: float = opt(0.1, "vision smoothing eps: mass spread over the image's label set")
+    vision_lambda: float = opt(0.1, "weight of the vision loss: L = L_text + lambda * L_vision (>= 0)")
+    vision_eps: float = opt(0.1, "vision smoothing eps in [0, 1): mass spread over the image's label set")
     label_leading_space: bool = opt(True, "tokenize vision labels as ' word' (mid-sentence form)")
-    align: AlignSection = opt(AlignSection(), "label filters (paper section 4.1)")
-    qa_per_image: int | dict[str, int | None] | None = opt(
+    align_max_height_cells: float = opt(
+        3.0, "drop words taller than this many visual-token cells", alias="align.max_height_cells"
+    )
+    align_max_subtokens: int = opt(3, "drop words whose tokenization is longer than this", alias="align.max_subtokens")
+    min_pixels: int = opt(TRAIN_MIN_PIXELS, "image processor min pixels")
+    max_pixels: int = opt(TRAIN_MAX_PIXELS, "image processor max pixels")
+    max_length: int = opt(8192, "max sequence length (longer samples are truncated by the collator)")
+    loss_chunk_size: int = opt(1024, "positions per lm_head chunk in the text / vision losses")
+    objectives: dict[str, Any] | str | None = opt(
+        None, "per-objective options, e.g. objectives: {basic: {lambda2: 0.5}} or --objectives.basic.lambda2 0.5"
+    )
+    global_batch_size: int | None = opt(
+        None, "samples per optimizer step; sets gradient_accumulation_steps = global / (per_device x processes)"
+    )
+
+    # ---------------------------------------------------------------- data
+    data: list[str] | None = opt(None, "word records with messages (JSONL, Parquet, shard or datasets folders)")
+    eval_data: list[str] | None = opt(
+        None, "held-out word-record JSONL file(s): eval loss / vision top-1 at eval_steps"
+    )
+    qa_per_image: dict[str, Any] | str | None = opt(
         None,
         "QA pairs drawn per image (null = all); a mapping sets it per data file by name or stem, "
         "e.g. {default: 1, infovqa: 2} (the paper's Qwen3-VL setting)",
@@ -85,311 +105,211 @@ class TrainConfig:
     max_samples: int | None = opt(None, "use only the first N samples of data (quick runs); None = all")
     streaming: bool = opt(False, "stream the data (Parquet shards, datasets folders), do not load it; needs max_steps")
     stream_window: int = opt(2048, "streaming: records shuffled together (memory grows with it, not with the data)")
-    min_pixels: int = opt(TRAIN_MIN_PIXELS, "image processor min pixels")
-    max_pixels: int = opt(TRAIN_MAX_PIXELS, "image processor max pixels")
-    max_length: int = opt(8192, "max sequence length (longer samples are truncated by the collator)")
-    learning_rate: float = opt(5e-6, "peak learning rate")
-    warmup_ratio: float = opt(0.03, "linear warmup as a fraction of all steps")
-    lr_scheduler: str = opt("cosine", "HF scheduler name: cosine, linear, constant_with_warmup, ...")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm")
-    global_batch_size: int = opt(64, "samples per optimizer step = per_device_batch_size x world size x grad accum")
-    per_device_batch_size: int = opt(1, "samples per device per forward pass")
-    epochs: float = opt(1.0, "training epochs")
-    max_steps: int = opt(-1, "stop after this many optimizer steps (overrides epochs when > 0)")
-    seed: int = opt(0, "random seed (model init, data order, dropout)")
-    bf16: str | bool = opt("auto", "bfloat16 weights + autocast: true, false, auto (on when the GPU supports it)")
-    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (saves memory)")
-    train: TrainParts = opt(TrainParts(), "which parts train (full fine-tuning)")
-    lora: LoraSection = opt(LoraSection(), "LoRA settings")
-    tiny: TinyConfig = opt(TinyConfig(), "sizes of `model.path: tiny`")
-    objectives: dict[str, dict[str, Any]] = opt({}, "per-objective options, e.g. objectives.basic.lambda2")
-    loss_chunk_size: int = opt(1024, "positions per lm_head chunk in the text / vision losses")
-    logging_steps: int = opt(1, "log every N optimizer steps")
-    progress: bool = opt(True, "the Trainer's progress bar and printed logs (log.jsonl is always written)")
-    save_steps: int = opt(500, "checkpoint every N optimizer steps")
-    save_total_limit: int | None = opt(2, "keep at most this many checkpoints")
-    dataloader_num_workers: int = opt(0, "DataLoader worker processes")
-    report_to: str | list[str] = opt(
-        "auto", "HF report_to: auto (tensorboard when installed), none, tensorboard, wandb"
-    )
-    deepspeed: str | None = opt(None, "DeepSpeed JSON config (for torchrun; accelerate configs set it themselves)")
-    fsdp: str = opt("", "HF Trainer fsdp option, e.g. 'full_shard auto_wrap' (or use an accelerate FSDP config)")
-    fsdp_config: str | None = opt(None, "FSDP JSON config file for the HF Trainer")
-    resume: bool | str = opt(False, "true: continue from the last checkpoint in output_dir; or a checkpoint dir")
-    save_final: bool = opt(True, "write the trained model + processor to output_dir/final")
     strict: bool = opt(False, "fail on the first bad record instead of skipping it (reasons: skipped_records.jsonl)")
+    save_final: bool = opt(True, "write the trained model + processor to output_dir/final")
 
+    # ---------------------------------------------------------------- model
+    model: str | None = opt(None, "local HF model dir (Qwen3-VL, Qwen2-VL, Qwen2.5-VL) or `tiny`", alias="model.path")
+    model_llm: str | None = opt(
+        None, "graft: dir of a text LLM (Qwen3ForCausalLM); needs model_vision_from", alias="model.llm"
+    )
+    model_vision_from: str | None = opt(
+        None,
+        "graft: dir of a Qwen3-VL model whose vision tower is copied (ViT, merger, DeepStack mergers)",
+        alias="model.vision_from",
+    )
+    model_fresh_projector: bool = opt(
+        False,
+        "graft: re-initialise the merger and DeepStack mergers instead of copying them",
+        alias="model.fresh_projector",
+    )
+    trust_remote_code: bool = opt(
+        False,
+        "pass trust_remote_code=True to transformers (only if you trust the dir)",
+        alias="model.trust_remote_code",
+    )
+    attn_implementation: str | None = opt(
+        None, "attention kernel: sdpa, eager, flash_attention_2; None = default", alias="model.attn_implementation"
+    )
+    train_vision: bool = opt(False, "train the vision encoder (ViT blocks); frozen in the paper", alias="train.vision")
+    train_projector: bool = opt(True, "train the projector (the vision tower's merger)", alias="train.projector")
+    train_llm: Literal["auto", "all", "first_layer", "none"] = opt(
+        "auto", "LLM layers to train; auto = the method's choice (BASIC: first_layer, else all)", alias="train.llm"
+    )
+    lora: bool = opt(False, "LoRA instead of full fine-tuning: only the adapters train", alias="lora.enabled")
+    lora_r: int = opt(64, "LoRA rank (paper, Qwen3-VL-8B)", alias="lora.r")
+    lora_alpha: int = opt(128, "LoRA alpha", alias="lora.alpha")
+    lora_dropout: float = opt(0.0, "LoRA dropout", alias="lora.dropout")
+    lora_target_modules: list[str] | None = opt(
+        None, "module name suffixes; None = the family's LoRA targets", alias="lora.target_modules"
+    )
+    tiny_vocab_size: int = opt(2048, "`model: tiny`: BPE vocabulary size (trained on pydoc)", alias="tiny.vocab_size")
+    tiny_hidden_size: int = opt(64, "`model: tiny`: LLM hidden size", alias="tiny.hidden_size")
+    tiny_layers: int = opt(2, "`model: tiny`: LLM decoder layers", alias="tiny.layers")
+    tiny_heads: int = opt(4, "`model: tiny`: LLM attention heads", alias="tiny.heads")
+    tiny_kv_heads: int = opt(2, "`model: tiny`: LLM key/value heads", alias="tiny.kv_heads")
+    tiny_vision_hidden_size: int = opt(64, "`model: tiny`: ViT hidden size", alias="tiny.vision_hidden_size")
+    tiny_vision_depth: int = opt(1, "`model: tiny`: ViT blocks", alias="tiny.vision_depth")
+    tiny_vision_heads: int = opt(4, "`model: tiny`: ViT attention heads", alias="tiny.vision_heads")
+    tiny_seed: int = opt(0, "`model: tiny`: initialisation seed", alias="tiny.seed")
+    tiny_family: str = opt(
+        "qwen3-vl",
+        "`model: tiny`: architecture: qwen3-vl, qwen3.5, qwen3-vl-moe, internvl, llava_onevision, idefics3, smolvlm",
+        alias="tiny.family",
+    )
+    tiny_experts: int = opt(4, "`model: tiny`: qwen3-vl-moe experts per MoE layer (2 active)", alias="tiny.experts")
+    tiny_tokenizer: str = opt(
+        "corpus", "`model: tiny`: corpus (trained on pydoc, Qwen's splitting) or qwen (Qwen's real one)", alias="tiny.tokenizer"
+    )
 
-# --------------------------------------------------------------------------- keys and help
+    def __post_init__(self) -> None:
+        import torch
 
-TINY_HELP = {
-    "vocab_size": "BPE vocabulary size of the tiny tokenizer (trained on pydoc topics)",
-    "hidden_size": "LLM hidden size (also the projector's output size)",
-    "layers": "LLM decoder layers",
-    "heads": "LLM attention heads",
-    "kv_heads": "LLM key/value heads",
-    "vision_hidden_size": "ViT hidden size",
-    "vision_depth": "ViT blocks",
-    "vision_heads": "ViT attention heads",
-    "min_pixels": "the tiny processor's saved min pixels (the top-level min_pixels applies in training)",
-    "max_pixels": "the tiny processor's saved max pixels (the top-level max_pixels applies in training)",
-    "seed": "initialisation seed of the tiny model",
-    "family": "architecture of the tiny model: qwen3-vl, qwen3.5 (Gated DeltaNet + attention), qwen3-vl-moe",
-    "experts": "qwen3-vl-moe: experts per MoE layer (2 active per token)",
-    "tokenizer": "corpus (trained on pydoc topics with Qwen's splitting, vocab_size) or qwen (Qwen's real tokenizer)",
-}
-
-
-def _section_type(tp: Any) -> type | None:
-    """The dataclass type of a field (``X`` or ``X | None``), else None."""
-    if is_dataclass(tp):
-        return tp
-    for arg in typing.get_args(tp):
-        if is_dataclass(arg):
-            return arg
-    return None
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    import sys
-
-    module = sys.modules[cls.__module__]
-    return typing.get_type_hints(cls, globalns=vars(module))
-
-
-def flat_keys(cls: type = TrainConfig, prefix: str = "") -> dict[str, tuple[Any, Any, str]]:
-    """``dotted key -> (type, default, help)`` for every key of the config."""
-    out: dict[str, tuple[Any, Any, str]] = {}
-    hints = _hints(cls)
-    defaults = cls()
-    for f in fields(cls):
-        tp = hints[f.name]
-        section = _section_type(tp)
-        if section is not None:
-            out.update(flat_keys(section, prefix + f.name + "."))
-        else:
-            help_ = f.metadata.get("help", "")
-            if not help_ and cls is TinyConfig:
-                help_ = TINY_HELP.get(f.name, "tiny model size")
-            out[prefix + f.name] = (tp, getattr(defaults, f.name), help_)
-    return out
-
-
-def help_text(key: str) -> str:
-    keys = flat_keys()
-    if key not in keys:
-        raise KeyError(key)
-    return keys[key][2]
-
-
-# --------------------------------------------------------------------------- building
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check (and lightly convert) a YAML value for a field of type ``tp``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        for name in ("data", "eval_data", "lora_target_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+        if isinstance(self.objectives, str):
             try:
-                return _coerce(value, arg, key)
-            except ValueError as err:
-                errors.append(str(err))
-        raise ValueError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
-    if tp is Any:
-        return value
-    if origin is list:
-        (item,) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str | int | float) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, list):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, item, key) for v in value]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping, got {value!r}")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ValueError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+                self.objectives = json.loads(self.objectives)
+            except json.JSONDecodeError as err:
+                raise ConfigError("objectives", f"objectives: not a JSON mapping: {err}") from err
+        self.objectives = dict(self.objectives or {})
+        if isinstance(self.qa_per_image, str):  # from the command line: a count, null, or a JSON mapping
+            text = self.qa_per_image.strip()
             try:
-                return float(value)  # YAML 1.1 reads "5e-6" as a string
-            except ValueError:
-                pass
-        raise ValueError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        raise ValueError(f"{key}: expected a string, got {value!r}")
-    return value
+                self.qa_per_image = None if text.lower() in ("null", "none", "") else json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ConfigError("qa_per_image", f"qa_per_image: {text!r} is not a count, null or a mapping") from err
+        check_ranges(self)
+        for key in ("deepspeed", "fsdp_config"):  # before TrainingArguments reads them
+            value = getattr(self, key)
+            _need(not _is_file_arg(value) or Path(value).is_file(), key, f"{value} does not exist")
+        if self.global_batch_size is not None:
+            self.gradient_accumulation_steps = accumulation_for(self)
+        if self.eval_data and str(self.eval_strategy) in ("no", "IntervalStrategy.NO"):
+            self.eval_strategy = "steps"  # held-out data given: evaluate every eval_steps (default: logging_steps)
+        if world_size() > 1 and not torch.cuda.is_available():
+            self.use_cpu = True  # several CPU processes: DDP over gloo (accelerate needs to be told)
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False
+        if (self.activation_checkpointing or self.gradient_checkpointing) and not (
+            self.activation_checkpointing_kwargs or self.gradient_checkpointing_kwargs
+        ):
+            self.activation_checkpointing_kwargs = {"use_reentrant": False}
+        super().__post_init__()
 
-
-def _unknown(key: str, valid: list[str]) -> ValueError:
-    import difflib
-
-    close = difflib.get_close_matches(key, valid, n=3)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    return ValueError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid)}")
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    hints = _hints(cls)
-    names = {f.name: f for f in fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for name, value in values.items():
-        key = prefix + str(name)
-        if name not in names:
-            raise _unknown(key, sorted(flat_keys()))
-        tp = hints[name]
-        section = _section_type(tp)
-        if section is ModelConfig and isinstance(value, str | type(None)):
-            value = {"path": value}  # `model: DIR` or `model: tiny`
-        if section is not None:
-            if not isinstance(value, dict):
-                raise ValueError(f"{key}: expected a mapping of {', '.join(f.name for f in fields(section))}")
-            kwargs[name] = _build(section, value, key + ".")
-        else:
-            kwargs[name] = _coerce(value, tp, key)
-    return cls(**kwargs)
-
-
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.get(part)
-        if isinstance(child, str) and part == "model" and node is tree:
-            child = {"path": child}
-        if not isinstance(child, dict):
-            child = {}
-        node[part] = child
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
-    """``["--lr", "1e-5", "--resume", "--lora.r=8"]`` -> ``[("lr", 1e-5), ("resume", True), ("lora.r", 8)]``."""
-    import yaml
-
-    out: list[tuple[str, Any]] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or len(arg) == 2:
-            raise ValueError(f"expected --key value, got {arg!r}")
-        key = arg[2:]
-        if "=" in key:
-            key, raw = key.split("=", 1)
-            i += 1
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            raw = args[i + 1]
-            i += 2
-        else:
-            raw = "true"  # a bare flag: --resume
-            i += 1
-        key = key.replace("-", "_")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        out.append((key, value))
-    return out
-
-
-def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    return _build(TrainConfig, values)
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
-    """The YAML file (if any) with command-line style overrides applied; unknown keys are an error."""
-    import yaml
-
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: invalid YAML: {err}") from err
-        if not isinstance(tree, dict):
-            raise ValueError(f"{path}: the top level must be a mapping of config keys")
-    pairs = parse_overrides(overrides) if isinstance(overrides, list) else list((overrides or {}).items())
-    valid = flat_keys()
-    for key, value in pairs:
-        top = key.split(".")[0]
-        if key == "model" and not isinstance(value, dict):
-            model = tree.get("model")
-            tree["model"] = {
-                **(model if isinstance(model, dict) else {}),
-                "path": value,
-                "llm": None,
-                "vision_from": None,
-            }
-            continue
-        if key not in valid and not (top == "objectives" and key.count(".") >= 1) and key != "model":
-            raise _unknown(key, sorted(valid))
-        _set_dotted(tree, key, value)
-    try:
-        return config_from_dict(tree)
-    except ValueError as err:
-        where = f"{path}: " if path is not None else ""
-        raise ValueError(f"{where}{err}") from err
-
-
-def to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Errors that depend on several keys."""
-    m = cfg.model
-    if m.path and (m.llm or m.vision_from):
-        raise ValueError("set either model.path or model.llm + model.vision_from, not both")
-    if not m.path and not (m.llm and m.vision_from):
-        raise ValueError("no model: set model (a dir or `tiny`) or model.llm + model.vision_from")
-    if bool(m.llm) != bool(m.vision_from):
-        raise ValueError("the graft variant needs both model.llm and model.vision_from")
-    if isinstance(cfg.train.llm, bool):
-        cfg.train.llm = "all" if cfg.train.llm else "none"
-    if cfg.train.llm not in ("auto", "all", "first_layer", "none"):
-        raise ValueError(f"train.llm must be auto, all, first_layer or none; got {cfg.train.llm!r}")
-    if isinstance(cfg.bf16, str) and cfg.bf16 != "auto":
-        raise ValueError(f"bf16 must be true, false or auto; got {cfg.bf16!r}")
-    if cfg.global_batch_size < 1 or cfg.per_device_batch_size < 1:
-        raise ValueError("global_batch_size and per_device_batch_size must be positive")
-    if not cfg.data:
-        raise ValueError("no training data: set data to a word-record JSONL file")
-    check_qa_per_image(cfg.qa_per_image, cfg.data if isinstance(cfg.data, list) else [cfg.data])
-    if cfg.streaming and not cfg.keep_conversations:
-        raise ValueError(
-            "streaming makes one sample of each record (keep_conversations: true); for one QA pair per sample, "
-            "write one record per pair (dvsft prepare --separate)"
+    def tiny_config(self) -> TinyConfig:
+        """The sizes of ``model: tiny``."""
+        return TinyConfig(
+            **{f.name: getattr(self, f"tiny_{f.name}") for f in fields(TinyConfig) if "pixels" not in f.name}
         )
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def accumulation_for(cfg: DVSFTConfig, processes: int | None = None) -> int:
+    """``global_batch_size / (per_device_train_batch_size * processes)``; must divide exactly."""
+    processes = processes or world_size()
+    per_step = cfg.per_device_train_batch_size * processes
+    if cfg.global_batch_size % per_step:
+        raise ConfigError(
+            "global_batch_size",
+            f"global_batch_size {cfg.global_batch_size} is not a multiple of per_device_train_batch_size "
+            f"{cfg.per_device_train_batch_size} x {processes} process(es)",
+        )
+    return cfg.global_batch_size // per_step
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _need(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, f"{key} {message}")
+
+
+def check_ranges(cfg: DVSFTConfig) -> None:
+    """Value ranges of single keys (and min_pixels <= max_pixels); raises :class:`ConfigError`."""
+    lam, eps = cfg.vision_lambda, cfg.vision_eps
+    _need(math.isfinite(lam) and lam >= 0, "vision_lambda", f"must be a number >= 0, got {lam}")
+    _need(math.isfinite(eps) and 0 <= eps < 1, "vision_eps", f"must be in [0, 1), got {eps}")
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "loss_chunk_size"):
+        _need(getattr(cfg, key) >= 1, key, f"must be a positive integer, got {getattr(cfg, key)}")
+    for key in ("min_pixels", "max_pixels", "align_max_subtokens", "lora_r", "lora_alpha"):
+        _need(getattr(cfg, key) >= 1, key, f"must be a positive integer, got {getattr(cfg, key)}")
+    for key in ("global_batch_size", "max_samples", "eval_steps", "per_device_eval_batch_size"):
+        value = getattr(cfg, key)
+        _need(value is None or value > 0, key, f"must be positive, got {value}")
+    for key in ("logging_steps", "save_steps", "align_max_height_cells"):
+        _need(getattr(cfg, key) > 0, key, f"must be positive, got {getattr(cfg, key)}")
+    _need(
+        cfg.max_pixels >= cfg.min_pixels, "max_pixels", f"({cfg.max_pixels}) must be >= min_pixels ({cfg.min_pixels})"
+    )
+    _need(
+        cfg.max_steps == -1 or cfg.max_steps > 0,
+        "max_steps",
+        f"must be positive (or -1: use epochs), got {cfg.max_steps}",
+    )
+    _need(
+        cfg.max_steps > 0 or cfg.num_train_epochs > 0,
+        "num_train_epochs",
+        f"must be positive, got {cfg.num_train_epochs}",
+    )
+    _need(cfg.learning_rate >= 0, "learning_rate", f"must be >= 0, got {cfg.learning_rate}")
+    _need(cfg.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
+    _need(cfg.weight_decay >= 0, "weight_decay", f"must be >= 0, got {cfg.weight_decay}")
+    _need(cfg.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {cfg.max_grad_norm}")
+    _need(0 <= cfg.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {cfg.lora_dropout}")
+
+
+def _is_file_arg(value: Any) -> bool:
+    return isinstance(value, str) and value.endswith((".json", ".yaml", ".yml"))
+
+
+def check_paths(cfg: DVSFTConfig) -> None:
+    """Inputs that must exist, and an output dir that is (or can be) a folder."""
+    for key in ("data", "eval_data"):
+        for path in getattr(cfg, key) or []:
+            _need(Path(path).exists(), key, f"{path} does not exist")
+    if cfg.model not in (None, "tiny"):
+        _need(Path(cfg.model).is_dir(), "model", f"{cfg.model} is not a model dir (it does not exist)")
+    for key in ("model_llm", "model_vision_from"):
+        value = getattr(cfg, key)
+        _need(value is None or Path(value).is_dir(), key, f"{value} is not a model dir (it does not exist)")
+    resume = cfg.resume_from_checkpoint
+    if resume and resume.lower() not in (*LAST_CHECKPOINT, "false", "none"):
+        _need(Path(resume).is_dir(), "resume_from_checkpoint", f"{resume} is not a checkpoint dir (it does not exist)")
+    out = Path(cfg.output_dir or ".")
+    _need(not out.exists() or out.is_dir(), "output_dir", f"{out} exists and is not a folder")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    _need(parent is None or parent.is_dir(), "output_dir", f"{out}: {parent} is a file, not a folder")
+
+
+def validate(cfg: DVSFTConfig, paths: bool = True) -> None:
+    """What `dvsft train` needs beyond the ranges: a model, data, and (``paths``) inputs that exist."""
+    if cfg.model and (cfg.model_llm or cfg.model_vision_from):
+        raise ConfigError("model", "set either model or model_llm + model_vision_from, not both")
+    if not cfg.model and not (cfg.model_llm and cfg.model_vision_from):
+        raise ConfigError("model", "no model: set model (a dir or `tiny`) or model_llm + model_vision_from")
+    if bool(cfg.model_llm) != bool(cfg.model_vision_from):
+        raise ConfigError("model_llm", "the graft variant needs both model_llm and model_vision_from")
+    if not cfg.data:
+        raise ConfigError("data", "no training data: set data to a word-record JSONL file")
+    try:
+        check_qa_per_image(cfg.qa_per_image, cfg.data)
+    except ValueError as err:
+        raise ConfigError("qa_per_image", str(err)) from err
+    if cfg.streaming and not cfg.keep_conversations:
+        raise ConfigError(
+            "keep_conversations",
+            "streaming makes one sample of each record (keep_conversations: true); for one QA pair per sample, "
+            "write one record per pair (dvsft prepare --separate)",
+        )
+    if paths:
+        check_paths(cfg)
 
 
 def qa_per_image_for(setting: int | dict[str, int | None] | None, path: str | Path) -> int | None:
@@ -414,3 +334,248 @@ def check_qa_per_image(setting: int | dict[str, int | None] | None, data: list[s
         unknown = sorted(str(k) for k in setting if str(k) not in names)
         if unknown:
             raise ValueError(f"qa_per_image: {', '.join(unknown)} names no data file ({', '.join(map(str, data))})")
+
+
+# --------------------------------------------------------------------------- keys and help
+
+
+class _Parser(HfArgumentParser):
+    """``HfArgumentParser`` whose errors are exceptions naming the command line (not a usage dump + exit)."""
+
+    def error(self, message: str):  # argparse calls this on a bad command line
+        raise ConfigError(None, f"{COMMAND_LINE}: {message}")
+
+
+def parser() -> _Parser:
+    return _Parser(DVSFTConfig, allow_abbrev=False)
+
+
+def _dict_fields() -> set[str]:
+    import typing
+
+    hints = typing.get_type_hints(DVSFTConfig)
+    out = set()
+    for f in fields(DVSFTConfig):
+        tp = hints[f.name]
+        if (
+            tp is dict
+            or typing.get_origin(tp) is dict
+            or any(a is dict or typing.get_origin(a) is dict for a in typing.get_args(tp))
+        ):
+            out.add(f.name)
+    return out
+
+
+def flat_keys() -> dict[str, tuple[list[str], Any, str]]:
+    """``key -> (aliases, default, help)`` for every config key (field order)."""
+    defaults = {f.name: f for f in fields(DVSFTConfig) if f.init}
+    out: dict[str, tuple[list[str], Any, str]] = {}
+    for name, f in defaults.items():
+        default = f.default_factory() if f.default_factory is not __import__("dataclasses").MISSING else f.default
+        aliases = [a.removeprefix("--") for a in f.metadata.get("aliases", [])]
+        out[name] = (aliases, default, str(f.metadata.get("help", "")).strip())
+    return out
+
+
+def help_text(key: str) -> str:
+    return flat_keys()[key][2]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _unknown(key: str, where: str, valid: list[str]) -> ConfigError:
+    import difflib
+
+    close = difflib.get_close_matches(key, valid, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return ConfigError(None, f"{where}: unknown config key {key!r}{hint}; `dvsft train --keys` lists them")
+
+
+def _flatten(tree: dict[str, Any], dict_fields: set[str], prefix: str = "") -> dict[str, Any]:
+    """YAML sections -> dotted keys (``lora: {r: 8}`` -> ``lora.r``); mappings of dict-valued keys stay whole."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = prefix + str(k)
+        if isinstance(v, dict) and key.replace("-", "_") not in dict_fields:
+            out.update(_flatten(v, dict_fields, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _convert(action: Any, value: Any, key: str, where: str, dict_field: bool) -> Any:
+    """A YAML value checked and converted the way argparse converts the same value on the command line."""
+    from argparse import ArgumentTypeError
+
+    if value is None or (dict_field and isinstance(value, dict)):
+        return value
+    if action.nargs == "+":
+        return [_convert_one(action, v, key, where) for v in (value if isinstance(value, list) else [value])]
+    if isinstance(value, list | dict):
+        raise ConfigError(key, f"{where}: {key}: expected one value, got {value!r}")
+    try:
+        return _convert_one(action, value, key, where)
+    except (ArgumentTypeError, TypeError) as err:
+        raise ConfigError(key, f"{where}: {key}: invalid value {value!r}: {err}") from err
+
+
+def _convert_one(action: Any, value: Any, key: str, where: str) -> Any:
+    kind = action.type
+    if isinstance(value, bool) and kind is not None and getattr(kind, "__name__", "") == "string_to_bool":
+        out: Any = value
+    elif kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        out = float(value)
+    elif kind is int and isinstance(value, bool):
+        raise ConfigError(key, f"{where}: {key}: expected an integer, got {value!r}")
+    elif kind is None:
+        out = value
+    else:
+        try:
+            out = kind(value if isinstance(value, str) else str(value))
+        except ValueError as err:
+            name = getattr(kind, "__name__", "value")
+            raise ConfigError(key, f"{where}: {key}: invalid {name} value {value!r}") from err
+    if action.choices is not None and out not in action.choices:
+        choices = ", ".join(map(str, action.choices))
+        raise ConfigError(key, f"{where}: {key}: {value!r} is not one of {choices}")
+    return out
+
+
+def _set_nested(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    for part in parts[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[parts[-1]] = value
+
+
+def _resolve(key: str, actions: dict[str, Any]) -> Any:
+    action = actions.get(f"--{key}")
+    if action is None or action.dest == "help" or getattr(action, "const", None) is False:
+        return None
+    return action
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    values: dict[str, Any] | None = None,
+    check: bool = True,
+) -> DVSFTConfig:
+    """A :class:`DVSFTConfig` from a YAML file, ``values`` (a dict like the YAML's) and command-line overrides.
+
+    ``overrides`` is a list of ``--key value`` strings (a dict is taken as more ``values``). Later
+    sources win: YAML file, then ``values``, then ``overrides``. ``check``: also validate that a model
+    and data are set and that paths exist (ranges are always checked).
+    """
+    import yaml
+
+    p = parser()
+    actions = p._option_string_actions
+    dict_fields = _dict_fields()
+    sources: dict[str, str] = {}
+    defaults: dict[str, Any] = {}
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(None, f"{path}: invalid YAML: {' '.join(str(err).split())}") from err
+        if not isinstance(tree, dict):
+            raise ConfigError(None, f"{path}: the top level must be a mapping of config keys")
+        layers.append((str(path), tree))
+    if values:
+        layers.append(("config", values))
+    if isinstance(overrides, dict):
+        layers.append(("config", overrides))
+        overrides = None
+    for where, tree in layers:
+        for key, value in _flatten(tree, dict_fields).items():
+            _apply(key, value, where, p, actions, dict_fields, defaults, sources)
+    cli = list(overrides or [])
+    cli = _take_dict_overrides(cli, actions, dict_fields, defaults, sources)
+    for arg in cli:
+        if arg.startswith("--") and len(arg) > 2:
+            action = _resolve(arg[2:].split("=", 1)[0], actions)
+            if action is not None:
+                sources[action.dest] = COMMAND_LINE
+    p.set_defaults(**defaults)
+    namespace, rest = p.parse_known_args(cli)
+    if rest:
+        bad = next((a for a in rest if a.startswith("--")), rest[0])
+        if not bad.startswith("--"):
+            raise ConfigError(None, f"{COMMAND_LINE}: expected --key value, got {bad!r}")
+        raise _unknown(bad[2:].split("=", 1)[0], COMMAND_LINE, sorted(flat_keys()))
+    try:
+        cfg = DVSFTConfig(**vars(namespace))
+        if check:
+            validate(cfg)
+    except ConfigError as err:
+        where = sources.get(err.key or "")
+        raise ConfigError(err.key, f"{where}: {err}" if where and not str(err).startswith(where) else str(err)) from err
+    except ValueError as err:  # TrainingArguments' own checks (e.g. bf16 without a GPU that supports it)
+        where = " + ".join(dict.fromkeys(sources.values())) or "config"
+        raise ConfigError(None, f"{where}: {' '.join(str(err).split())}") from err
+    cfg.config_sources = sources
+    return cfg
+
+
+def _apply(key, value, where, p, actions, dict_fields, defaults, sources) -> None:
+    action = _resolve(key, actions)
+    if action is not None:
+        defaults[action.dest] = _convert(action, value, key, where, action.dest in dict_fields)
+        sources[action.dest] = where
+        return
+    parts = key.replace("-", "_").split(".")
+    if len(parts) > 1 and parts[0] in dict_fields:
+        current = defaults.get(parts[0])
+        current = dict(current) if isinstance(current, dict) else {}
+        _set_nested(current, parts[1:], value)
+        defaults[parts[0]] = current
+        sources[parts[0]] = where
+        return
+    raise _unknown(key, where, sorted(flat_keys()))
+
+
+def _take_dict_overrides(cli, actions, dict_fields, defaults, sources) -> list[str]:
+    """Pull ``--objectives.basic.lambda2 0.5`` (keys inside a dict-valued field) out of the command line."""
+    import yaml
+
+    rest: list[str] = []
+    i = 0
+    while i < len(cli):
+        arg = cli[i]
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        head = key.replace("-", "_").split(".")[0]
+        if "." in key and head in dict_fields and _resolve(key, actions) is None:
+            if "=" in arg:
+                raw, i = arg.split("=", 1)[1], i + 1
+            elif i + 1 < len(cli) and not cli[i + 1].startswith("--"):
+                raw, i = cli[i + 1], i + 2
+            else:
+                raise ConfigError(head, f"{COMMAND_LINE}: {key} needs a value")
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = raw
+            current = defaults.get(head)
+            current = dict(current) if isinstance(current, dict) else {}
+            _set_nested(current, key.replace("-", "_").split(".")[1:], value)
+            defaults[head] = current
+            sources[head] = COMMAND_LINE
+            continue
+        rest.append(arg)
+        i += 1
+    return rest
+
+
+def config_from_dict(values: dict[str, Any], check: bool = True) -> DVSFTConfig:
+    """A :class:`DVSFTConfig` from a dict shaped like the YAML file (sections or flat keys)."""
+    return load_config(values=values, check=check)
+
+
+def to_dict(cfg: DVSFTConfig) -> dict[str, Any]:
+    out = cfg.to_dict()
+    return {k: v for k, v in out.items() if not k.startswith("_")}

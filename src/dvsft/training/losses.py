@@ -15,18 +15,87 @@ Per labeled visual token j (paper Eq. 2-3, DESIGN.md section 3), with no shift::
 
 where ``L`` is the deduplicated set of first-token ids of all vision labels of j's image; the
 vision loss is the mean over labeled tokens and ``L = L_text + lambda * L_vision``.
+
+The LM head is applied through the head module's own call (:func:`through_head`), so a wrapper that
+shards it (DeepSpeed ZeRO-3, FSDP) gathers it for the loss and reduces its gradient, as it does for
+any module. With gradient accumulation or several processes, pass the step's token counts
+(:class:`StepTokens`, from :func:`step_tokens`): each micro-batch then returns its exact share of
+the loss of the whole optimizer step, so accumulation 2 x b equals 1 x 2b and N processes equal one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100
+T = TypeVar("T")
+
+
+@dataclass
+class StepTokens:
+    """Labeled tokens of one optimizer step: every accumulated micro-batch on every process.
+
+    ``text`` answer tokens (after the causal shift), ``vision`` labeled visual tokens, ``processes``
+    the data-parallel processes whose gradients are averaged (DDP / FSDP / DeepSpeed).
+    """
+
+    text: float
+    vision: float
+    processes: int = 1
+
+
+def step_tokens(batches: Sequence[dict[str, Any]], accelerator: Any = None) -> StepTokens:
+    """Count the step's labeled tokens over ``batches`` (the micro-batches of one step) and all processes.
+
+    Use it in ``Trainer.get_batch_samples`` (see docs/api.md); ``accelerator`` (``trainer.accelerator``)
+    sums the counts over processes, else ``torch.distributed`` when it is initialised.
+    """
+    text = sum(int((b["labels"][..., 1:] != IGNORE_INDEX).sum()) for b in batches)
+    vision = sum(int(b["vision_positions"].shape[0]) for b in batches if b.get("vision_positions") is not None)
+    counts = torch.tensor([float(text), float(vision)], dtype=torch.float64)
+    processes = 1
+    if accelerator is not None and accelerator.num_processes > 1:
+        counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
+        processes = accelerator.num_processes
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+        processes = torch.distributed.get_world_size()
+        if processes > 1:
+            device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+            counts = counts.to(device)
+            torch.distributed.all_reduce(counts)
+            counts = counts.cpu()
+    return StepTokens(text=float(counts[0]), vision=float(counts[1]), processes=processes)
+
+
+def through_head(lm_head: nn.Module, fn: Callable[..., T], *inputs: Tensor) -> T:
+    """``fn(head, *inputs)`` run as ``lm_head``'s own forward: its wrapper's hooks run around it.
+
+    DeepSpeed ZeRO-3 gathers the module's parameters in its pre-forward hook and re-gathers them for
+    the backward; an FSDP unit around the head unshards it the same way; elsewhere this is a plain
+    call. ``head`` is the innermost module (an FSDP wrapper's ``_fsdp_wrapped_module``).
+    """
+    inner = lm_head
+    while isinstance(getattr(inner, "_fsdp_wrapped_module", None), nn.Module):
+        inner = inner._fsdp_wrapped_module
+    saved = inner.__dict__.get("forward")
+
+    def forward(*args: Tensor) -> T:
+        return fn(inner, *args)
+
+    inner.forward = forward
+    try:
+        return lm_head(*inputs)
+    finally:
+        if saved is None:
+            del inner.forward
+        else:
+            inner.forward = saved
 
 
 @dataclass
@@ -149,7 +218,19 @@ def fused_linear_ce(
         raise ValueError(f"hidden must be [N, D], got shape {tuple(hidden.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if isinstance(lm_head, nn.Module):
+
+        def run(head: nn.Module, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            return _fused_linear_ce(rows, *_head_params(head, bias), targets, label_sets, eps, row_weights, chunk_size)
+
+        return through_head(lm_head, run, hidden)
     weight, bias = _head_params(lm_head, bias)
+    return _fused_linear_ce(hidden, weight, bias, targets, label_sets, eps, row_weights, chunk_size)
+
+
+def _fused_linear_ce(hidden, weight, bias, targets, label_sets, eps, row_weights, chunk_size):
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise TypeError(f"lm_head weight must be a [V, D] tensor, got {type(weight)}")
     n = hidden.shape[0]
     if targets.shape != (n,):
         raise ValueError(f"targets must be [{n}], got shape {tuple(targets.shape)}")
@@ -220,22 +301,30 @@ def text_loss(
     chunk_size: int = 1024,
     use_liger: bool | None = None,
     bias: Tensor | None = None,
+    tokens: StepTokens | None = None,
 ) -> tuple[Tensor, int]:
     """Standard shifted next-token CE over the label tokens (``-100`` ignored): ``(mean loss, n_tokens)``.
 
     ``use_liger`` (default: where ``liger_kernel`` is installed and the tensors are on CUDA) uses
-    Liger's fused linear cross-entropy kernel instead of this module's chunked one.
+    Liger's fused linear cross-entropy kernel instead of this module's chunked one. With ``tokens``
+    the loss is this batch's share of the step's (sum over rows x processes / ``tokens.text``).
     """
     rows, targets = shifted_text_rows(hidden, labels)
     n = int(rows.shape[0])
+    scale = 1.0 if tokens is None else n * tokens.processes / max(tokens.text, 1.0)
     if use_liger is None:
         use_liger = _liger_ok(hidden)
     if use_liger and n:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
-        weight, bias = _head_params(lm_head, bias)
-        return LigerFusedLinearCrossEntropyLoss()(weight, rows, targets, bias), n
-    loss, _, _ = fused_linear_ce(rows, lm_head, targets, chunk_size=chunk_size, bias=bias)
+        def liger(head: nn.Module | Tensor, rows: Tensor) -> Tensor:
+            weight, b = _head_params(head, bias)
+            return LigerFusedLinearCrossEntropyLoss()(weight, rows, targets, b)
+
+        loss = through_head(lm_head, liger, rows) if isinstance(lm_head, nn.Module) else liger(lm_head, rows)
+        return loss * scale, n
+    weights = torch.full((n,), scale / max(n, 1), dtype=torch.float64, device=rows.device)
+    loss, _, _ = fused_linear_ce(rows, lm_head, targets, row_weights=weights, chunk_size=chunk_size, bias=bias)
     return loss, n
 
 
@@ -256,12 +345,16 @@ def dvsft_loss(
     vision_weight: float = 0.1,
     eps: float = 0.0,
     chunk_size: int = 1024,
+    tokens: StepTokens | None = None,
 ) -> DVSFTLossOutput:
     """``L_text + vision_weight * L_vision`` in ONE pass over the LM head (text and vision rows share chunks).
 
     ``hidden`` [B, L, D] last hidden states (after the final norm); ``labels`` [B, L] text labels;
     the ``vision_*`` tensors as :class:`dvsft.data.collator.VisionCollator` returns them. With no
-    vision rows (or ``vision_weight == 0``) this is exactly the chunked SFT loss.
+    vision rows (or ``vision_weight == 0``) this is exactly the chunked SFT loss. ``tokens``: the
+    optimizer step's counts; ``loss`` is then this batch's share of the step's loss (each term a sum
+    over this batch's rows divided by the step's count, times ``tokens.processes``); the logged
+    ``text_loss`` / ``vision_loss`` stay this batch's means.
     """
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"vision smoothing eps must be in [0, 1], got {eps}")
@@ -270,14 +363,16 @@ def dvsft_loss(
     use_vision = vision_positions is not None and vision_weight != 0 and vision_positions.numel() > 0
     n_v = int(vision_positions.shape[0]) if use_vision else 0
     device = hidden.device
-    weights = [torch.full((n_t,), 1.0 / max(n_t, 1), dtype=torch.float64, device=device)]
+    text_den = max(n_t, 1) if tokens is None else max(tokens.text, 1.0) / tokens.processes
+    vision_den = n_v if tokens is None else max(tokens.vision, 1.0) / tokens.processes
+    weights = [torch.full((n_t,), 1.0 / text_den, dtype=torch.float64, device=device)]
     eps_rows = [torch.zeros(n_t, dtype=torch.float64, device=device)]
     rows, targets = [t_rows], [t_targets]
     sets = None
     if use_vision:
         rows.append(gather_vision_rows(hidden, vision_positions.to(device)))
         targets.append(vision_targets.to(device))
-        weights.append(torch.full((n_v,), float(vision_weight) / n_v, dtype=torch.float64, device=device))
+        weights.append(torch.full((n_v,), float(vision_weight) / vision_den, dtype=torch.float64, device=device))
         eps_rows.append(torch.full((n_v,), float(eps), dtype=torch.float64, device=device))
         if vision_label_sets is not None and vision_label_sets.shape[1] > 0:
             v_sets = vision_label_sets.to(device)
@@ -298,56 +393,27 @@ def dvsft_loss(
     )
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The HF ``...ForConditionalGeneration`` inside DDP / accelerate / PEFT wrappers."""
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):
-            model = model.get_base_model()
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        else:
-            break
-    return model
-
-
-MODEL_INPUTS = (
-    *("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "position_ids"),
-    *("image_sizes", "batch_num_images", "pixel_attention_mask"),  # LLaVA-OneVision, Idefics3 / SmolVLM
-)
-
-
-def last_hidden_state(model: nn.Module, batch: dict[str, Any]) -> Tensor:
-    """Run the model body (no LM head) on a collated batch: hidden states [B, L, D] after the final norm."""
-    core = unwrap_model(model)
-    body = getattr(core, "model", None)
-    if body is None or getattr(core, "lm_head", None) is None:
-        raise TypeError(
-            f"{type(core).__name__} has no `.model` body and `.lm_head`: the DV-SFT loss supports "
-            "HF vision-language models of the Qwen-VL layout"
-        )
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch and batch[k] is not None}
-    out = body(**inputs, use_cache=False)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-
 def model_loss(
     model: nn.Module,
     batch: dict[str, Any],
     vision_weight: float = 0.1,
     eps: float = 0.0,
     chunk_size: int = 1024,
+    tokens: StepTokens | None = None,
 ) -> DVSFTLossOutput:
     """The whole DV-SFT loss of a model on a :class:`~dvsft.data.collator.VisionCollator` batch.
 
-    ``vision_weight=0`` (or a batch without ``vision_positions``) gives the chunked SFT loss.
+    ``model`` as the Trainer hands it (DDP / FSDP / DeepSpeed / PEFT wrapped or not): its own forward
+    runs (:func:`dvsft.training.objectives.forward_hidden`) and the LM head is applied in the chunked
+    loss. ``vision_weight=0`` (or a batch without ``vision_positions``) gives the chunked SFT loss.
+    ``tokens``: the optimizer step's token counts (:func:`step_tokens`) for exact gradient accumulation.
     """
-    hidden = last_hidden_state(model, batch)
-    head = unwrap_model(model).lm_head
+    from dvsft.training.objectives import forward_hidden, lm_head_of
+
+    hidden = forward_hidden(model, batch).last
     return dvsft_loss(
         hidden,
-        head,
+        lm_head_of(model),
         batch["labels"].to(hidden.device),
         batch.get("vision_positions"),
         batch.get("vision_targets"),
@@ -355,4 +421,5 @@ def model_loss(
         vision_weight=vision_weight,
         eps=eps,
         chunk_size=chunk_size,
+        tokens=tokens,
     )

@@ -10,11 +10,10 @@ DeepStack mergers, which also map vision features to the LLM's hidden size); LLM
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from dvsft.training.config import LoraSection, TrainConfig, TrainParts
+from dvsft.training.config import DVSFTConfig
 from dvsft.training.objectives import _spec, base_model, language_model_of, projector_of, vision_tower_of
 
 log = logging.getLogger(__name__)
@@ -30,30 +29,34 @@ def _check_dir(path: str | Path, what: str) -> Path:
     return p
 
 
-def load_base(cfg: TrainConfig, dtype: Any = None) -> tuple[Any, Any]:
-    """(model, processor) named by ``cfg.model``: a dir, ``tiny``, or the graft of llm + vision_from."""
+def load_base(cfg: DVSFTConfig, dtype: Any = None) -> tuple[Any, Any]:
+    """(model, processor) named by ``cfg.model``: a dir, ``tiny``, or the graft of model_llm + model_vision_from."""
     from dvsft.models import load_model, load_processor, set_pixels
 
-    m = cfg.model
-    if m.llm or m.vision_from:
+    trust = cfg.trust_remote_code
+    if cfg.model_llm or cfg.model_vision_from:
         model, processor = graft(
-            m.llm, m.vision_from, dtype=dtype, trust_remote_code=m.trust_remote_code, fresh_projector=m.fresh_projector
+            cfg.model_llm,
+            cfg.model_vision_from,
+            dtype=dtype,
+            trust_remote_code=trust,
+            fresh_projector=cfg.model_fresh_projector,
         )
-    elif m.path == "tiny":
+    elif cfg.model == "tiny":
         import torch
 
         from dvsft.training.tiny import build_tiny
 
-        model, processor = build_tiny(cfg.tiny)
+        model, processor = build_tiny(cfg.tiny_config())
         if dtype is not None and dtype != "auto":
             model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     else:
-        path = _check_dir(m.path, "model")
-        model = load_model(path, dtype=dtype, trust_remote_code=m.trust_remote_code)
-        processor = load_processor(path, trust_remote_code=m.trust_remote_code)
+        path = _check_dir(cfg.model, "model")
+        model = load_model(path, dtype=dtype, trust_remote_code=trust)
+        processor = load_processor(path, trust_remote_code=trust)
     set_pixels(processor, cfg.min_pixels, cfg.max_pixels)
-    if m.attn_implementation:
-        model.set_attn_implementation(m.attn_implementation)
+    if cfg.attn_implementation:
+        model.set_attn_implementation(cfg.attn_implementation)
     return model, processor
 
 
@@ -218,18 +221,18 @@ def _projector_modules(model: Any) -> list[Any]:
     return mods
 
 
-def set_trainable(model: Any, parts: TrainParts, llm_mode: str) -> dict[str, int]:
+def set_trainable(model: Any, vision: bool, projector: bool, llm_mode: str) -> dict[str, int]:
     """Set requires_grad per part (full fine-tuning). ``llm_mode``: all, first_layer, none."""
     base = base_model(model)
     for p in base.parameters():
         p.requires_grad_(False)
     visual = vision_tower_of(base)
-    if parts.vision:
+    if vision:
         for p in visual.parameters():
             p.requires_grad_(True)
     for mod in _projector_modules(base):
         for p in mod.parameters():
-            p.requires_grad_(bool(parts.projector))
+            p.requires_grad_(bool(projector))
     lm = language_model_of(base)
     if llm_mode == "all":
         for p in lm.parameters():
@@ -240,7 +243,7 @@ def set_trainable(model: Any, parts: TrainParts, llm_mode: str) -> dict[str, int
         for p in lm.layers[0].parameters():
             p.requires_grad_(True)
     elif llm_mode != "none":
-        raise ValueError(f"train.llm must be all, first_layer or none; got {llm_mode!r}")
+        raise ValueError(f"train_llm must be all, first_layer or none; got {llm_mode!r}")
     return trainable_counts(base)
 
 
@@ -280,23 +283,19 @@ def lora_targets(model: Any, wanted: list[str] | None = None) -> list[str]:
                 continue
             names.append(name)
     if not names:
-        raise ValueError(f"lora.target_modules {wanted} matched no linear layer of the LLM")
+        raise ValueError(f"lora_target_modules {wanted} matched no linear layer of the LLM")
     return names
 
 
-def apply_lora(model: Any, lora: LoraSection) -> Any:
+def apply_lora(model: Any, cfg: DVSFTConfig) -> Any:
     """Wrap the model with PEFT LoRA on the LLM's linear layers; everything else is frozen."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora_targets(model, lora.target_modules),
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=lora_targets(model, cfg.lora_target_modules),
         bias="none",
     )
     return get_peft_model(model, config)
-
-
-def describe(cfg: TrainConfig) -> dict[str, Any]:
-    return {"model": asdict(cfg.model), "lora": asdict(cfg.lora), "train": asdict(cfg.train)}

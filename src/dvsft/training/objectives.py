@@ -1,5 +1,12 @@
 """Training objectives: named loss terms the Trainer computes from one forward pass and sums.
 
+Every objective and the public loss (:func:`dvsft.training.losses.model_loss`) read the model
+through ONE forward, :func:`forward_hidden`: the (DDP / FSDP / DeepSpeed / PEFT wrapped) model's own
+forward with ``output_hidden_states=True`` and ``logits_to_keep=1``, so gradient synchronisation and
+parameter gathering work as for any forward; the LM head is applied afterwards, in the chunked
+losses, through the head module's own call (which gathers a sharded head, see
+:func:`dvsft.training.losses.through_head`).
+
 An :class:`Objective` reads the batch and the model's hidden states and returns named terms
 (``{"vision_loss": ..., "vision_acc": ...}``); :meth:`Objective.weights` says which terms enter
 the total loss and with what weight (the others are only logged). ``method`` in the training
@@ -40,11 +47,44 @@ class HiddenStates:
     ``layers[0]`` is the LLM's input embeddings (the projector's output at image positions),
     ``layers[i]`` the output of decoder layer ``i``, ``layers[-1] == last``.
     ``image_mask`` ``[B, L]`` marks the image placeholder (visual token) positions.
+    ``tokens`` (training only): the labeled tokens of the whole optimizer step
+    (:class:`dvsft.training.losses.StepTokens`); token-normalised losses divide by them.
     """
 
     last: torch.Tensor
     image_mask: torch.Tensor
     layers: tuple[torch.Tensor, ...] | None = None
+    tokens: Any = None
+
+
+# Collator keys that are labels or metadata, not model inputs.
+NOT_MODEL_INPUTS = frozenset({"labels", "vision_positions", "vision_targets", "vision_label_sets", "records"})
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The tensors of a collated batch that the model's forward takes (labels and vision labels left out)."""
+    import torch
+
+    return {
+        k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS and isinstance(v, torch.Tensor) and v is not None
+    }
+
+
+def forward_hidden(model: nn.Module, batch: dict[str, Any], layers: bool = False) -> HiddenStates:
+    """The one forward of DV-SFT: the model as given (wrappers included), hidden states out.
+
+    The LM head runs on one position only (``logits_to_keep=1``); the losses project the rows they
+    need. ``hidden_states[-1]`` is the final hidden state after the last norm (what ``lm_head`` reads).
+    """
+    out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1, use_cache=False, return_dict=True)
+    states = tuple(out.hidden_states)
+    config = base_model(model).config
+    image_id = getattr(config, "image_token_id", None)
+    if image_id is None:
+        image_id = getattr(config, "image_token_index", None)
+    ids = batch["input_ids"]
+    mask = ids == image_id if image_id is not None else ids.new_zeros(ids.shape, dtype=bool)
+    return HiddenStates(last=states[-1], image_mask=mask, layers=states if layers else None)
 
 
 @dataclass
@@ -59,6 +99,10 @@ class Objective:
     requires: ClassVar[tuple[str, ...]] = ()  # objectives included with this one (e.g. ("sft",))
     needs_hidden_states: ClassVar[bool] = False  # all layers (True) or the last one only
     needs_records: ClassVar[bool] = False  # batch["records"]: id, image, width, height, words of each sample
+    # True: the weighted terms are already this micro-batch's share of the step loss (divided by
+    # ``hidden.tokens``); False: they are micro-batch means, which the Trainer divides by the
+    # number of accumulated micro-batches.
+    step_normalized: ClassVar[bool] = False
     train_llm: ClassVar[str | None] = None  # default for `train.llm` ("all", "first_layer", "none") or None
     Options: ClassVar[type] = NoOptions  # dataclass of the `objectives.<name>` config section
 
@@ -78,7 +122,8 @@ class Objective:
         return {}
 
     def loss(self, model: nn.Module, batch: dict[str, Any], hidden: HiddenStates) -> dict[str, torch.Tensor]:
-        """Named loss terms (and metrics) for this batch. ``model`` is the unwrapped HF model."""
+        """Named loss terms (and metrics) for this batch. ``model`` is the unwrapped HF model: read its
+        parts (``lm_head_of``), never call it (the forward already ran, see :func:`forward_hidden`)."""
         raise NotImplementedError
 
 
@@ -169,7 +214,10 @@ def build_objectives(method: str, config: Any = None) -> list[Objective]:
 
 
 def base_model(model: nn.Module) -> nn.Module:
-    """The HF ``...ForConditionalGeneration`` inside DDP / DeepSpeed / FSDP / PEFT wrappers."""
+    """The HF ``...ForConditionalGeneration`` inside DDP / DeepSpeed / FSDP / PEFT wrappers.
+
+    For reading parts and config only: the forward always goes through the wrapped model.
+    """
     seen = 0
     while seen < 8:
         seen += 1
@@ -221,25 +269,6 @@ def projector_of(model: nn.Module) -> nn.Module:
     return spec.projector(model) if spec is not None else vision_tower_of(model).merger
 
 
-def gathered(module: nn.Module):
-    """Context in which ``module``'s weights are whole: DeepSpeed ZeRO-3 gathers them; elsewhere a no-op.
-
-    The chunked losses read ``lm_head.weight`` outside the model's forward (where ZeRO-3 would have
-    gathered it) and compute its gradient during the forward, so gathering around the loss suffices.
-    """
-    import contextlib
-
-    try:
-        from transformers.integrations import is_deepspeed_zero3_enabled
-    except ImportError:  # pragma: no cover
-        return contextlib.nullcontext()
-    if not is_deepspeed_zero3_enabled():
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-
-
 # --------------------------------------------------------------------------- built-in objectives
 
 
@@ -250,9 +279,10 @@ class TextObjective(Objective):
     """
 
     fused = False
+    step_normalized = True
 
     def weights(self) -> dict[str, float]:
-        return {} if self.fused else {"text_loss": 1.0}
+        return {} if self.fused else {"text_step_loss": 1.0}
 
     def loss(self, model, batch, hidden):
         from dvsft.training.losses import text_loss
@@ -260,44 +290,46 @@ class TextObjective(Objective):
         if self.fused:
             return {}
         chunk = int(getattr(self.config, "loss_chunk_size", 1024) or 1024)
-        head = lm_head_of(model)
-        with gathered(head):
-            value, n = text_loss(hidden.last, head, batch["labels"], chunk_size=chunk)
-        return {"text_loss": value, "text_tokens": hidden.last.new_tensor(float(n))}
+        value, n = text_loss(hidden.last, lm_head_of(model), batch["labels"], chunk_size=chunk, tokens=hidden.tokens)
+        mean = value
+        if hidden.tokens is not None:  # undo the step normalisation for the log: this batch's mean
+            mean = value.detach() * hidden.tokens.text / max(n, 1) / hidden.tokens.processes
+        return {"text_step_loss": value, "text_loss": mean.detach(), "text_tokens": hidden.last.new_tensor(float(n))}
 
 
 class VisionObjective(Objective):
     """DV-SFT: every labeled visual token predicts its word on its own logits, with smoothing (Eqs. 2-4).
 
-    Returns ``dvsft_loss = L_text + lambda * L_vision`` (Eq. 4), computed in one chunked pass over
-    the LM head, and the detached ``text_loss`` / ``vision_loss`` / ``vision_acc`` for the logs.
+    Returns ``dvsft_step_loss``, this micro-batch's share of ``L_text + lambda * L_vision`` (Eq. 4)
+    over the whole optimizer step, computed in one chunked pass over the LM head, and the detached
+    per-micro-batch ``text_loss`` / ``vision_loss`` / ``vision_acc`` for the logs.
     """
 
     requires = ("sft",)
+    step_normalized = True
 
     def weights(self) -> dict[str, float]:
-        return {"dvsft_loss": 1.0}
+        return {"dvsft_step_loss": 1.0}
 
     def loss(self, model, batch, hidden):
         from dvsft.training.losses import dvsft_loss
 
         chunk = int(getattr(self.config, "loss_chunk_size", 1024) or 1024)
-        head = lm_head_of(model)
-        with gathered(head):
-            out = dvsft_loss(
-                hidden.last,
-                head,
-                batch["labels"],
-                batch.get("vision_positions"),
-                batch.get("vision_targets"),
-                batch.get("vision_label_sets"),
-                vision_weight=float(getattr(self.config, "vision_lambda", 0.1)),
-                eps=float(getattr(self.config, "vision_eps", 0.0)),
-                chunk_size=chunk,
-            )
+        out = dvsft_loss(
+            hidden.last,
+            lm_head_of(model),
+            batch["labels"],
+            batch.get("vision_positions"),
+            batch.get("vision_targets"),
+            batch.get("vision_label_sets"),
+            vision_weight=float(getattr(self.config, "vision_lambda", 0.1)),
+            eps=float(getattr(self.config, "vision_eps", 0.0)),
+            chunk_size=chunk,
+            tokens=hidden.tokens,
+        )
         new = hidden.last.new_tensor
         return {
-            "dvsft_loss": out.loss,
+            "dvsft_step_loss": out.loss,
             "text_loss": out.text_loss.detach(),
             "text_tokens": new(float(out.n_text)),
             "vision_loss": out.vision_loss.detach(),

@@ -9,7 +9,7 @@
     result.log         # the logged rows (also in output_dir/log.jsonl)
 
 Under ``torchrun`` / ``accelerate launch`` every process calls ``train``; the HF Trainer handles
-DDP, DeepSpeed and FSDP. The gradient accumulation is derived from ``global_batch_size``.
+DDP, DeepSpeed and FSDP. ``global_batch_size`` (when set) fixes ``gradient_accumulation_steps``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from dvsft.training.config import (
-    TrainConfig,
+    LAST_CHECKPOINT,
+    DVSFTConfig,
     config_from_dict,
     load_config,
     qa_per_image_for,
@@ -41,49 +42,18 @@ class TrainResult:
     trainable: dict[str, int] = field(default_factory=dict)  # parameter counts per part
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def grad_accumulation(cfg: TrainConfig, processes: int | None = None) -> int:
-    """``global_batch_size / (per_device_batch_size * world size)``; must divide exactly."""
-    processes = processes or world_size()
-    per_step = cfg.per_device_batch_size * processes
-    if cfg.global_batch_size % per_step:
-        raise ValueError(
-            f"global_batch_size {cfg.global_batch_size} is not a multiple of per_device_batch_size "
-            f"{cfg.per_device_batch_size} x {processes} process(es)"
-        )
-    return cfg.global_batch_size // per_step
-
-
-def use_bf16(cfg: TrainConfig) -> bool:
-    import torch
-
-    if cfg.bf16 == "auto":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    return bool(cfg.bf16)
-
-
-def report_to(cfg: TrainConfig) -> str | list[str]:
-    import importlib.util
-
-    if cfg.report_to == "auto":
-        return ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
-    return cfg.report_to
-
-
-def resume_checkpoint(cfg: TrainConfig) -> str | None:
-    """The checkpoint dir to resume from (``resume: true`` = the newest intact one in output_dir)."""
+def resume_checkpoint(cfg: DVSFTConfig) -> str | None:
+    """The checkpoint dir to resume from (``last`` = the newest intact one in output_dir)."""
     from dvsft.training.checkpoints import check_checkpoint, latest_intact, remove_staging
 
-    if cfg.resume is False or cfg.resume is None:
+    value = cfg.resume_from_checkpoint
+    if value is None or str(value).lower() in ("false", "none", ""):
         return None
-    if cfg.resume is True:
+    if str(value).lower() in LAST_CHECKPOINT:
         if os.environ.get("RANK", "0") == "0":
             remove_staging(cfg.output_dir)
         return str(latest_intact(cfg.output_dir))
-    path = Path(str(cfg.resume))
+    path = Path(str(value))
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"--resume {path}: not a checkpoint dir (no trainer_state.json)")
     problem = check_checkpoint(path)
@@ -92,11 +62,13 @@ def resume_checkpoint(cfg: TrainConfig) -> str | None:
     return str(path)
 
 
-def load_dataset(cfg: TrainConfig) -> list[dict[str, Any]]:
+def load_dataset(cfg: DVSFTConfig, files: list[str] | None = None) -> list[dict[str, Any]]:
+    """Samples of ``cfg.data`` (bad records skipped and reported), or of ``files`` (held-out: skips only logged)."""
     from dvsft.data.dataset import load_records
     from dvsft.data.skips import report_skips
 
-    paths = cfg.data if isinstance(cfg.data, list) else [cfg.data]
+    held_out = files is not None
+    paths = list(files if held_out else cfg.data or [])
     samples: list[dict[str, Any]] = []
     problems, skipped = [], 0
     for p in paths:
@@ -109,10 +81,15 @@ def load_dataset(cfg: TrainConfig) -> list[dict[str, Any]]:
         samples.extend(loaded)
         problems.extend(loaded.problems)
         skipped += len(loaded.skipped)
-    reasons = report_skips(
-        problems, skipped, len(samples), cfg.output_dir, cfg.strict, os.environ.get("RANK", "0") == "0"
-    )
-    if cfg.max_samples is not None:
+    if held_out:
+        reasons = None
+        if skipped:
+            log.warning("eval_data: skipped %d bad record(s) of %s", skipped, ", ".join(paths))
+    else:
+        reasons = report_skips(
+            problems, skipped, len(samples), cfg.output_dir, cfg.strict, os.environ.get("RANK", "0") == "0"
+        )
+    if cfg.max_samples is not None and not held_out:
         samples = samples[: cfg.max_samples]
     if not samples:
         why = f": all {skipped} records were skipped, reasons in {reasons}" if skipped else ""
@@ -120,7 +97,7 @@ def load_dataset(cfg: TrainConfig) -> list[dict[str, Any]]:
     return samples
 
 
-def streaming_samples(cfg: TrainConfig) -> Any:
+def streaming_samples(cfg: DVSFTConfig) -> Any:
     """``cfg.data`` as a :class:`dvsft.data.streaming.StreamingSamples` (records are read while training)."""
     from dvsft.data.streaming import StreamingSamples
 
@@ -131,85 +108,30 @@ def streaming_samples(cfg: TrainConfig) -> Any:
     return StreamingSamples(sources, seed=cfg.seed, window_rows=cfg.stream_window, qa_per_image=None)
 
 
-def build(cfg: TrainConfig):
-    """(model, processor, objectives, trainable counts): the model set up for training."""
+def build(cfg: DVSFTConfig):
+    """(model, processor, trainable counts): the model set up for training (objectives attach in the trainer)."""
     import torch
-    from torch import nn
     from transformers import set_seed
 
     from dvsft.training.model_setup import apply_lora, load_base, set_trainable, trainable_counts
-    from dvsft.training.objectives import HEADS_ATTR, base_model, build_objectives
+    from dvsft.training.objectives import method_names, objective_class
 
-    objectives = build_objectives(cfg.method, cfg)
     set_seed(cfg.seed)
-    dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     model, processor = load_base(cfg, dtype=dtype)
     model.config.use_cache = False
-    llm_mode = cfg.train.llm
+    llm_mode = cfg.train_llm
     if llm_mode == "auto":
-        llm_mode = next((o.train_llm for o in objectives if o.train_llm), "all")
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora)
+        modes = [objective_class(n).train_llm for n in method_names(cfg.method)]
+        llm_mode = next((m for m in modes if m), "all")
+    if cfg.lora:
+        model = apply_lora(model, cfg)
     else:
-        set_trainable(model, cfg.train, llm_mode)
-    heads: dict[str, nn.Module] = {}
-    for obj in objectives:
-        obj.setup(base_model(model), cfg)
-        for name, module in obj.modules().items():
-            heads[f"{obj.name}_{name}"] = module
-    if heads:
-        module_dict = nn.ModuleDict(heads).to(dtype)
-        for p in module_dict.parameters():
-            p.requires_grad_(True)
-        setattr(base_model(model), HEADS_ATTR, module_dict)
-    return model, processor, objectives, trainable_counts(model)
+        set_trainable(model, cfg.train_vision, cfg.train_projector, llm_mode)
+    return model, processor, trainable_counts(model)
 
 
-def training_arguments(cfg: TrainConfig, **extra: Any):
-    import torch
-    from transformers import TrainingArguments
-
-    if not 0 <= cfg.warmup_ratio < 1:
-        raise ValueError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
-    kwargs: dict[str, Any] = dict(
-        output_dir=cfg.output_dir,
-        per_device_train_batch_size=cfg.per_device_batch_size,
-        gradient_accumulation_steps=grad_accumulation(cfg),
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of all steps
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        bf16=use_bf16(cfg),
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        seed=cfg.seed,
-        dataloader_num_workers=cfg.dataloader_num_workers,
-        remove_unused_columns=False,
-        report_to=report_to(cfg),
-        eval_strategy="no",
-        disable_tqdm=not cfg.progress,
-        dataloader_pin_memory=torch.cuda.is_available(),
-    )
-    if world_size() > 1 and not torch.cuda.is_available():
-        kwargs["use_cpu"] = True  # several CPU processes: DDP over gloo (accelerate needs to be told)
-    if cfg.deepspeed:
-        kwargs["deepspeed"] = cfg.deepspeed
-    if cfg.fsdp:
-        kwargs["fsdp"] = cfg.fsdp
-        if cfg.fsdp_config:
-            kwargs["fsdp_config"] = cfg.fsdp_config
-    kwargs.update(extra)
-    return TrainingArguments(**kwargs)
-
-
-def save_final(trainer: Any, model: Any, processor: Any, cfg: TrainConfig, final_dir: Path) -> None:
+def save_final(trainer: Any, model: Any, processor: Any, cfg: DVSFTConfig, final_dir: Path) -> None:
     """Model (without objective heads; LoRA merged) + processor, loadable with from_pretrained / dvsft.models."""
     from dvsft.models import save_processor
     from dvsft.training.objectives import HEADS_ATTR, base_model
@@ -218,7 +140,7 @@ def save_final(trainer: Any, model: Any, processor: Any, cfg: TrainConfig, final
     if HEADS_ATTR in base._modules:
         del base._modules[HEADS_ATTR]
     base.config.use_cache = True
-    if cfg.lora.enabled:
+    if cfg.lora:
         trainer.save_model(str(Path(cfg.output_dir) / "adapter"))
         if trainer.is_world_process_zero():
             merged = trainer.accelerator.unwrap_model(model).merge_and_unload()
@@ -234,7 +156,7 @@ def save_final(trainer: Any, model: Any, processor: Any, cfg: TrainConfig, final
 class Run:
     """Everything `train` sets up, before training starts (tests and the demo may drive it themselves)."""
 
-    cfg: TrainConfig
+    cfg: DVSFTConfig
     trainer: Any
     model: Any
     processor: Any
@@ -244,7 +166,7 @@ class Run:
     resume: str | None
 
 
-def as_config(config: TrainConfig | dict[str, Any] | str | Path) -> TrainConfig:
+def as_config(config: DVSFTConfig | dict[str, Any] | str | Path) -> DVSFTConfig:
     if isinstance(config, dict):
         return config_from_dict(config)
     if isinstance(config, str | Path):
@@ -252,56 +174,38 @@ def as_config(config: TrainConfig | dict[str, Any] | str | Path) -> TrainConfig:
     return config
 
 
-def prepare(config: TrainConfig | dict[str, Any] | str | Path, callbacks: list[Any] | None = None) -> Run:
+def prepare(config: DVSFTConfig | dict[str, Any] | str | Path, callbacks: list[Any] | None = None) -> Run:
     """Validate the config, load data and model, and build the Trainer (nothing is trained yet)."""
-    from dvsft.data.collator import VisionCollator
-    from dvsft.labels.align import AlignConfig
+    from dvsft.training.model_setup import trainable_counts
     from dvsft.training.trainer import DVSFTTrainer, JsonlLogCallback
 
     cfg = as_config(config)
     validate(cfg)
     resume = resume_checkpoint(cfg)
     samples = streaming_samples(cfg) if cfg.streaming else load_dataset(cfg)
-    model, processor, objectives, trainable = build(cfg)
+    heldout = load_dataset(cfg, cfg.eval_data) if cfg.eval_data else None
+    model, processor, trainable = build(cfg)
     if not any(v for k, v in trainable.items() if k.endswith("_trainable")):
-        raise ValueError("nothing to train: every parameter is frozen (see train.* and lora.*)")
-    needs_vision = any(o.name == "dvsft" for o in objectives)
-    collator = VisionCollator(
-        processor,
-        align_config=AlignConfig(
-            max_height_cells=cfg.align.max_height_cells,
-            max_subtokens=cfg.align.max_subtokens,
-            leading_space=cfg.label_leading_space,
-        ),
-        vision_labels=needs_vision,
-        keep_records=any(getattr(o, "needs_records", False) for o in objectives),
-        max_length=cfg.max_length,
-        min_pixels=cfg.min_pixels,
-        max_pixels=cfg.max_pixels,
-    )
+        raise ValueError("nothing to train: every parameter is frozen (see train_* and lora*)")
     out = Path(cfg.output_dir)
     resume_step = int(Path(resume).name.rsplit("-", 1)[-1]) if resume else None
     log_cb = JsonlLogCallback(out / "log.jsonl", resume_step=resume_step)
     trainer = DVSFTTrainer(
         model=model,
-        args=training_arguments(cfg),
+        args=cfg,
         train_dataset=samples,
-        data_collator=collator,
+        eval_dataset=heldout,
         processing_class=processor,
         callbacks=[log_cb, *(callbacks or [])],
-        objectives=objectives,
     )
-    if not cfg.progress:
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)
-    return Run(cfg, trainer, model, processor, objectives, trainable, log_cb, resume)
+    trainable = trainable_counts(model)  # with the objectives' heads
+    return Run(cfg, trainer, model, processor, trainer.objectives, trainable, log_cb, resume)
 
 
-def train(config: TrainConfig | dict[str, Any] | str | Path, callbacks: list[Any] | None = None) -> TrainResult:
+def train(config: DVSFTConfig | dict[str, Any] | str | Path, callbacks: list[Any] | None = None) -> TrainResult:
     """Train as configured; returns where the results are and the logged rows.
 
-    ``config``: a :class:`TrainConfig`, a dict of keys, or a YAML path. ``callbacks``:
+    ``config``: a :class:`DVSFTConfig`, a dict of keys, or a YAML path. ``callbacks``:
     ``transformers.TrainerCallback`` instances (e.g. evaluate the model every N steps; they get
     ``model`` in their keyword arguments).
     """

@@ -1,11 +1,18 @@
-"""The HF Trainer recipe: one forward pass, the objectives' named loss terms, their weighted sum.
+"""``DVSFTTrainer``: the HF ``Trainer`` with the DV-SFT objectives; usable on its own.
 
-``compute_loss`` calls the (possibly DDP / DeepSpeed / FSDP / PEFT wrapped) model with
-``logits_to_keep=1`` and ``output_hidden_states=True``: the forward goes through the wrapper (so
-gradient sync and parameter gathering work) but the LM head runs on one position only; the
-objectives project just the rows they need (answer tokens, labeled visual tokens) through
-``lm_head`` in chunks. Every term is logged (averaged over the logging window and across
-processes) with throughput; the JSONL log callback writes ``output_dir/log.jsonl``.
+    trainer = DVSFTTrainer(model=model, args=DVSFTConfig(...), train_dataset=samples,
+                           eval_dataset=heldout, processing_class=processor)
+
+It builds its objectives (``args.method``) and its :class:`~dvsft.data.collator.VisionCollator`
+(from ``processing_class`` and the label options of ``args``) unless given. ``compute_loss`` runs
+the (possibly DDP / DeepSpeed / FSDP / PEFT wrapped) model's own forward once
+(:func:`~dvsft.training.objectives.forward_hidden`) and the objectives push only the rows they need
+through ``lm_head`` in chunks. Gradient accumulation is exact by construction: the step's labeled
+tokens are counted over all its micro-batches and processes (``get_batch_samples``) and every
+micro-batch returns its share of the step's loss (``loss_is_scaled_for_ga = True``). Every term is
+logged (averaged over the logging window and across processes) with throughput; with an
+``eval_dataset``, evaluation reports ``eval_text_loss``, ``eval_vision_loss`` and
+``eval_vision_top1`` (the lens metric: labeled visual tokens whose own logits rank their word first).
 """
 
 from __future__ import annotations
@@ -20,68 +27,179 @@ from transformers import Trainer, TrainerCallback
 
 from dvsft.records import JsonlAppender, read_jsonl, write_jsonl
 from dvsft.training.checkpoints import AtomicCheckpoints
-from dvsft.training.objectives import HEADS_ATTR, HiddenStates, Objective, base_model
+from dvsft.training.losses import StepTokens, step_tokens
+from dvsft.training.objectives import HEADS_ATTR, Objective, base_model, build_objectives, forward_hidden
 from dvsft.training.streaming import StreamingTrainerMixin
 
-MODEL_INPUTS = (
-    *("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"),
-    *("image_sizes", "batch_num_images", "pixel_attention_mask"),  # LLaVA-OneVision, Idefics3 / SmolVLM
-)
+EVAL_TERMS = ("text", "vision")
+
+
+def attach_objectives(model: torch.nn.Module, objectives: list[Objective], config: Any) -> None:
+    """``setup`` each objective on the model and attach their trainable heads under ``dvsft_heads``."""
+    from torch import nn
+
+    core = base_model(model)
+    heads: dict[str, nn.Module] = {}
+    for obj in objectives:
+        obj.setup(core, config)
+        for name, module in obj.modules().items():
+            heads[f"{obj.name}_{name}"] = module
+    if heads:
+        dtype = next(core.parameters()).dtype
+        module_dict = nn.ModuleDict(heads).to(dtype)
+        for p in module_dict.parameters():
+            p.requires_grad_(True)
+        setattr(core, HEADS_ATTR, module_dict)
+
+
+def collator_for(processor: Any, args: Any, objectives: list[Objective]) -> Any:
+    """The :class:`VisionCollator` of ``args``' label options (defaults where ``args`` lacks them)."""
+    from dvsft.data.collator import VisionCollator
+    from dvsft.labels.align import AlignConfig
+
+    return VisionCollator(
+        processor,
+        align_config=AlignConfig(
+            max_height_cells=getattr(args, "align_max_height_cells", 3.0),
+            max_subtokens=getattr(args, "align_max_subtokens", 3),
+            leading_space=getattr(args, "label_leading_space", True),
+        ),
+        vision_labels=any(o.name == "dvsft" for o in objectives),
+        keep_records=any(getattr(o, "needs_records", False) for o in objectives),
+        max_length=getattr(args, "max_length", 8192),
+        min_pixels=getattr(args, "min_pixels", None),
+        max_pixels=getattr(args, "max_pixels", None),
+    )
 
 
 class DVSFTTrainer(StreamingTrainerMixin, AtomicCheckpoints, Trainer):
     """``transformers.Trainer`` whose loss is the sum of weighted objective terms; checkpoints are atomic."""
 
-    loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
+    loss_is_scaled_for_ga = True  # compute_loss returns each micro-batch's share of the step's loss
 
-    def __init__(self, *args: Any, objectives: list[Objective], **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        args: Any = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        objectives: list[Objective] | None = None,
+        **kwargs: Any,
+    ):
+        if args is None:
+            from dvsft.training.config import DVSFTConfig
+
+            args = DVSFTConfig()
+        if objectives is None:
+            objectives = build_objectives(getattr(args, "method", "dvsft"), args)
+            attach_objectives(model, objectives, args)
+        if data_collator is None:
+            if processing_class is None:
+                raise ValueError("DVSFTTrainer needs processing_class (the model's processor) or a data_collator")
+            data_collator = collator_for(processing_class, args, objectives)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        if self.args.disable_tqdm:  # no progress bar and no printed logs either (log.jsonl is still written)
+            from transformers.trainer_callback import PrinterCallback
+
+            self.remove_callback(PrinterCallback)
         self.objectives = objectives
         self._needs_layers = any(o.needs_hidden_states for o in objectives)
         self._sums: dict[str, float] = {}
         self._counts: dict[str, float] = {}
+        self._eval: dict[str, float] = {}
         self._samples = 0
         self._tokens = 0
         self._window_start = time.perf_counter()
 
-    def forward_hidden(self, model: torch.nn.Module, inputs: dict[str, Any]) -> HiddenStates:
-        """Run the model body once; the LM head sees a single position."""
-        fwd = {k: inputs[k] for k in MODEL_INPUTS if inputs.get(k) is not None}
-        out = model(**fwd, output_hidden_states=True, logits_to_keep=1, use_cache=False, return_dict=True)
-        layers = tuple(out.hidden_states)
-        image_id = base_model(model).config.image_token_id
-        return HiddenStates(
-            last=layers[-1],
-            image_mask=inputs["input_ids"] == image_id,
-            layers=layers if self._needs_layers else None,
-        )
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The step's micro-batches and their labeled tokens (all micro-batches, all processes)."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        return batches, step_tokens(batches, self.accelerator)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        hidden = self.forward_hidden(model, inputs)
+        """Training (``num_items_in_batch`` is the step's :class:`StepTokens`): this micro-batch's share of
+        the step's loss; otherwise (evaluation, a direct call) the batch's own loss."""
+        tokens = num_items_in_batch if isinstance(num_items_in_batch, StepTokens) else None
+        hidden = forward_hidden(model, inputs, layers=self._needs_layers)
+        hidden.tokens = tokens
         core = base_model(model)
         total = None
         terms: dict[str, torch.Tensor] = {}
+        steps = max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1)
         for obj in self.objectives:
             values = obj.loss(core, inputs, hidden)
             weights = obj.weights()
             for name, value in values.items():
-                terms[name] = value
                 if name in weights and weights[name] != 0:
                     part = weights[name] * value
+                    if tokens is not None and not obj.step_normalized:
+                        part = part / steps  # a micro-batch mean: the step's loss is the mean over micro-batches
                     total = part if total is None else total + part
+                if not (obj.step_normalized and name in weights):
+                    terms[name] = value
         if total is None:
             total = hidden.last.sum() * 0.0
         if model.training:
             self._record(terms, inputs)
         return (total, {"terms": terms}) if return_outputs else total
 
+    # ------------------------------------------------------------------ evaluation
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The loss of a held-out batch; its text / vision terms and top-1 hits are summed for :meth:`evaluate`."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, out = self.compute_loss(model, inputs, return_outputs=True)
+        terms = out["terms"]
+        for kind in EVAL_TERMS:
+            n = float(terms[f"{kind}_tokens"]) if f"{kind}_tokens" in terms else 0.0
+            if n > 0:
+                self._eval[f"{kind}_loss"] = self._eval.get(f"{kind}_loss", 0.0) + float(terms[f"{kind}_loss"]) * n
+                self._eval[f"{kind}_tokens"] = self._eval.get(f"{kind}_tokens", 0.0) + n
+                if f"{kind}_acc" in terms:
+                    hits = float(terms[f"{kind}_acc"]) * n
+                    self._eval[f"{kind}_hits"] = self._eval.get(f"{kind}_hits", 0.0) + hits
+        return loss.detach(), None, None
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        self._eval = {}
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        prefix = metric_key_prefix
+        names = ["text_loss", "text_tokens", "vision_loss", "vision_tokens", "vision_hits"]
+        t = torch.tensor([self._eval.get(n, 0.0) for n in names], dtype=torch.float64, device=self.args.device)
+        if self.args.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t)
+        text_loss, text_n, vision_loss, vision_n, hits = t.tolist()
+        if text_n > 0:
+            output.metrics[f"{prefix}_text_loss"] = text_loss / text_n
+        if vision_n > 0:
+            output.metrics[f"{prefix}_vision_loss"] = vision_loss / vision_n
+            output.metrics[f"{prefix}_vision_top1"] = hits / vision_n
+            output.metrics[f"{prefix}_vision_tokens"] = vision_n
+        return output
+
     # ------------------------------------------------------------------ logging
 
     def _record(self, terms: dict[str, torch.Tensor], inputs: dict[str, Any]) -> None:
-        """Accumulate detached terms; ``x_acc`` is weighted by ``x_tokens`` (accuracy over all labeled tokens)."""
+        """Accumulate detached terms; ``x_acc`` and ``x_loss`` are weighted by ``x_tokens`` (means over all labeled
+        tokens of the window)."""
         values = {name: float(value.detach().float()) for name, value in terms.items()}
         for name, v in values.items():
-            weight = values.get(name[: -len("_acc")] + "_tokens", 1.0) if name.endswith("_acc") else 1.0
+            stem = name.rsplit("_", 1)[0]
+            weighted = name.endswith(("_acc", "_loss")) and f"{stem}_tokens" in values
+            weight = values[f"{stem}_tokens"] if weighted else 1.0
             self._sums.setdefault(name, 0.0)  # same names on every rank (all_reduce in _window_metrics)
             self._counts.setdefault(name, 0.0)
             if math.isnan(v) or weight == 0:
