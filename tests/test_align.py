@@ -277,9 +277,9 @@ def test_cli_render_align_stats(tmp_path, cli, tokenizer_dir):
 
 def test_cli_align_defaults_to_the_training_grid(tmp_path, cli):
     """`dvsft align` sees the grid `dvsft train` sees: at most 2,048 visual tokens unless a flag says otherwise."""
-    from dvsft.training.config import TrainConfig
+    from dvsft.training.config import DVSFTConfig
 
-    train = TrainConfig()
+    train = DVSFTConfig()
     Image.new("RGB", (4000, 3000), "white").save(tmp_path / "big.png")
     rec = {"id": "big", "image": "big.png", "width": 4000, "height": 3000, "words": [word("Total", (10, 10, 90, 40))]}
     write_jsonl(tmp_path / "w.jsonl", [rec])

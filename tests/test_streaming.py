@@ -95,7 +95,9 @@ def test_jsonl_is_refused_with_the_convert_command(tmp_path):
         StreamingSamples([jsonl])
 
 
-STREAM = dict(streaming=True, stream_window=3, max_steps=6, save_steps=3, save_final=False, per_device_batch_size=1)
+STREAM = dict(
+    streaming=True, stream_window=3, max_steps=6, save_steps=3, save_final=False, per_device_train_batch_size=1
+)
 
 
 def test_killed_then_resumed_run_continues_the_same_sample_sequence(tiny_dir, data, tmp_path):  # noqa: F811

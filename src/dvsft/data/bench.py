@@ -164,7 +164,7 @@ def model_rate(shards: Path, model_dir: Path, steps: int, batch_size: int) -> di
     with tempfile.TemporaryDirectory() as tmp:
         args = ["--model", str(model_dir), "--data", str(shards), "--output_dir", tmp, "--streaming", "true"]
         args += ["--max_steps", str(steps), "--min_pixels", str(32 * 32 * 4), "--report_to", "none"]
-        args += ["--global_batch_size", str(batch_size), "--per_device_batch_size", str(batch_size)]
+        args += ["--global_batch_size", str(batch_size), "--per_device_train_batch_size", str(batch_size)]
         run = prepare(load_config(None, args))
         trainer, model = run.trainer, run.model
         loader = trainer.get_train_dataloader()

@@ -159,7 +159,9 @@ class DVSFTConfig(TrainingArguments):
     )
     tiny_experts: int = opt(4, "`model: tiny`: qwen3-vl-moe experts per MoE layer (2 active)", alias="tiny.experts")
     tiny_tokenizer: str = opt(
-        "corpus", "`model: tiny`: corpus (trained on pydoc, Qwen's splitting) or qwen (Qwen's real one)", alias="tiny.tokenizer"
+        "corpus",
+        "`model: tiny`: corpus (trained on pydoc, Qwen's splitting) or qwen (Qwen's real one)",
+        alias="tiny.tokenizer",
     )
 
     def __post_init__(self) -> None:
