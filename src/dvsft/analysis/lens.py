@@ -110,12 +110,11 @@ def visual_hidden_states(model: Any, processor: Any, image: Image.Image, prompt:
     import torch
 
     from dvsft.evaluation.generation import model_inputs
-    from dvsft.training.losses import MODEL_INPUTS
+    from dvsft.training.objectives import forward_hidden
 
     inputs = model_inputs(processor, model, [prompt], [[image.convert("RGB")]])
-    inputs = {k: v for k, v in inputs.items() if k in MODEL_INPUTS}
     with torch.inference_mode():
-        hidden = model.model(**inputs).last_hidden_state[0]
+        hidden = forward_hidden(model, inputs).last[0]  # the forward training uses
     mask = inputs["input_ids"][0] == image_token_id(model, processor)
     return hidden[mask]
 
