@@ -58,7 +58,9 @@ class HiddenStates:
 
 
 # Collator keys that are labels or metadata, not model inputs.
-NOT_MODEL_INPUTS = frozenset({"labels", "vision_positions", "vision_targets", "vision_label_sets", "records"})
+NOT_MODEL_INPUTS = frozenset(
+    {"labels", "vision_positions", "vision_targets", "vision_label_sets", "records", "sample_positions", "sample_ids"}
+)
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
