@@ -93,6 +93,6 @@ def test_toy_compare_end_to_end(tmp_path):
     stage_dirs = sorted(p.name for p in (out / "runs" / "finevit-staged-seed0").iterdir())
     assert stage_dirs == ["stage1", "stage2"]
     cfg2 = json.loads((out / "runs" / "finevit-staged-seed0" / "stage2" / "dvsft_train.json").read_text())
-    assert cfg2["method"] == "dvsft" and cfg2["model"]["path"].endswith("stage1/final")
+    assert cfg2["method"] == "dvsft" and cfg2["model"].endswith("stage1/final")
     res = CliRunner().invoke(app, ["compare", "--preset", "toy", "--methods", "nope", "--out", str(out)])
     assert res.exit_code == 2 and "unknown method" in res.output
