@@ -7,7 +7,9 @@ import sys
 import pytest
 from PIL import Image
 
-from dvsft.demo import PRESETS, eval_steps, per_seed_margins, summarize
+from dvsft.demo import PRESETS, eval_steps
+from dvsft.demo_eval import EVALS
+from dvsft.demo_report import KEYS, per_seed_margins, summarize
 
 
 def test_demo_toy_end_to_end(tmp_path):
@@ -37,14 +39,16 @@ def test_demo_toy_end_to_end(tmp_path):
     results = json.loads((out / "results.json").read_text())
     rows = results["runs"]
     assert {r["method"] for r in rows} == {"sft", "dvsft"}
-    assert {r["step"] for r in rows} == {0, *eval_steps(PRESETS["toy"], 3)}
+    assert {r["step"] for r in rows} == set(eval_steps(PRESETS["toy"], 3))
     for r in rows:
-        assert set(r) >= {"method", "seed", "step", "word_acc", "cer", "vision_top1"}
-        assert 0.0 <= r["word_acc"] <= 1.0 and r["cer"] >= 0.0 and 0.0 <= r["vision_top1"] <= 1.0
+        assert set(r) >= {"method", "seed", "step", *KEYS}
+        for e in EVALS:
+            assert 0.0 <= r[f"{e}_word_acc"] <= 1.0 and r[f"{e}_cer"] >= 0.0 and 0.0 <= r[f"{e}_tf_acc"] <= 1.0
         assert isinstance(r["seed"], int) and isinstance(r["step"], int)
-    # step 0 is the same untrained model for both methods
-    first = {r["method"]: r for r in rows if r["step"] == 0}
-    assert first["sft"]["vision_top1"] == first["dvsft"]["vision_top1"]
+    # the text stage ran, was probed on validation pages and is cached beside the pages
+    assert set(results["text_stage"]) == {"val_text", "val_random"}
+    assert (out / "data" / "text_llm" / "dvsft_text_stage.json").is_file()
+    assert results["split"] == "heldout" and isinstance(results["dvsft_wins_every_seed"], bool)
 
     for name in ("curves.png", "lens.png"):
         with Image.open(out / name) as im:
@@ -53,6 +57,7 @@ def test_demo_toy_end_to_end(tmp_path):
             assert hi - lo > 100  # a drawing, not a blank
     report = (out / "report.md").read_text()
     assert "| SFT |" in report and "| DV-SFT |" in report and "±" in report
+    assert "non-contextual" in report and "image swap" in report.lower()
 
     from dvsft.models import load_model, load_processor
 
@@ -72,27 +77,33 @@ def test_demo_methods_option_and_log_lines(tmp_path):
     assert {r["method"] for r in rows} == {"dvsft"}
     assert not (out / "runs" / "sft-seed0").exists() and not (out / "sft").exists()
     lines = [line for line in proc.stdout.splitlines() if line.startswith("DV-SFT seed 0 step ")]
-    assert len(lines) == len(rows) == 1 + len(eval_steps(PRESETS["toy"], 2))
+    assert len(lines) == len(rows) == len(eval_steps(PRESETS["toy"], 2))
     assert all("held-out word accuracy" in line and line.endswith("%") for line in lines)
+
+
+def row(method, seed, step, text, random, swap):
+    out = {"method": method, "seed": seed, "step": step, "vision_top1": 0.5}
+    for name, acc in (("text", text), ("random", random), ("swap", swap)):
+        out.update({f"{name}_word_acc": acc, f"{name}_tf_acc": acc, f"{name}_cer": 1 - acc})
+    return out
 
 
 def test_summary_and_margins():
     rows = [
-        {"method": m, "seed": s, "step": st, "word_acc": wa, "cer": c, "vision_top1": v}
-        for m, s, st, wa, c, v in [
-            ("sft", 0, 10, 0.1, 0.8, 0.0),
-            ("sft", 1, 10, 0.3, 0.6, 0.1),
-            ("dvsft", 0, 10, 0.7, 0.2, 0.9),
-            ("dvsft", 1, 10, 0.5, 0.4, 0.8),
-            ("dvsft", 0, 5, 0.0, 1.0, 0.0),
-        ]
+        row("sft", 0, 10, 0.1, 0.0, 0.1),
+        row("sft", 1, 10, 0.3, 0.1, 0.2),
+        row("dvsft", 0, 10, 0.7, 0.5, 0.0),
+        row("dvsft", 1, 10, 0.5, 0.4, 0.1),
+        row("dvsft", 0, 5, 0.0, 0.0, 0.0),  # an earlier step: not in the summary
     ]
     summary = summarize(rows)
-    assert abs(summary["sft"]["word_acc"][0] - 0.2) < 1e-9 and abs(summary["dvsft"]["cer"][0] - 0.3) < 1e-9
-    assert summary["dvsft"]["word_acc"][1] > 0
+    assert abs(summary["sft"]["text_word_acc"][0] - 0.2) < 1e-9 and abs(summary["dvsft"]["text_cer"][0] - 0.4) < 1e-9
+    assert summary["dvsft"]["text_word_acc"][1] > 0
     margins = per_seed_margins(rows)
-    assert [round(m["word_acc"], 6) for m in margins] == [0.6, 0.2]
-    assert [round(m["cer"], 6) for m in margins] == [-0.6, -0.2]
+    assert [round(m["text"], 6) for m in margins] == [0.6, 0.2]
+    assert [round(m["random"], 6) for m in margins] == [0.5, 0.3]
+    # reading gap: (0.7 - 0.0) - (0.1 - 0.1) and (0.5 - 0.1) - (0.3 - 0.2)
+    assert [round(m["swap"], 6) for m in margins] == [0.7, 0.3]
 
 
 FAMILY_TYPES = {
@@ -130,7 +141,7 @@ def test_demo_toy_runs_for_each_family(family, toy_pages, tmp_path):
     result = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output[-3000:]
     rows = json.loads((out / "results.json").read_text())["runs"]
-    assert {r["method"] for r in rows} == {"dvsft"} and {r["step"] for r in rows} == {0, 1}
+    assert {r["method"] for r in rows} == {"dvsft"} and {r["step"] for r in rows} == {1}
     assert all(0.0 <= r["vision_top1"] <= 1.0 for r in rows)
     assert (out / "lens.png").is_file()
     assert load_model(out / "dvsft").config.model_type == FAMILY_TYPES[family]

@@ -19,16 +19,14 @@ import json
 import os
 import random
 import shutil
-import statistics
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from dvsft.labels.instructions import TRANSCRIBE_INSTRUCTION as TRANSCRIBE
 from dvsft.training.tiny import TinyConfig
 
 METHODS = ("sft", "dvsft")
@@ -52,6 +50,11 @@ class DemoPreset:
     vision_eps: float
     eval_points: int  # evaluations during training, evenly spaced, plus step 0
     seeds: int
+    noncontextual: float = 0.0  # share of training pages that are random words
+    text_steps: int = 0  # text stage: steps of the LLM on oracle pages before the graft (0: none)
+    text_batch_size: int = 32
+    text_learning_rate: float = 3e-3
+    lr_scheduler: str = "cosine"  # of the vision-language runs (HF scheduler names)
     tiny: TinyConfig = field(default_factory=TinyConfig)
     device: str = "cpu"
 
@@ -125,6 +128,9 @@ PRESETS: dict[str, DemoPreset] = {
         vision_eps=0.0,
         eval_points=2,
         seeds=1,
+        noncontextual=0.25,
+        text_steps=2,
+        text_batch_size=4,
         tiny=TinyConfig(
             vocab_size=600,
             hidden_size=32,
@@ -155,8 +161,21 @@ def page_pixels(preset: DemoPreset) -> int:
     return preset.cols * preset.rows * 32 * 32
 
 
-def render_split(stream: list[str], n_pages: int, out_dir: Path, name: str, preset: DemoPreset, seed: int) -> Path:
-    """Render ``n_pages`` pages from random windows of ``stream``; write images + word records."""
+def render_split(
+    stream: list[str],
+    n_pages: int,
+    out_dir: Path,
+    name: str,
+    preset: DemoPreset,
+    seed: int,
+    noncontextual: float = 0.0,
+    vocab: list[str] | None = None,
+) -> Path:
+    """Render ``n_pages`` pages; write images + word records.
+
+    A page is a random window of ``stream`` (running text), or with probability ``noncontextual``
+    the words of ``vocab`` (default: the stream's) in random order.
+    """
     from dvsft.labels.render import Renderer, RenderStyle
     from dvsft.records import write_jsonl
 
@@ -170,11 +189,16 @@ def render_split(stream: list[str], n_pages: int, out_dir: Path, name: str, pres
         max_pixels=pixels,
     )
     rng = random.Random(seed)
+    vocab = sorted(set(vocab or stream))
     window = preset.cols * preset.rows * 2  # more words than a page holds; the rest goes unused
     rows = []
     for i in range(n_pages):
-        start = rng.randrange(0, max(1, len(stream) - window))
-        page = renderer.render_text(" ".join(stream[start : start + window]), rng=rng)[0]
+        if rng.random() < noncontextual:
+            words = [rng.choice(vocab) for _ in range(window)]
+        else:
+            start = rng.randrange(0, max(1, len(stream) - window))
+            words = stream[start : start + window]
+        page = renderer.render_text(" ".join(words), rng=rng)[0]
         rel = f"images/{name}_{i:05d}.png"
         page.save(out_dir / rel)
         rows.append(page.record(f"{name}_{i:05d}", rel))
@@ -183,57 +207,38 @@ def render_split(stream: list[str], n_pages: int, out_dir: Path, name: str, pres
     return path
 
 
-def build_data(preset: DemoPreset, out_dir: Path) -> tuple[Path, Path]:
-    """Training and held-out pages; held-out pages come from text never used for training.
+# the evaluation sets: held-out running text, and the same vocabulary in random order
+EVAL_SETS = ("text", "random")
 
+
+def build_data(preset: DemoPreset, out_dir: Path) -> dict[str, Path]:
+    """Training, validation and held-out pages (name -> records file).
+
+    The corpus is cut by position: 80% for training, 10% for validation (``val_text``,
+    ``val_random``: for choosing settings) and 10% for the held-out evaluation (``text``,
+    ``random``: what the report shows). Random-word pages draw from the whole demo vocabulary.
     Pages are reused when ``out_dir/data`` already holds them for the same data settings.
     """
     data_dir = out_dir / "data"
-    settings = {
-        k: getattr(preset, k) for k in ("vocab_words", "cols", "rows", "font_size", "train_pages", "heldout_pages")
-    }
+    keys = ("vocab_words", "cols", "rows", "font_size", "train_pages", "heldout_pages", "noncontextual")
+    settings = {k: getattr(preset, k) for k in keys}
     meta = data_dir / "settings.json"
-    train, heldout = data_dir / "train.jsonl", data_dir / "heldout.jsonl"
-    if meta.is_file() and json.loads(meta.read_text()) == settings and train.is_file() and heldout.is_file():
-        return train, heldout
+    names = ("train", "val_text", "val_random", *EVAL_SETS)
+    files = {n: data_dir / f"{n}.jsonl" for n in names}
+    if meta.is_file() and json.loads(meta.read_text()) == settings and all(f.is_file() for f in files.values()):
+        return files
+    (data_dir / "images").mkdir(parents=True, exist_ok=True)
     stream = demo_stream(preset.vocab_words)
-    cut = int(len(stream) * 0.9)
-    train = render_split(stream[:cut], preset.train_pages, data_dir, "train", preset, seed=1)
-    heldout = render_split(stream[cut:], preset.heldout_pages, data_dir, "heldout", preset, seed=2)
+    a, b = int(len(stream) * 0.8), int(len(stream) * 0.9)
+    n = preset.heldout_pages
+    vocab = sorted(set(stream))
+    render_split(stream[:a], preset.train_pages, data_dir, "train", preset, 1, preset.noncontextual, vocab)
+    render_split(stream[a:b], n, data_dir, "val_text", preset, 2)
+    render_split(stream[a:b], n, data_dir, "val_random", preset, 3, 1.0, vocab)
+    render_split(stream[b:], n, data_dir, "text", preset, 4)
+    render_split(stream[b:], n, data_dir, "random", preset, 5, 1.0, vocab)
     meta.write_text(json.dumps(settings))
-    return train, heldout
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-def evaluate(model: Any, processor: Any, records: list[dict], records_file: Path, batch_size: int = 16) -> dict:
-    """Held-out greedy transcription (word accuracy, CER) and vision-label top-1 accuracy."""
-    from PIL import Image
-
-    from dvsft.analysis.lens import vision_label_accuracy
-    from dvsft.evaluation.generation import Generator
-    from dvsft.evaluation.metrics import cer, word_accuracy
-    from dvsft.records import image_path
-
-    was_training = model.training
-    generator = Generator(model, processor, max_new_tokens=max(len(r["words"]) for r in records) * 3 + 8)
-    word_accs, cers = [], []
-    for i in range(0, len(records), batch_size):
-        batch = records[i : i + batch_size]
-        images = [[Image.open(image_path(r, records_file)).convert("RGB")] for r in batch]
-        preds = generator([TRANSCRIBE] * len(batch), images)
-        for r, pred in zip(batch, preds, strict=True):
-            ref = r["messages"][-1]["content"]
-            word_accs.append(word_accuracy(pred, ref))
-            cers.append(cer(pred, ref))
-    vision = vision_label_accuracy(model, processor, records, records_file)
-    model.train(was_training)
-    return {
-        "word_acc": statistics.fmean(word_accs),
-        "cer": statistics.fmean(cers),
-        "vision_top1": vision["top1"],
-    }
+    return files
 
 
 # --------------------------------------------------------------------------- one training run
@@ -260,13 +265,13 @@ def train_config(
         "method": method,
         "vision_lambda": preset.vision_lambda,
         "vision_eps": preset.vision_eps,
-        "qa_per_image": 1,
+        "one_qa_per_image": True,
         "min_pixels": pixels,
         "max_pixels": pixels,
         "max_length": 1024,
         "learning_rate": preset.learning_rate,
         "warmup_steps": 0.05,
-        "lr_scheduler_type": "cosine",
+        "lr_scheduler_type": preset.lr_scheduler,
         "global_batch_size": batch_size,
         "per_device_train_batch_size": batch_size,
         "max_steps": steps,
@@ -294,6 +299,15 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+def eval_sets(files: dict[str, Path], split: str) -> dict[str, list[dict]]:
+    """The evaluation pages (``text``, ``random``) of ``split``: ``heldout`` (the report) or ``val`` (tuning)."""
+    from dvsft.demo_eval import resolved
+    from dvsft.records import read_jsonl
+
+    prefix = "" if split == "heldout" else "val_"
+    return {name: resolved(list(read_jsonl(files[prefix + name])), files[prefix + name]) for name in EVAL_SETS}
+
+
 def run_one(job: dict) -> list[dict]:
     """Train one (method, seed) and evaluate it at the requested steps; runs in a worker process."""
     import torch
@@ -301,14 +315,13 @@ def run_one(job: dict) -> list[dict]:
 
     quiet_transformers()
 
+    from dvsft.demo_eval import evaluate
     from dvsft.models import load_processor
-    from dvsft.records import read_jsonl
     from dvsft.training.train import train
 
     torch.set_num_threads(job["threads"])
     preset: DemoPreset = job["preset"]
-    heldout_file = Path(job["heldout"])
-    heldout = list(read_jsonl(heldout_file))
+    sets = eval_sets({k: Path(v) for k, v in job["files"].items()}, job["split"])
     pixels = page_pixels(preset)
     processor = load_processor(job["base"], min_pixels=pixels, max_pixels=pixels)
     rows: list[dict] = []
@@ -316,12 +329,11 @@ def run_one(job: dict) -> list[dict]:
 
     def record(model: Any, step: int) -> None:
         t = time.time()
-        metrics = evaluate(model, processor, heldout, heldout_file)
         row = {
             "method": job["method"],
             "seed": job["seed"],
             "step": step,
-            **metrics,
+            **evaluate(model, processor, sets),
             "eval_seconds": round(time.time() - t, 2),
         }
         rows.append(row)
@@ -331,9 +343,6 @@ def run_one(job: dict) -> list[dict]:
             job["on_eval"](row)
 
     class EvalCallback(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kw):
-            record(model, 0)
-
         def on_step_end(self, args, state, control, model=None, **kw):
             if queue is not None:
                 queue.put(("step", job["name"], state.global_step))
@@ -345,7 +354,7 @@ def run_one(job: dict) -> list[dict]:
     config = train_config(
         preset,
         job["base"],
-        job["train"],
+        job["files"]["train"],
         job["output_dir"],
         job["method"],
         job["seed"],
@@ -363,172 +372,63 @@ def run_one(job: dict) -> list[dict]:
     return rows
 
 
-# --------------------------------------------------------------------------- reporting
+def text_stage(preset: DemoPreset, files: dict[str, Path], out: Path, threads: int) -> tuple[Path, dict] | None:
+    """The text-trained LLM of the preset (cached in ``out/data``), or None when the preset has no text stage."""
+    if not preset.text_steps:
+        return None
+    import torch
+
+    from dvsft.demo_eval import resolved
+    from dvsft.demo_text import train_text
+    from dvsft.records import read_jsonl
+    from dvsft.training.tiny import save_tiny
+
+    settings = {
+        "data": json.loads((files["train"].parent / "settings.json").read_text()),
+        "tiny": asdict(preset.tiny),
+        **{k: getattr(preset, k) for k in ("text_steps", "text_batch_size", "text_learning_rate")},
+    }
+    text_dir = out / "data" / "text_llm"
+    meta = text_dir / "dvsft_text_stage.json"
+    if meta.is_file() and json.loads(meta.read_text())["settings"] == settings:
+        return text_dir, json.loads(meta.read_text())["probes"]
+    torch.set_num_threads(threads)
+    pixels = page_pixels(preset)
+    start = save_tiny(out / "data" / "text_base", replace(preset.tiny, seed=0, min_pixels=pixels, max_pixels=pixels))
+    records = {k: resolved(list(read_jsonl(files[k])), files[k]) for k in ("train", "val_text", "val_random")}
+    probes: dict = {}
+    train_text(
+        start,
+        records["train"],
+        preset.text_steps,
+        preset.text_batch_size,
+        preset.text_learning_rate,
+        0,
+        text_dir,
+        probes={"val_text": records["val_text"], "val_random": records["val_random"]},
+        on_probe=lambda step, acc: probes.update(acc),
+    )
+    shutil.rmtree(start)
+    meta.write_text(json.dumps({"settings": settings, "probes": probes}, indent=2))
+    return text_dir, probes
 
 
-def summarize(rows: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
-    """Per method: metric -> (mean, std) over seeds at the last evaluated step."""
-    out: dict[str, dict[str, tuple[float, float]]] = {}
-    for method in METHODS:
-        mine = [r for r in rows if r["method"] == method]
-        if not mine:
-            continue
-        last = max(r["step"] for r in mine)
-        final = [r for r in mine if r["step"] == last]
-        out[method] = {}
-        for key in ("word_acc", "cer", "vision_top1"):
-            vals = [r[key] for r in final]
-            out[method][key] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
-    return out
-
-
-def per_seed_margins(rows: list[dict]) -> list[dict]:
-    """DV-SFT minus SFT at the final step, per seed."""
-    last = max(r["step"] for r in rows)
-    final = {(r["method"], r["seed"]): r for r in rows if r["step"] == last}
-    seeds = sorted({s for _, s in final})
-    return [
-        {
-            "seed": s,
-            "word_acc": final[("dvsft", s)]["word_acc"] - final[("sft", s)]["word_acc"],
-            "cer": final[("dvsft", s)]["cer"] - final[("sft", s)]["cer"],
-        }
-        for s in seeds
-        if ("dvsft", s) in final and ("sft", s) in final
-    ]
-
-
-def plot_curves(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [
-        ("word_acc", "held-out word accuracy"),
-        ("cer", "held-out CER (lower is better)"),
-        ("vision_top1", "vision-label top-1 accuracy"),
-    ]
-    colors = {"sft": "#888888", "dvsft": "#d62728"}
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, (key, title) in zip(axes, keys, strict=True):
-        for method in METHODS:
-            mine = [r for r in rows if r["method"] == method]
-            steps = sorted({r["step"] for r in mine})
-            if not steps:
-                continue
-            vals = [[r[key] for r in mine if r["step"] == s] for s in steps]
-            mean = [statistics.fmean(v) for v in vals]
-            lo, hi = [min(v) for v in vals], [max(v) for v in vals]
-            label = {"sft": "SFT", "dvsft": "DV-SFT"}[method]
-            ax.plot(steps, mean, marker="o", color=colors[method], label=label)
-            ax.fill_between(steps, lo, hi, color=colors[method], alpha=0.2)
-        if key == "cer":  # an untrained model can babble far past the reference: keep 0..120% in view
-            ax.set_ylim(0, min(1.2, ax.get_ylim()[1]))
-            title += ", axis clipped at 1.2"
-        ax.set_title(title)
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle("Tiny Qwen3-VL learning to read rendered text: SFT vs DV-SFT (band = min..max over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-LENS_LEGEND = (
-    ("green: the cell's word", (0, 150, 0)),
-    ("red: another word", (200, 0, 0)),
-    ("blue: cell with no word label (no word ends in it)", (0, 0, 200)),
-    ("red lines: token grid", (255, 0, 0)),
-)
-
-
-def plot_lens(model_dirs: dict[str, Path], heldout_file: Path, record: dict, path: Path, pixels: int) -> None:
-    """Visual-logit overlays of the final models, side by side, on one held-out page."""
-    from PIL import Image, ImageDraw
-
-    from dvsft.analysis.lens import lens_overlay, record_labels, run_lens
-    from dvsft.models import load_model, load_processor
-    from dvsft.records import image_path
-
-    image = Image.open(image_path(record, heldout_file)).convert("RGB")
-    panels = []
-    for method, model_dir in model_dirs.items():
-        model = load_model(model_dir).eval()
-        processor = load_processor(model_dir, min_pixels=pixels, max_pixels=pixels)
-        result = run_lens(model, processor, image)
-        labels = record_labels(record, result.geometry, processor.tokenizer, str(heldout_file))
-        correct = {token: result.top_ids[token][0] == label for token, label in labels.items()}
-        upscale = max(2.0, 768 / image.width)
-        panel = lens_overlay(image, result.geometry, result.top1_texts(), correct=correct, upscale=upscale)
-        label = {"sft": "SFT", "dvsft": "DV-SFT"}[method]
-        titled = Image.new("RGB", (panel.width, panel.height + 40), "white")
-        titled.paste(panel, (0, 40))
-        draw = ImageDraw.Draw(titled)
-        draw.text((6, 4), f"{label}: top-1 token of each visual token's own logits", fill="black")
-        x = 6
-        for text, colour in LENS_LEGEND:  # the colours lens_overlay uses
-            draw.text((x, 22), text, fill=colour)
-            x += draw.textlength(text) + 12
-        panels.append(titled)
-    original = Image.new("RGB", (panels[0].width, image.height * panels[0].width // image.width + 28), "white")
-    original.paste(image.resize((panels[0].width, original.height - 28)), (0, 28))
-    ImageDraw.Draw(original).text((6, 6), "held-out page (never seen in training)", fill="black")
-    panels.insert(0, original)
-    out = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels) + 8 * len(panels)), "white")
-    y = 0
-    for p in panels:
-        out.paste(p, (0, y))
-        y += p.height + 8
-    out.save(path)
-
-
-def write_report(summary: dict, margins: list[dict], preset: DemoPreset, seconds: float, path: Path) -> str:
-    def fmt(key: str, method: str, pct: bool = True) -> str:
-        mean, std = summary[method][key]
-        return f"{100 * mean:.1f} ± {100 * std:.1f}" if pct else f"{mean:.3f} ± {std:.3f}"
-
-    lines = [
-        "# dvsft demo: SFT vs DV-SFT",
-        "",
-        f"Preset `{preset.name}`: tiny Qwen3-VL ({preset.tiny.layers} LLM layers, hidden {preset.tiny.hidden_size}), "
-        f"{preset.train_pages} training pages of {preset.cols}x{preset.rows} visual tokens, "
-        f"{preset.steps} steps of batch {preset.batch_size}, lambda {preset.vision_lambda}, eps {preset.vision_eps}, "
-        f"{len(margins)} seed(s); {seconds / 60:.1f} min in all.",
-        "",
-        "| method | held-out word accuracy (%) | held-out CER (%) | vision-label top-1 (%) |",
-        "| --- | --- | --- | --- |",
-    ]
-    for method in METHODS:
-        if method in summary:
-            name = {"sft": "SFT", "dvsft": "DV-SFT"}[method]
-            lines.append(
-                f"| {name} | {fmt('word_acc', method)} | {fmt('cer', method)} | {fmt('vision_top1', method)} |"
-            )
-    lines += ["", "Mean ± std over seeds at the final step. Per-seed margin (DV-SFT − SFT):", ""]
-    lines += [
-        f"- seed {m['seed']}: word accuracy {100 * m['word_acc']:+.1f} points, CER {100 * m['cer']:+.1f} points"
-        for m in margins
-    ]
-    lines += [
-        "",
-        "What the numbers mean: both models see the same pages in the same order with the same budget; "
-        "SFT learns to read only through the transcription loss, DV-SFT additionally labels every visual "
-        "token with the word whose bottom-right corner it holds. *Word accuracy* is the share of reference "
-        "words reproduced in order by greedy decoding on pages of text never seen in training (words matched "
-        "along an edit-distance alignment); *CER* is character edit distance over reference length; "
-        "*vision-label top-1* is how often a visual token's own logits name its word. The gap is the paper's "
-        "alignment-efficiency effect (section 5.3): direct vision supervision teaches the visual tokens to "
-        "read, and the text side learns to copy what they read.",
-        "",
-        "Files: `curves.png` (learning curves, band = seed spread), `lens.png` (visual logit lens of both final "
-        "models on one held-out page), `results.json` (every evaluation), `sft/` and `dvsft/` (final models of "
-        "the first seed; `dvsft eval` and `dvsft lens` accept them).",
-    ]
-    text = "\n".join(lines) + "\n"
-    path.write_text(text)
-    return text
+def setup_line(preset: DemoPreset, seeds: int, probes: dict | None) -> str:
+    """One sentence describing the run, for the report."""
+    text = (
+        f"{preset.text_steps} text-stage steps of batch {preset.text_batch_size} on oracle pages (validation "
+        f"teacher-forced accuracy after it: running text {100 * probes['val_text']:.0f}%, non-contextual "
+        f"{100 * probes['val_random']:.0f}%), then a fresh vision tower grafted; "
+        if probes
+        else "no text stage; "
+    )
+    return (
+        f"Preset `{preset.name}`: tiny Qwen3-VL ({preset.tiny.layers} LLM layers, hidden {preset.tiny.hidden_size}); "
+        f"{preset.train_pages} training pages of {preset.cols}x{preset.rows} visual tokens "
+        f"({100 * preset.noncontextual:.0f}% of them random words); {text}"
+        f"{preset.steps} steps of batch {preset.batch_size} per run, lr {preset.learning_rate} "
+        f"{preset.lr_scheduler}, lambda {preset.vision_lambda}, eps {preset.vision_eps}, {seeds} seed(s)"
+    )
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -561,10 +461,45 @@ def run_parallel(jobs: list[dict], workers: int, on_step: Any, on_eval: Any) -> 
     return rows
 
 
-def progress_line(row: dict) -> str:
-    """One evaluation point as a plain log line."""
-    name = {"sft": "SFT", "dvsft": "DV-SFT"}[row["method"]]
-    return f"{name} seed {row['seed']} step {row['step']}: held-out word accuracy {100 * row['word_acc']:.1f}%"
+def apply_overrides(preset: DemoPreset, items: list[str]) -> DemoPreset:
+    """``KEY=VALUE`` settings of the preset (``tiny.KEY=VALUE`` for the model), typed like the field."""
+    for item in items:
+        key, sep, value = item.partition("=")
+        target = preset.tiny if key.startswith("tiny.") else preset
+        name = key.removeprefix("tiny.")
+        if not sep or name not in {f.name for f in fields(target)}:
+            raise typer.BadParameter(f"--set {item!r}: expected KEY=VALUE with KEY a preset field")
+        kind = type(getattr(target, name))
+        try:
+            typed = kind(value)
+        except ValueError as err:
+            raise typer.BadParameter(f"--set {item!r}: {err}") from err
+        if target is preset:
+            preset = replace(preset, **{name: typed})
+        else:
+            preset = replace(preset, tiny=replace(preset.tiny, **{name: typed}))
+    return preset
+
+
+def base_model(preset: DemoPreset, seed: int, out: Path, text_dir: Path | None) -> Path:
+    """The seed's starting model: a fresh tiny Qwen3-VL, with the text-trained LLM grafted in if any."""
+    from dvsft.demo_text import graft
+    from dvsft.training.tiny import save_tiny
+
+    base = out / "base" / f"seed{seed}"
+    pixels = page_pixels(preset)
+    tiny = replace(preset.tiny, seed=seed, min_pixels=pixels, max_pixels=pixels)
+    settings = {"tiny": asdict(tiny), "text": str(text_dir) if text_dir else None}
+    meta = base / "dvsft_demo_base.json"
+    if (base / "config.json").is_file() and meta.is_file() and json.loads(meta.read_text()) == settings:
+        return base
+    if base.exists():
+        shutil.rmtree(base)
+    save_tiny(base, tiny)
+    if text_dir is not None:
+        graft(text_dir, base)
+    meta.write_text(json.dumps(settings))
+    return base
 
 
 def run_demo(
@@ -577,45 +512,63 @@ def run_demo(
     vision_eps: float | None = None,
     methods: tuple[str, ...] = METHODS,
     threads: int | None = None,
+    settings: list[str] | None = None,
+    split: str = "heldout",
     family: str | None = None,
 ) -> dict:
     """Run the whole experiment; returns the results dictionary also written to ``out/results.json``.
 
-    ``family`` picks the tiny model's architecture (``tiny.family``: qwen3-vl, qwen3.5,
-    qwen3-vl-moe, internvl, llava_onevision, idefics3, smolvlm); the pages are the same."""
+    ``settings``: ``KEY=VALUE`` preset overrides; ``split="val"`` evaluates on the validation pages
+    (for choosing settings) instead of the held-out ones. ``family`` picks the tiny model's
+    architecture (``tiny.family``: qwen3-vl, qwen3.5, qwen3-vl-moe, internvl, llava_onevision,
+    idefics3, smolvlm); the pages are the same.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from dvsft.training.tiny import save_tiny
+    from dvsft.demo_report import plot_curves, plot_lens, progress_line, results_summary, write_report
+    from dvsft.records import read_jsonl
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the runs already fill the cores
     quiet_transformers()
     console = Console()
     if preset_name not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
-    preset = PRESETS[preset_name]
+    if split not in ("heldout", "val"):
+        raise typer.BadParameter(f"split must be heldout or val, got {split!r}")
+    preset = apply_overrides(PRESETS[preset_name], list(settings or []))
     overrides = {"steps": steps, "vision_lambda": vision_lambda, "vision_eps": vision_eps}
     preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
     if family is not None:
         preset = replace(preset, tiny=replace(preset.tiny, family=family))
+    if preset.text_steps and preset.tiny.family != "qwen3-vl":
+        # oracle visual tokens go in through Qwen3-VL's mm_encoder_outputs; other families start from scratch
+        console.print(f"[yellow]![/] no text stage for family {preset.tiny.family} (qwen3-vl only)")
+        preset = replace(preset, text_steps=0)
     n_seeds = seeds if seeds is not None else preset.seeds
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    cores = os.cpu_count() or 1
 
-    with console.status("rendering training and held-out pages"):
-        train_file, heldout_file = build_data(preset, out)
+    with console.status("rendering training, validation and held-out pages"):
+        files = build_data(preset, out)
     console.print(
-        f"[green]✓[/] {preset.train_pages} training + {preset.heldout_pages} held-out pages in {out / 'data'}"
+        f"[green]✓[/] {preset.train_pages} training pages, validation and held-out pages "
+        f"({preset.heldout_pages} each of running text and random words) in {out / 'data'}"
     )
+    with console.status(f"text stage: {preset.text_steps} steps of the LLM on oracle pages"):
+        stage = text_stage(preset, files, out, threads or cores)
+    text_dir, probes = stage if stage else (None, None)
+    if probes:
+        console.print(
+            f"[green]✓[/] text stage: validation teacher-forced accuracy running text "
+            f"{100 * probes['val_text']:.1f}%, random words {100 * probes['val_random']:.1f}%"
+        )
 
     jobs = []
     for seed in range(n_seeds):
-        base = out / "base" / f"seed{seed}"
-        if not (base / "config.json").is_file():
-            save_tiny(
-                base, replace(preset.tiny, seed=seed, min_pixels=page_pixels(preset), max_pixels=page_pixels(preset))
-            )
+        base = base_model(preset, seed, out, text_dir)
         for method in methods:
             jobs.append(
                 {
@@ -624,13 +577,12 @@ def run_demo(
                     "seed": seed,
                     "preset": preset,
                     "base": str(base),
-                    "train": str(train_file),
-                    "heldout": str(heldout_file),
+                    "files": {k: str(v) for k, v in files.items()},
+                    "split": split,
                     "output_dir": str(out / "runs" / f"{method}-seed{seed}"),
                     "eval_steps": eval_steps(preset, preset.steps),
                 }
             )
-    cores = os.cpu_count() or 1
     workers = workers or (1 if preset.device == "cuda" else min(2, cores))
     for job in jobs:
         job["threads"] = threads or max(1, cores // workers)
@@ -664,34 +616,34 @@ def run_demo(
             rows.extend(run_parallel(jobs, workers, on_step, on_eval))
 
     rows.sort(key=lambda r: (r["method"], r["seed"], r["step"]))
-    summary = summarize(rows)
-    margins = per_seed_margins(rows)
     for method in methods:
         final = json.loads(Path(out / "runs" / f"{method}-seed0" / "demo_rows.json").read_text())["final_dir"]
         if (out / method).exists():
             shutil.rmtree(out / method)
         shutil.copytree(final, out / method)
     plot_curves(rows, out / "curves.png")
-    from dvsft.records import read_jsonl
-
-    first = next(read_jsonl(heldout_file))
-    plot_lens({m: out / m for m in methods}, heldout_file, first, out / "lens.png", page_pixels(preset))
+    lens_file = files["text" if split == "heldout" else "val_text"]
+    first = next(read_jsonl(lens_file))
+    plot_lens({m: out / m for m in methods}, lens_file, first, out / "lens.png", page_pixels(preset))
     seconds = time.time() - t0
-    report = write_report(summary, margins, preset, seconds, out / "report.md")
+    setup = setup_line(preset, n_seeds, probes)
+    if split == "val":
+        setup += " (evaluated on the VALIDATION pages)"
+    report = write_report(rows, setup, seconds, out / "report.md")
     results = {
         "runs": rows,
-        "summary": {m: {k: {"mean": v[0], "std": v[1]} for k, v in s.items()} for m, s in summary.items()},
-        "margins": margins,
-        "preset": {**asdict(preset), "steps": preset.steps},
+        **results_summary(rows),
+        "preset": asdict(preset),
+        "text_stage": probes,
+        "split": split,
         "seeds": n_seeds,
         "seconds": round(seconds, 1),
-        "dvsft_wins_every_seed": all(m["word_acc"] > 0 and m["cer"] < 0 for m in margins) if margins else None,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     console.print(report)
     console.print(
         f"[bold]Files:[/] {out / 'report.md'}, {out / 'results.json'}, {out / 'curves.png'}, "
-        f"{out / 'lens.png'}, {out / 'sft'}, {out / 'dvsft'}"
+        f"{out / 'lens.png'}, " + ", ".join(str(out / m) for m in methods)
     )
     return results
 
@@ -708,10 +660,14 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         vision_eps: float | None = typer.Option(None, help="vision smoothing eps (default: the preset's)"),
         methods: str = typer.Option("sft,dvsft", help="methods to run (e.g. only dvsft for a lambda/eps sweep)"),
         threads: int | None = typer.Option(None, help="torch threads per run (default: cores / workers)"),
+        set_: list[str] = typer.Option(
+            [], "--set", help="preset override KEY=VALUE (e.g. text_steps=0, noncontextual=0.5, tiny.layers=4)"
+        ),
+        split: str = typer.Option("heldout", help="pages to evaluate on: heldout (the report) or val (for tuning)"),
         family: str | None = typer.Option(None, help="tiny model family (qwen3-vl, qwen3.5, internvl, …)"),
     ) -> None:
         """Train SFT and DV-SFT on rendered text with a tiny Qwen3-VL and compare how fast they learn to read."""
         chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
         if not chosen or set(chosen) - set(METHODS):
             raise typer.BadParameter(f"methods must be among {', '.join(METHODS)}; got {methods!r}")
-        run_demo(preset, seeds, steps, out, workers, vision_lambda, vision_eps, chosen, threads, family)
+        run_demo(preset, seeds, steps, out, workers, vision_lambda, vision_eps, chosen, threads, set_, split, family)

@@ -212,6 +212,7 @@ def run_job(job: dict) -> dict:
     from transformers import TrainerCallback
 
     from dvsft import demo
+    from dvsft.demo_eval import transcription
     from dvsft.models import load_model, load_processor
     from dvsft.records import read_jsonl
     from dvsft.training.train import train
@@ -264,7 +265,7 @@ def run_job(job: dict) -> dict:
     model = load_model(model_path).eval()
     processor = load_processor(model_path, min_pixels=pixels, max_pixels=pixels)
     heldout_file = Path(job["heldout"])
-    metrics = demo.evaluate(model, processor, list(read_jsonl(heldout_file)), heldout_file)
+    metrics = transcription(model, processor, list(read_jsonl(heldout_file)), heldout_file)
     metrics.update(evaluate_regions(model, processor, job["region_items"]))
     return {
         "method": job["method"],
@@ -435,6 +436,7 @@ def run_compare(
         heldout_pages=cp.heldout_pages,
         steps=cp.steps,
         batch_size=cp.batch_size,
+        noncontextual=0.0,
     )
     pixels = demo.page_pixels(dp)
     out = Path(out)
@@ -442,7 +444,8 @@ def run_compare(
     t0 = time.time()
 
     with console.status("rendering pages, building region tasks"):
-        train_file, heldout_file = demo.build_data(dp, out)
+        files = demo.build_data(dp, out)
+        train_file, heldout_file = files["train"], files["text"]
         sets = {k: str(v) for k, v in build_sets(train_file, out / "data", cp.region_share, seed=0).items()}
         items = heldout_region_items(heldout_file, seed=0)
     console.print(
