@@ -78,7 +78,7 @@ def test_demo_methods_option_and_log_lines(tmp_path):
     assert not (out / "runs" / "sft-seed0").exists() and not (out / "sft").exists()
     lines = [line for line in proc.stdout.splitlines() if line.startswith("DV-SFT seed 0 step ")]
     assert len(lines) == len(rows) == len(eval_steps(PRESETS["toy"], 2))
-    assert all("held-out word accuracy" in line and line.endswith("%") for line in lines)
+    assert all("word accuracy text " in line and ", swap " in line and line.endswith("%") for line in lines)
 
 
 def row(method, seed, step, text, random, swap):

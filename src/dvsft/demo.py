@@ -68,12 +68,12 @@ PRESETS: dict[str, DemoPreset] = {
         font_size=18,
         train_pages=2000,
         heldout_pages=48,
-        steps=400,
+        steps=240,  # the 6-minute budget on 2 cores (docs/BENCHMARKS.md)
         batch_size=16,
         learning_rate=3e-3,
         vision_lambda=1.0,
         vision_eps=0.0,
-        eval_points=4,
+        eval_points=3,
         seeds=3,
         tiny=TinyConfig(
             vocab_size=2048,
@@ -265,7 +265,7 @@ def train_config(
         "method": method,
         "vision_lambda": preset.vision_lambda,
         "vision_eps": preset.vision_eps,
-        "one_qa_per_image": True,
+        "qa_per_image": 1,
         "min_pixels": pixels,
         "max_pixels": pixels,
         "max_length": 1024,
