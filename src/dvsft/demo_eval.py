@@ -52,13 +52,13 @@ def teacher_forced(model: Any, collator: Any, records: list[dict], batch_size: i
     import torch
 
     from dvsft.demo_text import token_accuracy
+    from dvsft.training.trainer import MODEL_INPUTS
 
     hits = total = 0
     for i in range(0, len(records), batch_size):
         batch = collator(records[i : i + batch_size])
-        keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
         with torch.inference_mode():
-            logits = model(**{k: batch[k] for k in keys if k in batch}).logits
+            logits = model(**{k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}).logits
         h, t = token_accuracy(logits, batch["labels"])
         hits, total = hits + h, total + t
     return hits / max(total, 1)

@@ -37,7 +37,8 @@ def oracle_encode(record: dict[str, Any], collator: VisionCollator) -> dict[str,
         return_tensors="pt",
     )
     ids = enc["input_ids"][0]
-    labels = collator._text_labels(ids, enc["offset_mapping"][0], text, spans, n)
+    grow = (n - 1) * len(collator.image_token)  # characters the image placeholder grew by
+    labels = collator._text_labels(ids, enc["offset_mapping"][0], text, spans, grow)
     cells = torch.full((n,), collator.image_token_id, dtype=torch.long)
     for lab in align_words(record.get("words") or [], grid, tokenizer=tok, config=collator.align_config).labels:
         cells[lab["token"]] = int(lab["token_id"])
