@@ -52,13 +52,13 @@ def teacher_forced(model: Any, collator: Any, records: list[dict], batch_size: i
     import torch
 
     from dvsft.demo_text import token_accuracy
-    from dvsft.training.trainer import MODEL_INPUTS
+    from dvsft.training.objectives import model_inputs
 
     hits = total = 0
     for i in range(0, len(records), batch_size):
         batch = collator(records[i : i + batch_size])
         with torch.inference_mode():
-            logits = model(**{k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}).logits
+            logits = model(**model_inputs(batch)).logits
         h, t = token_accuracy(logits, batch["labels"])
         hits, total = hits + h, total + t
     return hits / max(total, 1)
