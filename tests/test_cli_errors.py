@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from dvsft.cli import app
 from dvsft.records import read_jsonl
 
-runner = CliRunner()
+# A wide terminal: rich would otherwise break a long temporary path in the middle of a word.
+runner = CliRunner(env={"COLUMNS": "1000", "TERMINAL_WIDTH": "1000"})
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
