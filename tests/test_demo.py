@@ -1,6 +1,7 @@
 """`dvsft demo` end to end at toy size: every output file is written and well formed."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -32,6 +33,7 @@ def test_demo_toy_end_to_end(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, "COLUMNS": "1000"},  # rich wraps at 80 columns when piped, possibly inside a long path
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "DV-SFT" in proc.stdout and "report.md" in proc.stdout
