@@ -640,10 +640,11 @@ def run_demo(
         "seconds": round(seconds, 1),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    console.print(report)
+    console.print(report, soft_wrap=True)  # a log file keeps the table's lines whole
     console.print(
         f"[bold]Files:[/] {out / 'report.md'}, {out / 'results.json'}, {out / 'curves.png'}, "
-        f"{out / 'lens.png'}, " + ", ".join(str(out / m) for m in methods)
+        f"{out / 'lens.png'}, " + ", ".join(str(out / m) for m in methods),
+        soft_wrap=True,
     )
     return results
 

