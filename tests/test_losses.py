@@ -27,6 +27,25 @@ def naive_vision(logits: torch.Tensor, targets, sets, eps: float) -> torch.Tenso
     return torch.stack(per_token).mean()
 
 
+def naive_reference(logits: torch.Tensor, batch: dict, lam: float, eps: float):
+    """The naive full-logits loss of a collated batch: text cross-entropy + lam * Eq. 3 at its visual tokens.
+    Returns (loss, text loss, vision loss)."""
+    pos = batch["vision_positions"]
+    v_ref = naive_vision(logits[pos[:, 0], pos[:, 1]], batch["vision_targets"], batch["vision_label_sets"], eps)
+    v = logits.shape[-1]
+    t_ref = F.cross_entropy(logits[:, :-1].reshape(-1, v), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    return t_ref + lam * v_ref, t_ref, v_ref
+
+
+def assert_same_grads(params, got, want) -> None:
+    """Gradients equal to float64 precision; a parameter the reference does not reach gets none (or zeros)."""
+    for p, a, b in zip(params, got, want, strict=True):
+        if b is None:
+            assert a is None or not a.any()
+            continue
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-7), p.shape
+
+
 def problem(n=9, d=6, v=13, seed=0, bias=True):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, d, dtype=torch.float64, generator=g, requires_grad=True)
@@ -281,21 +300,13 @@ def test_model_loss_matches_full_logits_reference(tiny):
         k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
     }
     logits = model(**inputs).logits  # [B, L, V]: the naive path
-    pos = batch["vision_positions"]
-    v_ref = naive_vision(logits[pos[:, 0], pos[:, 1]], batch["vision_targets"], batch["vision_label_sets"], eps)
-    v = logits.shape[-1]
-    t_ref = F.cross_entropy(logits[:, :-1].reshape(-1, v), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
-    ref = t_ref + lam * v_ref
+    ref, t_ref, v_ref = naive_reference(logits, batch, lam, eps)
     assert out.n_vision == 6 and out.n_text > 0
     assert torch.allclose(out.loss, ref, atol=1e-10)
     assert torch.allclose(out.text_loss, t_ref.detach(), atol=1e-10)
     assert torch.allclose(out.vision_loss, v_ref.detach(), atol=1e-10)
     want = torch.autograd.grad(ref, params, allow_unused=True)
-    for p, a, b in zip(params, got, want, strict=True):
-        if b is None:
-            assert a is None or not a.any()
-            continue
-        assert torch.allclose(a, b, atol=1e-10, rtol=1e-7), p.shape
+    assert_same_grads(params, got, want)
 
 
 def test_example_custom_trainer_runs(tmp_path, monkeypatch, tiny):

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import regex
 import torch
-import torch.nn.functional as F
-from test_losses import _batch, naive_vision
+from test_losses import _batch, assert_same_grads, naive_reference
 from test_train import losses, make_records, overrides
 from typer.testing import CliRunner
 
@@ -130,19 +129,11 @@ def test_family_loss_matches_full_logits_reference(family_dir):
         k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
     }
     logits = model(**inputs).logits  # the naive path: every position's full-vocabulary logits
-    pos = batch["vision_positions"]
-    v_ref = naive_vision(logits[pos[:, 0], pos[:, 1]], batch["vision_targets"], batch["vision_label_sets"], eps)
-    v = logits.shape[-1]
-    t_ref = F.cross_entropy(logits[:, :-1].reshape(-1, v), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
-    ref = t_ref + lam * v_ref
+    ref, t_ref, v_ref = naive_reference(logits, batch, lam, eps)
     assert out.n_vision == 6 and out.n_text > 0
     assert torch.allclose(out.loss, ref, atol=1e-10)
     want = torch.autograd.grad(ref, params, allow_unused=True)
-    for a, b in zip(got, want, strict=True):
-        if b is None:
-            assert a is None or not a.any()
-        else:
-            assert torch.allclose(a, b, atol=1e-10, rtol=1e-7)
+    assert_same_grads(params, got, want)
 
 
 class _StopAt:
