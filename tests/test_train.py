@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from transformers import TrainerCallback
 
-from dvsft.training.config import flat_keys, load_config, validate
+from dvsft.training.config import CONFIGS_DIR, flat_keys, load_config, validate
 from dvsft.training.objectives import (
     HEADS_ATTR,
     Objective,
@@ -24,7 +24,6 @@ from dvsft.training.objectives import (
 from dvsft.training.tiny import TinyConfig, save_tiny
 from dvsft.training.train import prepare, train
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "red", "hat", "old", "map", "sun", "box"]
 CELL = 32  # Qwen3-VL token cell
 
@@ -162,7 +161,7 @@ def test_config_sections_aliases_and_any_training_arguments_key(tmp_path):
     "name", ["tiny_cpu", "qwen3vl_2b_full", "qwen3vl_8b_lora", "qwen3_1.7b_graft", "finevit_stage1"]
 )
 def test_presets_parse(name):
-    cfg = load_config(CONFIGS / f"{name}.yaml", ["--bf16", "false"], check=False)  # the GPU recipes set bf16
+    cfg = load_config(CONFIGS_DIR / f"{name}.yaml", ["--bf16", "false"], check=False)  # the GPU recipes set bf16
     validate(cfg, paths=False)  # their model dirs and data are the user's
     assert cfg.method and cfg.gradient_accumulation_steps == cfg.global_batch_size // cfg.per_device_train_batch_size
 
@@ -188,12 +187,12 @@ def test_recipes_choose_qa_pairs_as_the_paper(tmp_path):
     out = str(tmp_path / "run")
     gpu_free = {"data": data, "output_dir": out, "bf16": False}  # the recipes set bf16 (a GPU's)
     for name in ("qwen3vl_2b_full", "qwen3vl_8b_lora"):
-        cfg = load_config(CONFIGS / f"{name}.yaml", gpu_free, check=False)
+        cfg = load_config(CONFIGS_DIR / f"{name}.yaml", gpu_free, check=False)
         validate(cfg, paths=False)  # the recipes' model dirs are the user's
         samples = load_dataset(cfg)
         turns = [sum(m["role"] == "assistant" for m in s["messages"]) for s in samples]
         assert turns == [1, 1, 1, 2, 2, 2], name
-    cfg = load_config(CONFIGS / "qwen3_1.7b_graft.yaml", gpu_free, check=False)
+    cfg = load_config(CONFIGS_DIR / "qwen3_1.7b_graft.yaml", gpu_free, check=False)
     validate(cfg, paths=False)
     samples = load_dataset(cfg)
     assert len(samples) == 2 * 3 * 4 and all(len(s["messages"]) == 2 for s in samples)
@@ -205,7 +204,7 @@ def test_recipes_choose_qa_pairs_as_the_paper(tmp_path):
     with pytest.raises(ValueError, match="streaming makes one sample of each record"):
         validate(
             load_config(
-                CONFIGS / "qwen3_1.7b_graft.yaml", {**gpu_free, "streaming": True, "max_steps": 9}, check=False
+                CONFIGS_DIR / "qwen3_1.7b_graft.yaml", {**gpu_free, "streaming": True, "max_steps": 9}, check=False
             ),
             paths=False,
         )

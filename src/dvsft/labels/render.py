@@ -1,6 +1,6 @@
 """Label-to-image: draw a text word by word onto a blank image aligned to the visual-token grid.
 
-Layout rules (paper section 4.1, DESIGN.md section 3):
+Layout rules (paper section 4.1):
 
 - A word occupies a *slot* of whole token cells that starts at a cell boundary: its ink starts
   ``pad`` pixels into the first cell and at least ``gap`` blank pixels are left before the next

@@ -25,6 +25,19 @@ from dvsft.training.tiny import TinyConfig
 
 COMMAND_LINE = "command line"
 LAST_CHECKPOINT = ("last", "latest", "true")  # resume_from_checkpoint values meaning "the newest in output_dir"
+# The presets (training, accelerate, DeepSpeed) ship inside the package; the repository's configs/ links here.
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def config_file(path: str | Path) -> Path:
+    """``path``, or the packaged preset it names: ``configs/X.yaml`` read from :data:`CONFIGS_DIR` when
+    no such file exists relative to the working directory (an installed dvsft outside the repository)."""
+    path = Path(path)
+    if not path.is_file() and not path.is_absolute() and path.parts[:1] == ("configs",) and len(path.parts) > 1:
+        packaged = CONFIGS_DIR.joinpath(*path.parts[1:])
+        if packaged.is_file():
+            return packaged
+    return path
 
 
 def opt(default: Any, help: str, alias: str | None = None, **extra: Any) -> Any:
@@ -465,6 +478,8 @@ def load_config(
 ) -> DVSFTConfig:
     """A :class:`DVSFTConfig` from a YAML file, ``values`` (a dict like the YAML's) and command-line overrides.
 
+    ``path`` may name a packaged preset as ``configs/tiny_cpu.yaml`` from any directory (:func:`config_file`).
+
     ``overrides`` is a list of ``--key value`` strings (a dict is taken as more ``values``). Later
     sources win: YAML file, then ``values``, then ``overrides``. ``check``: also validate that a model
     and data are set and that paths exist (ranges are always checked).
@@ -478,7 +493,7 @@ def load_config(
     defaults: dict[str, Any] = {}
     layers: list[tuple[str, dict[str, Any]]] = []
     if path is not None:
-        path = Path(path)
+        path = config_file(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:

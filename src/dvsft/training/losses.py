@@ -9,7 +9,7 @@ head). The peak extra memory is therefore one chunk of logits, whatever N is; fe
 call (:func:`dvsft_loss`), the vision rows share the text rows' chunks and head-gradient buffer,
 so DV-SFT's peak memory stays that of SFT computed the same way.
 
-Per labeled visual token j (paper Eq. 2-3, DESIGN.md section 3), with no shift::
+Per labeled visual token j (paper Eq. 2-3, docs/design.md), with no shift::
 
     loss_j = -(1 - eps) log p_j(l_j) - (eps / |L|) sum_{l in L} log p_j(l)
 
