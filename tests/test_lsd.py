@@ -26,6 +26,11 @@ def test_roi_align_matches_hand_computed_bilinear_example():
     # samples clamp at the border (torchvision): a box on the last row/col reads the edge value
     edge = roi_align(f, [(3.5, 2.5, 4.5, 3.5)], output_size=1, sampling_ratio=1)
     assert edge.item() == pytest.approx(23.0)
+    # samples beyond the map (past -1 or the size) count zero, as in torchvision's kernel (its pure-PyTorch
+    # reference clamps them instead): a 2x2-sample bin at x in {3.5, 4.5}, y in {0.25, 0.75} of the 4-wide map
+    # reads column 3 (clamped to the edge) at y = 0.25 and 0.75 (values 5.5 and 10.5) and zero twice
+    assert roi_align(f, [(3.5, 0.5, 5.5, 1.5)], output_size=1, sampling_ratio=2).item() == pytest.approx(4.0)
+    assert roi_align(f, [(10.0, 10.0, 12.0, 12.0)], output_size=1, sampling_ratio=1).item() == 0.0
     # and a whole-map box with the adaptive rule averages to the map mean (linear map)
     assert roi_align(f, [(0, 0, 4, 3)], output_size=1).item() == pytest.approx(f.mean().item())
 
@@ -45,6 +50,60 @@ def test_roi_align_scale_batching_and_gradients():
     assert f.grad is not None and f.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="one \\(C, H, W\\) feature map"):
         roi_align(torch.zeros(1, 2, 3, 4), boxes)
+
+
+def random_boxes(gen, n, height, width, scale, aligned):
+    """Boxes (input coordinates) whose samples stay on the map, some of zero width or height."""
+    # inside the map: torchvision's pure-PyTorch reference clamps samples beyond it, its kernel (and ours) zero them
+    x0 = torch.rand(n, generator=gen, dtype=torch.float64) * (width - 1.5)
+    y0 = torch.rand(n, generator=gen, dtype=torch.float64) * (height - 1.5)
+    x1 = x0 + torch.rand(n, generator=gen, dtype=torch.float64) * (width - x0)
+    y1 = y0 + torch.rand(n, generator=gen, dtype=torch.float64) * (height - y0)
+    if aligned:
+        x1[0], y1[1] = x0[0], y0[1]  # zero width / zero height: no samples, zeros (torchvision's rule)
+    return torch.stack([x0, y0, x1, y1], 1) / scale
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [-1, 1, 2, 3])
+@pytest.mark.parametrize("spatial_scale", [1.0, 0.5, 1 / 16])
+def test_roi_align_matches_torchvision(torchvision_roi_align, aligned, sampling_ratio, spatial_scale):
+    reference, what = torchvision_roi_align
+    gen = torch.Generator().manual_seed(int(sampling_ratio * 10 + spatial_scale * 100 + aligned))
+    for c, h, w, out in [(3, 5, 7, (2, 2)), (4, 9, 6, (1, 3)), (2, 12, 20, (3, 2))]:
+        features = torch.randn(c, h, w, generator=gen, dtype=torch.float64, requires_grad=True)
+        boxes = random_boxes(gen, 8, h, w, spatial_scale, aligned)
+        rois = torch.cat([boxes.new_zeros(len(boxes), 1), boxes], 1)
+        with torch.no_grad():
+            ours = roi_align(features, boxes, out, spatial_scale, sampling_ratio, aligned)
+            theirs = reference(features[None], rois, spatial_scale, out[0], out[1], sampling_ratio, aligned)
+        assert ours.shape == theirs.shape == (8, c, *out)
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12, msg=lambda m: f"{what}: {m}")
+        if aligned and sampling_ratio <= 0:
+            assert ours[:2].abs().max() == 0  # the zero-width and zero-height boxes get no samples
+        # gradients on boxes of nonzero size (the reference's gradient is NaN for a sample-less box: 0/0 positions)
+        ref_features = features.detach().clone().requires_grad_(True)
+        theirs = reference(ref_features[None], rois[2:], spatial_scale, out[0], out[1], sampling_ratio, aligned)
+        ours = roi_align(features, boxes[2:], out, spatial_scale, sampling_ratio, aligned)
+        weights = torch.randn(theirs.shape, generator=gen, dtype=torch.float64)
+        (ours * weights).sum().backward()
+        (theirs * weights).sum().backward()
+        torch.testing.assert_close(features.grad, ref_features.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_distill_loss_pools_like_torchvision(torchvision_roi_align):
+    """LSD's use: boxes in image pixels scaled to the token grid, aligned, 2x2 bins, adaptive sampling."""
+    reference, _ = torchvision_roi_align
+    gen = torch.Generator().manual_seed(3)
+    rows, cols, width, height = 6, 9, 288, 192
+    grid = torch.randn(5, rows, cols, generator=gen, dtype=torch.float64)
+    boxes = random_boxes(gen, 6, height, width, 1.0, aligned=False)
+    scaled = boxes * torch.tensor([cols / width, rows / height] * 2, dtype=torch.float64)
+    rois = torch.cat([boxes.new_zeros(len(boxes), 1), scaled], 1)
+    theirs = reference(grid[None], rois, 1.0, 2, 2, -1, True)
+    teacher = [torch.zeros(4, 5, dtype=torch.float64)] * len(boxes)  # a zero target: the loss is mean(pooled ** 2)
+    loss = distill_loss(grid, (width, height), boxes.tolist(), teacher, [(2, 2)] * len(boxes), output_size=2)
+    torch.testing.assert_close(loss, theirs.pow(2).mean(), rtol=1e-10, atol=1e-12)
 
 
 def test_ema_teacher_follows_with_alpha_and_gets_no_gradients():

@@ -4,8 +4,9 @@ what an EMA teacher vision tower sees in the crop of that region.
 L_distill = MSE(teacher(crop) pooled, ROIAlign(student features, box)); teacher = alpha * teacher +
 (1 - alpha) * student after every optimizer step (alpha 0.9, lambda 1 in the paper). The teacher never
 receives gradients. ROIAlign is implemented here in plain torch (no torchvision), with torchvision's
-``aligned=True`` semantics: pixel centres sit at half-integers, bins are averaged over a regular grid of
-bilinear samples.
+semantics (``aligned=True``: pixel centres sit at half-integers; bins are averaged over a regular grid of
+bilinear samples; samples beyond the map count zero, as in torchvision's kernel); tests/test_lsd.py compares
+it with torchvision's own code.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ def roi_align(
         rw, rh = (x1 - x0) * spatial_scale, (y1 - y0) * spatial_scale
         if not aligned:
             rw, rh = max(rw, 1.0), max(rh, 1.0)
-        gy = sampling_ratio if sampling_ratio > 0 else max(1, math.ceil(rh / oh))
-        gx = sampling_ratio if sampling_ratio > 0 else max(1, math.ceil(rw / ow))
+        # torchvision's adaptive rule: a box of zero height (width) gets no samples and pools to zero
+        gy = sampling_ratio if sampling_ratio > 0 else max(0, math.ceil(rh / oh))
+        gx = sampling_ratio if sampling_ratio > 0 else max(0, math.ceil(rw / ow))
         wys.append(_axis_weights(sy0, rh, oh, gy, h))
         wxs.append(_axis_weights(sx0, rw, ow, gx, w))
     wy = torch.stack(wys).to(features.device, features.dtype)  # (K, oh, H)
