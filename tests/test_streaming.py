@@ -51,19 +51,49 @@ def test_order_is_deterministic_per_seed_and_changes_with_the_epoch(data):
     assert all(isinstance(s["image_bytes"], bytes) and s[POSITION][0] == 0 for s in a)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_ranks_and_workers_see_each_record_once_in_the_same_batches(data, workers):
-    seen = []
-    for rank in range(3):
-        ds = StreamingSamples([data], seed=5, window_rows=3)
-        ds.rank, ds.world_size = rank, 3
+def expected_split(ds: StreamingSamples, world: int, rank: int, epoch: int = 0) -> list[str]:
+    """What split_dataset_by_node's strategies give a rank, written out: whole windows ``w % world == rank``
+    (``shards``, or ``auto`` when the window count divides by ``world``), else position ``g % world == rank``."""
+    windows = ds.window_ids(epoch)
+    if ds.split == "shards" or (ds.split == "auto" and len(windows) % world == 0):
+        return [i for w in windows[rank::world] for i in w]
+    return [i for w in windows for i in w][rank::world]
+
+
+@pytest.mark.parametrize(
+    "world, split, workers",
+    [(3, "auto", 0), (3, "auto", 2), (2, "auto", 2), (4, "auto", 0), (3, "examples", 2), (3, "shards", 0)],
+)
+def test_ranks_and_workers_see_each_record_once_in_the_same_batches(data, world, split, workers):
+    # 10 records in row groups of 2, windows of about 3 rows: 3 windows of 4, 4 and 2 records, so `auto` gives
+    # 3 ranks whole windows (shards) and 2 or 4 ranks every world-th record (examples)
+    probe = StreamingSamples([data], seed=5, window_rows=3, split=split)
+    assert sorted(len(w) for w in probe.window_ids(0)) == [2, 4, 4]
+    seen, counts = [], []
+    for rank in range(world):
+        ds = StreamingSamples([data], seed=5, window_rows=3, split=split)
+        ds.rank, ds.world_size = rank, world
         batches = ids_of(loader(ds, workers))
-        seen += [i for b in batches for i in b]
-        ds0 = StreamingSamples([data], seed=5, window_rows=3)
-        ds0.rank, ds0.world_size = rank, 3
+        mine = [i for b in batches for i in b]
+        seen += mine
+        counts.append(len(mine))
+        ds0 = StreamingSamples([data], seed=5, window_rows=3, split=split)
+        ds0.rank, ds0.world_size = rank, world
         assert batches == ids_of(loader(ds0, 0))  # workers do not change the batches or their order
-        assert [i for b in batches for i in b] == ds.order_ids(0)[rank::3]
-    assert sorted(seen) == sorted(f"doc{i}" for i in range(10))
+        assert mine == expected_split(ds, world, rank)
+        assert ds.rows_per_rank(0) == len(mine)
+    assert sorted(seen) == sorted(f"doc{i}" for i in range(10))  # each record once per epoch across the ranks
+    whole_windows = split == "shards" or (split == "auto" and world == 3)
+    assert sorted(counts) == ([2, 4, 4] if whole_windows else sorted(len(range(r, 10, world)) for r in range(world)))
+
+
+def test_split_shards_is_refused_with_fewer_windows_than_ranks(data):
+    ds = StreamingSamples([data], seed=5, window_rows=3, split="shards")
+    ds.rank, ds.world_size = 0, 4
+    with pytest.raises(ValueError, match="num_shards=3"):
+        next(iter(ds))
+    with pytest.raises(ValueError, match="split"):
+        StreamingSamples([data], split="rows")
 
 
 def test_resume_skips_exactly_what_was_trained(data):
@@ -73,7 +103,7 @@ def test_resume_skips_exactly_what_was_trained(data):
     for b in batches[:2]:
         ds.mark_trained(torch.tensor([s[POSITION] for s in b]))
     state = json.loads(json.dumps(ds.state_dict()))
-    assert state["consumed"] == [[0, 4]]
+    assert state["consumed"] == [[0, 4]] and state["offset"] == 0
     again = StreamingSamples([data], seed=2, window_rows=4)
     again.load_state_dict(state)
     again.set_epoch(0)
@@ -87,6 +117,34 @@ def test_resume_skips_exactly_what_was_trained(data):
         StreamingSamples([data], seed=3).load_state_dict(state)
     r = Ranges.of([[0, 3], [5, 6]])
     assert 2 in r and 3 not in r and r.first_missing() == 3 and r.count() == 4 and r.spans() == [[0, 3], [5, 6]]
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_endless_stream_crosses_epochs_in_full_batches_and_resumes_across_them(data, world):
+    def stream(rank: int, state=None) -> StreamingSamples:
+        ds = StreamingSamples([data], seed=7, window_rows=3)
+        ds.rank, ds.world_size, ds.endless = rank, world, True
+        if state is not None:
+            ds.load_state_dict(state)
+        ds.set_epoch(0)
+        return ds
+
+    for rank in range(world):
+        ds = stream(rank)
+        it = iter(loader(ds, workers=2, batch_size=3))
+        batches = [next(it) for _ in range(8)]  # 24 samples: epochs 0, 1, 2, ... of this rank
+        assert all(len(b) == 3 for b in batches)  # full batches across the epoch ends
+        flat = [s for b in batches for s in b]
+        cs = [s[POSITION][2] for s in flat]
+        assert cs == list(range(24))
+        expected = [i for e in range(24) for i in expected_split(ds, world, rank, e)][:24]
+        assert [s["id"] for s in flat] == expected  # each epoch's split, one after the other
+        for b in batches[:5]:
+            ds.mark_trained(torch.tensor([s[POSITION] for s in b]))
+        state = json.loads(json.dumps(ds.state_dict()))
+        assert state["epoch"] == max(s[POSITION][0] for s in flat[:15])
+        again = iter(loader(stream(rank, state), workers=2, batch_size=3))
+        assert ids_of([next(again) for _ in range(3)]) == ids_of(batches[5:])  # the same batches after a resume
 
 
 def test_jsonl_is_refused_with_the_convert_command(tmp_path):
@@ -135,15 +193,38 @@ def test_killed_then_resumed_run_continues_the_same_sample_sequence(tiny_dir, da
     assert losses(resumed.log_callback.rows) == pytest.approx(losses(full.log_callback.rows), abs=1e-5)  # 1-3 kept
 
 
-def test_two_processes_see_each_sample_once_per_epoch(tiny_dir, tmp_path):  # noqa: F811
-    data = shards(tmp_path, n=8, rows_per_shard=3, seed=4)
-    run = dict(STREAM, max_steps=4, save_steps=4, global_batch_size=2)  # 8 samples / (2 ranks x 1) = 4 steps
+TWO_RANKS = textwrap.dedent(
+    """
+    import json, os, sys
+    from dvsft.training.config import load_config
+    from dvsft.training.train import prepare
+
+    run = prepare(load_config(None, sys.argv[2:]))
+    run.trainer.train()
+    with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as f:
+        json.dump(run.trainer.trained_samples, f)
+    """
+)
+
+
+@pytest.mark.parametrize("n, rows_per_shard, split", [(7, 2, "auto"), (8, 3, "examples")])
+def test_two_processes_see_each_sample_once_per_epoch(tiny_dir, tmp_path, n, rows_per_shard, split):  # noqa: F811
+    # auto: 7 records in 2 windows of 3 and 4, a whole window per rank, 2 micro-batches per step: the ranks'
+    # epochs end at different micro-batches, one of them inside an accumulation
+    # examples: every other record of 8, 4 per rank
+    data = shards(tmp_path, n=n, rows_per_shard=rows_per_shard, seed=4)
+    run = dict(STREAM, stream_split=split, max_steps=4, save_steps=4, global_batch_size=4)  # 8 micro-batches
+    probe = StreamingSamples([data], seed=0, window_rows=3, split=split)
+    if split == "auto":
+        assert sorted(len(w) for w in probe.window_ids(0)) == [3, 4]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CUDA", "LOCAL_RANK", "RANK", "WORLD_SIZE"))}
     env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dvsft.cli"]
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     proc = subprocess.run(
-        [*cmd, "train", *overrides(tiny_dir, data, tmp_path / "two", **run)],
+        [*cmd, str(tmp_path), *overrides(tiny_dir, data, tmp_path / "two", **run)],
         env=env,
         capture_output=True,
         text=True,
@@ -152,12 +233,18 @@ def test_two_processes_see_each_sample_once_per_epoch(tiny_dir, tmp_path):  # no
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     state = json.loads((tmp_path / "two" / "checkpoint-4" / "data_state.json").read_text())
     assert state["world_size"] == 2
-    order = StreamingSamples([data], seed=0, window_rows=3).order_ids(0)
-    seen = []
+    seen: dict[int, list[str]] = {0: [], 1: [], 2: []}
     for rank, rank_state in enumerate(state["ranks"]):
-        assert rank_state["epoch"] == 0 and rank_state["consumed"] == [[0, 4]]
-        seen += [order[j * 2 + rank] for j in range(4)]
-    assert sorted(seen) == sorted(f"doc{i}" for i in range(8))  # every sample once, none twice
+        trained = json.loads((tmp_path / f"rank{rank}.json").read_text())  # (step, epoch, position, id)
+        assert [t[0] for t in trained] == [1, 1, 2, 2, 3, 3, 4, 4]  # every rank: 4 steps of 2 micro-batches
+        stream = [(e, j, i) for e in range(3) for j, i in enumerate(expected_split(probe, 2, rank, e))]
+        assert [tuple(t[1:]) for t in trained] == stream[:8]  # this rank's split, epoch after epoch
+        for e, _, i in stream[:8]:
+            seen[e].append(i)
+        last = stream[7]
+        assert rank_state["epoch"] == last[0] and rank_state["consumed"] == [[0, last[1] + 1]]
+    assert sorted(seen[0]) == sorted(f"doc{i}" for i in range(n))  # every sample once in epoch 0, none twice
+    assert all(len(set(seen[e])) == len(seen[e]) for e in (1, 2))  # none twice in what was trained of the next
 
 
 def test_streams_a_datasets_folder_memory_mapped(tmp_path):

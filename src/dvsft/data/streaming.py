@@ -4,17 +4,31 @@ with a position that a checkpoint saves and a resume restores.
 
 The order of epoch ``e``: the row groups of every source (Parquet row groups, Arrow record batches) are
 shuffled with ``(seed, e)`` and cut into windows of about ``window_rows`` rows; the rows of each window are
-shuffled with ``(seed, e, window)``. Global position ``g`` of that sequence goes to rank ``g % world_size``
-(example-level, as ``datasets.distributed.split_dataset_by_node`` splits a stream whose shards do not divide
-evenly), where it is local position ``j = g // world_size``. Local positions form batches of
-``batch_size``; DataLoader worker ``k`` takes batches ``k, k + workers, ...``, so the batches come out in the
-same order with any number of workers. Only the windows holding a position still to read are read, one row
-group at a time, so memory does not grow with the dataset.
+shuffled with ``(seed, e, window)``. The ranks split that sequence with
+``datasets.distributed.split_dataset_by_node``, applied to a ``datasets.IterableDataset`` whose shards are the
+windows (in that order) and whose examples are the positions ``(window, row)``, not the records: with the
+default ``split="auto"`` a rank gets whole windows (``w % world_size == rank``) when the window count divides
+by the world size, else every ``world_size``-th position (global position ``g`` goes to rank
+``g % world_size``). Both are fixed by the seed, the epoch and the data, and each position goes to exactly one
+rank. The positions of one rank, in the order ``datasets`` yields them, are its local positions
+``j = 0, 1, ...`` of the epoch. For the trainer the stream is endless (``endless=True``): epoch ``e + 1``
+follows epoch ``e`` in the same iterator, and ``c``, the count of the rank's positions since epoch 0, goes on
+across epochs. Positions ``c`` form batches of ``batch_size`` (a batch may hold the end of one epoch and the
+start of the next), and DataLoader worker ``k`` takes batches ``k, k + workers, ...``, so the batches come
+out in the same order with any number of workers. The ranks' epochs can have different lengths (whole
+windows), and an endless stream lets each rank cross its epoch ends on its own, while every rank still
+makes full batches and the same number of optimizer steps (the Trainer would otherwise end a rank's epoch
+with a short gradient accumulation and leave the ranks' collectives unmatched). Only the windows holding a
+position still to read are read, one row group at a time, so memory does not grow with the dataset.
 
-Each sample carries ``(epoch, j)``; the trainer records what it trained and saves it with each checkpoint
+Each sample carries ``(epoch, j, c)``; the trainer records what it trained and saves it with each checkpoint
 (:meth:`StreamingSamples.state_dict`); a resume skips exactly those positions and continues with the same
-sequence. Records are checked lazily (:func:`dvsft.records.check_record` without decoding the image, plus
-the training checks); a bad one is skipped with a warning. Each record gives one sample: its QA pairs
+sequence. ``datasets``' own ``IterableDataset.state_dict`` is not used for this: it is the state at the last
+example the dataset yielded (in DataLoader workers, it needs torchdata's ``StatefulDataLoader`` to reach the
+main process), not which samples the optimizer stepped on.
+
+Records are checked lazily (:func:`dvsft.records.check_record` without decoding the image, plus the
+training checks); a bad one is skipped with a warning. Each record gives one sample: its QA pairs
 (``qa_per_image`` of them, drawn as in :func:`dvsft.data.dataset.select_samples` but per record) as one
 conversation.
 """
@@ -22,6 +36,7 @@ conversation.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import random
 from collections.abc import Iterator
@@ -35,8 +50,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dvsft.record_sources import ARROW, JSONL, PARQUET, data_files, rows_of
 
 log = logging.getLogger(__name__)
-POSITION = "_stream_position"  # (epoch, local position) on each sample, removed by the collator
+POSITION = "_stream_position"  # (epoch, local position, count since epoch 0) on each sample, removed by the collator
 DEFAULT_WINDOW_ROWS = 2048
+SPLITS = ("auto", "shards", "examples")  # split_dataset_by_node strategies
 MAX_WARNINGS = 20
 
 
@@ -81,7 +97,10 @@ class StreamingSamples(IterableDataset):
     """Training samples streamed from record sources (see the module docstring).
 
     ``sources``: paths, or ``(path, qa_per_image)`` pairs. ``rank``/``world_size``/``batch_size`` are set by
-    the trainer before iterating.
+    the trainer before iterating. ``split``: the ``strategy`` of ``split_dataset_by_node`` (``auto``: whole
+    windows per rank when their count divides by the world size, else ``examples``; ``shards``: whole windows,
+    refused with fewer windows than ranks; ``examples``: every ``world_size``-th position, so the ranks' counts
+    differ by at most one).
     """
 
     def __init__(
@@ -91,6 +110,7 @@ class StreamingSamples(IterableDataset):
         window_rows: int = DEFAULT_WINDOW_ROWS,
         qa_per_image: int | None = 1,
         check_images: bool = True,
+        split: str = "auto",
     ):
         super().__init__()
         self.units: list[Unit] = []
@@ -103,11 +123,16 @@ class StreamingSamples(IterableDataset):
         self.seed = int(seed)
         self.window_rows = max(1, int(window_rows))
         self.check_images = check_images
+        if split not in SPLITS:
+            raise ValueError(f"split: {split!r} is not one of {', '.join(SPLITS)}")
+        self.split = split
         self.rank, self.world_size, self.batch_size = 0, 1, 1
+        self.endless = False  # the trainer's stream: epoch after epoch in one iterator
         self.epoch = 0  # set_epoch(k) -> base_epoch + k
         self.base_epoch = 0
-        self.resume_epoch: int | None = None
+        self.offset = 0  # c of position 0 of self.epoch (the rank's positions of the epochs before it)
         self.consumed: dict[int, Ranges] = {}  # epoch -> positions trained (main process)
+        self.offsets: dict[int, int] = {}  # epoch -> its c of position 0 (main process)
 
     # -- order ------------------------------------------------------------------------------------
     def windows(self, epoch: int) -> list[list[Unit]]:
@@ -124,9 +149,27 @@ class StreamingSamples(IterableDataset):
             size += unit.rows
         return out
 
-    def rows_per_rank(self, rank: int | None = None) -> int:
-        r = self.rank if rank is None else rank
-        return len(range(r, self.rows, self.world_size))
+    def positions(self, epoch: int) -> Iterator[tuple[int, int]]:
+        """This rank's positions of ``epoch`` as ``(window, row of the shuffled window)``, in local order: the
+        windows' positions as a ``datasets.IterableDataset`` (one shard per window) split by
+        ``datasets.distributed.split_dataset_by_node``. Positions only; no record is read."""
+        from datasets import IterableDataset
+        from datasets.distributed import split_dataset_by_node
+        from datasets.iterable_dataset import ExamplesIterable
+
+        sizes = [(w, sum(u.rows for u in window)) for w, window in enumerate(self.windows(epoch))]
+        # IterableDataset.from_generator would do the same through a builder, leaving a lock file in the
+        # datasets cache for every epoch
+        ds = IterableDataset(ExamplesIterable(_window_positions, {"windows": sizes}))
+        if self.world_size > 1:
+            ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size, strategy=self.split)
+        # .iter(), not iter(ds): in a DataLoader worker, iter(ds) would split the windows across the workers too
+        for batch in ds.iter(batch_size=4096):
+            yield from zip(batch["w"], batch["k"], strict=True)
+
+    def rows_per_rank(self, epoch: int | None = None) -> int:
+        """How many positions this rank gets in ``epoch`` (counted from :meth:`positions`)."""
+        return sum(1 for _ in self.positions(self.epoch if epoch is None else epoch))
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the trainer at each epoch (0, 1, ... from the start of this run)."""
@@ -134,19 +177,23 @@ class StreamingSamples(IterableDataset):
 
     # -- state ------------------------------------------------------------------------------------
     def mark_trained(self, positions: torch.Tensor) -> None:
-        """Record trained ``(epoch, j)`` positions (from a batch's ``sample_positions``)."""
-        for epoch, j in positions.tolist():
+        """Record trained ``(epoch, j, c)`` positions (from a batch's ``sample_positions``). The batches are
+        trained in order, so a position of a new epoch means the rank is done with the epochs before it."""
+        for epoch, j, c in positions.tolist():
             if epoch not in self.consumed:
                 self.consumed = {e: r for e, r in self.consumed.items() if e > epoch}
                 self.consumed[epoch] = Ranges()
+                self.offsets = {e: o for e, o in self.offsets.items() if e > epoch}
+                self.offsets[epoch] = c - j
             self.consumed[epoch].add(j)
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"epoch", "consumed": [[start, stop), ...], "rows", "seed"}`` of this rank."""
-        if not self.consumed:
-            return {"epoch": self.epoch, "consumed": [], "rows": self.rows, "seed": self.seed}
-        epoch = max(self.consumed)
-        return {"epoch": epoch, "consumed": self.consumed[epoch].spans(), "rows": self.rows, "seed": self.seed}
+        """``{"epoch", "offset", "consumed": [[start, stop), ...], "rows", "seed"}`` of this rank."""
+        state = {"epoch": self.epoch, "offset": self.offset, "consumed": [], "rows": self.rows, "seed": self.seed}
+        if self.consumed:
+            epoch = max(self.consumed)
+            state.update(epoch=epoch, offset=self.offsets[epoch], consumed=self.consumed[epoch].spans())
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the positions a checkpoint recorded (same sources, seed and world size)."""
@@ -155,39 +202,50 @@ class StreamingSamples(IterableDataset):
                 f"cannot resume the data stream: the checkpoint read {state.get('rows')} records with seed "
                 f"{state.get('seed')}, this run has {self.rows} with seed {self.seed}"
             )
-        epoch = int(state["epoch"])
+        epoch, offset = int(state["epoch"]), int(state.get("offset", 0))
         done = Ranges.of(state["consumed"])
-        if done.count() >= self.rows_per_rank():  # that epoch was finished: start the next one
-            epoch, done = epoch + 1, Ranges()
+        count = self.rows_per_rank(epoch)
+        if done.count() >= count:  # that epoch was finished: start the next one
+            epoch, offset, done = epoch + 1, offset + count, Ranges()
         self.base_epoch = self.epoch = epoch
+        self.offset = offset
         self.consumed = {epoch: done}
+        self.offsets = {epoch: offset}
 
     # -- iteration --------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.epoch
+        offset = self.offset + sum(self.rows_per_rank(e) for e in range(self.base_epoch, epoch))
         done = self.consumed.get(epoch, Ranges())
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        first_open = done.first_missing()
-        start_batch = first_open // self.batch_size
-        warned = 0
-        offset = 0
-        for w, window in enumerate(self.windows(epoch)):
-            n = sum(u.rows for u in window)
-            mine = []
-            for g in range(offset + (self.rank - offset) % self.world_size, offset + n, self.world_size):
-                j = g // self.world_size
-                b = j // self.batch_size
+        start_batch = (offset + done.first_missing()) // self.batch_size
+        while True:
+            yield from self._epoch(epoch, offset, done, start_batch, worker, workers)
+            if not self.endless:
+                return
+            offset += self.rows_per_rank(epoch)
+            epoch, done = epoch + 1, Ranges()
+
+    def _epoch(
+        self, epoch: int, offset: int, done: Ranges, start_batch: int, worker: int, workers: int
+    ) -> Iterator[dict[str, Any]]:
+        windows = self.windows(epoch)
+
+        def mine() -> Iterator[tuple[int, int, int]]:  # (window, row of the shuffled window, j) this worker reads
+            for j, (w, k) in enumerate(self.positions(epoch)):
+                b = (offset + j) // self.batch_size
                 if b >= start_batch and (b - start_batch) % workers == worker and j not in done:
-                    mine.append((g - offset, j))
-            offset += n
-            if not mine:
-                continue
-            perm = list(range(n))
+                    yield w, k, j
+
+        warned = 0
+        for w, group in itertools.groupby(mine(), key=lambda t: t[0]):
+            picked = [(k, j) for _, k, j in group]
+            window = windows[w]
+            perm = list(range(sum(u.rows for u in window)))
             random.Random(f"{self.seed}:{epoch}:{w}").shuffle(perm)
-            wanted = {perm[k] for k, _ in mine}
-            rows = _read_rows(window, wanted)
-            for k, j in mine:
+            rows = _read_rows(window, {perm[k] for k, _ in picked})
+            for k, j in picked:
                 unit, number, record = rows[perm[k]]
                 sample, problem = self._sample(record, unit, number)
                 if sample is None:
@@ -195,7 +253,7 @@ class StreamingSamples(IterableDataset):
                         log.warning("skipping %s", problem)
                         warned += 1
                     continue
-                sample[POSITION] = (epoch, j)
+                sample[POSITION] = (epoch, j, offset + j)
                 yield sample
 
     def _sample(self, record: dict[str, Any], unit: Unit, number: int) -> tuple[dict[str, Any] | None, Any]:
@@ -218,16 +276,29 @@ class StreamingSamples(IterableDataset):
         samples = expand_record(record, chosen, keep_conversations=True)
         return samples[0], None
 
-    def order_ids(self, epoch: int) -> list[str]:
-        """Record ids in global position order for ``epoch`` (reads every record; for checks and tests)."""
-        ids: list[str] = []
+    def window_ids(self, epoch: int) -> list[list[str]]:
+        """Record ids of each window of ``epoch``, in its shuffled order (reads every record; for checks and
+        tests)."""
+        out: list[list[str]] = []
         for w, window in enumerate(self.windows(epoch)):
             n = sum(u.rows for u in window)
             rows = _read_rows(window, set(range(n)))
             perm = list(range(n))
             random.Random(f"{self.seed}:{epoch}:{w}").shuffle(perm)
-            ids.extend(str(rows[p][2].get("id")) for p in perm)
-        return ids
+            out.append([str(rows[p][2].get("id")) for p in perm])
+        return out
+
+    def order_ids(self, epoch: int) -> list[str]:
+        """Record ids in global position order for ``epoch`` (the windows one after the other)."""
+        return [i for ids in self.window_ids(epoch) for i in ids]
+
+
+def _window_positions(windows: list[tuple[int, int]]) -> Iterator[tuple[str, dict[str, int]]]:
+    """The ``(key, example)`` pairs of the positions dataset; ``windows``, its list of shards, holds
+    ``(window, rows)`` pairs."""
+    for w, n in windows:
+        for k in range(n):
+            yield f"{w}:{k}", {"w": w, "k": k}
 
 
 def _image_reasons(record: dict[str, Any], file: Path) -> list[str]:
@@ -330,17 +401,17 @@ class Ranges:
 
 
 class PositionCollator:
-    """Wrap a collator: strip each sample's stream position and return them as ``sample_positions`` [B, 2]
+    """Wrap a collator: strip each sample's stream position and return them as ``sample_positions`` [B, 3]
     (and the samples' ids as ``sample_ids``), for the trainer to record."""
 
     def __init__(self, inner: Any):
         self.inner = inner
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        positions = [s.get(POSITION, (-1, -1)) for s in samples]
+        positions = [s.get(POSITION, (-1, -1, -1)) for s in samples]
         clean = [{k: v for k, v in s.items() if k != POSITION} for s in samples]
         batch = self.inner(clean)
-        batch["sample_positions"] = torch.tensor(positions, dtype=torch.long).reshape(-1, 2)
+        batch["sample_positions"] = torch.tensor(positions, dtype=torch.long).reshape(-1, 3)
         batch["sample_ids"] = [str(s.get("id")) for s in clean]
         return batch
 

@@ -118,6 +118,11 @@ class DVSFTConfig(TrainingArguments):
     max_samples: int | None = opt(None, "use only the first N samples of data (quick runs); None = all")
     streaming: bool = opt(False, "stream the data (Parquet shards, datasets folders), do not load it; needs max_steps")
     stream_window: int = opt(2048, "streaming: records shuffled together (memory grows with it, not with the data)")
+    stream_split: str = opt(
+        "auto",
+        "streaming: split_dataset_by_node strategy across ranks: auto (whole windows when their count divides "
+        "by the world size, else examples), shards (whole windows), examples (every world_size-th record)",
+    )
     strict: bool = opt(False, "fail on the first bad record instead of skipping it (reasons: skipped_records.jsonl)")
     save_final: bool = opt(True, "write the trained model + processor to output_dir/final")
 
@@ -272,6 +277,11 @@ def check_ranges(cfg: DVSFTConfig) -> None:
         cfg.max_steps > 0 or cfg.num_train_epochs > 0,
         "num_train_epochs",
         f"must be positive, got {cfg.num_train_epochs}",
+    )
+    _need(
+        cfg.stream_split in ("auto", "shards", "examples"),
+        "stream_split",
+        f"must be auto, shards or examples, got {cfg.stream_split!r}",
     )
     _need(cfg.learning_rate >= 0, "learning_rate", f"must be >= 0, got {cfg.learning_rate}")
     _need(cfg.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")

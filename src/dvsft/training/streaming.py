@@ -36,6 +36,7 @@ class StreamingTrainerMixin:
         args = self.args  # type: ignore[attr-defined]
         ds.rank, ds.world_size = args.process_index, args.world_size
         ds.batch_size = self._train_batch_size  # type: ignore[attr-defined]
+        ds.endless = True  # each rank crosses its epoch ends on its own, in full batches (see dvsft.data.streaming)
         kwargs: dict[str, Any] = {
             "batch_size": ds.batch_size,
             "collate_fn": PositionCollator(self.data_collator),  # type: ignore[attr-defined]
@@ -54,7 +55,7 @@ class StreamingTrainerMixin:
             positions = positions.cpu()
             ds.mark_trained(positions)
             step = self.state.global_step + 1  # type: ignore[attr-defined]
-            rows = [(step, e, j, i) for (e, j), i in zip(positions.tolist(), ids or [], strict=False)]
+            rows = [(step, e, j, i) for (e, j, _), i in zip(positions.tolist(), ids or [], strict=False)]
             self.__dict__.setdefault("trained_samples", []).extend(rows)
         return super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
 

@@ -105,7 +105,9 @@ def streaming_samples(cfg: DVSFTConfig) -> Any:
         raise ValueError("max_samples does not apply to streaming input; convert a subset instead")
     paths = cfg.data if isinstance(cfg.data, list) else [cfg.data]
     sources = [(p, qa_per_image_for(cfg.qa_per_image, p)) for p in paths]
-    return StreamingSamples(sources, seed=cfg.seed, window_rows=cfg.stream_window, qa_per_image=None)
+    return StreamingSamples(
+        sources, seed=cfg.seed, window_rows=cfg.stream_window, qa_per_image=None, split=cfg.stream_split
+    )
 
 
 def build(cfg: DVSFTConfig):
