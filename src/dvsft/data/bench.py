@@ -2,7 +2,8 @@
 
 * Peak RSS: a fresh process builds the pipeline and reads one epoch of N synthetic records, either
   streamed from Parquet shards (:class:`dvsft.data.streaming.StreamingSamples`) or loaded from JSONL into a
-  list (:func:`dvsft.data.dataset.load_records`, the in-memory path); ``ru_maxrss`` at the end.
+  list (:func:`dvsft.data.dataset.load_records`, the in-memory path); the peak RSS at the end
+  (:func:`peak_rss_mib`).
 * Throughput: samples/s through the real collator (tiny model processor, alignment, text and vision labels)
   in a DataLoader with ``workers`` processes, next to the tiny model's training samples/s (forward, backward
   and optimizer step) on the same batches.
@@ -13,6 +14,7 @@ Records are synthetic: ``words`` words with boxes on one of a few generated page
 from __future__ import annotations
 
 import json
+import os
 import random
 import resource
 import statistics
@@ -104,15 +106,32 @@ def read_epoch(kind: str, path: str) -> dict[str, Any]:
         samples = load_records(path)
         for _ in samples:
             n += 1
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    rss = peak_rss_mib()
     return {"samples": n, "peak_rss_mib": rss, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size. Linux: ``VmHWM`` of ``/proc/self/status``, not ``ru_maxrss``:
+    a child started by ``subprocess`` keeps in ``ru_maxrss`` the resident size its parent had when it forked
+    (a 400 MiB parent gives a 9 MiB child 410 MiB)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
 def measure_rss(kind: str, path: Path) -> dict[str, Any]:
     """:func:`read_epoch` in a fresh Python process (so earlier runs do not raise the peak)."""
     call = f"read_epoch({kind!r}, {str(path)!r})"
     code = f"import json; from dvsft.data.bench import read_epoch; print(json.dumps({call}))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    src = str(Path(__file__).resolve().parents[2])  # the child imports this dvsft, installed or not
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"bench child failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -122,7 +141,11 @@ def measure_rss(kind: str, path: Path) -> dict[str, Any]:
 
 
 def collator_rate(shards: Path, model_dir: Path, samples: int, workers: int, batch_size: int) -> dict[str, Any]:
-    """Samples/s through DataLoader(StreamingSamples, VisionCollator, workers) for ``samples`` samples."""
+    """Samples/s through DataLoader(StreamingSamples, VisionCollator, workers), over ``samples`` samples after
+    a warm-up of one batch per worker (their start-up is not in the rate). CPU time counts the main process
+    and the workers (``RUSAGE_CHILDREN`` once they have exited), over the whole run."""
+    import gc
+
     from dvsft.data.collator import VisionCollator
     from dvsft.data.streaming import EpochDataLoader, PositionCollator, StreamingSamples
     from dvsft.geometry import TRAIN_MAX_PIXELS
@@ -134,24 +157,33 @@ def collator_rate(shards: Path, model_dir: Path, samples: int, workers: int, bat
     ds.batch_size = batch_size
     kwargs = {"prefetch_factor": 4} if workers else {}
     loader = EpochDataLoader(ds, batch_size=batch_size, collate_fn=collator, num_workers=workers, **kwargs)
-    t0, c0 = time.perf_counter(), time.process_time()
-    n = 0
+    t0, c0, k0 = time.perf_counter(), time.process_time(), _children_cpu()
     it = iter(loader)
-    first = next(it)
-    n += first["input_ids"].shape[0]
-    t_first = time.perf_counter()  # worker start-up excluded from the rate
+    warm = 0
+    for _ in range(max(1, workers)):  # the first batch of each worker: start-up, not the steady rate
+        warm += next(it)["input_ids"].shape[0]
+    t_warm = time.perf_counter()
+    counted = 0
     for batch in it:
-        n += batch["input_ids"].shape[0]
-        if n >= samples:
+        counted += batch["input_ids"].shape[0]
+        if counted >= samples:
             break
-    wall = time.perf_counter() - t_first
-    counted = n - first["input_ids"].shape[0]
+    wall = time.perf_counter() - t_warm
+    del it  # shuts the workers down, so their CPU time reaches RUSAGE_CHILDREN
+    gc.collect()
+    if counted == 0:
+        raise ValueError(f"the data ran out during the warm-up ({warm} samples); use more records")
     return {
         "samples_per_s": counted / wall,
         "wall_s": time.perf_counter() - t0,
-        "cpu_s_main": time.process_time() - c0,
+        "cpu_s": time.process_time() - c0 + _children_cpu() - k0,
         "samples": counted,
     }
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def model_rate(shards: Path, model_dir: Path, steps: int, batch_size: int) -> dict[str, Any]:
@@ -189,7 +221,12 @@ def model_rate(shards: Path, model_dir: Path, steps: int, batch_size: int) -> di
         for batch in batches[1 : steps + 1]:
             step(batch)
         wall = time.perf_counter() - t0
-    return {"samples_per_s": steps * batch_size / wall, "steps_per_s": steps / wall, "cpu_s": time.process_time() - c0}
+    return {
+        "samples_per_s": steps * batch_size / wall,
+        "steps_per_s": steps / wall,
+        "wall_s": wall,
+        "cpu_s": time.process_time() - c0,
+    }
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:

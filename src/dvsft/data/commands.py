@@ -53,8 +53,14 @@ def bench_data(
         f"({'flat' if result['stream_flat'] else 'NOT flat'}), in memory {100 * result['memory_growth']:+.1f}%"
     )
     c, m = result["collator"], result["model"]
-    typer.echo(f"collator, {workers} workers: {c['samples_per_s']:.1f} samples/s")
-    typer.echo(f"tiny model training: {m['samples_per_s']:.1f} samples/s ({m['steps_per_s']:.2f} steps/s)")
+    typer.echo(
+        f"collator, {workers} workers: {c['samples_per_s']:.1f} samples/s "
+        f"(run: wall {c['wall_s']:.1f} s, CPU {c['cpu_s']:.1f} s with the workers)"
+    )
+    typer.echo(
+        f"tiny model training: {m['samples_per_s']:.1f} samples/s ({m['steps_per_s']:.2f} steps/s; "
+        f"{steps} steps: wall {m['wall_s']:.1f} s, CPU {m['cpu_s']:.1f} s)"
+    )
 
 
 def convert(
