@@ -147,6 +147,14 @@ def test_endless_stream_crosses_epochs_in_full_batches_and_resumes_across_them(d
         assert ids_of([next(again) for _ in range(3)]) == ids_of(batches[5:])  # the same batches after a resume
 
 
+def test_an_endless_stream_with_no_records_for_a_rank_is_refused(tmp_path):
+    one = shards(tmp_path, n=1)
+    ds = StreamingSamples([one])
+    ds.rank, ds.world_size, ds.endless = 1, 2, True
+    with pytest.raises(ValueError, match="1 records for 2 ranks: rank 1 gets none"):
+        next(iter(ds))
+
+
 def test_jsonl_is_refused_with_the_convert_command(tmp_path):
     jsonl = make_records(tmp_path, n=1)
     with pytest.raises(ValueError, match="dvsft convert"):

@@ -224,7 +224,12 @@ class StreamingSamples(IterableDataset):
             yield from self._epoch(epoch, offset, done, start_batch, worker, workers)
             if not self.endless:
                 return
-            offset += self.rows_per_rank(epoch)
+            count = self.rows_per_rank(epoch)
+            if count == 0:  # an endless stream with nothing in it would never yield
+                raise ValueError(
+                    f"{self.rows} records for {self.world_size} ranks: rank {self.rank} gets none of epoch {epoch}"
+                )
+            offset += count
             epoch, done = epoch + 1, Ranges()
 
     def _epoch(
