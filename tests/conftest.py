@@ -1,4 +1,14 @@
-"""Shared fixtures: Qwen's real tokenizer, built once (then cached on disk) and loaded once per session."""
+"""Shared fixtures, built once per test session (per worker under xdist).
+
+- ``qwen_tok``: Qwen's real tokenizer (built once, then cached on disk);
+- ``tiny_dir``: the default tiny Qwen3-VL (``TinyConfig()``) saved as an HF model directory;
+- ``train_records``: four rendered pages of word records (:func:`helpers.make_records`);
+- ``torchvision_roi_align``: torchvision's ROIAlign, the reference of dvsft's (tests/torchvision_reference.py).
+
+Plain helpers (records, run overrides, loss references) are in tests/helpers.py.
+"""
+
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +18,21 @@ def qwen_tok():
     from dvsft.training.qwen_vocab import qwen_tokenizer
 
     return qwen_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """The default tiny model; tests read it and never write into it."""
+    from dvsft.training.tiny import TinyConfig, save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", TinyConfig())
+
+
+@pytest.fixture(scope="session")
+def train_records(tmp_path_factory) -> Path:
+    from helpers import make_records
+
+    return make_records(tmp_path_factory.mktemp("train_records"), n=4)
 
 
 @pytest.fixture(scope="session")

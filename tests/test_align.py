@@ -249,6 +249,7 @@ def cli():
     return app
 
 
+@pytest.mark.slow
 def test_cli_render_align_stats(tmp_path, cli, tokenizer_dir):
     words = corpus_words()
     src = tmp_path / "docs.txt"

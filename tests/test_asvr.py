@@ -14,13 +14,6 @@ from dvsft.related.codes import Codebook, Encoder, features_of_images, fit_codeb
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    from dvsft.training.tiny import save_tiny
-
-    return save_tiny(tmp_path_factory.mktemp("asvr_tiny") / "model")
-
-
-@pytest.fixture(scope="session")
 def tiny(tiny_dir):
     from dvsft.models import load_model, load_processor
 
@@ -148,6 +141,7 @@ def test_cli_codes_fit_and_encode(tiny_dir, pages_dir, tmp_path):
 
 
 @pytest.mark.parametrize("levels", [1, 3])
+@pytest.mark.slow
 def test_head_learns_codes_of_visual_hidden_states(levels):
     torch.manual_seed(0)
     hidden = torch.randn(64, 32)
@@ -189,6 +183,7 @@ def train_config(model_dir, data, out, method, **extra):
     }
 
 
+@pytest.mark.slow
 def test_asvr_objective_trains_from_the_cache_and_is_dropped_from_the_saved_model(tiny, tiny_dir, pages_dir, tmp_path):
     from safetensors import safe_open
 

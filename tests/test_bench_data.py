@@ -17,6 +17,7 @@ ARGS += ["--steps", "1", "--batch-size", "2"]
 LINE = re.compile(r"^\s*(stream|memory)\s+([\d,]+) records: peak RSS\s+([\d.]+) MiB, wall\s+[\d.]+ s, CPU\s+[\d.]+ s$")
 
 
+@pytest.mark.slow
 def test_bench_data_reports_and_keeps_its_data(tmp_path):
     keep = tmp_path / "keep"
     result = CliRunner().invoke(app, [*ARGS, "--keep", str(keep)])
@@ -41,6 +42,7 @@ def test_bench_data_reports_and_keeps_its_data(tmp_path):
     assert (keep / "tiny" / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_bench_data_json_and_no_data_left_without_keep(tmp_path, monkeypatch):
     scratch = tmp_path / "tmp"
     scratch.mkdir()

@@ -35,13 +35,6 @@ def test_user_error_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
         app(args=["--debug", *args], prog_name="dvsft")
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from dvsft.training.tiny import save_tiny
-
-    return save_tiny(tmp_path_factory.mktemp("tiny_skip") / "model")
-
-
 def records(folder: Path) -> Path:
     """Four items: good, corrupt image, unreadable JSON line, good."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -63,18 +56,18 @@ def run_eval(model: Path, data: Path, out: Path, *extra: str):
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_eval_stops_at_a_bad_item_naming_it_and_keeps_the_rows_before(tiny_model, tmp_path, batch_size):
+def test_eval_stops_at_a_bad_item_naming_it_and_keeps_the_rows_before(tiny_dir, tmp_path, batch_size):
     out = tmp_path / "out"
-    result = run_eval(tiny_model, records(tmp_path / "data"), out, "--batch-size", str(batch_size))
+    result = run_eval(tiny_dir, records(tmp_path / "data"), out, "--batch-size", str(batch_size))
     assert result.exit_code == 2
     text = " ".join(result.output.split())
     assert "item q2: cannot make its image" in text or "item q2: cannot read image" in text
     assert [r["id"] for r in read_jsonl(out / "docvqa" / "predictions.jsonl")] == ["q1"]
 
 
-def test_eval_skip_bad_records_errors_and_goes_on(tiny_model, tmp_path):
+def test_eval_skip_bad_records_errors_and_goes_on(tiny_dir, tmp_path):
     out = tmp_path / "out"
-    result = run_eval(tiny_model, records(tmp_path / "data"), out, "--skip-bad", "--batch-size", "2")
+    result = run_eval(tiny_dir, records(tmp_path / "data"), out, "--skip-bad", "--batch-size", "2")
     assert result.exit_code == 0, result.output
     assert [r["id"] for r in read_jsonl(out / "docvqa" / "predictions.jsonl")] == ["q1", "q4"]
     errors = {r["id"]: r["reason"] for r in read_jsonl(out / "docvqa" / "errors.jsonl")}

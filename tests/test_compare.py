@@ -71,6 +71,7 @@ def test_summary_and_table_mark_the_best():
     assert lines[2].split("|")[2].strip() == "30.0 ± 14.1"
 
 
+@pytest.mark.slow
 def test_toy_compare_end_to_end(tmp_path):
     from dvsft.cli import app
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_train import make_records, overrides, tiny_dir  # noqa: F401  (tiny_dir is a fixture)
+from helpers import make_records, overrides
 
 from dvsft.training.config import DVSFTConfig, load_config
 
@@ -133,7 +133,7 @@ def test_cli_prints_one_line_naming_the_source(good, capsys):
     assert line.startswith(f"error: {good}: vision_lambda must be a number >= 0, got -2")
 
 
-def test_adam_beta2_reaches_the_trainer_from_yaml_and_command_line(tiny_dir, tmp_path):  # noqa: F811
+def test_adam_beta2_reaches_the_trainer_from_yaml_and_command_line(tiny_dir, tmp_path):
     from dvsft.training.train import prepare
 
     data = make_records(tmp_path / "data", n=2)

@@ -33,6 +33,7 @@ def page(path: Path, text: str) -> None:
     img.save(path)
 
 
+@pytest.mark.slow
 def test_label_writes_parquet_shards_with_real_ocr(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()

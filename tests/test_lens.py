@@ -19,12 +19,10 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
+def tiny(tiny_dir):
     from dvsft.models import load_model, load_processor
-    from dvsft.training.tiny import save_tiny
 
-    model_dir = save_tiny(tmp_path_factory.mktemp("tiny_lens") / "model")
-    return model_dir, load_model(model_dir).eval(), load_processor(model_dir)
+    return tiny_dir, load_model(tiny_dir).eval(), load_processor(tiny_dir)
 
 
 def page(path: Path, words=("Potter", "the", "stone")) -> tuple[Path, list[dict]]:

@@ -180,6 +180,7 @@ def lsd_data(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_lsd_objective_ema_teacher_in_training(lsd_data, tmp_path):
     from transformers import TrainerCallback
 

@@ -302,6 +302,7 @@ def test_shards_partition_the_inputs(tmp_path):
 # ---- kill -9 and resume ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_label_resumes_after_sigkill_exactly_once(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import regex
 import torch
-from test_losses import _batch, assert_same_grads, naive_reference
-from test_train import losses, make_records, overrides
+from helpers import assert_same_grads, collated_batch, losses, make_records, naive_reference, overrides
 from typer.testing import CliRunner
 
 from dvsft.cli import app
@@ -120,7 +119,7 @@ def test_family_loss_matches_full_logits_reference(family_dir):
     model, processor = load_model(path, dtype=torch.float64), load_processor(path)
     if fam == "qwen3-vl-moe":
         model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
-    batch = _batch(processor)
+    batch = collated_batch(processor)
     eps, lam = 0.2, 0.5
     out = model_loss(model, batch, vision_weight=lam, eps=eps, chunk_size=3)
     params = [p for p in model.parameters() if p.requires_grad]

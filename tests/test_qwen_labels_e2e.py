@@ -49,6 +49,7 @@ def align_and_stats(words: Path, tokenizer_dir: Path, qwen_tok) -> dict:
     return stats
 
 
+@pytest.mark.slow
 def test_rendered_squad_has_no_whitespace_labels(tmp_path, tokenizer_dir, qwen_tok):
     context = f"{NUMBERS}. The shipment of 2019 weighed 3.5 tons and cost 12.5% more than 100 units in 2018."
     qas = [
@@ -65,6 +66,7 @@ def test_rendered_squad_has_no_whitespace_labels(tmp_path, tokenizer_dir, qwen_t
     assert stats["label_kinds"]["numeric"] >= 5 and stats["label_kinds"]["alphabetic"] >= 5
 
 
+@pytest.mark.slow
 def test_prepared_docvqa_like_set_has_no_whitespace_labels(tmp_path, tokenizer_dir, qwen_tok):
     import matplotlib
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import losses, make_records, overrides, tiny_dir  # noqa: F401  (tiny_dir is a fixture)
+from helpers import losses, make_records, overrides
 
 from dvsft.data.convert import convert
 from dvsft.data.streaming import POSITION, EpochDataLoader, Ranges, StreamingSamples
@@ -166,7 +166,8 @@ STREAM = dict(
 )
 
 
-def test_killed_then_resumed_run_continues_the_same_sample_sequence(tiny_dir, data, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_killed_then_resumed_run_continues_the_same_sample_sequence(tiny_dir, data, tmp_path):
     common = dict(STREAM, dataloader_num_workers=2)
     full = prepare(load_config(None, overrides(tiny_dir, data, tmp_path / "full", **common)))
     full.trainer.train()
@@ -215,8 +216,10 @@ TWO_RANKS = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("n, rows_per_shard, split", [(7, 2, "auto"), (8, 3, "examples")])
-def test_two_processes_see_each_sample_once_per_epoch(tiny_dir, tmp_path, n, rows_per_shard, split):  # noqa: F811
+def test_two_processes_see_each_sample_once_per_epoch(tiny_dir, tmp_path, n, rows_per_shard, split):
     # auto: 7 records in 2 windows of 3 and 4, a whole window per rank, 2 micro-batches per step: the ranks'
     # epochs end at different micro-batches, one of them inside an accumulation
     # examples: every other record of 8, 4 per rank

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_grads, losses, make_records, naive_reference, overrides
 from PIL import Image, ImageDraw
-from test_losses import assert_same_grads, naive_reference
-from test_train import losses, make_records, overrides
 from typer.testing import CliRunner
 
 from dvsft.cli import app
@@ -102,6 +101,7 @@ def test_collator_count_mismatch_names_the_record(family_dir, monkeypatch):
         collator(records(1))
 
 
+@pytest.mark.slow
 def test_tiled_loss_matches_full_logits_reference(family_dir):
     from dvsft.models import load_model, load_processor
 
@@ -123,6 +123,7 @@ def test_tiled_loss_matches_full_logits_reference(family_dir):
     assert_same_grads(params, got, want)
 
 
+@pytest.mark.slow
 def test_tiled_trains_and_resumes(family_dir, tmp_path):
     from transformers import TrainerCallback
 
@@ -148,6 +149,7 @@ def test_tiled_trains_and_resumes(family_dir, tmp_path):
     assert losses(resumed.log) == pytest.approx(losses(full.log), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_tiled_eval_ocr_and_lens_run(family_dir, tmp_path):
     from test_benchmarks import word_records
 

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFont
+import yaml
+from helpers import losses, make_records, overrides
+from PIL import Image
 from transformers import TrainerCallback
 
-from dvsft.training.config import CONFIGS_DIR, flat_keys, load_config, validate
+from dvsft.training.config import CONFIGS_DIR, _dict_fields, _flatten, flat_keys, load_config, parser, validate
 from dvsft.training.objectives import (
     HEADS_ATTR,
     Objective,
@@ -21,94 +23,8 @@ from dvsft.training.objectives import (
     register_objective,
     vision_tower_of,
 )
-from dvsft.training.tiny import TinyConfig, save_tiny
+from dvsft.training.tiny import TinyConfig
 from dvsft.training.train import prepare, train
-
-WORDS = ["the", "cat", "sat", "on", "a", "mat", "red", "hat", "old", "map", "sun", "box"]
-CELL = 32  # Qwen3-VL token cell
-
-
-def font() -> ImageFont.FreeTypeFont:
-    import matplotlib
-
-    return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans.ttf"), 12)
-
-
-def make_records(out: Path, n: int = 4, cols: int = 3, rows: int = 2, seed: int = 0) -> Path:
-    """``n`` real rendered images (cols x rows token cells), one word per cell, boxes measured by PIL."""
-    import random
-
-    rng = random.Random(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    f = font()
-    records = []
-    for i in range(n):
-        img = Image.new("RGB", (cols * CELL, rows * CELL), "white")
-        draw = ImageDraw.Draw(img)
-        words = []
-        for r in range(rows):
-            for c in range(cols):
-                text = rng.choice(WORDS)
-                box = draw.textbbox((c * CELL + 2, r * CELL + 8), text, font=f)
-                draw.text((c * CELL + 2, r * CELL + 8), text, font=f, fill="black")
-                words.append({"text": text, "box": [float(v) for v in box], "score": 1.0})
-        img.save(out / f"img{i}.png")
-        records.append(
-            {
-                "id": f"doc{i}",
-                "image": f"img{i}.png",
-                "width": img.width,
-                "height": img.height,
-                "words": words,
-                "messages": [
-                    {"role": "user", "content": "<image>Which word is first?"},
-                    {"role": "assistant", "content": words[0]["text"]},
-                ],
-            }
-        )
-    path = out / "records.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", TinyConfig())
-
-
-@pytest.fixture(scope="session")
-def records(tmp_path_factory) -> Path:
-    return make_records(tmp_path_factory.mktemp("data"), n=4)
-
-
-def overrides(tiny_dir: Path, data: Path, out: Path, **kw) -> list[str]:
-    """A tiny CPU run: 96x64 images (6 visual tokens), constant lr, no warmup."""
-    args = {
-        "model": str(tiny_dir),
-        "data": str(data),
-        "output_dir": str(out),
-        "min_pixels": 32 * 32 * 4,
-        "max_pixels": 32 * 32 * 16,
-        "learning_rate": 2e-3,
-        "warmup_steps": 0.0,
-        "lr_scheduler_type": "constant",
-        "global_batch_size": 2,
-        "per_device_train_batch_size": 2,
-        "max_steps": 4,
-        "save_steps": 100,
-        "report_to": "none",
-        "vision_lambda": 1.0,
-    }
-    args.update(kw)
-    out_args: list[str] = []
-    for k, v in args.items():
-        out_args += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
-    return out_args
-
-
-def losses(log: list[dict], key: str = "loss") -> list[float]:
-    return [row[key] for row in log if key in row and "train_runtime" not in row]
-
 
 # ----------------------------------------------------------------------------- config
 
@@ -163,7 +79,20 @@ def test_config_sections_aliases_and_any_training_arguments_key(tmp_path):
 def test_presets_parse(name):
     cfg = load_config(CONFIGS_DIR / f"{name}.yaml", ["--bf16", "false"], check=False)  # the GPU recipes set bf16
     validate(cfg, paths=False)  # their model dirs and data are the user's
-    assert cfg.method and cfg.gradient_accumulation_steps == cfg.global_batch_size // cfg.per_device_train_batch_size
+    assert cfg.gradient_accumulation_steps == cfg.global_batch_size // cfg.per_device_train_batch_size
+    assert method_names(cfg.method)[0] == "sft"  # registered objectives, the text loss first
+    # every key of the file reached the config with the file's value (sections as dotted keys)
+    tree = _flatten(yaml.safe_load((CONFIGS_DIR / f"{name}.yaml").read_text()), _dict_fields())
+    assert len(tree) >= 15
+    options = parser()._option_string_actions  # YAML keys are the command-line options (aliases included)
+    for key, value in tree.items():
+        field = options[f"--{key}"].dest
+        got = getattr(cfg, field)
+        if field == "bf16":
+            continue  # overridden above
+        if field == "data" and isinstance(value, str):
+            value = [value]
+        assert got == pytest.approx(value) if isinstance(value, float) else got == value, (key, got, value)
 
 
 def _qa_file(path: Path, n_images: int, pairs: int) -> Path:
@@ -221,6 +150,7 @@ def test_method_names_count_text_once():
 
 
 @pytest.mark.parametrize("method", ["sft", "dvsft"])
+@pytest.mark.slow
 def test_losses_fall_on_a_repeated_batch(tiny_dir, tmp_path, method):
     data = make_records(tmp_path / "data", n=2, seed=1)
     out = tmp_path / "run"
@@ -239,8 +169,8 @@ def test_losses_fall_on_a_repeated_batch(tiny_dir, tmp_path, method):
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()][:6] == list(range(1, 7))
 
 
-def test_gradients_reach_llm_and_projector_not_frozen_vision(tiny_dir, records, tmp_path):
-    run = prepare(load_config(None, overrides(tiny_dir, records, tmp_path / "run", method="dvsft")))
+def test_gradients_reach_llm_and_projector_not_frozen_vision(tiny_dir, train_records, tmp_path):
+    run = prepare(load_config(None, overrides(tiny_dir, train_records, tmp_path / "run", method="dvsft")))
     model = run.model
     batch = next(iter(run.trainer.get_train_dataloader()))
     assert batch["vision_positions"].shape[0] > 0
@@ -260,10 +190,11 @@ def test_gradients_reach_llm_and_projector_not_frozen_vision(tiny_dir, records, 
     assert layers[-1].mlp.down_proj.weight.grad.abs().sum() > 0
 
 
-def test_lora_trains_only_adapters(tiny_dir, records, tmp_path):
+@pytest.mark.slow
+def test_lora_trains_only_adapters(tiny_dir, train_records, tmp_path):
     from safetensors.torch import load_file
 
-    args = overrides(tiny_dir, records, tmp_path / "run", **{"lora": True, "lora.r": 4, "lora_alpha": 8})
+    args = overrides(tiny_dir, train_records, tmp_path / "run", **{"lora": True, "lora.r": 4, "lora_alpha": 8})
     run = prepare(load_config(None, args))
     trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
@@ -277,8 +208,9 @@ def test_lora_trains_only_adapters(tiny_dir, records, tmp_path):
     assert changed and changed <= targets  # only the adapted linear layers moved (merged adapters)
 
 
-def test_basic_trains_projector_and_first_layer(tiny_dir, records, tmp_path):
-    run = prepare(load_config(None, overrides(tiny_dir, records, tmp_path / "run", method="basic", max_steps=2)))
+@pytest.mark.slow
+def test_basic_trains_projector_and_first_layer(tiny_dir, train_records, tmp_path):
+    run = prepare(load_config(None, overrides(tiny_dir, train_records, tmp_path / "run", method="basic", max_steps=2)))
     model = run.model
     proj = {id(p) for p in vision_tower_of(model).merger.parameters()}
     first = {id(p) for p in language_model_of(model).layers[0].parameters()}
@@ -303,10 +235,11 @@ class _StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_resume_reproduces_uninterrupted_losses(tiny_dir, records, tmp_path):
+@pytest.mark.slow
+def test_resume_reproduces_uninterrupted_losses(tiny_dir, train_records, tmp_path):
     args = dict(max_steps=4, save_steps=2, save_final=False)
-    full = train(load_config(None, overrides(tiny_dir, records, tmp_path / "a", **args)))
-    part = overrides(tiny_dir, records, tmp_path / "b", **args)
+    full = train(load_config(None, overrides(tiny_dir, train_records, tmp_path / "a", **args)))
+    part = overrides(tiny_dir, train_records, tmp_path / "b", **args)
     first = train(load_config(None, part), callbacks=[_StopAt(2)])
     assert losses(first.log) == pytest.approx(losses(full.log)[:2], abs=1e-6)
     assert (tmp_path / "b" / "checkpoint-2" / "model.safetensors").is_file()
@@ -315,7 +248,7 @@ def test_resume_reproduces_uninterrupted_losses(tiny_dir, records, tmp_path):
     steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [s for s in steps if steps.count(s) == 1] == [1, 3]  # steps 2 and 4 also carry the run summary
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train(load_config(None, overrides(tiny_dir, records, tmp_path / "c", resume_from_checkpoint="last")))
+        train(load_config(None, overrides(tiny_dir, train_records, tmp_path / "c", resume_from_checkpoint="last")))
 
 
 class _ProbeObjective(Objective):
@@ -341,12 +274,13 @@ class _ProbeObjective(Objective):
 register_objective("probe", _ProbeObjective)
 
 
-def test_final_dir_loads_and_objective_heads_are_trained_not_saved(tiny_dir, records, tmp_path):
+@pytest.mark.slow
+def test_final_dir_loads_and_objective_heads_are_trained_not_saved(tiny_dir, train_records, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     from dvsft.models import load_model, load_processor
 
-    args = overrides(tiny_dir, records, tmp_path / "run", method="dvsft+probe", max_steps=2, save_steps=2)
+    args = overrides(tiny_dir, train_records, tmp_path / "run", method="dvsft+probe", max_steps=2, save_steps=2)
     run_args = load_config(None, args)
     result = train(run_args)
     from safetensors.torch import load_file
@@ -370,7 +304,8 @@ def test_final_dir_loads_and_objective_heads_are_trained_not_saved(tiny_dir, rec
     assert processor.image_processor.size["longest_edge"] == 32 * 32 * 16
 
 
-def test_cli_train_and_unknown_key(tiny_dir, records, tmp_path):
+@pytest.mark.slow
+def test_cli_train_and_unknown_key(tiny_dir, train_records, tmp_path):
     from typer.testing import CliRunner
 
     from dvsft.cli import app
@@ -379,9 +314,9 @@ def test_cli_train_and_unknown_key(tiny_dir, records, tmp_path):
     with pytest.raises(ValueError, match=r"command line: unknown config key 'lerning_rate' \(did you mean"):
         app(args=["--debug", "train", "--model", "tiny", "--lerning_rate", "1"], prog_name="dvsft")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model: {tiny_dir}\ndata: {records}\nmethod: sft\n")
-    args = overrides(tiny_dir, records, tmp_path / "run", max_steps=1)
-    args = [a for a in args if a not in ("--model", str(tiny_dir), "--data", str(records))]
+    cfg.write_text(f"model: {tiny_dir}\ndata: {train_records}\nmethod: sft\n")
+    args = overrides(tiny_dir, train_records, tmp_path / "run", max_steps=1)
+    args = [a for a in args if a not in ("--model", str(tiny_dir), "--data", str(train_records))]
     res = runner.invoke(app, ["train", str(cfg), *args])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
@@ -425,7 +360,7 @@ def test_graft_of_an_equally_wide_llm_copies_merger_and_deepstack_mergers(tmp_pa
 
     from dvsft.models import save_processor
     from dvsft.training.model_setup import PROJECTOR_PREFIXES, graft
-    from dvsft.training.tiny import TinyConfig, build_model_config, build_processor, train_tokenizer
+    from dvsft.training.tiny import build_model_config, build_processor, train_tokenizer
 
     tok = train_tokenizer(600)
     config = build_model_config(TinyConfig(), tok)
@@ -484,7 +419,8 @@ def _llm_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
-def test_graft_llm_onto_vision_tower(tiny_dir, records, tmp_path):
+@pytest.mark.slow
+def test_graft_llm_onto_vision_tower(tiny_dir, train_records, tmp_path):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = _llm_tokenizer()
@@ -504,7 +440,7 @@ def test_graft_llm_onto_vision_tower(tiny_dir, records, tmp_path):
     llm_dir = tmp_path / "llm"
     llm.save_pretrained(llm_dir)
     tokenizer.save_pretrained(llm_dir)
-    args = overrides(tiny_dir, records, tmp_path / "run", max_steps=2)
+    args = overrides(tiny_dir, train_records, tmp_path / "run", max_steps=2)
     args = [a for a in args if a not in ("--model", str(tiny_dir))]
     cfg = load_config(None, [*args, "--model.llm", str(llm_dir), "--model.vision_from", str(tiny_dir)])
     run = prepare(cfg)
@@ -576,6 +512,7 @@ def _save_family(kind: str, tiny_dir: Path, out: Path) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.slow
 def test_qwen2_families_train_through_the_same_path(kind, tiny_dir, tmp_path):
     from dvsft.models import load_model
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_records, overrides
 from safetensors.torch import load_file
-from test_train import make_records, overrides, tiny_dir  # noqa: F401  (tiny_dir is a fixture)
 
 from dvsft.training.config import load_config
 from dvsft.training.train import train
@@ -22,7 +22,9 @@ def _loss_rows(out: Path) -> list[dict]:
     return [r for r in rows if "loss" in r]
 
 
-def test_two_processes_match_one(tiny_dir, tmp_path):  # noqa: F811
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_match_one(tiny_dir, tmp_path):
     # two samples, global batch 2: every step sees both, whichever process holds which
     data = make_records(tmp_path / "data", n=2, seed=3)
     common = dict(method="dvsft", max_steps=2, global_batch_size=2, per_device_train_batch_size=1, learning_rate=1e-3)

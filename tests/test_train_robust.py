@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_train import losses, make_records, overrides, tiny_dir  # noqa: F401 - tiny_dir is a fixture
+from helpers import losses, make_records, overrides
 
 from dvsft.data.skips import REASONS_FILE, StrictError
 from dvsft.records import read_jsonl
@@ -35,7 +35,8 @@ def with_bad_records(folder: Path) -> Path:
     return path
 
 
-def test_train_skips_bad_records_and_writes_their_reasons(tiny_dir, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_train_skips_bad_records_and_writes_their_reasons(tiny_dir, tmp_path):
     data = with_bad_records(tmp_path / "data")
     out = tmp_path / "run"
     result = train(load_config(None, overrides(tiny_dir, data, out, max_steps=2, save_final=False)))
@@ -47,13 +48,13 @@ def test_train_skips_bad_records_and_writes_their_reasons(tiny_dir, tmp_path):  
     assert all(r["file"] == str(data) for r in reasons.values())
 
 
-def test_strict_turns_a_skip_into_a_clean_failure(tiny_dir, tmp_path):  # noqa: F811
+def test_strict_turns_a_skip_into_a_clean_failure(tiny_dir, tmp_path):
     data = with_bad_records(tmp_path / "data")
     with pytest.raises(StrictError, match=r"--strict: 2 of 6 records are bad.*record corrupt: image"):
         train(load_config(None, [*overrides(tiny_dir, data, tmp_path / "run"), "--strict"]))
 
 
-def test_train_refuses_only_when_nothing_is_left(tiny_dir, tmp_path):  # noqa: F811
+def test_train_refuses_only_when_nothing_is_left(tiny_dir, tmp_path):
     data = tmp_path / "data" / "bad.jsonl"
     data.parent.mkdir()
     data.write_text('{"id": "a", "image": "nope.png", "messages": []}\n{"id": "b"\n')
@@ -67,13 +68,14 @@ RUN = dict(max_steps=6, save_steps=2, save_final=False, save_total_limit=3)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_dir, tmp_path_factory):  # noqa: F811
+def uninterrupted(tiny_dir, tmp_path_factory):
     data = make_records(tmp_path_factory.mktemp("ckdata"), n=4)
     full = train(load_config(None, overrides(tiny_dir, data, tmp_path_factory.mktemp("full"), **RUN)))
     return data, losses(full.log)
 
 
-def test_resume_falls_back_past_a_truncated_checkpoint(tiny_dir, uninterrupted, tmp_path, caplog):  # noqa: F811
+@pytest.mark.slow
+def test_resume_falls_back_past_a_truncated_checkpoint(tiny_dir, uninterrupted, tmp_path, caplog):
     data, full = uninterrupted
     args = overrides(tiny_dir, data, tmp_path, **RUN)
     train(load_config(None, args))
@@ -89,7 +91,8 @@ def test_resume_falls_back_past_a_truncated_checkpoint(tiny_dir, uninterrupted, 
     assert check_checkpoint(tmp_path / "checkpoint-6") is None  # written again, whole
 
 
-def test_kill_during_checkpoint_save_then_resume(tiny_dir, uninterrupted, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_kill_during_checkpoint_save_then_resume(tiny_dir, uninterrupted, tmp_path):
     data, full = uninterrupted
     args = overrides(tiny_dir, data, tmp_path, **RUN)
     script = textwrap.dedent(

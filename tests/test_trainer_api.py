@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -11,22 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import make_records, tiny_dir  # noqa: F401  (tiny_dir is a fixture)
+from helpers import make_records, uneven_records
 
 ROOT = Path(__file__).resolve().parents[1]
 PIXELS = dict(min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 16)
 
 
-def uneven_records(folder: Path) -> Path:
-    """Two samples whose labeled token counts differ a lot (a 1-word vs a 9-word answer; 6 vs 2 labeled cells)."""
-    path = make_records(folder, n=2, seed=5)
-    rows = [json.loads(x) for x in path.read_text().splitlines()]
-    rows[0]["messages"][1]["content"] = " ".join(w["text"] for w in rows[0]["words"]) + " and the cat sat"
-    rows[1]["words"] = rows[1]["words"][:2]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
+@pytest.mark.slow
 def test_lazy_top_level_exports():
     code = (
         "import sys, dvsft; assert 'torch' not in sys.modules and 'transformers' not in sys.modules; "
@@ -100,7 +90,8 @@ def uneven(tmp_path_factory) -> Path:
     return uneven_records(tmp_path_factory.mktemp("uneven"))
 
 
-def test_trainer_accumulation_2x1_equals_1x2(tiny_dir, uneven, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_trainer_accumulation_2x1_equals_1x2(tiny_dir, uneven, tmp_path):
     """Tolerance: loss rel 1e-5, gradients rtol 1e-4 / atol 1e-7 (float32, different padding and batching)."""
     from dvsft import DVSFTTrainer
 
@@ -124,7 +115,8 @@ def _recipe_trainer():
     return runpy.run_path(str(ROOT / "examples" / "custom_trainer.py"))["DVSFTLossTrainer"]
 
 
-def test_custom_trainer_recipe_accumulation_2x1_equals_1x2(tiny_dir, uneven, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_custom_trainer_recipe_accumulation_2x1_equals_1x2(tiny_dir, uneven, tmp_path):
     """The documented recipe (examples/custom_trainer.py, docs/api.md): same tolerance as the trainer."""
     from dvsft import VisionCollator
     from dvsft.models import load_processor
@@ -209,7 +201,7 @@ def test_loss_gathers_a_sharded_head_through_its_own_call():
         dvsft_loss(hidden, head.weight, labels, pos, targets, sets, vision_weight=0.5, eps=0.1)
 
 
-def test_model_loss_runs_the_wrapped_models_forward(tiny_dir, tmp_path):  # noqa: F811
+def test_model_loss_runs_the_wrapped_models_forward(tiny_dir, tmp_path):
     """The public loss calls the model object it is given (a DDP wrapper's forward), never ``model.model``."""
     from dvsft import VisionCollator, load_records
     from dvsft.models import load_model, load_processor
@@ -253,7 +245,8 @@ def _run_doc(code: str, replace: dict[str, str]) -> dict:
     return namespace
 
 
-def test_docs_standalone_trainer_example_runs_and_evaluates(tiny_dir, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_docs_standalone_trainer_example_runs_and_evaluates(tiny_dir, tmp_path):
     from dvsft.analysis.lens import vision_label_accuracy
     from dvsft.models import load_processor
     from dvsft.records import read_jsonl
@@ -290,7 +283,8 @@ def test_docs_standalone_trainer_example_runs_and_evaluates(tiny_dir, tmp_path):
     assert metrics["eval_vision_top1"] == pytest.approx(lens["top1"], abs=1e-6)  # float32 in the metric
 
 
-def test_docs_custom_trainer_example_runs(tiny_dir, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_docs_custom_trainer_example_runs(tiny_dir, tmp_path):
     train = make_records(tmp_path / "train", n=4, seed=1)
     ns = _run_doc(
         _doc_block("Drop-in: your own `Trainer` subclass"),
@@ -305,7 +299,8 @@ def test_docs_custom_trainer_example_runs(tiny_dir, tmp_path):  # noqa: F811
     assert len(losses) == 2 and all(v == v and v > 0 for v in losses)
 
 
-def test_docs_trl_example_trains_and_vision_loss_falls(tiny_dir, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_docs_trl_example_trains_and_vision_loss_falls(tiny_dir, tmp_path):
     pytest.importorskip("trl", reason="the TRL extra: pip install 'dvsft[trl]'")
     data = make_records(tmp_path / "train", n=2, seed=1)
     ns = _run_doc(

@@ -12,10 +12,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
+from helpers import uneven_records
 from safetensors.torch import load_file
-from test_train import tiny_dir  # noqa: F401  (a fixture)
-from test_trainer_api import uneven_records
 
 SCRIPT = textwrap.dedent(
     """
@@ -40,7 +40,9 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_two_processes_match_one_through_the_public_api(tiny_dir, tmp_path):  # noqa: F811
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_match_one_through_the_public_api(tiny_dir, tmp_path):
     data = uneven_records(tmp_path / "data")
     script = tmp_path / "train_public.py"
     script.write_text(SCRIPT)
@@ -116,7 +118,9 @@ FSDP_SCRIPT = textwrap.dedent(
 )
 
 
-def test_fsdp_with_a_sharded_lm_head_matches_one_process(tiny_dir, tmp_path):  # noqa: F811
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp_with_a_sharded_lm_head_matches_one_process(tiny_dir, tmp_path):
     """FSDP on CPU runs through torch's FSDP (gloo) directly: accelerate's FSDP needs a GPU-type device.
 
     Every decoder layer and every linear layer, the LM head included, is its own FSDP unit, resharded after its
