@@ -50,13 +50,15 @@ def test_bench_data_json_and_no_data_left_without_keep(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, [*ARGS, "--json"])
     assert result.exit_code == 0, result.output[-3000:]
     report = json.loads(result.stdout)
-    assert list(scratch.iterdir()) == []  # the generated data was removed
+    assert not list(scratch.glob("dvsft-bench-data-*"))  # the generated data was removed
     assert {k: r["samples"] for k, r in report["rss"].items()} == {
         "stream_30": 30,
         "memory_30": 30,
         "stream_60": 60,
         "memory_60": 60,
     }
+    assert {k: len(v) for k, v in report["runs"].items()} == dict.fromkeys([*report["rss"], "collator", "model"], 1)
+    assert report["runs"]["model"][0] == report["model"]  # the median of one run is that run
     s30, s60 = report["rss"]["stream_30"]["peak_rss_mib"], report["rss"]["stream_60"]["peak_rss_mib"]
     assert report["stream_growth"] == s60 / s30 - 1 and report["stream_flat"] == (abs(s60 / s30 - 1) <= 0.10)
     assert report["collator"]["samples"] >= 8 and report["collator"]["samples_per_s"] > 0

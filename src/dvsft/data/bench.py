@@ -243,14 +243,15 @@ def bench_data(
     keep: Path | None = None,
     progress: Any = None,
 ) -> dict[str, Any]:
-    """The whole benchmark (see the module docstring); returns medians of ``repeats`` runs."""
+    """The whole benchmark (see the module docstring); returns medians of ``repeats`` runs (and each run
+    under ``runs``)."""
     from dvsft.training.tiny import TinyConfig, save_tiny
 
     say = progress or (lambda msg: None)
     root_ctx = tempfile.TemporaryDirectory(prefix="dvsft-bench-data-") if keep is None else None
     root = Path(root_ctx.name) if root_ctx else Path(keep)  # type: ignore[arg-type]
     try:
-        result: dict[str, Any] = {"rss": {}, "sizes": list(sizes), "repeats": repeats}
+        result: dict[str, Any] = {"rss": {}, "sizes": list(sizes), "repeats": repeats, "runs": {}}
         data: dict[int, tuple[Path, Path]] = {}
         for n in sizes:
             say(f"writing {n:,} synthetic records")
@@ -263,6 +264,7 @@ def bench_data(
                     say(f"peak RSS: {kind} {n:,} records, run {r + 1}/{repeats}")
                     runs.append(measure_rss(kind, path))
                 result["rss"][f"{kind}_{n}"] = median_of(runs)
+                result["runs"][f"{kind}_{n}"] = runs
         model_dir = save_tiny(root / "tiny", TinyConfig())
         small = data[sizes[0]][1]
         runs = []
@@ -270,11 +272,13 @@ def bench_data(
             say(f"collator: {workers} workers, run {r + 1}/{repeats}")
             runs.append(collator_rate(small, model_dir, collate_samples, workers, batch_size))
         result["collator"] = median_of(runs)
+        result["runs"]["collator"] = runs
         runs = []
         for r in range(repeats):
             say(f"tiny model step rate, run {r + 1}/{repeats}")
             runs.append(model_rate(small, model_dir, steps, batch_size))
         result["model"] = median_of(runs)
+        result["runs"]["model"] = runs
         result["settings"] = {"workers": workers, "batch_size": batch_size, "collate_samples": collate_samples}
         first, last = sizes[0], sizes[-1]
         s0, s1 = result["rss"][f"stream_{first}"]["peak_rss_mib"], result["rss"][f"stream_{last}"]["peak_rss_mib"]
