@@ -284,6 +284,22 @@ def test_exif_orientation_is_applied(processor, tmp_path):
     assert len(batch["vision_positions"]) == 2
 
 
+def test_transparent_images_reach_the_model_as_ocr_saw_them(processor, tmp_path):
+    """One image loader for labeling and training: transparency is composited on white, not dropped to black."""
+    image, words = page((192, 128), PLACED)
+    gray = image.convert("L")
+    rgba = Image.new("RGBA", image.size, (0, 0, 0, 0))  # transparent black background, opaque dark ink
+    rgba.putalpha(gray.point(lambda v: 255 - v))
+    rgba.save(tmp_path / "t.png")
+    on_white = Image.alpha_composite(Image.new("RGBA", image.size, "white"), rgba).convert("RGB")
+    on_white.save(tmp_path / "w.png")
+    record = {"id": "t", "words": words, "messages": conversation("<image>Hi", "ok")}
+    collator = VisionCollator(processor)
+    transparent = collator([dict(record, image=str(tmp_path / "t.png"))])["pixel_values"]
+    assert torch.equal(transparent, collator([dict(record, image=str(tmp_path / "w.png"))])["pixel_values"])
+    assert not torch.equal(transparent, collator([dict(record, image=rgba.convert("RGB"))])["pixel_values"])
+
+
 def test_messages_in_list_form_with_system_turn(processor):
     image, words = page((192, 128), PLACED)
     msgs = [

@@ -44,7 +44,7 @@ def page(path: Path, words=("Potter", "the", "stone")) -> tuple[Path, list[dict]
 
 def test_topk_equals_the_full_logits_at_visual_positions(tiny, tmp_path):
     from dvsft.analysis.lens import LENS_PROMPT
-    from dvsft.evaluation.generation import model_inputs
+    from dvsft.evaluation.generation import generation_inputs
 
     _, model, processor = tiny
     path, _ = page(tmp_path / "p.png")
@@ -52,7 +52,7 @@ def test_topk_equals_the_full_logits_at_visual_positions(tiny, tmp_path):
     result = run_lens(model, processor, image, top_k=4)
     g = grid_for(processor, 256, 96)
     assert (result.grid.rows, result.grid.cols) == (g.rows, g.cols) and len(result.top_ids) == g.num_tokens
-    inputs = model_inputs(processor, model, [LENS_PROMPT], [[image]])
+    inputs = generation_inputs(processor, model, [LENS_PROMPT], [[image]])
     with torch.no_grad():
         logits = model(**inputs).logits[0]
     visual = logits[inputs["input_ids"][0] == model.config.image_token_id]

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from dvsft.cli import app
 from dvsft.data.formats import load_dataset_samples
-from dvsft.data.prepare import prepare
+from dvsft.data.prepare import prepare_dataset
 from dvsft.labels.image_to_label import collect_inputs, errors_path, label_inputs
 from dvsft.labels.instructions import FORMAT_INSTRUCTIONS
 from dvsft.labels.ocr import register_engine
@@ -190,7 +190,7 @@ def parquet_dir(tmp_path_factory):
 
 
 def test_prepare_docvqa_parquet(parquet_dir, tmp_path):
-    stats = prepare("docvqa", parquet_dir, tmp_path / "o", split="train")
+    stats = prepare_dataset("docvqa", parquet_dir, tmp_path / "o", split="train")
     rows = list(read_jsonl(stats.out))
     assert stats.out.name == "docvqa_train.jsonl" and stats.skipped == {"no answer": 1}
     assert len(rows) == 2 and stats.qa_total == 4 and stats.qa_kept == 2
@@ -211,22 +211,22 @@ def test_prepare_docvqa_parquet(parquet_dir, tmp_path):
             assert by_q[question] == assistant["content"] and instruction in FORMAT_INSTRUCTIONS
     assert len(list((tmp_path / "o" / "images").iterdir())) == 2  # the unanswered image is not written
 
-    again = prepare("docvqa", parquet_dir, tmp_path / "o2", split="train")
+    again = prepare_dataset("docvqa", parquet_dir, tmp_path / "o2", split="train")
     assert [r["messages"] for r in read_jsonl(again.out)] == [r["messages"] for r in rows]  # seeded, stable
 
-    everything = prepare("docvqa", parquet_dir, tmp_path / "o3", split="train", qa_per_image=0)
+    everything = prepare_dataset("docvqa", parquet_dir, tmp_path / "o3", split="train", qa_per_image=0)
     turns = {r["id"]: len(r["messages"]) // 2 for r in read_jsonl(everything.out)}
     assert sorted(turns.values()) == [1, 3]
-    separate = prepare("docvqa", parquet_dir, tmp_path / "o4", split="train", qa_per_image=0, multi_turn=False)
+    separate = prepare_dataset("docvqa", parquet_dir, tmp_path / "o4", split="train", qa_per_image=0, multi_turn=False)
     ids = [r["id"] for r in read_jsonl(separate.out)]
     assert sorted(ids) == ["docvqa-1", "docvqa-2", "docvqa-3", "docvqa-4"]
     labeled = label_inputs(collect_inputs(separate.out), tmp_path / "w.jsonl", engine="test-blank")
     assert (labeled.records, labeled.images) == (4, 2)  # one OCR pass per distinct image
 
-    val = prepare("docvqa", parquet_dir, tmp_path / "o5", split="validation")
+    val = prepare_dataset("docvqa", parquet_dir, tmp_path / "o5", split="validation")
     assert [r["messages"][1]["content"] for r in read_jsonl(val.out)] == ["MEMO"]
     with pytest.raises(FileNotFoundError, match="split 'test'"):
-        prepare("docvqa", parquet_dir, tmp_path / "o6", split="test")
+        prepare_dataset("docvqa", parquet_dir, tmp_path / "o6", split="test")
 
 
 def test_prepare_infovqa_parquet_two_pairs_per_image(tmp_path):
@@ -235,7 +235,7 @@ def test_prepare_infovqa_parquet_two_pairs_per_image(tmp_path):
         tmp_path / "InfographicVQA" / "validation-00000-of-00001.parquet",
         [qa_row(str(k), f"Question {k}?", [f"answer {k}"], img, 1, "validation") for k in range(5)],
     )
-    stats = prepare("infovqa", tmp_path / "InfographicVQA", tmp_path / "o")
+    stats = prepare_dataset("infovqa", tmp_path / "InfographicVQA", tmp_path / "o")
     (row,) = read_jsonl(stats.out)
     msgs = row["messages"]
     assert len(msgs) == 4 and msgs[0]["content"].startswith("<image>Question ")
@@ -253,15 +253,15 @@ def test_prepare_adds_format_instructions_to_every_question(tmp_path):
     write_parquet(tmp_path / "in" / "train-00000-of-00001.parquet", rows)
     seen = []
     for dataset in ("docvqa", "infovqa"):
-        stats = prepare(dataset, tmp_path / "in", tmp_path / dataset, qa_per_image=0)
+        stats = prepare_dataset(dataset, tmp_path / "in", tmp_path / dataset, qa_per_image=0)
         for r in read_jsonl(stats.out):
             for m in r["messages"][::2]:
                 question, instruction = m["content"].removeprefix("<image>").split("\n")
                 assert question.startswith("Question ") and instruction in FORMAT_INSTRUCTIONS
                 seen.append(instruction)
-        again = prepare(dataset, tmp_path / "in", tmp_path / f"{dataset}2", qa_per_image=0)
+        again = prepare_dataset(dataset, tmp_path / "in", tmp_path / f"{dataset}2", qa_per_image=0)
         assert list(read_jsonl(again.out)) == list(read_jsonl(stats.out))  # seeded per image
-        plain = prepare(dataset, tmp_path / "in", tmp_path / f"{dataset}3", qa_per_image=0, instructions=False)
+        plain = prepare_dataset(dataset, tmp_path / "in", tmp_path / f"{dataset}3", qa_per_image=0, instructions=False)
         assert all("\n" not in m["content"] for r in read_jsonl(plain.out) for m in r["messages"])
     assert len(set(seen)) > 1  # drawn at random, not one fixed instruction
 
@@ -285,7 +285,7 @@ def test_prepare_docvqa_official_json(tmp_path):
         {"questionId": 400, "question": "page number?", "image": "documents/pybv0228_81.png", "answers": ["81"]},
     ]
     (rel / "train_v1.0.json").write_text(json.dumps({"dataset_name": "docvqa", "data": data}))
-    stats = prepare("docvqa", rel, tmp_path / "o", split="train", instructions=False)
+    stats = prepare_dataset("docvqa", rel, tmp_path / "o", split="train", instructions=False)
     rows = list(read_jsonl(stats.out))
     assert len(rows) == 2 and stats.qa_kept == 2 and stats.missing_images == 0
     for r in rows:
@@ -314,7 +314,7 @@ def test_prepare_infovqa_official_json_with_image_root(tmp_path):
     ]
     ann = tmp_path / "ann" / "infographicsVQA_train_v1.0.json"
     ann.write_text(json.dumps({"data": data}))
-    stats = prepare("infovqa", ann, tmp_path / "o", image_root=images, instructions=False)
+    stats = prepare_dataset("infovqa", ann, tmp_path / "o", image_root=images, instructions=False)
     rows = {r["id"]: r for r in read_jsonl(stats.out)}
     assert [m["content"] for m in rows["infovqa-1"]["messages"]] == ["<image>q1?", "a1", "q2?", "a2"]
     assert image_path(rows["infovqa-1"], stats.out).resolve() == (images / "37313.jpeg").resolve()
@@ -348,14 +348,14 @@ def squad_file(path: Path, v2: bool) -> Path:
 @pytest.mark.parametrize("v2", [False, True])
 def test_prepare_squad(tmp_path, v2):
     src = squad_file(tmp_path / "train.json", v2)
-    stats = prepare("squad", src, tmp_path / "o")
+    stats = prepare_dataset("squad", src, tmp_path / "o")
     (row,) = read_jsonl(stats.out)
     assert row["text"] == "Ada wrote it, then in London." and row["title"] == "Ada" and "image" not in row
     user, assistant = row["messages"]
     assert (user["content"], assistant["content"]) in {("<image>Who?", "Ada"), ("<image>Where?", "London")}
     if v2:
         assert stats.skipped == {"impossible question": 2, "document without usable QA": 1}
-    both = prepare("squad", src, tmp_path / "o2", qa_per_image=0)
+    both = prepare_dataset("squad", src, tmp_path / "o2", qa_per_image=0)
     (row,) = read_jsonl(both.out)
     assert [m["content"] for m in row["messages"]] == ["<image>Who?", "Ada", "Where?", "London"]
 

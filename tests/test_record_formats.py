@@ -163,7 +163,7 @@ def test_align_reads_and_writes_shards_with_embedded_images(tmp_path):
 
 
 def test_prepare_writes_shards(tmp_path):
-    from dvsft.data.prepare import prepare
+    from dvsft.data.prepare import prepare_dataset
 
     squad = {
         "data": [
@@ -181,7 +181,7 @@ def test_prepare_writes_shards(tmp_path):
         ]
     }
     (tmp_path / "squad.json").write_text(json.dumps(squad))
-    stats = prepare("squad", tmp_path / "squad.json", tmp_path / "out", fmt="parquet")
+    stats = prepare_dataset("squad", tmp_path / "squad.json", tmp_path / "out", fmt="parquet")
     assert stats.out == tmp_path / "out" / "squad" and stats.records == 1
     (record,) = [e.record for e in iter_entries(stats.out)]
     assert record["text"] == "Paris is in France." and record["messages"][1]["content"] == "France"

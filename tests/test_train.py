@@ -360,7 +360,7 @@ def test_graft_of_an_equally_wide_llm_copies_merger_and_deepstack_mergers(tmp_pa
 
     from dvsft.models import save_processor
     from dvsft.training.model_setup import PROJECTOR_PREFIXES, graft
-    from dvsft.training.tiny import build_model_config, build_processor, train_tokenizer
+    from dvsft.training.tiny import build_model_config, tiny_processor, train_tokenizer
 
     tok = train_tokenizer(600)
     config = build_model_config(TinyConfig(), tok)
@@ -368,7 +368,7 @@ def test_graft_of_an_equally_wide_llm_copies_merger_and_deepstack_mergers(tmp_pa
     torch.manual_seed(3)
     vl = AutoModelForImageTextToText.from_config(config)
     vl.save_pretrained(tmp_path / "vl")
-    save_processor(build_processor(tok, 32 * 32 * 4, 32 * 32 * 64), tmp_path / "vl")
+    save_processor(tiny_processor(tok, 32 * 32 * 4, 32 * 32 * 64), tmp_path / "vl")
     text = config.text_config
     llm = Qwen3ForCausalLM(
         Qwen3Config(

@@ -218,6 +218,7 @@ def _folder_of(records_file: str) -> Path:
 
 # ------------------------------------------------------------------------------------ validation
 
+IMAGE_PLACEHOLDER = "<image>"  # marks where the record's image goes in a user turn's text
 ROLES = ("system", "user", "assistant")
 MAX_WORD_PROBLEMS = 5  # per record; further bad words are summed up in one more problem
 

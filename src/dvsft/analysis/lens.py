@@ -109,10 +109,10 @@ def visual_hidden_states(model: Any, processor: Any, image: Image.Image, prompt:
     """Final hidden states at the visual-token positions of ``image``: a [num_tokens, hidden] tensor."""
     import torch
 
-    from dvsft.evaluation.generation import model_inputs
+    from dvsft.evaluation.generation import generation_inputs
     from dvsft.training.objectives import forward_hidden
 
-    inputs = model_inputs(processor, model, [prompt], [[image.convert("RGB")]])
+    inputs = generation_inputs(processor, model, [prompt], [[image.convert("RGB")]])
     with torch.inference_mode():
         hidden = forward_hidden(model, inputs).last[0]  # the forward training uses
     mask = inputs["input_ids"][0] == image_token_id(model, processor)

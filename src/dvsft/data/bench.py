@@ -27,6 +27,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from dvsft.records import IMAGE_PLACEHOLDER
+
 PAGES = 8  # distinct page images the records point at
 PAGE_SIZE = (128, 96)
 VOCAB = ["total", "invoice", "date", "amount", "paid", "due", "tax", "net", "sum", "order", "item", "price"]
@@ -54,7 +56,7 @@ def synthetic_records(n: int, words: int = 20, seed: int = 0) -> Any:
             "height": h,
             "words": ws,
             "messages": [
-                {"role": "user", "content": "<image>What is the first word?"},
+                {"role": "user", "content": IMAGE_PLACEHOLDER + "What is the first word?"},
                 {"role": "assistant", "content": ws[0]["text"]},
             ],
         }

@@ -23,34 +23,18 @@ as its model expects (tiles / crops per image padded with zero images where coun
 from __future__ import annotations
 
 import copy
-import io
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps
 
-from dvsft.data.dataset import IMAGE_PLACEHOLDER, has_image_placeholder
+from dvsft.data.dataset import has_image_placeholder
 from dvsft.families import spec_for_processor
 from dvsft.geometry import Grid, Layout, grid_for, layout_for
 from dvsft.labels.align import AlignConfig, Alignment, align_words
+from dvsft.labels.images import ImageError, load_image
 from dvsft.models import set_pixels
-
-
-def load_image(source: str | Path | bytes | Image.Image, record_id: str = "?") -> Image.Image:
-    """An RGB image (from a path, the file's bytes, or a PIL image) with its EXIF orientation applied (the
-    orientation OCR saw)."""
-    if isinstance(source, Image.Image):
-        return ImageOps.exif_transpose(source).convert("RGB")
-    if isinstance(source, bytes):
-        source = io.BytesIO(source)
-    try:
-        with Image.open(source) as im:
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except (OSError, ValueError) as err:
-        shown = source if not isinstance(source, io.BytesIO) else "<image bytes>"
-        raise ValueError(f"record {record_id}: cannot read image {shown}: {err}") from err
+from dvsft.records import IMAGE_PLACEHOLDER
 
 
 def to_processor_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -177,7 +161,10 @@ class VisionCollator:
         data = record.get("image_bytes")
         if "image" not in record and not isinstance(data, bytes):
             raise ValueError(f"record {rid}: no image")
-        image = load_image(data if isinstance(data, bytes) else record["image"], rid)
+        try:
+            image = load_image(data if isinstance(data, bytes) else record["image"])
+        except ImageError as err:
+            raise ValueError(f"record {rid}: cannot read image: {err}") from err
         w, h = image.size
         if record.get("width") not in (None, w) or record.get("height") not in (None, h):
             shown = record.get("image", "<image bytes>")
@@ -252,7 +239,7 @@ class VisionCollator:
             grid=grid,
             alignment=alignment,
             layout=layout,
-            image_inputs={k: out[k] for k in self.family.model_inputs if k not in SEQUENCE_INPUTS and k in out},
+            image_inputs={k: out[k] for k in self.family.image_inputs if k not in SEQUENCE_INPUTS and k in out},
         )
 
     def _text_labels(

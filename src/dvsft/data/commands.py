@@ -118,11 +118,11 @@ def prepare(
     from rich.console import Console
     from rich.markup import escape
 
-    from dvsft.data.prepare import prepare as run_prepare
+    from dvsft.data.prepare import prepare_dataset
 
     console = Console(stderr=True, soft_wrap=True)
     try:
-        stats = run_prepare(
+        stats = prepare_dataset(
             dataset.value,
             path,
             out,

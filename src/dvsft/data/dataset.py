@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from dvsft.record_sources import iter_entries
-from dvsft.records import Problem, check_record, image_path
+from dvsft.records import IMAGE_PLACEHOLDER, Problem, check_record, image_path
 
 log = logging.getLogger(__name__)
-IMAGE_PLACEHOLDER = "<image>"
 
 
 class RecordList(list):

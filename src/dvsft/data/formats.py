@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-IMAGE_TOKEN = "<image>"
+from dvsft.records import IMAGE_PLACEHOLDER
+
 ROLES = {
     "user": "user",
     "human": "user",
@@ -102,7 +103,7 @@ def _content_text(content: Any, k: int) -> str:
             if isinstance(part, str):
                 parts.append(part)
             elif isinstance(part, dict) and part.get("type") in ("image", "image_url"):
-                parts.append(IMAGE_TOKEN)
+                parts.append(IMAGE_PLACEHOLDER)
             elif isinstance(part, dict) and part.get("type") == "text":
                 parts.append(str(part.get("text", "")))
             else:
@@ -140,12 +141,12 @@ def normalise_sample(raw: Any) -> tuple[str | None, str, list[dict[str, str]] | 
     turns = raw.get("messages", raw.get("conversations"))
     messages = None if turns is None else normalise_messages(turns)
     if messages is not None:
-        n_placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+        n_placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
         if n_placeholders == 0:
             first_user = next((m for m in messages if m["role"] == "user"), None)
             if first_user is None:
                 raise SampleError(BAD_SAMPLE, "conversation has no user turn to hold the image")
-            first_user["content"] = IMAGE_TOKEN + first_user["content"]
+            first_user["content"] = IMAGE_PLACEHOLDER + first_user["content"]
         elif n_placeholders > 1:
             raise SampleError(MULTI_IMAGE, f"multi-image samples are not supported ({n_placeholders} <image> tags)")
     return (None if sid is None or sid == "" else str(sid)), images[0], messages

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dvsft.record_table import DEFAULT_ROWS_PER_SHARD, check_format, write_records
+from dvsft.records import IMAGE_PLACEHOLDER
 
 DATASETS = ("docvqa", "infovqa", "squad")
 DEFAULT_QA_PER_IMAGE = {"docvqa": 1, "infovqa": 2, "squad": 1}
@@ -52,7 +53,7 @@ class PrepareStats:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
 
-def prepare(
+def prepare_dataset(
     dataset: str,
     path: str | Path,
     out_dir: str | Path,
@@ -289,7 +290,7 @@ def messages_for(qas: list[QA], rng: random.Random | None = None) -> list[dict[s
     messages = []
     for k, qa in enumerate(qas):
         question = qa.question if rng is None else f"{qa.question}\n{rng.choice(FORMAT_INSTRUCTIONS)}"
-        messages.append({"role": "user", "content": ("<image>" if k == 0 else "") + question})
+        messages.append({"role": "user", "content": (IMAGE_PLACEHOLDER if k == 0 else "") + question})
         messages.append({"role": "assistant", "content": qa.answer})
     return messages
 

@@ -86,7 +86,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
         from dvsft.evaluation.metrics import RULES, rules_label
         from dvsft.evaluation.prompts import PROMPT_STYLES
-        from dvsft.evaluation.suite import evaluate, scores_table
+        from dvsft.evaluation.suite import run_benchmarks, scores_table
 
         console = Console()
         if prompt_style not in PROMPT_STYLES:
@@ -107,7 +107,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 return lambda n: prog.advance(task, n)
 
             try:
-                results = evaluate(
+                results = run_benchmarks(
                     model,
                     _split_list(bench),
                     _split_list(data),

@@ -14,7 +14,9 @@ def chat_text(processor: Any, n_images: int, prompt: str) -> str:
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def model_inputs(processor: Any, model: Any, prompts: list[str], images: list[list[Image.Image]]) -> dict[str, Any]:
+def generation_inputs(
+    processor: Any, model: Any, prompts: list[str], images: list[list[Image.Image]]
+) -> dict[str, Any]:
     """Processor outputs for a left-padded batch, on the model's device and float dtype."""
     texts = [chat_text(processor, len(ims), p) for p, ims in zip(prompts, images, strict=True)]
     flat = [im for ims in images for im in ims]
@@ -44,7 +46,7 @@ class Generator:
     def __call__(self, prompts: list[str], images: list[list[Image.Image]]) -> list[str]:
         import torch
 
-        inputs = model_inputs(self.processor, self.model, prompts, images)
+        inputs = generation_inputs(self.processor, self.model, prompts, images)
         kwargs: dict[str, Any] = dict(
             max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1, pad_token_id=self.pad_token_id
         )

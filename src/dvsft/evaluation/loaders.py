@@ -14,7 +14,7 @@ from typing import Any
 from dvsft.evaluation import layouts
 from dvsft.evaluation.items import EvalItem
 from dvsft.evaluation.layouts import Ctx
-from dvsft.records import Problem, check_record, image_path
+from dvsft.records import IMAGE_PLACEHOLDER, Problem, check_record, image_path
 
 DEFAULT_SPLITS = {
     "docvqa": "validation",
@@ -184,7 +184,7 @@ def _turns(messages: list[dict[str, Any]], where: str) -> tuple[str | None, str 
             content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
         if not isinstance(content, str):
             raise ValueError(f"{where}: message content must be a string or a list of parts")
-        text = content.replace("<image>", "").strip()
+        text = content.replace(IMAGE_PLACEHOLDER, "").strip()
         if m.get("role") == "user" and user is None:
             user = text
         elif m.get("role") == "assistant" and assistant is None:

@@ -146,7 +146,7 @@ def run_benchmark(
     if not bad:
         (out / ERRORS).unlink(missing_ok=True)
     rows = [row for row in read_jsonl(pred_file, own=True) if row["id"] in seen]
-    scores = summarize(bench, rows, settings, rules)
+    scores = score_summary(bench, rows, settings, rules)
     scores["generated_now"] = generated
     scores["skipped_bad"] = bad
     if generated:
@@ -187,7 +187,7 @@ def rescore(bench: Benchmark, row: dict[str, Any], rules: str = "lmms-eval") -> 
     return {"score": None} if metrics is None else metrics
 
 
-def summarize(
+def score_summary(
     bench: Benchmark, rows: list[dict[str, Any]], settings: dict[str, Any], rules: str = "lmms-eval"
 ) -> dict[str, Any]:
     rows = [{**row, **rescore(bench, row, rules)} for row in rows]

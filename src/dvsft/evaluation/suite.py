@@ -30,7 +30,7 @@ def model_family(model_dir: str | Path) -> str:
     return name if name in FAMILIES else "qwen3-vl"
 
 
-def evaluate(
+def run_benchmarks(
     model_dir: str | Path,
     benches: list[str],
     data: list[str | Path],

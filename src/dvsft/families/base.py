@@ -52,7 +52,7 @@ class FamilySpec:
     (PEFT / DDP wrappers are unwrapped): ``language_model`` (the decoder stack with ``.layers``),
     ``vision_tower``, ``projector``; the LM head is ``get_output_embeddings()`` for every family.
     ``lora_targets`` are the suffixes of the LLM's ``nn.Linear`` layers that LoRA wraps.
-    ``model_inputs`` are the processor outputs the model's forward needs besides ``input_ids`` /
+    ``image_inputs`` are the processor outputs the model's forward needs besides ``input_ids`` /
     ``attention_mask``.
     """
 
@@ -67,7 +67,7 @@ class FamilySpec:
     vision_tower: Callable[[Any], Any]
     projector: Callable[[Any], Any]
     lora_targets: tuple[str, ...]
-    model_inputs: tuple[str, ...]
+    image_inputs: tuple[str, ...]
     defaults: dict[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     views: str = ""

@@ -174,7 +174,7 @@ def make_spec(name: str, model_type: str, defaults: dict[str, Any], ip: str, pro
         vision_tower=attr_path("model.vision_model"),
         projector=attr_path("model.connector"),
         lora_targets=DENSE,
-        model_inputs=("pixel_values", "pixel_attention_mask"),
+        image_inputs=("pixel_values", "pixel_attention_mask"),
         defaults=dict(defaults),
         views="tiles (row-major) then the global image; row/col tag tokens and newlines between them in the prompt",
     )

@@ -66,7 +66,7 @@ def qwen_spec(name: str, model_type: str, lora: tuple[str, ...], processor: str,
         vision_tower=attr_path("model.visual"),
         projector=_projector,
         lora_targets=lora,
-        model_inputs=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
+        image_inputs=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
         defaults={
             "patch_size": fam.patch_size,
             "merge_size": fam.merge_size,

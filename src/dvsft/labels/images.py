@@ -1,10 +1,11 @@
-"""Load any image file as an upright RGB picture, or fail with a typed reason.
+"""Load any image as an upright RGB picture, or fail with a typed reason.
 
-Every input of ``dvsft label`` goes through :func:`load_image`; its failure reasons are the ones written to
-``<out>.errors.jsonl``. Handled modes: RGB, L, 1, P (with or without transparency), RGBA/LA/PA (composited on
-white), CMYK/YCbCr/LAB/HSV (converted), 16-bit ``I;16*`` (scaled by 1/257), 32-bit ``I`` and float ``F``
-(kept when already in 0..255, else min-max stretched). EXIF orientation is applied, so sizes and boxes are in
-the upright frame. Multi-frame files (GIF, TIFF) use their first frame.
+Every image dvsft reads for labeling and training goes through :func:`load_image` (``dvsft label``, the
+collator, LSD's crops); its failure reasons are the ones ``dvsft label`` writes to ``<out>.errors.jsonl``.
+Handled modes: RGB, L, 1, P (with or without transparency), RGBA/LA/PA (composited on white),
+CMYK/YCbCr/LAB/HSV (converted), 16-bit ``I;16*`` (scaled by 1/257), 32-bit ``I`` and float ``F`` (kept when
+already in 0..255, else min-max stretched). EXIF orientation is applied, so sizes and boxes are in the
+upright frame. Multi-frame files (GIF, TIFF) use their first frame.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ ASPECT = "aspect ratio too extreme"
 OCR_FAILURE = "OCR failure"
 
 
-class ImageError(Exception):
+class ImageError(ValueError):
     """An input image that cannot be used; ``reason`` is one of the module's reason constants."""
 
     def __init__(self, reason: str, detail: str, path: str | Path | None = None):
@@ -45,21 +46,32 @@ def check_size(width: int, height: int, path: str | Path | None = None) -> None:
         raise ImageError(ASPECT, f"{width}x{height} has aspect ratio {ratio:.1f} > {MAX_ASPECT_RATIO}", path)
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open ``path`` as an upright 8-bit RGB image (EXIF orientation applied).
+def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
+    """Open ``source`` (a file, its bytes, or a PIL image) as an upright 8-bit RGB image (EXIF orientation
+    applied, transparency composited on white).
 
     Raises :class:`ImageError` with reason ``missing file``, ``zero size`` (empty file or a 0-pixel side),
     ``undecodable image`` or ``aspect ratio too extreme``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(MISSING, "no such file" if not path.exists() else "not a regular file", path)
-    if path.stat().st_size == 0:
-        raise ImageError(ZERO_SIZE, "file is empty (0 bytes)", path)
+    if isinstance(source, Image.Image):
+        rgb = to_rgb(_upright(source))
+        check_size(*rgb.size)
+        return rgb
+    if isinstance(source, bytes):
+        path: str | Path = "<image bytes>"
+        if not source:
+            raise ImageError(ZERO_SIZE, "image bytes are empty", path)
+        stream: Any = io.BytesIO(source)
+    else:
+        path = stream = Path(source)
+        if not path.is_file():
+            raise ImageError(MISSING, "no such file" if not path.exists() else "not a regular file", path)
+        if path.stat().st_size == 0:
+            raise ImageError(ZERO_SIZE, "file is empty (0 bytes)", path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Palette images with Transparency expressed in bytes"
-            img = Image.open(path)
+            img = Image.open(stream)
             check_size(*img.size, path=path)  # cheap: before decoding the pixels
             img.seek(0)
             img.load()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import random
 
+from dvsft.records import IMAGE_PLACEHOLDER
+
 EVAL_INSTRUCTION = "Answer the question using a single word or phrase."
 
 FORMAT_INSTRUCTIONS: tuple[str, ...] = (
@@ -28,9 +30,9 @@ TRANSCRIBE_INSTRUCTION = "Transcribe the text in the image."
 
 def qa_prompt(question: str, rng: random.Random, instructions: tuple[str, ...] = FORMAT_INSTRUCTIONS) -> str:
     """The user turn of a rendered QA sample: ``<image>`` + question + a random format instruction."""
-    return f"<image>{question.strip()}\n{rng.choice(instructions)}"
+    return f"{IMAGE_PLACEHOLDER}{question.strip()}\n{rng.choice(instructions)}"
 
 
 def transcribe_prompt() -> str:
     """The user turn of a transcription sample (documents without QA)."""
-    return f"<image>{TRANSCRIBE_INSTRUCTION}"
+    return f"{IMAGE_PLACEHOLDER}{TRANSCRIBE_INSTRUCTION}"

@@ -33,7 +33,7 @@ from dvsft.labels.instructions import TRANSCRIBE_INSTRUCTION, qa_prompt
 from dvsft.labels.render import PageLayout, Renderer, RenderStyle
 from dvsft.labels.sources import QA, Document, load_documents
 from dvsft.record_table import check_format
-from dvsft.records import JsonlAppender, read_jsonl, write_jsonl
+from dvsft.records import IMAGE_PLACEHOLDER, JsonlAppender, read_jsonl, write_jsonl
 
 ANSWER_REASONS = ("answer_not_in_text", "answer_not_drawn", "answer_across_pages")
 
@@ -87,7 +87,7 @@ def safe_name(record_id: str) -> str:
     return safe
 
 
-def answer_spans(text: str, qa: QA) -> list[tuple[int, int]]:
+def answer_occurrences(text: str, qa: QA) -> list[tuple[int, int]]:
     """Candidate character spans of the answer: ``answer_start`` when it matches, else every occurrence."""
     answer = qa.answers[0].strip()
     if not answer:
@@ -117,7 +117,7 @@ def locate_answer(text: str, qa: QA, layouts: list[PageLayout], owner: list[int]
     renderer: no glyph, taller than a row, too long), ``answer_across_pages``. With several candidate
     spans the first that lies on one page wins; otherwise the first span's reason is given.
     """
-    spans = answer_spans(text, qa)
+    spans = answer_occurrences(text, qa)
     if not spans:
         return "answer_not_in_text"
     owner = char_pages(text, layouts) if owner is None else owner
@@ -172,7 +172,9 @@ def render_document(doc: Document, options: RenderOptions, out_dir: Path) -> tup
             messages = []
             for j, qa in enumerate(qas):
                 prompt = qa_prompt(qa.question, rng)
-                messages.append({"role": "user", "content": prompt if j == 0 else prompt.replace("<image>", "", 1)})
+                messages.append(
+                    {"role": "user", "content": prompt if j == 0 else prompt.replace(IMAGE_PLACEHOLDER, "", 1)}
+                )
                 messages.append({"role": "assistant", "content": qa.answers[0].strip()})
         record: dict[str, Any] = {"doc": doc.id, "page": page_index, **page.record(rid, rel.as_posix(), messages)}
         if qas is not None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dvsft.records import read_jsonl
+from dvsft.records import IMAGE_PLACEHOLDER, read_jsonl
 
 
 @dataclass
@@ -139,7 +139,7 @@ def qas_from_messages(messages: list[dict[str, Any]], where: str) -> list[QA]:
         if not isinstance(content, str):
             raise ValueError(f"{where}: messages[{i}] has no text content")
         if msg.get("role") == "user":
-            question = content.replace("<image>", "").strip()
+            question = content.replace(IMAGE_PLACEHOLDER, "").strip()
         elif msg.get("role") == "assistant":
             if question is None:
                 raise ValueError(f"{where}: messages[{i}] is an assistant turn without a user turn before it")

@@ -286,7 +286,7 @@ class LSDObjective(Objective):
         return feats, [(int(t[1]) // merge, int(t[2]) // merge) for t in thw]
 
     def loss(self, model, batch, hidden):
-        from dvsft.data.collator import load_image
+        from dvsft.labels.images import load_image
 
         records = batch.get("records")
         if records is None:
@@ -304,7 +304,7 @@ class LSDObjective(Objective):
             boxes = self.regions(rec)
             if not boxes:
                 continue
-            image = load_image(rec["image"], str(rec.get("id", "?")))
+            image = load_image(rec["image"])
             crops = crop_regions(image, boxes, self.options.pad)
             t_feats, t_grids = self.teacher_features(crops, feats.device)
             rows, cols = grid[1] // merge, grid[2] // merge

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dvsft.geometry import grid_for
+from dvsft.records import IMAGE_PLACEHOLDER
 
 # GranViT (section 3, "Data Reformatting"), verbatim; the bracketed placeholders are filled in.
 BBOX2CAPTION = (
@@ -296,7 +297,7 @@ def task_records(
         messages, tasks = [], []
         for i, (task, region) in enumerate(chunk):
             q, a = question_answer(task, region, config.codec, w, h)
-            messages.append({"role": "user", "content": ("<image>" if i == 0 else "") + q})
+            messages.append({"role": "user", "content": (IMAGE_PLACEHOLDER if i == 0 else "") + q})
             messages.append({"role": "assistant", "content": a})
             tasks.append({"name": task, "box": [round(v, 2) for v in region.box], "text": region.text})
         name = chunk[0][0] if len(chunk) == 1 else "mixed"

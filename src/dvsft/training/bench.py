@@ -38,6 +38,8 @@ from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 from typing import Any
 
+from dvsft.records import IMAGE_PLACEHOLDER
+
 VARIANTS = ("sft", "dvsft", "dvsft_separate", "naive", "hf_sft")
 
 
@@ -75,7 +77,7 @@ def build_batch(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
 
     from dvsft.data.collator import VisionCollator
     from dvsft.geometry import grid_for
-    from dvsft.training.tiny import TinyConfig, build_model_config, build_processor, corpus_words, train_tokenizer
+    from dvsft.training.tiny import TinyConfig, build_model_config, corpus_words, tiny_processor, train_tokenizer
 
     tiny = TinyConfig(
         hidden_size=cfg.hidden_size,
@@ -88,7 +90,7 @@ def build_batch(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         max_pixels=max(cfg.image_width * cfg.image_height, 32 * 32 * 4),
     )
     tokenizer = train_tokenizer(tiny.vocab_size)
-    processor = build_processor(tokenizer, tiny.min_pixels, tiny.max_pixels)
+    processor = tiny_processor(tokenizer, tiny.min_pixels, tiny.max_pixels)
     grid = grid_for(processor, cfg.image_width, cfg.image_height)
     rng = random.Random(cfg.seed)
     vocab = [w for w in dict.fromkeys(corpus_words()) if 2 <= len(w) <= 8]
@@ -107,7 +109,7 @@ def build_batch(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         "image": image,
         "words": words,
         "messages": [
-            {"role": "user", "content": "<image>Read the page and answer the question about it."},
+            {"role": "user", "content": IMAGE_PLACEHOLDER + "Read the page and answer the question about it."},
             {"role": "assistant", "content": answer},
         ],
     }

@@ -141,7 +141,7 @@ def tiny_tokenizer(cfg: TinyConfig, extra_text: list[str] | None = None):
     return tok
 
 
-def build_processor(tokenizer, min_pixels: int, max_pixels: int):
+def tiny_processor(tokenizer, min_pixels: int, max_pixels: int):
     """The real Qwen3-VL processor around the PIL image processor (no torchvision needed)."""
     from transformers import Qwen2VLImageProcessorPil
 
@@ -252,7 +252,7 @@ def build_tiny(cfg: TinyConfig | None = None, extra_text: list[str] | None = Non
         model.config.dvsft_tiny = asdict(cfg)
         return model, processor
     tokenizer = tiny_tokenizer(cfg, extra_text)
-    processor = build_processor(tokenizer, cfg.min_pixels, cfg.max_pixels)
+    processor = tiny_processor(tokenizer, cfg.min_pixels, cfg.max_pixels)
     torch.manual_seed(cfg.seed)
     config = build_model_config(cfg, tokenizer)
     model = AutoModelForImageTextToText.from_config(config)
