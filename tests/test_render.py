@@ -124,6 +124,24 @@ def test_wrapping_and_pagination_keep_every_word_in_order(words):
     assert [text[a:b] for a, b in spans] == text.split()
 
 
+@pytest.mark.parametrize("per_row", [1, 2])
+def test_words_per_row_caps_each_row_and_keeps_the_order(words, per_row):
+    r = Renderer("qwen3-vl", cols=8, max_rows=4, style=RenderStyle(words_per_row=per_row), **SMALL)
+    text = text_of(words, 40, 60)
+    pages = r.render_text(text, random.Random(0))
+    assert " ".join(p.text for p in pages) == text
+    proc = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, size={"shortest_edge": 4096, "longest_edge": 1 << 20})
+    for page in pages:
+        rows = [t // 8 for t in page.word_tokens]
+        assert all(rows.count(k) <= per_row for k in set(rows))
+        alignment = align_words(page.words, grid_for(proc, page.width, page.height))
+        assert [lab["token"] for lab in alignment.labels] == page.word_tokens
+    if per_row == 1:
+        assert all(len(set(t // 8 for t in p.word_tokens)) == len(p.words) for p in pages)
+    with pytest.raises(ValueError, match="words_per_row must be at least 1"):
+        Renderer("qwen3-vl", cols=8, max_rows=4, style=RenderStyle(words_per_row=0), **SMALL)
+
+
 def test_min_pixels_pads_rows_and_full_height():
     r = Renderer("qwen3-vl", cols=32, max_rows=32)  # default min_pixels 32*32*64: at least 2 rows
     (page,) = r.render_text("hi", random.Random(0))

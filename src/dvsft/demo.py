@@ -51,6 +51,7 @@ class DemoPreset:
     eval_points: int  # evaluations during training, evenly spaced, plus step 0
     seeds: int
     noncontextual: float = 0.0  # share of training pages that are random words
+    words_per_row: int = 0  # at most this many words on a row (1: a word list); 0 = fill the rows
     text_steps: int = 0  # text stage: steps of the LLM on oracle pages before the graft (0: none)
     text_batch_size: int = 32
     text_learning_rate: float = 3e-3
@@ -63,13 +64,14 @@ PRESETS: dict[str, DemoPreset] = {
     "cpu": DemoPreset(
         name="cpu",
         vocab_words=300,
-        cols=8,
-        rows=4,
+        cols=5,  # 160 px: the longest demo word fits a row
+        rows=8,
+        words_per_row=1,  # a word list: reading order is row order (docs/BENCHMARKS.md)
         font_size=18,
         train_pages=2000,
         heldout_pages=48,
-        steps=240,  # the 6-minute budget on 2 cores (docs/BENCHMARKS.md)
-        batch_size=16,
+        steps=2400,  # the 6-minute budget on 2 cores; many small steps beat few large ones
+        batch_size=1,
         learning_rate=3e-3,
         vision_lambda=1.0,
         vision_eps=0.0,
@@ -184,7 +186,7 @@ def render_split(
         family="qwen3-vl",
         cols=preset.cols,
         max_rows=preset.rows,
-        style=RenderStyle(font_size=preset.font_size, full_height=True),
+        style=RenderStyle(font_size=preset.font_size, full_height=True, words_per_row=preset.words_per_row or None),
         min_pixels=pixels,
         max_pixels=pixels,
     )
@@ -220,7 +222,16 @@ def build_data(preset: DemoPreset, out_dir: Path) -> dict[str, Path]:
     Pages are reused when ``out_dir/data`` already holds them for the same data settings.
     """
     data_dir = out_dir / "data"
-    keys = ("vocab_words", "cols", "rows", "font_size", "train_pages", "heldout_pages", "noncontextual")
+    keys = (
+        "vocab_words",
+        "cols",
+        "rows",
+        "font_size",
+        "train_pages",
+        "heldout_pages",
+        "noncontextual",
+        "words_per_row",
+    )
     settings = {k: getattr(preset, k) for k in keys}
     meta = data_dir / "settings.json"
     names = ("train", "val_text", "val_random", *EVAL_SETS)

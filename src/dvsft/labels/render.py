@@ -58,6 +58,7 @@ class RenderStyle:
     gap: int = 6  # blank pixels at least between a word's ink and the next word's slot
     full_height: bool = False  # every page max_rows tall (otherwise only the rows it uses)
     max_word_chars: int | None = 10_000  # longer "words" are skipped (word_too_long); None = no cap
+    words_per_row: int | None = None  # at most this many words on a row (1: a word list); None = fill rows
 
 
 @dataclass
@@ -268,6 +269,8 @@ class Renderer:
         s = self.style
         if s.pad < 0 or s.gap < 0 or s.pad + s.gap + self.min_tail > self.cell:
             raise ValueError(f"pad {s.pad} + gap {s.gap} leave no room in a {self.cell}-pixel cell")
+        if s.words_per_row is not None and s.words_per_row < 1:
+            raise ValueError(f"words_per_row must be at least 1 (or None to fill rows), got {s.words_per_row}")
         if s.font != "random":
             fonts.font_path(s.font)
         self.width = self.cols * self.cell
@@ -307,17 +310,18 @@ class Renderer:
         cell, cols, pad, gap = self.cell, self.cols, self.style.pad, self.style.gap
         pages: list[PageLayout] = []
         current = PageLayout(0, 0, [], face, size)
-        row = col = 0
+        row = col = on_row = 0
+        per_row = self.style.words_per_row
         for piece, span, glyph in self._pieces(text, face, size, current.skipped):
             image, (ix0, iy0, ix1, iy1) = glyph
             width = ix1 - ix0
             n = math.ceil((pad + width + gap) / cell)
-            if col + n > cols:
-                row, col = row + 1, 0
+            if col + n > cols or (per_row is not None and on_row >= per_row):
+                row, col, on_row = row + 1, 0, 0
             if row >= self.max_rows:
                 pages.append(current)
                 current = PageLayout(len(pages), 0, [], face, size)
-                row = col = 0
+                row = col = on_row = 0
             top = row * cell + baseline + iy0
             if top < row * cell or row * cell + baseline + iy1 > (row + 1) * cell:
                 current.skipped["glyph_taller_than_row"] += 1
@@ -329,6 +333,7 @@ class Renderer:
             current.placements.append(Placement(piece, box, row * cols + col + n - 1, span, image))
             current.rows = row + 1
             col += n
+            on_row += 1
         if current.placements or not pages:
             pages.append(current)
         return pages

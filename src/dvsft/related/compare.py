@@ -79,10 +79,14 @@ class ComparePreset:
     asvr_fit_images: int = 400
     lsd_regions: int = 2
     methods: tuple[str, ...] = DEFAULT_METHODS
+    cols: int = 0  # page size in cells (0: the demo preset's)
+    rows: int = 0
 
 
 PRESETS: dict[str, ComparePreset] = {
-    "cpu": ComparePreset("cpu", demo="cpu", train_pages=1000, heldout_pages=32, steps=400, batch_size=8, seeds=2),
+    "cpu": ComparePreset(
+        "cpu", demo="cpu", train_pages=1000, heldout_pages=32, steps=400, batch_size=8, seeds=2, cols=8, rows=4
+    ),
     "gpu": ComparePreset("gpu", demo="gpu", train_pages=20000, heldout_pages=200, steps=3000, batch_size=32, seeds=3),
     "toy": ComparePreset(
         "toy", demo="toy", train_pages=12, heldout_pages=2, steps=2, batch_size=4, seeds=1, asvr_k=4, lsd_regions=1
@@ -432,6 +436,9 @@ def run_compare(
     n_seeds = seeds if seeds is not None else cp.seeds
     dp = replace(
         demo.PRESETS[cp.demo],
+        cols=cp.cols or demo.PRESETS[cp.demo].cols,
+        rows=cp.rows or demo.PRESETS[cp.demo].rows,
+        words_per_row=0,  # full rows of running text: phrases for the region tasks
         train_pages=cp.train_pages,
         heldout_pages=cp.heldout_pages,
         steps=cp.steps,
