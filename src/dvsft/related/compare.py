@@ -81,11 +81,23 @@ class ComparePreset:
     methods: tuple[str, ...] = DEFAULT_METHODS
     cols: int = 0  # page size in cells (0: the demo preset's)
     rows: int = 0
+    learning_rate: float = 0.0  # 0: the demo preset's
+    lr_scheduler: str = ""  # "": the demo preset's
 
 
 PRESETS: dict[str, ComparePreset] = {
     "cpu": ComparePreset(
-        "cpu", demo="cpu", train_pages=1000, heldout_pages=32, steps=400, batch_size=8, seeds=2, cols=8, rows=4
+        "cpu",
+        demo="cpu",
+        train_pages=1000,
+        heldout_pages=32,
+        steps=400,
+        batch_size=8,
+        seeds=2,
+        cols=8,
+        rows=4,
+        learning_rate=3e-3,
+        lr_scheduler="cosine",
     ),
     "gpu": ComparePreset("gpu", demo="gpu", train_pages=20000, heldout_pages=200, steps=3000, batch_size=32, seeds=3),
     "toy": ComparePreset(
@@ -439,6 +451,8 @@ def run_compare(
         cols=cp.cols or demo.PRESETS[cp.demo].cols,
         rows=cp.rows or demo.PRESETS[cp.demo].rows,
         words_per_row=0,  # full rows of running text: phrases for the region tasks
+        learning_rate=cp.learning_rate or demo.PRESETS[cp.demo].learning_rate,
+        lr_scheduler=cp.lr_scheduler or demo.PRESETS[cp.demo].lr_scheduler,
         train_pages=cp.train_pages,
         heldout_pages=cp.heldout_pages,
         steps=cp.steps,
