@@ -19,10 +19,10 @@ from dvsft.training.objectives import (
     Objective,
     base_model,
     language_model_of,
-    method_names,
     register_objective,
     vision_tower_of,
 )
+from dvsft.training.registry import method_names
 from dvsft.training.tiny import TinyConfig
 from dvsft.training.train import prepare, train
 

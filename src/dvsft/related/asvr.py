@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dvsft.training.objectives import HiddenStates, Objective, base_model, register_objective, vision_tower_of
+from dvsft.training.objectives import HiddenStates, Objective, base_model, vision_tower_of
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,3 @@ class ASVRObjective(Objective):
         head_dtype = next(self.head.parameters()).dtype
         value, acc = asvr_terms(self.head, vis.to(head_dtype), codes)
         return {"asvr_loss": value, "asvr_acc": acc}
-
-
-register_objective("asvr", ASVRObjective)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dvsft.training.objectives import Objective, register_objective
+from dvsft.training.objectives import Objective
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +315,3 @@ class LSDObjective(Objective):
             n += len(boxes)
         value = total / n if n else zero
         return {"lsd_loss": value, "lsd_regions": hidden.last.new_tensor(float(n))}
-
-
-register_objective("lsd", LSDObjective)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dvsft.training.objectives import HiddenStates, Objective, language_model_of, lm_head_of, register_objective
+from dvsft.training.objectives import HiddenStates, Objective, language_model_of, lm_head_of
 
 
 @dataclass
@@ -96,6 +96,3 @@ class BasicObjective(Objective):
         direction, kl = direction / len(layers), kl / len(layers)
         total = direction + float(self.options.lambda2) * kl
         return {"basic_loss": total, "basic_dir": direction.detach(), "basic_kl": kl.detach()}
-
-
-register_objective("basic", BasicObjective)

@@ -18,14 +18,15 @@ Objectives may own trainable heads (:meth:`Objective.modules`): the Trainer atta
 model under ``dvsft_heads`` so they are moved to the device, wrapped by DDP/DeepSpeed/FSDP,
 optimised and checkpointed for ``--resume``; they are removed before the final model is saved.
 
-Register a new one with ``register_objective("name", cls)``; options specific to it go in the
-config section ``objectives.<name>`` and are validated against ``cls.Options`` (a dataclass).
+The objectives a ``method`` may name are listed in :mod:`dvsft.training.registry` (the built-in ones:
+``sft`` and ``dvsft`` here, ``basic``, ``asvr``, ``lsd``), which also resolves and builds them. Register
+your own with ``register_objective("name", cls)``; options specific to it go in the config section
+``objectives.<name>`` and are validated against ``cls.Options`` (a dataclass).
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -33,9 +34,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 HEADS_ATTR = "dvsft_heads"  # attribute of the model that holds the objectives' trainable heads
-
-# Modules imported on first registry lookup so that their objectives register themselves.
-PLUGIN_MODULES: list[str] = ["dvsft.training.basic", "dvsft.related.asvr", "dvsft.related.lsd"]
 
 
 @dataclass
@@ -133,83 +131,12 @@ _REGISTRY: dict[str, type[Objective]] = {}
 
 
 def register_objective(name: str, cls: type[Objective]) -> type[Objective]:
-    """Make ``cls`` available as ``method: name`` (or as part of ``a+b``)."""
+    """Make ``cls`` available as ``method: name`` (or as part of ``a+b``); see :mod:`dvsft.training.registry`."""
     if not name or "+" in name:
         raise ValueError(f"invalid objective name {name!r}")
     cls.name = name
     _REGISTRY[name] = cls
     return cls
-
-
-def _load_plugins() -> None:
-    for module in PLUGIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:  # a plugin that is not installed registers nothing
-            if err.name is None or not module.startswith(err.name):
-                raise
-
-
-def registered_objectives() -> dict[str, type[Objective]]:
-    _load_plugins()
-    return dict(_REGISTRY)
-
-
-def objective_class(name: str) -> type[Objective]:
-    registry = registered_objectives()
-    if name not in registry:
-        raise ValueError(f"unknown objective {name!r}; registered: {', '.join(sorted(registry))}")
-    return registry[name]
-
-
-def method_names(method: str) -> list[str]:
-    """Objective names of ``method`` with their requirements, each once, requirements first."""
-    out: list[str] = []
-
-    def add(name: str, chain: tuple[str, ...]) -> None:
-        if name in chain:
-            raise ValueError(f"objective {name!r} requires itself: {' -> '.join((*chain, name))}")
-        cls = objective_class(name)
-        for req in cls.requires:
-            add(req, (*chain, name))
-        if name not in out:
-            out.append(name)
-
-    parts = [p.strip() for p in str(method).split("+")]
-    if not all(parts):
-        raise ValueError(f"invalid method {method!r}: objective names joined by '+', e.g. 'dvsft+asvr'")
-    for part in parts:
-        add(part, ())
-    return out
-
-
-def options_for(cls: type[Objective], values: dict[str, Any] | None) -> Any:
-    """The objective's Options dataclass filled from its config section; unknown keys are an error."""
-    values = dict(values or {})
-    valid = {f.name for f in fields(cls.Options)}
-    unknown = sorted(set(values) - valid)
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(unknown)} for objective {cls.name!r}; "
-            f"valid: {', '.join(sorted(valid)) or '(none)'}"
-        )
-    return cls.Options(**values)
-
-
-def build_objectives(method: str, config: Any = None) -> list[Objective]:
-    """Instantiate the objectives of ``method``; options come from ``config.objectives[name]``."""
-    sections = dict(getattr(config, "objectives", None) or {})
-    names = method_names(method)
-    extra = sorted(set(sections) - set(registered_objectives()))
-    if extra:
-        raise ValueError(f"config section objectives.{extra[0]}: no such objective; registered: {sorted(_REGISTRY)}")
-    objectives = [objective_class(n)(config, options_for(objective_class(n), sections.get(n))) for n in names]
-    if any(isinstance(o, VisionObjective) for o in objectives):
-        # text and vision rows go through the LM head in one pass (one vocabulary-sized gradient buffer)
-        for o in objectives:
-            if isinstance(o, TextObjective):
-                o.fused = True
-    return objectives
 
 
 # --------------------------------------------------------------------------- model helpers
@@ -338,7 +265,3 @@ class VisionObjective(Objective):
             "vision_acc": new(out.vision_accuracy),
             "vision_tokens": new(float(out.n_vision)),
         }
-
-
-register_objective("sft", TextObjective)
-register_objective("dvsft", VisionObjective)

@@ -116,7 +116,7 @@ def build(cfg: DVSFTConfig):
     from transformers import set_seed
 
     from dvsft.training.model_setup import apply_lora, load_base, set_trainable, trainable_counts
-    from dvsft.training.objectives import method_names, objective_class
+    from dvsft.training.registry import method_names, objective_class
 
     set_seed(cfg.seed)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32

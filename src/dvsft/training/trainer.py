@@ -28,7 +28,8 @@ from transformers import Trainer, TrainerCallback
 from dvsft.records import JsonlAppender, read_jsonl, write_jsonl
 from dvsft.training.checkpoints import AtomicCheckpoints
 from dvsft.training.losses import StepTokens, step_tokens
-from dvsft.training.objectives import HEADS_ATTR, Objective, base_model, build_objectives, forward_hidden
+from dvsft.training.objectives import HEADS_ATTR, Objective, base_model, forward_hidden
+from dvsft.training.registry import build_objectives
 from dvsft.training.streaming import StreamingTrainerMixin
 
 EVAL_TERMS = ("text", "vision")
