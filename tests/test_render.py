@@ -428,6 +428,7 @@ def test_perplexity_matches_the_model_loss_batched(ppl_model):
         assert value == pytest.approx(math.exp(loss), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_ppl_filter_strict_drops_loose_keeps(tmp_path, words, ppl_model):
     ctx = text_of(words, 0, 60)
     qas = [qa(f"What is word {i}?", " ".join(words[i : i + 1 + i % 3]), ctx, f"q{i}") for i in range(6)]

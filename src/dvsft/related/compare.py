@@ -187,6 +187,7 @@ def evaluate_regions(model: Any, processor: Any, items: list[dict], batch_size: 
     from PIL import Image
 
     from dvsft.evaluation.generation import Generator
+    from dvsft.records import IMAGE_PLACEHOLDER
     from dvsft.related.region_tasks import TASKS, BoxCodec, iou, rouge_l
 
     codec = BoxCodec()
@@ -194,7 +195,7 @@ def evaluate_regions(model: Any, processor: Any, items: list[dict], batch_size: 
     scores: dict[str, list[float]] = {}
     for i in range(0, len(items), batch_size):
         batch = items[i : i + batch_size]
-        prompts = [r["messages"][0]["content"].replace("<image>", "") for r in batch]
+        prompts = [r["messages"][0]["content"].replace(IMAGE_PLACEHOLDER, "") for r in batch]
         images = [[Image.open(r["image"]).convert("RGB")] for r in batch]
         for r, pred in zip(batch, generator(prompts, images), strict=True):
             task = r["tasks"][0]
@@ -247,7 +248,7 @@ def run_job(job: dict) -> dict:
     queue = job.get("queue")
     done = 0
 
-    class Progress(TrainerCallback):
+    class StepsToQueue(TrainerCallback):  # the pool's progress display reads the queue
         def on_step_end(self, args, state, control, **kw):
             if queue is not None:
                 queue.put((job["name"], done + state.global_step))
@@ -272,7 +273,7 @@ def run_job(job: dict) -> dict:
             logging_steps=max(1, n_steps // 10),
         )
         config["objectives"] = objectives
-        result = train(config, callbacks=[Progress()])
+        result = train(config, callbacks=[StepsToQueue()])
         model_path = str(result.final_dir)
         done += n_steps
     train_seconds = time.time() - t0
