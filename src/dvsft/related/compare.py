@@ -447,13 +447,14 @@ def run_compare(
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
     n_seeds = seeds if seeds is not None else cp.seeds
+    demo_preset = demo.PRESETS[cp.demo]
     dp = replace(
-        demo.PRESETS[cp.demo],
-        cols=cp.cols or demo.PRESETS[cp.demo].cols,
-        rows=cp.rows or demo.PRESETS[cp.demo].rows,
+        demo_preset,
+        cols=cp.cols or demo_preset.cols,
+        rows=cp.rows or demo_preset.rows,
         words_per_row=0,  # full rows of running text: phrases for the region tasks
-        learning_rate=cp.learning_rate or demo.PRESETS[cp.demo].learning_rate,
-        lr_scheduler=cp.lr_scheduler or demo.PRESETS[cp.demo].lr_scheduler,
+        learning_rate=cp.learning_rate or demo_preset.learning_rate,
+        lr_scheduler=cp.lr_scheduler or demo_preset.lr_scheduler,
         train_pages=cp.train_pages,
         heldout_pages=cp.heldout_pages,
         steps=cp.steps,
