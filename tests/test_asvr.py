@@ -8,14 +8,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dvsft.records import write_jsonl
-from dvsft.related.asvr import ASVRHead, asvr_loss
-from dvsft.related.codes import Codebook, Encoder, features_of_images, fit_codebook, fit_from_files, kmeans
+from dvsft.core.records import write_jsonl
+from dvsft.objectives.asvr import ASVRHead, asvr_loss
+from dvsft.objectives.codes import Codebook, Encoder, features_of_images, fit_codebook, fit_from_files, kmeans
 
 
 @pytest.fixture(scope="session")
 def tiny(tiny_dir):
-    from dvsft.models import load_model, load_processor
+    from dvsft.models.loading import load_model, load_processor
 
     return load_model(tiny_dir).eval(), load_processor(tiny_dir)
 
@@ -23,8 +23,9 @@ def tiny(tiny_dir):
 @pytest.fixture(scope="session")
 def pages_dir(tmp_path_factory):
     """Three rendered text pages and their word records."""
-    from dvsft.labels.render import Renderer
-    from dvsft.training.tiny import TinyConfig, corpus_text
+    from dvsft.sources.corpora import corpus_text
+    from dvsft.sources.render import Renderer
+    from dvsft.testing.tiny import TinyConfig
 
     cfg = TinyConfig()
     d = tmp_path_factory.mktemp("asvr_pages")
@@ -91,7 +92,7 @@ def test_fit_is_deterministic_and_encode_reads_the_cache(tiny, tiny_dir, pages_d
     # one code row per visual token of each image, one column per level
     from PIL import Image
 
-    from dvsft.geometry import grid_for
+    from dvsft.models.geometry import grid_for
 
     for p, c in zip(paths, codes1, strict=True):
         with Image.open(p) as im:
@@ -114,7 +115,7 @@ def test_fit_is_deterministic_and_encode_reads_the_cache(tiny, tiny_dir, pages_d
     enc2.encode_files(paths)
     assert (enc2.cache.hits, enc2.cache.misses) == (2, 1)
     # another resolution is another cache entry
-    from dvsft.models import load_processor
+    from dvsft.models.loading import load_processor
 
     upscale = load_processor(tiny_dir, min_pixels=32 * 32 * 64)
     enc3 = Encoder(model, upscale, loaded, tmp_path / "c1")
@@ -215,7 +216,7 @@ def test_asvr_objective_trains_from_the_cache_and_is_dropped_from_the_saved_mode
         names = list(f.keys())
     assert names and not [n for n in names if "asvr" in n or "dvsft_heads" in n]
     # the saved model loads without the head and still runs
-    from dvsft.models import load_model
+    from dvsft.models.loading import load_model
 
     reloaded = load_model(final)
     assert not hasattr(reloaded, "dvsft_heads")

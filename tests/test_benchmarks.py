@@ -271,8 +271,8 @@ def test_select_visible_uses_real_ocr(tmp_path):
 
 
 def test_ocr_sets_are_word_records(tmp_path):
+    from dvsft.core.records import read_jsonl
     from dvsft.evaluation.ocr_tasks import build_ocr_set, noncontextual_texts, passages
-    from dvsft.records import read_jsonl
 
     for kind in ("contextual", "noncontextual"):
         recs = build_ocr_set(kind, tmp_path / kind, n=2, seed=1, cols=24, max_rows=16)

@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dvsft.cli import app
-from dvsft.records import read_jsonl
+from dvsft.core.records import read_jsonl
 
 # A wide terminal: rich would otherwise break a long temporary path in the middle of a word.
 runner = CliRunner(env={"COLUMNS": "1000", "TERMINAL_WIDTH": "1000"})

@@ -13,16 +13,16 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from transformers import Qwen2VLImageProcessorPil
 
+from dvsft.align.aligner import AlignConfig
 from dvsft.data.collator import VisionCollator
 from dvsft.data.dataset import load_records
-from dvsft.geometry import grid_for
-from dvsft.labels.align import AlignConfig
+from dvsft.models.geometry import grid_for
 
 
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory):
-    from dvsft.models import load_processor
-    from dvsft.training.tiny import TinyConfig, save_tiny
+    from dvsft.models.loading import load_processor
+    from dvsft.testing.tiny import TinyConfig, save_tiny
 
     return load_processor(save_tiny(tmp_path_factory.mktemp("tiny_collator"), TinyConfig(tokenizer="qwen")))
 
@@ -166,7 +166,7 @@ def test_docvqa_like_numbers_get_qwens_content_ids(processor):
 
 
 def test_processor_grid_mismatch_names_record_and_counts(processor):
-    from dvsft.models import build_processor
+    from dvsft.models.loading import build_processor
 
     ip = processor.image_processor
     liar = ShrinkingImageProcessor(

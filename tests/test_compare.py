@@ -6,8 +6,8 @@ import random
 import pytest
 from typer.testing import CliRunner
 
-from dvsft.records import read_jsonl, write_jsonl
-from dvsft.related.compare import (
+from dvsft.core.records import read_jsonl, write_jsonl
+from dvsft.experiments.compare import (
     METHODS,
     METRICS,
     REGION_EVAL,
@@ -21,8 +21,8 @@ from dvsft.related.compare import (
 
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory):
-    from dvsft.labels.render import Renderer
-    from dvsft.training.tiny import corpus_text
+    from dvsft.sources.corpora import corpus_text
+    from dvsft.sources.render import Renderer
 
     d = tmp_path_factory.mktemp("cmp_pages")
     r = Renderer("qwen3-vl", cols=8, max_rows=3, min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64)

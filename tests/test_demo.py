@@ -8,8 +8,8 @@ import sys
 import pytest
 from PIL import Image
 
-from dvsft.demo import PRESETS, eval_steps
-from dvsft.demo_report import KEYS, per_seed_margins, summarize
+from dvsft.experiments.demo import PRESETS, eval_steps
+from dvsft.experiments.demo_report import KEYS, per_seed_margins, summarize
 
 
 @pytest.mark.slow
@@ -46,9 +46,9 @@ def test_demo_toy_end_to_end(tmp_path):
         assert set(r) >= {"method", "seed", "step", *KEYS}
         assert isinstance(r["seed"], int) and isinstance(r["step"], int)
     # the saved models are seed 0's final ones: evaluated again here, they give that row's numbers
-    from dvsft.demo import EVAL_SETS, eval_sets
-    from dvsft.demo_eval import evaluate
-    from dvsft.models import load_model, load_processor
+    from dvsft.experiments.demo import EVAL_SETS, eval_sets
+    from dvsft.experiments.demo_eval import evaluate
+    from dvsft.models.loading import load_model, load_processor
 
     sets = eval_sets({n: out / "data" / f"{n}.jsonl" for n in EVAL_SETS}, "heldout")
     last = max(r["step"] for r in rows)
@@ -129,7 +129,7 @@ FAMILY_TYPES = {
 
 @pytest.fixture(scope="module")
 def toy_pages(tmp_path_factory):
-    from dvsft.demo import build_data
+    from dvsft.experiments.demo import build_data
 
     out = tmp_path_factory.mktemp("toy_pages")
     build_data(PRESETS["toy"], out)
@@ -145,7 +145,7 @@ def test_demo_toy_runs_for_each_family(family, toy_pages, tmp_path):
     from typer.testing import CliRunner
 
     from dvsft.cli import app
-    from dvsft.models import load_model
+    from dvsft.models.loading import load_model
 
     out = tmp_path / "demo"
     shutil.copytree(toy_pages, out / "data")  # the rendered pages are reused, not rendered again
@@ -158,9 +158,9 @@ def test_demo_toy_runs_for_each_family(family, toy_pages, tmp_path):
     model = load_model(out / "dvsft")
     assert model.config.model_type == FAMILY_TYPES[family]
     # the family's visual tokens were labeled and scored: the saved model gives the row's vision top-1 again
-    from dvsft.analysis.lens import vision_label_accuracy
-    from dvsft.demo import EVAL_SETS, eval_sets
-    from dvsft.models import load_processor
+    from dvsft.experiments.demo import EVAL_SETS, eval_sets
+    from dvsft.lens.visual_logits import vision_label_accuracy
+    from dvsft.models.loading import load_processor
 
     pages = eval_sets({n: out / "data" / f"{n}.jsonl" for n in EVAL_SETS}, "heldout")["text"][:16]
     scored = vision_label_accuracy(model.eval(), load_processor(out / "dvsft"), pages)

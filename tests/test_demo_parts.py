@@ -6,13 +6,13 @@ import pytest
 import torch
 import typer
 
+from dvsft.core.records import read_jsonl
 from dvsft.data.collator import VisionCollator
-from dvsft.demo import PRESETS, apply_overrides, build_data, page_pixels
-from dvsft.demo_eval import resolved, swapped, teacher_forced
-from dvsft.demo_text import graft, oracle_batch, oracle_encode, oracle_forward
-from dvsft.models import load_model, load_processor
-from dvsft.records import read_jsonl
-from dvsft.training.tiny import save_tiny
+from dvsft.experiments.demo import PRESETS, apply_overrides, build_data, page_pixels
+from dvsft.experiments.demo_eval import resolved, swapped, teacher_forced
+from dvsft.experiments.demo_text import graft, oracle_batch, oracle_encode, oracle_forward
+from dvsft.models.loading import load_model, load_processor
+from dvsft.testing.tiny import save_tiny
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ from benchmark_files import (
 from typer.testing import CliRunner
 
 from dvsft.cli import app
+from dvsft.core.records import read_jsonl
 from dvsft.evaluation import metrics as M
 from dvsft.evaluation.benchmarks import get_benchmark
-from dvsft.records import read_jsonl
 
 runner = CliRunner()
 
@@ -174,7 +174,7 @@ def test_bad_arguments_give_clear_errors(tiny_dir, data, tmp_path):
 
 
 def test_bench_eval_reports_both_batch_sizes(tiny_dir):
-    from dvsft.evaluation.throughput import throughput_benchmark
+    from dvsft.experiments.bench.throughput import throughput_benchmark
 
     res = throughput_benchmark(n=4, batch_size=4, max_new_tokens=2, model_dir=tiny_dir)
     assert res["single_samples_per_s"] == pytest.approx(4 / res["single_s"])

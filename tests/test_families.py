@@ -1,4 +1,4 @@
-"""dvsft.families / dvsft.geometry.layout_for against the real transformers processors and models.
+"""dvsft.models.families / dvsft.models.geometry.layout_for against the real transformers processors and models.
 
 For every tiled family: the view list (tile counts, grids, token counts, order, separators) is
 checked against the real PIL image processor and the real multimodal processor's expanded
@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dvsft.families import families, family_spec, spec_for_processor
-from dvsft.geometry import grid_for, layout_for
-from dvsft.models import _image_only
+from dvsft.models.families import families, family_spec, spec_for_processor
+from dvsft.models.geometry import grid_for, layout_for
+from dvsft.models.loading import _image_only
 
 N_SIZES = 500
 
@@ -419,7 +419,7 @@ def test_idefics3_smolvlm_probe_through_processor_and_tiny_model(name):
         SmolVLMForConditionalGeneration,
     )
 
-    from dvsft.families.idefics3 import _rescale_to_max_len
+    from dvsft.models.families.idefics3 import _rescale_to_max_len
 
     torch.manual_seed(0)
     cfg_cls, model_cls = (

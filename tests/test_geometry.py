@@ -1,4 +1,4 @@
-"""dvsft.geometry against the real transformers image processors."""
+"""dvsft.models.geometry against the real transformers image processors."""
 
 import json
 import random
@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 
-from dvsft.geometry import FAMILIES, family, grid_for, smart_resize
+from dvsft.models.geometry import FAMILIES, family, grid_for, smart_resize
 
 SETTINGS = [  # (min_pixels, max_pixels) overrides; None = the family's default
     (None, None),

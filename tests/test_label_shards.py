@@ -8,11 +8,11 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from dvsft.cli import app
-from dvsft.labels.image_to_label import collect_inputs, errors_path, label_inputs, parse_shard, shard
-from dvsft.labels.merge import check_parts, merge
-from dvsft.labels.ocr import cuda_params, register_engine
-from dvsft.record_sources import data_files, read_ids
-from dvsft.records import read_jsonl, read_records
+from dvsft.core.record_sources import data_files, read_ids
+from dvsft.core.records import read_jsonl, read_records
+from dvsft.sources.image_to_label import collect_inputs, errors_path, label_inputs, parse_shard, shard
+from dvsft.sources.merge import check_parts, merge
+from dvsft.sources.ocr import cuda_params, register_engine
 
 
 @register_engine("shards-blank")

@@ -11,16 +11,16 @@ import torch
 from PIL import Image, ImageChops, ImageDraw, ImageFont
 from typer.testing import CliRunner
 
-from dvsft.analysis.lens import lens_overlay, run_lens, vision_label_accuracy
 from dvsft.cli import app
-from dvsft.geometry import grid_for
+from dvsft.lens.visual_logits import lens_overlay, run_lens, vision_label_accuracy
+from dvsft.models.geometry import grid_for
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="session")
 def tiny(tiny_dir):
-    from dvsft.models import load_model, load_processor
+    from dvsft.models.loading import load_model, load_processor
 
     return tiny_dir, load_model(tiny_dir).eval(), load_processor(tiny_dir)
 
@@ -43,8 +43,8 @@ def page(path: Path, words=("Potter", "the", "stone")) -> tuple[Path, list[dict]
 
 
 def test_topk_equals_the_full_logits_at_visual_positions(tiny, tmp_path):
-    from dvsft.analysis.lens import LENS_PROMPT
     from dvsft.evaluation.generation import generation_inputs
+    from dvsft.lens.visual_logits import LENS_PROMPT
 
     _, model, processor = tiny
     path, _ = page(tmp_path / "p.png")
@@ -79,7 +79,7 @@ def test_vision_label_accuracy_counts_top1_and_top5_hits(tiny, tmp_path):
 
 
 def test_word_records_are_aligned_on_the_fly(tiny, tmp_path):
-    from dvsft.labels.align import align_words
+    from dvsft.align.aligner import align_words
 
     _, model, processor = tiny
     path, words = page(tmp_path / "p.png")

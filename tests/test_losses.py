@@ -1,4 +1,4 @@
-"""dvsft.training.losses against naive full-logits references (float64), and the API example script."""
+"""dvsft.objectives.losses against naive full-logits references (float64), and the API example script."""
 
 import math
 import runpy
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import transformers
 from helpers import assert_same_grads, collated_batch, naive_reference, naive_vision
 
-from dvsft.training import losses
-from dvsft.training.losses import dvsft_loss, fused_linear_ce, model_loss, text_loss, vision_loss
+from dvsft.objectives import losses
+from dvsft.objectives.losses import dvsft_loss, fused_linear_ce, model_loss, text_loss, vision_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,7 +235,7 @@ def test_bfloat16_weights_close_to_float32():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
-    from dvsft.models import load_model, load_processor
+    from dvsft.models.loading import load_model, load_processor
 
     return load_model(tiny_dir, dtype=torch.float64), load_processor(tiny_dir), tiny_dir
 
@@ -292,7 +292,7 @@ def test_extreme_logit_ranges_stay_accurate_in_float32():
 
 def test_bench_train_smoke(tmp_path):
     """`dvsft bench train` machinery end to end on a toy size (numbers are not checked: no timing in tests)."""
-    from dvsft.training.bench import VARIANTS, BenchConfig, build_batch, measure_times
+    from dvsft.experiments.bench.training import VARIANTS, BenchConfig, build_batch, measure_times
 
     cfg = BenchConfig(
         vocab_size=4096,
@@ -322,7 +322,7 @@ def test_bench_train_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_bench_train_spawns_fresh_processes():
-    from dvsft.training.bench import BenchConfig, bench_train, markdown_table
+    from dvsft.experiments.bench.training import BenchConfig, bench_train, markdown_table
 
     small = dict(vocab_size=4096, hidden_size=32, layers=1, heads=2, kv_heads=1, vision_hidden_size=32)
     cfg = BenchConfig(**small, image_width=96, image_height=64, answer_words=2, steps=1, warmup=0, variants=["sft"])
@@ -340,7 +340,7 @@ def test_model_loss_through_a_peft_lora_wrapper(tiny):
     from peft import LoraConfig, get_peft_model
 
     _, processor, model_dir = tiny
-    from dvsft.models import load_model
+    from dvsft.models.loading import load_model
 
     model = get_peft_model(load_model(model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     batch = collated_batch(processor)

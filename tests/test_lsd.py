@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dvsft.related.lsd import EMATeacher, crop_regions, distill_loss, feature_grid, roi_align
+from dvsft.objectives.lsd import EMATeacher, crop_regions, distill_loss, feature_grid, roi_align
 
 
 def test_roi_align_matches_hand_computed_bilinear_example():
@@ -162,9 +162,10 @@ def lsd_data(tmp_path_factory):
     """A tiny model dir and three rendered pages with transcription messages."""
     import random
 
-    from dvsft.labels.render import Renderer
-    from dvsft.records import write_jsonl
-    from dvsft.training.tiny import TinyConfig, corpus_text, save_tiny
+    from dvsft.core.records import write_jsonl
+    from dvsft.sources.corpora import corpus_text
+    from dvsft.sources.render import Renderer
+    from dvsft.testing.tiny import TinyConfig, save_tiny
 
     d = tmp_path_factory.mktemp("lsd")
     cfg = TinyConfig()
@@ -184,7 +185,7 @@ def lsd_data(tmp_path_factory):
 def test_lsd_objective_ema_teacher_in_training(lsd_data, tmp_path):
     from transformers import TrainerCallback
 
-    from dvsft.training.objectives import vision_tower_of
+    from dvsft.objectives.base import vision_tower_of
     from dvsft.training.train import prepare
 
     cfg = {
@@ -236,7 +237,7 @@ def test_lsd_objective_ema_teacher_in_training(lsd_data, tmp_path):
 
 
 def test_lsd_needs_records_in_the_batch():
-    from dvsft.related.lsd import LSDObjective
+    from dvsft.objectives.lsd import LSDObjective
 
     obj = LSDObjective()
     with pytest.raises(ValueError, match="needs the batch records"):

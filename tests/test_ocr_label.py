@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from dvsft.labels.image_to_label import (
+from dvsft.core.images import ImageError, load_image
+from dvsft.core.records import image_path, read_jsonl
+from dvsft.sources.corpora import corpus_words
+from dvsft.sources.image_to_label import (
     collect_inputs,
     errors_path,
     label_inputs,
     parse_shard,
     shard,
 )
-from dvsft.labels.images import ImageError, load_image
-from dvsft.labels.ocr import get_engine, polygon_to_box, register_engine
-from dvsft.records import image_path, read_jsonl
-from dvsft.training.tiny import corpus_words
+from dvsft.sources.ocr import get_engine, polygon_to_box, register_engine
 
 FONT = fm.findfont("DejaVu Sans")
 VOCAB = sorted({w for w in corpus_words() if w.isalpha() and 3 <= len(w) <= 10})

@@ -14,12 +14,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dvsft.cli import app
-from dvsft.data.formats import load_dataset_samples
-from dvsft.data.prepare import prepare_dataset
-from dvsft.labels.image_to_label import collect_inputs, errors_path, label_inputs
-from dvsft.labels.instructions import FORMAT_INSTRUCTIONS
-from dvsft.labels.ocr import register_engine
-from dvsft.records import image_path, read_jsonl
+from dvsft.core.records import image_path, read_jsonl
+from dvsft.sources.formats import load_dataset_samples
+from dvsft.sources.image_to_label import collect_inputs, errors_path, label_inputs
+from dvsft.sources.instructions import FORMAT_INSTRUCTIONS
+from dvsft.sources.ocr import register_engine
+from dvsft.sources.prepare import prepare_dataset
 
 
 @register_engine("test-blank")

@@ -17,9 +17,9 @@ from helpers import assert_same_grads, collated_batch, losses, make_records, nai
 from typer.testing import CliRunner
 
 from dvsft.cli import app
+from dvsft.objectives.losses import model_loss
+from dvsft.testing.tiny import TinyConfig, save_tiny
 from dvsft.training.config import load_config
-from dvsft.training.losses import model_loss
-from dvsft.training.tiny import TinyConfig, save_tiny
 from dvsft.training.train import prepare, train
 
 FAMILIES = ["qwen3.5", "qwen3-vl-moe"]
@@ -31,7 +31,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def qwen35_tok():
-    from dvsft.training.qwen_vocab import qwen_tokenizer
+    from dvsft.testing.qwen_vocab import qwen_tokenizer
 
     return qwen_tokenizer("qwen3.5")
 
@@ -41,7 +41,7 @@ def test_qwen35_tokenizer_gives_qwens_ids(qwen35_tok):
     from qwen_tokenizer.qwen_tokenizer import PAT_STR, QWEN3_5_PAT_STR, QWEN3_5_SPECIAL_TOKENS
     from transformers import Qwen3_5Config
 
-    from dvsft.training.qwen_vocab import QWEN3_5_SPLIT_PATTERN
+    from dvsft.testing.qwen_vocab import QWEN3_5_SPLIT_PATTERN
 
     assert QWEN3_5_SPLIT_PATTERN == QWEN3_5_PAT_STR
     reference = get_tokenizer("qwen3.5-27b")  # tiktoken on qwen3_6.tiktoken with Qwen3.5's pattern
@@ -64,8 +64,8 @@ def test_qwen35_tokenizer_in_the_real_processor(qwen35_tok):
     from PIL import Image
     from transformers import Qwen2VLImageProcessorPil
 
-    from dvsft.geometry import grid_for
-    from dvsft.models import build_processor
+    from dvsft.models.geometry import grid_for
+    from dvsft.models.loading import build_processor
 
     ip = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, size={"shortest_edge": 4096, "longest_edge": 65536})
     proc = build_processor(ip, qwen35_tok, "qwen3_5", qwen35_tok.chat_template)
@@ -88,10 +88,10 @@ def family_dir(request, tmp_path_factory) -> tuple[str, Path]:
 
 
 def test_tiny_family_architecture(family_dir):
-    from dvsft.families import spec_for_model
-    from dvsft.models import load_model
+    from dvsft.models.families import spec_for_model
+    from dvsft.models.loading import load_model
+    from dvsft.objectives.base import language_model_of, projector_of, vision_tower_of
     from dvsft.training.model_setup import lora_targets
-    from dvsft.training.objectives import language_model_of, projector_of, vision_tower_of
 
     fam, path = family_dir
     model = load_model(path)
@@ -113,7 +113,7 @@ def test_tiny_family_architecture(family_dir):
 
 
 def test_family_loss_matches_full_logits_reference(family_dir):
-    from dvsft.models import load_model, load_processor
+    from dvsft.models.loading import load_model, load_processor
 
     fam, path = family_dir
     model, processor = load_model(path, dtype=torch.float64), load_processor(path)
@@ -148,7 +148,7 @@ class _StopAt:
 
 
 def test_family_trains_and_resumes(family_dir, tmp_path):
-    from dvsft.models import load_model
+    from dvsft.models.loading import load_model
 
     fam, path = family_dir
     data = make_records(tmp_path / "data", n=2, seed=3)
@@ -206,8 +206,8 @@ def test_painted_pixel_lands_in_the_grid_token(family_dir):
 
     from PIL import Image
 
-    from dvsft.geometry import grid_for
-    from dvsft.models import load_model, load_processor
+    from dvsft.models.geometry import grid_for
+    from dvsft.models.loading import load_model, load_processor
 
     _, path = family_dir
     model, processor = load_model(path).eval(), load_processor(path, min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64)

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 from typer.testing import CliRunner
 
 from dvsft.cli import app
-from dvsft.records import read_jsonl
+from dvsft.core.records import read_jsonl
 
 NUMBERS = "Invoice 4471 dated 12/31/2024 lists 42 items at $5 each, 3.5% tax, 7 boxes, total $1,250 paid at 10:45"
 

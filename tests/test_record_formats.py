@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dvsft.data.convert import convert
+from dvsft.core.convert import convert
+from dvsft.core.record_sources import count_records, data_files, iter_entries, read_ids
+from dvsft.core.record_table import ShardWriter, from_row, to_row
+from dvsft.core.records import RecordError, check_record, read_jsonl, read_records, write_jsonl
 from dvsft.data.dataset import load_records
-from dvsft.record_sources import count_records, data_files, iter_entries, read_ids
-from dvsft.record_table import ShardWriter, from_row, to_row
-from dvsft.records import RecordError, check_record, read_jsonl, read_records, write_jsonl
 
 
 def odd_records() -> list[dict]:
@@ -151,7 +151,7 @@ def test_mixed_folder_and_missing_source_are_clear_errors(tmp_path):
 
 
 def test_align_reads_and_writes_shards_with_embedded_images(tmp_path):
-    from dvsft.labels.align_run import align_file
+    from dvsft.align.run import align_file
 
     src = image_records(tmp_path / "a")
     convert(src, tmp_path / "packed", "parquet", embed_images=True)
@@ -163,7 +163,7 @@ def test_align_reads_and_writes_shards_with_embedded_images(tmp_path):
 
 
 def test_prepare_writes_shards(tmp_path):
-    from dvsft.data.prepare import prepare_dataset
+    from dvsft.sources.prepare import prepare_dataset
 
     squad = {
         "data": [

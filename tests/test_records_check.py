@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dvsft.geometry import grid_for
-from dvsft.labels.align import align_words
-from dvsft.labels.align_run import align_file, errors_path
-from dvsft.labels.overlay import draw_overlay
-from dvsft.labels.stats import file_stats
-from dvsft.records import JsonlAppender, RecordError, check_record, iter_lines, read_jsonl, write_jsonl
+from dvsft.align.aligner import align_words
+from dvsft.align.overlay import draw_overlay
+from dvsft.align.run import align_file, errors_path
+from dvsft.align.stats import file_stats
+from dvsft.core.records import JsonlAppender, RecordError, check_record, iter_lines, read_jsonl, write_jsonl
+from dvsft.models.geometry import grid_for
 
 W, H = 128, 64
 
@@ -229,7 +229,7 @@ def test_stats_names_file_and_line_of_a_bad_line(tmp_path):
 
 
 def test_stats_and_region_tasks_refuse_an_invalid_record_by_name(tmp_path):
-    from dvsft.related.region_tasks import TaskConfig, build_task_file
+    from dvsft.sources.region_tasks import TaskConfig, build_task_file
 
     path = tmp_path / "aligned.jsonl"
     bad = record("r2", words=[{"text": "x", "box": [1, 1, math.nan, 5]}], grid=[1, 1], vision_labels=[])

@@ -7,9 +7,9 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from dvsft.geometry import grid_for
-from dvsft.records import read_jsonl, write_jsonl
-from dvsft.related.region_tasks import (
+from dvsft.core.records import read_jsonl, write_jsonl
+from dvsft.models.geometry import grid_for
+from dvsft.sources.region_tasks import (
     BBOX2CAPTION,
     CAPTION2BBOX,
     COORD_KINDS,

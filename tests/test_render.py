@@ -8,14 +8,14 @@ import pytest
 from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 
-from dvsft.geometry import family, grid_for
-from dvsft.labels import fonts
-from dvsft.labels.align import align_words
-from dvsft.labels.instructions import FORMAT_INSTRUCTIONS, TRANSCRIBE_INSTRUCTION
-from dvsft.labels.render import DARK_MAX, LIGHT_MIN, Renderer, RenderStyle, luminance
-from dvsft.labels.render_dataset import RenderOptions, render_source
-from dvsft.records import image_path, read_jsonl
-from dvsft.training.tiny import corpus_words
+from dvsft.align.aligner import align_words
+from dvsft.core.records import image_path, read_jsonl
+from dvsft.models.geometry import family, grid_for
+from dvsft.sources import fonts
+from dvsft.sources.corpora import corpus_words
+from dvsft.sources.instructions import FORMAT_INSTRUCTIONS, TRANSCRIBE_INSTRUCTION
+from dvsft.sources.label_to_image import RenderOptions, render_source
+from dvsft.sources.render import DARK_MAX, LIGHT_MIN, Renderer, RenderStyle, luminance
 
 SMALL = dict(min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 1024)  # lets tiny pages be fixed points
 
@@ -175,7 +175,7 @@ def test_wide_words_split_and_unsupported_characters_skipped():
 
 def test_overlong_word_splitting_draws_a_bounded_number_of_glyphs(monkeypatch):
     """Splitting costs a few row-wide renderings per piece, whatever the word's length (was: every prefix)."""
-    from dvsft.labels import render
+    from dvsft.sources import render
 
     drawn: list[int] = []
     draw = render.word_glyph
@@ -243,7 +243,7 @@ SMALL_OPTS = dict(cols=16, max_rows=6, font="DejaVuSans", **SMALL)
 
 def test_pairs_whose_answer_is_not_drawn_on_one_page_are_dropped(tmp_path, words):
     """An answer split over two pages, or with a word the renderer skipped, is dropped and counted."""
-    from dvsft.labels.render_dataset import RenderOptions as Opts
+    from dvsft.sources.label_to_image import RenderOptions as Opts
 
     renderer = Opts(**SMALL_OPTS).renderer()
     text = text_of(words, 100, 300) + " Tokyo 東京 tower"  # DejaVuSans has no CJK glyphs: 東京 is skipped
@@ -387,7 +387,7 @@ def ppl_model(tmp_path_factory):
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from dvsft.training.tiny import train_tokenizer
+    from dvsft.testing.tiny import train_tokenizer
 
     out = tmp_path_factory.mktemp("ppl_model")
     tok = train_tokenizer(512)
@@ -412,7 +412,7 @@ def test_perplexity_matches_the_model_loss_batched(ppl_model):
 
     import torch
 
-    from dvsft.labels.perplexity import PerplexityScorer
+    from dvsft.sources.perplexity import PerplexityScorer
 
     scorer = PerplexityScorer(ppl_model, batch_size=3)
     pairs = [("The cat sat on the mat.", " the mat"), ("A", " much longer target text here"), ("Doc " * 30, " x")]
@@ -453,8 +453,8 @@ def test_ppl_filter_strict_drops_loose_keeps(tmp_path, words, ppl_model):
 
 
 def test_render_also_writes_parquet_shards(tmp_path):
-    from dvsft.record_sources import data_files
-    from dvsft.records import read_records
+    from dvsft.core.record_sources import data_files
+    from dvsft.core.records import read_records
 
     src = tmp_path / "docs.txt"
     src.write_text("The first document has words.\n\nThe second one too.\n\nAnd a third.\n")
@@ -469,7 +469,7 @@ def test_render_also_writes_parquet_shards(tmp_path):
 
 def test_doc_gain_compares_the_answer_with_and_without_the_document(tmp_path, words, ppl_model):
     """Relevance: ppl(answer | document, question) against ppl(answer | question), and the min_doc_gain filter."""
-    from dvsft.labels.perplexity import PerplexityScorer, answer_context, no_document_context, quantiles
+    from dvsft.sources.perplexity import PerplexityScorer, answer_context, no_document_context, quantiles
 
     ctx = text_of(words, 0, 60)
     qas = [qa(f"Which word comes {i}?", " ".join(words[i : i + 1 + i % 3]), ctx, f"q{i}") for i in range(8)]
@@ -498,7 +498,7 @@ def test_doc_gain_compares_the_answer_with_and_without_the_document(tmp_path, wo
 
 
 def test_quantiles_interpolate():
-    from dvsft.labels.perplexity import quantiles
+    from dvsft.sources.perplexity import quantiles
 
     q = quantiles([float(v) for v in range(101)])
     assert q["p5"] == 5 and q["p50"] == 50 and q["p99"] == 99 and quantiles([]) == {}

@@ -2,8 +2,8 @@
 
 import pytest
 
-from dvsft.labels.stats import compute_stats, file_stats
-from dvsft.records import write_jsonl
+from dvsft.align.stats import compute_stats, file_stats
+from dvsft.core.records import write_jsonl
 
 
 def labels(*tokens):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import losses, make_records, overrides
 
-from dvsft.data.convert import convert
+from dvsft.core.convert import convert
 from dvsft.data.streaming import POSITION, EpochDataLoader, Ranges, StreamingSamples
 from dvsft.training.config import load_config
 from dvsft.training.train import prepare

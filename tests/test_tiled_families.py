@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from dvsft.cli import app
 from dvsft.data.collator import VisionCollator
+from dvsft.objectives.losses import model_loss
+from dvsft.testing.tiny import TinyConfig, save_tiny
 from dvsft.training.config import load_config
-from dvsft.training.losses import model_loss
-from dvsft.training.tiny import TinyConfig, save_tiny
 from dvsft.training.train import train
 
 FAMILIES = ["internvl", "llava_onevision", "idefics3", "smolvlm"]
@@ -50,8 +50,8 @@ def records(n: int = 2) -> list[dict]:
 
 
 def test_collator_labels_every_view_at_the_family_tokens(family_dir):
-    from dvsft.families import family_spec
-    from dvsft.models import load_processor
+    from dvsft.models.families import family_spec
+    from dvsft.models.loading import load_processor
 
     fam, path = family_dir
     processor = load_processor(path)
@@ -85,8 +85,8 @@ def test_collator_labels_every_view_at_the_family_tokens(family_dir):
 
 def test_collator_count_mismatch_names_the_record(family_dir, monkeypatch):
     import dvsft.data.collator as collator_module
-    from dvsft.geometry import layout_for
-    from dvsft.models import load_processor
+    from dvsft.models.geometry import layout_for
+    from dvsft.models.loading import load_processor
 
     _, path = family_dir
     collator = VisionCollator(load_processor(path))
@@ -103,7 +103,7 @@ def test_collator_count_mismatch_names_the_record(family_dir, monkeypatch):
 
 @pytest.mark.slow
 def test_tiled_loss_matches_full_logits_reference(family_dir):
-    from dvsft.models import load_model, load_processor
+    from dvsft.models.loading import load_model, load_processor
 
     _, path = family_dir
     model, processor = load_model(path, dtype=torch.float64), load_processor(path)
@@ -127,7 +127,7 @@ def test_tiled_loss_matches_full_logits_reference(family_dir):
 def test_tiled_trains_and_resumes(family_dir, tmp_path):
     from transformers import TrainerCallback
 
-    from dvsft.models import load_model
+    from dvsft.models.loading import load_model
 
     class Stop(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -175,9 +175,9 @@ def test_align_and_stats_report_per_view_kind(family_dir, tmp_path):
     reports labels, tokens and drops per view kind."""
     from test_benchmarks import word_records
 
-    from dvsft.geometry import layout_for
-    from dvsft.models import load_processor
-    from dvsft.records import read_jsonl
+    from dvsft.core.records import read_jsonl
+    from dvsft.models.geometry import layout_for
+    from dvsft.models.loading import load_processor
 
     _, path = family_dir
     words = word_records(tmp_path / "w" / "words.jsonl")
@@ -222,9 +222,9 @@ def test_layout_from_the_saved_processor_is_the_models_geometry(family_dir):
     merge sizes (a tile that is no multiple of the released patch must not leave a strip unseen)."""
     import random
 
-    from dvsft.geometry import layout_for
-    from dvsft.models import load_processor
-    from dvsft.training.tiny_tiled import PINPOINTS
+    from dvsft.models.geometry import layout_for
+    from dvsft.models.loading import load_processor
+    from dvsft.testing.tiny_tiled import PINPOINTS
 
     fam, path = family_dir
     processor = load_processor(path)

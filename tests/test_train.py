@@ -13,8 +13,7 @@ from helpers import losses, make_records, overrides
 from PIL import Image
 from transformers import TrainerCallback
 
-from dvsft.training.config import CONFIGS_DIR, _dict_fields, _flatten, flat_keys, load_config, parser, validate
-from dvsft.training.objectives import (
+from dvsft.objectives.base import (
     HEADS_ATTR,
     Objective,
     base_model,
@@ -22,8 +21,9 @@ from dvsft.training.objectives import (
     register_objective,
     vision_tower_of,
 )
-from dvsft.training.registry import method_names
-from dvsft.training.tiny import TinyConfig
+from dvsft.objectives.registry import method_names
+from dvsft.testing.tiny import TinyConfig
+from dvsft.training.config import CONFIGS_DIR, _dict_fields, _flatten, flat_keys, load_config, parser, validate
 from dvsft.training.train import prepare, train
 
 # ----------------------------------------------------------------------------- config
@@ -278,7 +278,7 @@ register_objective("probe", _ProbeObjective)
 def test_final_dir_loads_and_objective_heads_are_trained_not_saved(tiny_dir, train_records, tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    from dvsft.models import load_model, load_processor
+    from dvsft.models.loading import load_model, load_processor
 
     args = overrides(tiny_dir, train_records, tmp_path / "run", method="dvsft+probe", max_steps=2, save_steps=2)
     run_args = load_config(None, args)
@@ -358,9 +358,9 @@ def test_graft_of_qwen3_1_7b_copies_the_whole_visual_of_qwen3_vl_2b(qwen_tok):
 def test_graft_of_an_equally_wide_llm_copies_merger_and_deepstack_mergers(tmp_path):
     from transformers import AutoModelForImageTextToText, Qwen3Config, Qwen3ForCausalLM
 
-    from dvsft.models import save_processor
+    from dvsft.models.loading import save_processor
+    from dvsft.testing.tiny import build_model_config, tiny_processor, train_tokenizer
     from dvsft.training.model_setup import PROJECTOR_PREFIXES, graft
-    from dvsft.training.tiny import build_model_config, tiny_processor, train_tokenizer
 
     tok = train_tokenizer(600)
     config = build_model_config(TinyConfig(), tok)
@@ -404,7 +404,7 @@ def _llm_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from dvsft.training.tiny import corpus_text
+    from dvsft.sources.corpora import corpus_text
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -450,7 +450,7 @@ def test_graft_llm_onto_vision_tower(tiny_dir, train_records, tmp_path):
     assert model.get_input_embeddings().weight.shape[0] == len(run.processor.tokenizer) > len(tokenizer)
     assert torch.equal(language_model_of(model).layers[1].mlp.up_proj.weight, llm.model.layers[1].mlp.up_proj.weight)
     assert torch.equal(model.lm_head.weight[: len(tokenizer)], llm.lm_head.weight)
-    vl = base_model(__import__("dvsft.models", fromlist=["load_model"]).load_model(tiny_dir))
+    vl = base_model(__import__("dvsft.models.loading", fromlist=["load_model"]).load_model(tiny_dir))
     ours, theirs = vision_tower_of(model), vision_tower_of(vl)
     assert torch.equal(ours.blocks[0].attn.qkv.weight, theirs.blocks[0].attn.qkv.weight)
     assert ours.merger.linear_fc2.weight.shape == (48, theirs.merger.linear_fc2.weight.shape[1])
@@ -471,8 +471,7 @@ def _save_family(kind: str, tiny_dir: Path, out: Path) -> Path:
     import transformers
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
-    from dvsft.models import build_processor, save_processor
-    from dvsft.training.tiny import CHAT_TEMPLATE
+    from dvsft.models.loading import CHAT_TEMPLATE, build_processor, save_processor
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     text = dict(
@@ -514,7 +513,7 @@ def _save_family(kind: str, tiny_dir: Path, out: Path) -> Path:
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.slow
 def test_qwen2_families_train_through_the_same_path(kind, tiny_dir, tmp_path):
-    from dvsft.models import load_model
+    from dvsft.models.loading import load_model
 
     model_dir = _save_family(kind, tiny_dir, tmp_path / kind)
     data = make_records(tmp_path / "data", n=2, seed=1)

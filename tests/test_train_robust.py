@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import losses, make_records, overrides
 
+from dvsft.core.records import read_jsonl
 from dvsft.data.skips import REASONS_FILE, StrictError
-from dvsft.records import read_jsonl
 from dvsft.training.checkpoints import check_checkpoint, latest_intact
 from dvsft.training.config import load_config
 from dvsft.training.train import train

@@ -41,7 +41,7 @@ def test_lazy_top_level_exports():
 def _one_step_update(trainer_cls, model_dir: Path, data: Path, out: Path, batch: int, accumulation: int, **kw):
     """Parameter change of one SGD step (lr 1, no clipping): minus the gradient of the step's loss."""
     from dvsft import DVSFTConfig, load_records
-    from dvsft.models import load_model, load_processor
+    from dvsft.models.loading import load_model, load_processor
 
     torch.manual_seed(0)
     model = load_model(model_dir)
@@ -119,7 +119,7 @@ def _recipe_trainer():
 def test_custom_trainer_recipe_accumulation_2x1_equals_1x2(tiny_dir, uneven, tmp_path):
     """The documented recipe (examples/custom_trainer.py, docs/api.md): same tolerance as the trainer."""
     from dvsft import VisionCollator
-    from dvsft.models import load_processor
+    from dvsft.models.loading import load_processor
 
     recipe = _recipe_trainer()
 
@@ -177,7 +177,7 @@ class _ShardedHead(torch.nn.Linear):
 
 
 def test_loss_gathers_a_sharded_head_through_its_own_call():
-    from dvsft.training.losses import dvsft_loss
+    from dvsft.objectives.losses import dvsft_loss
 
     torch.manual_seed(0)
     weight = torch.randn(50, 8, dtype=torch.float64)
@@ -204,8 +204,8 @@ def test_loss_gathers_a_sharded_head_through_its_own_call():
 def test_model_loss_runs_the_wrapped_models_forward(tiny_dir, tmp_path):
     """The public loss calls the model object it is given (a DDP wrapper's forward), never ``model.model``."""
     from dvsft import VisionCollator, load_records
-    from dvsft.models import load_model, load_processor
-    from dvsft.training.losses import model_loss
+    from dvsft.models.loading import load_model, load_processor
+    from dvsft.objectives.losses import model_loss
 
     model = load_model(tiny_dir)
     data = make_records(tmp_path / "d", n=2)
@@ -247,9 +247,9 @@ def _run_doc(code: str, replace: dict[str, str]) -> dict:
 
 @pytest.mark.slow
 def test_docs_standalone_trainer_example_runs_and_evaluates(tiny_dir, tmp_path):
-    from dvsft.analysis.lens import vision_label_accuracy
-    from dvsft.models import load_processor
-    from dvsft.records import read_jsonl
+    from dvsft.core.records import read_jsonl
+    from dvsft.lens.visual_logits import vision_label_accuracy
+    from dvsft.models.loading import load_processor
 
     train = make_records(tmp_path / "train", n=4, seed=1)
     heldout = make_records(tmp_path / "heldout", n=2, seed=2)
@@ -275,7 +275,7 @@ def test_docs_standalone_trainer_example_runs_and_evaluates(tiny_dir, tmp_path):
     assert train_rows[-1]["vision_loss"] < train_rows[0]["vision_loss"]
     assert {"eval_loss", "eval_text_loss", "eval_vision_loss", "eval_vision_top1"} <= set(metrics)
     assert metrics["eval_vision_tokens"] > 0 and 0.0 <= metrics["eval_vision_top1"] <= 1.0
-    # the top-1 diagnostic is the lens metric: the same number from `dvsft.analysis.lens`, one image at a time
+    # the top-1 diagnostic is the lens metric: the same number from `dvsft.lens.visual_logits`, one image at a time
     processor = load_processor(tiny_dir, **{"min_pixels": 4096, "max_pixels": 16384})
     trainer.model.eval()
     lens = vision_label_accuracy(trainer.model, processor, list(read_jsonl(heldout)), heldout)
@@ -319,8 +319,8 @@ def test_docs_trl_example_trains_and_vision_loss_falls(tiny_dir, tmp_path):
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
     from dvsft import VisionCollator, load_records
-    from dvsft.models import load_model, load_processor
-    from dvsft.training.losses import model_loss
+    from dvsft.models.loading import load_model, load_processor
+    from dvsft.objectives.losses import model_loss
 
     processor = load_processor(tiny_dir)
     batch = VisionCollator(processor, min_pixels=4096, max_pixels=16384)(

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     """
     import sys
     from dvsft import DVSFTConfig, DVSFTTrainer, load_records
-    from dvsft.models import load_model, load_processor
+    from dvsft.models.loading import load_model, load_processor
 
     model_dir, data, out, accumulation = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     args = DVSFTConfig(
@@ -86,8 +86,8 @@ FSDP_SCRIPT = textwrap.dedent(
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextDecoderLayer
     from dvsft import VisionCollator, load_records
-    from dvsft.models import load_model, load_processor
-    from dvsft.training.losses import model_loss, step_tokens
+    from dvsft.models.loading import load_model, load_processor
+    from dvsft.objectives.losses import model_loss, step_tokens
 
     model_dir, data, out, world = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     if world > 1:

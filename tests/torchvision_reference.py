@@ -1,4 +1,4 @@
-"""torchvision's own ROIAlign, the reference for :func:`dvsft.related.lsd.roi_align`.
+"""torchvision's own ROIAlign, the reference for :func:`dvsft.objectives.lsd.roi_align`.
 
 With torchvision installed, ``torchvision.ops.roi_align`` (its compiled kernel) is the reference. Where no
 torchvision build fits the installed torch (this project's CPU setup), the reference is torchvision's

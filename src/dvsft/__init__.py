@@ -16,10 +16,10 @@ _EXPORTS = {
     "DVSFTConfig": "dvsft.training.config",
     "DVSFTTrainer": "dvsft.training.trainer",
     "VisionCollator": "dvsft.data.collator",
-    "dvsft_loss": "dvsft.training.losses",
-    "model_loss": "dvsft.training.losses",
-    "step_tokens": "dvsft.training.losses",
-    "StepTokens": "dvsft.training.losses",
+    "dvsft_loss": "dvsft.objectives.losses",
+    "model_loss": "dvsft.objectives.losses",
+    "step_tokens": "dvsft.objectives.losses",
+    "StepTokens": "dvsft.objectives.losses",
     "load_records": "dvsft.data.dataset",
     "load_config": "dvsft.training.config",
 }
@@ -40,8 +40,8 @@ __all__ = [
 if TYPE_CHECKING:
     from dvsft.data.collator import VisionCollator
     from dvsft.data.dataset import load_records
+    from dvsft.objectives.losses import StepTokens, dvsft_loss, model_loss, step_tokens
     from dvsft.training.config import DVSFTConfig, load_config
-    from dvsft.training.losses import StepTokens, dvsft_loss, model_loss, step_tokens
     from dvsft.training.trainer import DVSFTTrainer
 
 

@@ -8,10 +8,10 @@ Everything the model sees comes from its OWN processor and chat template; dvsft 
   character span between the two is mapped to tokens through the tokenizer's offsets.
 * ``vision_positions`` [N, 2] (batch index, sequence position), ``vision_targets`` [N] and
   ``vision_label_sets`` [N, S] (-1 padded): the words aligned to visual tokens by
-  :func:`dvsft.labels.align.align_words` on the view list :func:`dvsft.geometry.layout_for`
-  computes from the same processor (Qwen-VL: the grid of :func:`dvsft.geometry.grid_for`; tiled
+  :func:`dvsft.align.aligner.align_words` on the view list :func:`dvsft.models.geometry.layout_for`
+  computes from the same processor (Qwen-VL: the grid of :func:`dvsft.models.geometry.grid_for`; tiled
   families: every tile / thumbnail / crop grid / global view, each aligned on its own). The
-  image tokens are found by the family's own image-token id (:mod:`dvsft.families`); the k-th
+  image tokens are found by the family's own image-token id (:mod:`dvsft.models.families`); the k-th
   of them is position k of the view list. The collator checks the processor's token count
   (and Qwen's ``image_grid_thw``) against the geometry and raises, naming the record, rather
   than shift a label.
@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
+from dvsft.align.aligner import AlignConfig, Alignment, align_words
+from dvsft.core.images import ImageError, load_image
+from dvsft.core.records import IMAGE_PLACEHOLDER
 from dvsft.data.dataset import has_image_placeholder
-from dvsft.families import spec_for_processor
-from dvsft.geometry import Grid, Layout, grid_for, layout_for
-from dvsft.labels.align import AlignConfig, Alignment, align_words
-from dvsft.labels.images import ImageError, load_image
-from dvsft.models import set_pixels
-from dvsft.records import IMAGE_PLACEHOLDER
+from dvsft.models.families import spec_for_processor
+from dvsft.models.geometry import Grid, Layout, grid_for, layout_for
+from dvsft.models.loading import set_pixels
 
 
 def to_processor_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

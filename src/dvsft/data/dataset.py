@@ -1,4 +1,4 @@
-"""Training samples from word-record JSONL files (see :mod:`dvsft.records`).
+"""Training samples from word-record JSONL files (see :mod:`dvsft.core.records`).
 
 A record holds one image and a conversation of question-answer pairs (user turn, assistant turn,
 user turn, ...). Two options choose the samples:
@@ -12,7 +12,7 @@ user turn, ...). Two options choose the samples:
 
 Every sample keeps the record's system turns, and the image placeholder ``<image>`` goes with the
 sample's first user turn. Bad lines and records (unreadable JSON, anything
-:func:`dvsft.records.check_record` finds: missing or undecodable image, a size that differs from the image's,
+:func:`dvsft.core.records.check_record` finds: missing or undecodable image, a size that differs from the image's,
 non-numeric / non-finite / inverted boxes; no assistant answer, malformed messages) are skipped, logged with
 their file, line, id and reason, and listed in the result's ``skipped`` and ``problems``.
 """
@@ -25,8 +25,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from dvsft.record_sources import iter_entries
-from dvsft.records import IMAGE_PLACEHOLDER, Problem, check_record, image_path
+from dvsft.core.record_sources import iter_entries
+from dvsft.core.records import IMAGE_PLACEHOLDER, Problem, check_record, image_path
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class RecordList(list):
     """A list of sample dicts that also carries what was skipped.
 
     ``skipped``: ``[(record id, reason), ...]``, one per skipped line or record; ``problems``: every
-    :class:`dvsft.records.Problem` found (file, line, id, reason), possibly several per record.
+    :class:`dvsft.core.records.Problem` found (file, line, id, reason), possibly several per record.
     """
 
     skipped: list[tuple[str, str]]
@@ -194,7 +194,7 @@ def load_records(
     keep_conversations: bool = False,
 ) -> RecordList:
     """Training samples of a record source (JSONL or Parquet file, folder of shards, ``datasets`` folder: see
-    :mod:`dvsft.record_sources`), image paths made absolute, bad records skipped. Everything is held in memory;
+    :mod:`dvsft.core.record_sources`), image paths made absolute, bad records skipped. Everything is held in memory;
     ``dvsft.data.streaming`` streams large sources instead.
 
     ``one_qa_per_image=True`` is ``qa_per_image=1``; see the module docstring for the options.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from dvsft.records import Problem, write_jsonl
+from dvsft.core.records import Problem, write_jsonl
 
 log = logging.getLogger(__name__)
 REASONS_FILE = "skipped_records.jsonl"

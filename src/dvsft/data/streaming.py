@@ -27,7 +27,7 @@ sequence. ``datasets``' own ``IterableDataset.state_dict`` is not used for this:
 example the dataset yielded (in DataLoader workers, it needs torchdata's ``StatefulDataLoader`` to reach the
 main process), not which samples the optimizer stepped on.
 
-Records are checked lazily (:func:`dvsft.records.check_record` without decoding the image, plus the
+Records are checked lazily (:func:`dvsft.core.records.check_record` without decoding the image, plus the
 training checks); a bad one is skipped with a warning. Each record gives one sample: its QA pairs
 (``qa_per_image`` of them, drawn as in :func:`dvsft.data.dataset.select_samples` but per record) as one
 conversation.
@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dvsft.record_sources import ARROW, JSONL, PARQUET, data_files, rows_of
+from dvsft.core.record_sources import ARROW, JSONL, PARQUET, data_files, rows_of
 
 log = logging.getLogger(__name__)
 POSITION = "_stream_position"  # (epoch, local position, count since epoch 0) on each sample, removed by the collator
@@ -262,8 +262,8 @@ class StreamingSamples(IterableDataset):
                 yield sample
 
     def _sample(self, record: dict[str, Any], unit: Unit, number: int) -> tuple[dict[str, Any] | None, Any]:
+        from dvsft.core.records import Problem, check_record
         from dvsft.data.dataset import _check, _id_of, absolute_image, answered_pairs, expand_record
-        from dvsft.records import Problem, check_record
 
         found = check_record(record, unit.file, number, image=False)
         if not found and self.check_images:
@@ -309,7 +309,7 @@ def _window_positions(windows: list[tuple[int, int]]) -> Iterator[tuple[str, dic
 def _image_reasons(record: dict[str, Any], file: Path) -> list[str]:
     """What is wrong with a record's image (header and size; no full decode); checks of the same image file
     and size are remembered, so records sharing an image read it once per worker."""
-    from dvsft.records import image_path
+    from dvsft.core.records import image_path
 
     data = record.get("image_bytes")
     w, h = record.get("width"), record.get("height")
@@ -325,7 +325,7 @@ def _image_reasons(record: dict[str, Any], file: Path) -> list[str]:
 
 @functools.lru_cache(maxsize=4096)
 def _image_check(image: str | bytes, width: int | None, height: int | None) -> tuple[list[str], Any, Any]:
-    from dvsft.records import check_record
+    from dvsft.core.records import check_record
 
     probe: dict[str, Any] = {"image_bytes": image} if isinstance(image, bytes) else {"image": image}
     if width is not None or height is not None:

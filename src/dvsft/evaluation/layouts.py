@@ -275,10 +275,10 @@ def rendered_context(text: str, family: str) -> Callable[[], list[Image.Image]]:
 @lru_cache(maxsize=64)
 def _render_pages(text: str, family: str) -> tuple[Image.Image, ...]:
     try:
-        from dvsft.labels.render import Renderer
+        from dvsft.sources.render import Renderer
     except ImportError as err:
         raise RuntimeError(
-            "rendering SQuAD contexts needs dvsft.labels.render, which is not available; "
+            "rendering SQuAD contexts needs dvsft.sources.render, which is not available; "
             "pass a rendered word-records JSONL instead"
         ) from err
     seed = int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:8], 16)

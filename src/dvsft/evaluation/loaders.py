@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dvsft.core.records import IMAGE_PLACEHOLDER, Problem, check_record, image_path
 from dvsft.evaluation import layouts
 from dvsft.evaluation.items import EvalItem
 from dvsft.evaluation.layouts import Ctx
-from dvsft.records import IMAGE_PLACEHOLDER, Problem, check_record, image_path
 
 DEFAULT_SPLITS = {
     "docvqa": "validation",
@@ -100,7 +100,7 @@ def is_record_source(path: Path) -> bool:
     """Word records in Parquet (a file or a folder of ``dvsft`` shards) or a ``datasets`` folder."""
     import pyarrow.parquet as pq
 
-    from dvsft.record_sources import datasets_dir
+    from dvsft.core.record_sources import datasets_dir
 
     if path.is_dir():
         if datasets_dir(path) is not None:
@@ -110,18 +110,18 @@ def is_record_source(path: Path) -> bool:
     if path.suffix.lower() != ".parquet":
         return False
     names = set(pq.ParquetFile(path).schema_arrow.names)
-    return "extra" in names and "messages" in names  # dvsft.record_table.SCHEMA
+    return "extra" in names and "messages" in names  # dvsft.core.record_table.SCHEMA
 
 
 def records_items(path: Path, bench: str) -> Iterator[EvalItem]:
-    """Word records (``dvsft.records``, any source of :mod:`dvsft.record_sources`): question from the user
+    """Word records (``dvsft.core.records``, any source of :mod:`dvsft.core.record_sources`): question from the user
     turn, answer from the assistant turn.
 
     Optional fields: ``answers`` (list; wins over the assistant turn) and the benchmark fields of
     ``META_KEYS`` (e.g. MME ``category``, OCRBench ``dataset``/``question_type``). For ``ocr`` the
     reference is the assistant turn, else the record's words joined by spaces.
     """
-    from dvsft.record_sources import iter_entries
+    from dvsft.core.record_sources import iter_entries
 
     for entry in iter_entries(path):
         n, rec, file = entry.number, entry.record, entry.file

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dvsft.records import read_jsonl, write_jsonl
+from dvsft.core.records import read_jsonl, write_jsonl
 
 KINDS = ("contextual", "noncontextual")
 WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
@@ -26,7 +26,7 @@ def read_corpus(path: str | Path | None) -> list[str]:
     ``.jsonl`` (field ``document``, ``text`` or ``content``: XSUM's layout has ``document``),
     ``.parquet`` (same columns) or a folder of ``.txt`` files (one document each)."""
     if path is None:
-        from dvsft.training.tiny import corpus_text
+        from dvsft.sources.corpora import corpus_text
 
         return _paragraphs(corpus_text())
     path = Path(path)
@@ -129,7 +129,7 @@ def build_ocr_set(
     on_page: Callable[[int], None] | None = None,
 ) -> Path:
     """Render ``n`` pages of ``kind`` text into ``out_dir/images`` and write ``out_dir/words.jsonl``."""
-    from dvsft.labels.render import Renderer, RenderStyle
+    from dvsft.sources.render import Renderer, RenderStyle
 
     if kind not in KINDS:
         raise ValueError(f"unknown OCR set kind {kind!r}; use one of {', '.join(KINDS)}")
@@ -157,7 +157,7 @@ def build_ocr_set(
         "kind": kind,
         "n": len(records),
         "seed": seed,
-        "corpus": str(corpus) if corpus else "dvsft.training.tiny.corpus_text (pydoc topics)",
+        "corpus": str(corpus) if corpus else "dvsft.sources.corpora.corpus_text (pydoc topics)",
         "family": family,
         "cols": cols,
         "max_rows": max_rows,

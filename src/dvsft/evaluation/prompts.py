@@ -10,7 +10,7 @@ The OCR transcription task always asks ``TRANSCRIBE_PROMPT`` and takes no post p
 
 from __future__ import annotations
 
-from dvsft.labels.instructions import TRANSCRIBE_INSTRUCTION as TRANSCRIBE_PROMPT  # the renderer's task wording
+from dvsft.sources.instructions import TRANSCRIBE_INSTRUCTION as TRANSCRIBE_PROMPT  # the renderer's task wording
 
 PROMPT_STYLES = ("paper", "lmms-eval")
 SHORT_ANSWER_PROMPT = "\nAnswer the question using a single word or phrase."  # the paper's (and lmms-eval's)

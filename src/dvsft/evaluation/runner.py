@@ -18,9 +18,9 @@ from typing import Any
 
 from PIL import Image
 
+from dvsft.core.records import JsonlAppender, read_jsonl
 from dvsft.evaluation.benchmarks import Benchmark
 from dvsft.evaluation.items import EvalItem
-from dvsft.records import JsonlAppender, read_jsonl
 
 PREDICTIONS = "predictions.jsonl"
 SCORES = "scores.json"

@@ -22,8 +22,8 @@ SUMMARY = "scores.json"
 
 def model_family(model_dir: str | Path) -> str:
     """The geometry family name of a model directory (for rendering SQuAD contexts)."""
-    from dvsft.geometry import ALIASES, FAMILIES
-    from dvsft.models import model_type_of
+    from dvsft.models.geometry import ALIASES, FAMILIES
+    from dvsft.models.loading import model_type_of
 
     mt = model_type_of(model_dir)
     name = ALIASES.get(mt, mt)
@@ -61,7 +61,7 @@ def run_benchmarks(
     """
     import torch
 
-    from dvsft.models import load_model, load_processor
+    from dvsft.models.loading import load_model, load_processor
 
     if len(benches) != len(data):
         raise ValueError(f"--bench names {len(benches)} benchmark(s) but --data gives {len(data)} path(s)")

@@ -33,12 +33,12 @@ def answer_visible(answer: str, ocr_text: str) -> bool:
 
 
 def ocr_engine(params: dict[str, Any] | None = None) -> Callable[[Image.Image], str]:
-    """Image -> recognised text, with ``dvsft.labels.ocr``'s rapidocr engine (words joined by spaces).
+    """Image -> recognised text, with ``dvsft.sources.ocr``'s rapidocr engine (words joined by spaces).
 
     ``params`` are rapidocr config overrides, e.g. ``{"Det.limit_type": "max", "Det.limit_side_len": 960}``
     (faster on small images than the default, which scales the short side up to 736 px).
     """
-    from dvsft.labels.ocr import get_engine
+    from dvsft.sources.ocr import get_engine
 
     engine = get_engine("rapidocr", params=params)
     return lambda image: " ".join(str(w["text"]) for w in engine(image))

@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from dvsft.geometry import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
-from dvsft.training.tiny import TinyConfig
+from dvsft.models.geometry import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
+from dvsft.models.loading import model_builder
 
 COMMAND_LINE = "command line"
 LAST_CHECKPOINT = ("last", "latest", "true")  # resume_from_checkpoint values meaning "the newest in output_dir"
@@ -219,12 +219,6 @@ class DVSFTConfig(TrainingArguments):
             self.activation_checkpointing_kwargs = {"use_reentrant": False}
         super().__post_init__()
 
-    def tiny_config(self) -> TinyConfig:
-        """The sizes of ``model: tiny``."""
-        return TinyConfig(
-            **{f.name: getattr(self, f"tiny_{f.name}") for f in fields(TinyConfig) if "pixels" not in f.name}
-        )
-
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -299,7 +293,7 @@ def check_paths(cfg: DVSFTConfig) -> None:
     for key in ("data", "eval_data"):
         for path in getattr(cfg, key) or []:
             _need(Path(path).exists(), key, f"{path} does not exist")
-    if cfg.model not in (None, "tiny"):
+    if cfg.model is not None and model_builder(cfg.model) is None:
         _need(Path(cfg.model).is_dir(), "model", f"{cfg.model} is not a model dir (it does not exist)")
     for key in ("model_llm", "model_vision_from"):
         value = getattr(cfg, key)

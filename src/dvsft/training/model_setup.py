@@ -1,7 +1,7 @@
 """Build the model to train: load a local HF dir, the tiny model, or graft a text LLM onto a vision tower;
 then choose what trains (freeze / LoRA).
 
-Parts of a Qwen-VL model (``dvsft.training.objectives`` finds them inside any wrapper):
+Parts of a Qwen-VL model (``dvsft.objectives.base`` finds them inside any wrapper):
 vision encoder = ``model.visual`` minus its mergers; projector = ``visual.merger`` (+ Qwen3-VL's
 DeepStack mergers, which also map vision features to the LLM's hidden size); LLM =
 ``model.language_model`` + ``lm_head``.
@@ -13,8 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from dvsft.objectives.base import _spec, base_model, language_model_of, projector_of, vision_tower_of
 from dvsft.training.config import DVSFTConfig
-from dvsft.training.objectives import _spec, base_model, language_model_of, projector_of, vision_tower_of
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def _check_dir(path: str | Path, what: str) -> Path:
 
 def load_base(cfg: DVSFTConfig, dtype: Any = None) -> tuple[Any, Any]:
     """(model, processor) named by ``cfg.model``: a dir, ``tiny``, or the graft of model_llm + model_vision_from."""
-    from dvsft.models import load_model, load_processor, set_pixels
+    from dvsft.models.loading import load_model, load_processor, model_builder, set_pixels
 
     trust = cfg.trust_remote_code
     if cfg.model_llm or cfg.model_vision_from:
@@ -42,12 +42,10 @@ def load_base(cfg: DVSFTConfig, dtype: Any = None) -> tuple[Any, Any]:
             trust_remote_code=trust,
             fresh_projector=cfg.model_fresh_projector,
         )
-    elif cfg.model == "tiny":
+    elif (builder := model_builder(cfg.model)) is not None:
         import torch
 
-        from dvsft.training.tiny import build_tiny
-
-        model, processor = build_tiny(cfg.tiny_config())
+        model, processor = builder(cfg)
         if dtype is not None and dtype != "auto":
             model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     else:
@@ -163,8 +161,7 @@ def graft(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen3VLForConditionalGeneration
 
-    from dvsft.models import build_processor, load_model, load_processor, model_type_of
-    from dvsft.training.tiny import CHAT_TEMPLATE
+    from dvsft.models.loading import CHAT_TEMPLATE, build_processor, load_model, load_processor, model_type_of
 
     llm_dir, vision_dir = _check_dir(llm_dir, "model.llm"), _check_dir(vision_dir, "model.vision_from")
     if model_type_of(vision_dir) != "qwen3_vl":

@@ -5,7 +5,7 @@
 
     cfg = load_config("configs/tiny_cpu.yaml", ["--data", "records.jsonl", "--max_steps", "20"])
     result = train(cfg, callbacks=[MyEvalCallback()])   # transformers.TrainerCallback instances
-    result.final_dir   # output_dir/final: model + processor, loads with from_pretrained / dvsft.models
+    result.final_dir   # output_dir/final: model + processor, loads with from_pretrained / dvsft.models.loading
     result.log         # the logged rows (also in output_dir/log.jsonl)
 
 Under ``torchrun`` / ``accelerate launch`` every process calls ``train``; the HF Trainer handles
@@ -115,8 +115,8 @@ def build(cfg: DVSFTConfig):
     import torch
     from transformers import set_seed
 
+    from dvsft.objectives.registry import method_names, objective_class
     from dvsft.training.model_setup import apply_lora, load_base, set_trainable, trainable_counts
-    from dvsft.training.registry import method_names, objective_class
 
     set_seed(cfg.seed)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
@@ -134,9 +134,9 @@ def build(cfg: DVSFTConfig):
 
 
 def save_final(trainer: Any, model: Any, processor: Any, cfg: DVSFTConfig, final_dir: Path) -> None:
-    """Model (without objective heads; LoRA merged) + processor, loadable with from_pretrained / dvsft.models."""
-    from dvsft.models import save_processor
-    from dvsft.training.objectives import HEADS_ATTR, base_model
+    """Model (without objective heads; LoRA merged) + processor: from_pretrained / dvsft.models.loading load it."""
+    from dvsft.models.loading import save_processor
+    from dvsft.objectives.base import HEADS_ATTR, base_model
 
     base = base_model(model)
     if HEADS_ATTR in base._modules:

@@ -6,7 +6,7 @@
 It builds its objectives (``args.method``) and its :class:`~dvsft.data.collator.VisionCollator`
 (from ``processing_class`` and the label options of ``args``) unless given. ``compute_loss`` runs
 the (possibly DDP / DeepSpeed / FSDP / PEFT wrapped) model's own forward once
-(:func:`~dvsft.training.objectives.forward_hidden`) and the objectives push only the rows they need
+(:func:`~dvsft.objectives.base.forward_hidden`) and the objectives push only the rows they need
 through ``lm_head`` in chunks. Gradient accumulation is exact by construction: the step's labeled
 tokens are counted over all its micro-batches and processes (``get_batch_samples``) and every
 micro-batch returns its share of the step's loss (``loss_is_scaled_for_ga = True``). Every term is
@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from dvsft.records import JsonlAppender, read_jsonl, write_jsonl
+from dvsft.core.records import JsonlAppender, read_jsonl, write_jsonl
+from dvsft.objectives.base import HEADS_ATTR, Objective, base_model, forward_hidden
+from dvsft.objectives.losses import StepTokens, step_tokens
+from dvsft.objectives.registry import build_objectives
 from dvsft.training.checkpoints import AtomicCheckpoints
-from dvsft.training.losses import StepTokens, step_tokens
-from dvsft.training.objectives import HEADS_ATTR, Objective, base_model, forward_hidden
-from dvsft.training.registry import build_objectives
 from dvsft.training.streaming import StreamingTrainerMixin
 
 EVAL_TERMS = ("text", "vision")
@@ -55,8 +55,8 @@ def attach_objectives(model: torch.nn.Module, objectives: list[Objective], confi
 
 def collator_for(processor: Any, args: Any, objectives: list[Objective]) -> Any:
     """The :class:`VisionCollator` of ``args``' label options (defaults where ``args`` lacks them)."""
+    from dvsft.align.aligner import AlignConfig
     from dvsft.data.collator import VisionCollator
-    from dvsft.labels.align import AlignConfig
 
     return VisionCollator(
         processor,

@@ -1,0 +1,317 @@
+"""Align word boxes to visual tokens: the one implementation used by `dvsft align` and the collator.
+
+Paper section 4.1: each word labels the visual token that contains its bottom-right corner;
+words taller than ``max_height_cells`` token cells or longer than ``max_subtokens`` tokens are
+dropped; a token that receives more than one word loses all its labels.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dvsft.models.geometry import Grid, Layout
+
+
+@dataclass
+class AlignConfig:
+    max_height_cells: float = 3.0  # drop words taller than this many token cells (resized pixels)
+    max_subtokens: int = 3  # drop words whose tokenization is longer (needs a tokenizer)
+    leading_space: bool = True  # tokenize labels as " word" (mid-sentence form; bare where that starts blank)
+
+
+@dataclass
+class Alignment:
+    labels: list[dict[str, Any]]  # [{"token": k, "text": w, "token_id": id?, "view": kind?}] sorted by token
+    dropped: Counter = field(default_factory=Counter)  # filter name -> words dropped
+    per_view: dict[str, Counter] = field(default_factory=dict)  # view kind -> labels and drops (layouts only)
+
+    @property
+    def label_set(self) -> list[int]:
+        """Deduplicated first-token ids of this image's labels (the smoothing set L)."""
+        return sorted({lab["token_id"] for lab in self.labels if "token_id" in lab})
+
+
+_WORD_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {label text: ids}
+_BLANK_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {id: whitespace-only?}
+
+
+def _memo(table: weakref.WeakKeyDictionary, tokenizer: Any) -> dict:
+    try:
+        return table.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: no memo
+        return {}
+
+
+def _tokenize(texts: list[str], tokenizer: Any) -> dict[str, list[int]]:
+    cache = _memo(_WORD_IDS, tokenizer)
+    missing = sorted({t for t in texts if t not in cache})
+    if missing:
+        if len(cache) > 1_000_000:
+            cache.clear()
+        cache.update(zip(missing, tokenizer(missing, add_special_tokens=False)["input_ids"], strict=True))
+    return cache
+
+
+def is_blank_token(token_id: int, tokenizer: Any) -> bool:
+    """Whether a token decodes to whitespace only (Qwen's bare space 220, newlines, tabs)."""
+    cache = _memo(_BLANK_IDS, tokenizer)
+    if token_id not in cache:
+        cache[token_id] = not tokenizer.decode([token_id]).strip()
+    return cache[token_id]
+
+
+def first_token_ids(words: list[str], tokenizer: Any, leading_space: bool) -> list[list[int]]:
+    """Token ids of each word as its label is tokenized (memoised per tokenizer).
+
+    With ``leading_space`` a word is tokenized in its mid-sentence form ``" " + word``, unless that
+    form begins with a whitespace-only token: Qwen's tokenizers split the space off numbers and most
+    symbols (``" 12"`` is ``[" ", "1", "2"]``), and a bare space carries none of the word. Such words
+    take their bare tokenization (``"12"`` is ``["1", "2"]``), so the label is the first token of the
+    word's content and the sub-token filter counts that same form.
+    """
+    if not leading_space:
+        cache = _tokenize(words, tokenizer)
+        return [cache[w] for w in words]
+    spaced = [" " + w for w in words]
+    cache = _tokenize(spaced, tokenizer)
+    bare = [w for w, s in zip(words, spaced, strict=True) if cache[s] and is_blank_token(cache[s][0], tokenizer)]
+    if bare:
+        cache = _tokenize(bare, tokenizer)
+    out = []
+    for w, s in zip(words, spaced, strict=True):
+        ids = cache[s]
+        out.append(cache[w] if ids and is_blank_token(ids[0], tokenizer) else ids)
+    return out
+
+
+def _candidates(
+    words: list[dict[str, Any]],
+    width: int,
+    height: int,
+    tokenizer: Any,
+    config: AlignConfig,
+    dropped: Counter,
+    too_tall: Callable[[float], bool] | None = None,
+) -> list[tuple[str, tuple[float, float, float, float], int | None]]:
+    """Words that pass the word-level filters: (text, box clipped to the image, first token id).
+
+    ``too_tall(height in original pixels)`` applies the height filter here (one-view grids)."""
+    texts = [str(w.get("text", "")).strip() for w in words]
+    ids = first_token_ids(texts, tokenizer, config.leading_space) if tokenizer is not None else [None] * len(words)
+    out = []
+    for word, text, tok_ids in zip(words, texts, ids, strict=True):
+        if not text:
+            dropped["empty"] += 1
+            continue
+        box = word.get("box")
+        if not isinstance(box, list | tuple) or len(box) != 4 or not all(_is_number(v) for v in box):
+            dropped["bad_box"] += 1
+            continue
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+            dropped["non_finite_box"] += 1
+            continue
+        if x0 > x1 or y0 > y1:
+            dropped["inverted_box"] += 1
+            continue
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            x0, y0 = max(0.0, x0), max(0.0, y0)
+            x1, y1 = min(float(width), x1), min(float(height), y1)
+            if x1 <= x0 or y1 <= y0:
+                dropped["outside_image"] += 1
+                continue
+        if too_tall is not None and too_tall(y1 - y0):
+            dropped["too_tall"] += 1
+            continue
+        first = None
+        if tok_ids is not None:
+            if not tok_ids:
+                dropped["untokenizable"] += 1
+                continue
+            if len(tok_ids) > config.max_subtokens:
+                dropped["too_many_subtokens"] += 1
+                continue
+            if is_blank_token(tok_ids[0], tokenizer):  # never teach a visual token a bare space
+                dropped["untokenizable"] += 1
+                continue
+            first = int(tok_ids[0])
+        out.append((text, (x0, y0, x1, y1), first))
+    return out
+
+
+def _resolve_conflicts(kept: list[tuple[int, dict[str, Any]]], dropped: Counter) -> list[dict[str, Any]]:
+    """A token that receives more than one word loses all its labels."""
+    per_token = Counter(token for token, _ in kept)
+    labels = []
+    for token, label in kept:
+        if per_token[token] > 1:
+            dropped["token_conflict"] += 1
+        else:
+            labels.append(label)
+    return labels
+
+
+def align_words(
+    words: list[dict[str, Any]],
+    grid: Grid | Layout,
+    tokenizer: Any = None,
+    config: AlignConfig | None = None,
+) -> Alignment:
+    """Assign each word to the token that holds its bottom-right corner and apply the paper's filters.
+
+    ``grid`` may be a :class:`~dvsft.models.geometry.Layout` (a family's view list): see :func:`align_layout`.
+    """
+    if isinstance(grid, Layout):
+        return align_layout(words, grid, tokenizer, config)
+    config = config or AlignConfig()
+    dropped: Counter = Counter()
+    kept: list[tuple[int, dict[str, Any]]] = []
+
+    def too_tall(height: float) -> bool:
+        return height * grid.scale_y > config.max_height_cells * grid.cell
+
+    for text, (x0, y0, x1, y1), first in _candidates(
+        words, grid.width, grid.height, tokenizer, config, dropped, too_tall
+    ):
+        # the last pixel inside the box: its bottom-right corner
+        token = grid.token_at_point(max(x0, x1 - 0.5), max(y0, y1 - 0.5))
+        label: dict[str, Any] = {"token": token, "text": text}
+        if first is not None:
+            label["token_id"] = first
+        kept.append((token, label))
+    labels = _resolve_conflicts(kept, dropped)
+    labels.sort(key=lambda lab: lab["token"])
+    return Alignment(labels, dropped)
+
+
+def align_layout(
+    words: list[dict[str, Any]],
+    layout: Layout,
+    tokenizer: Any = None,
+    config: AlignConfig | None = None,
+) -> Alignment:
+    """Align words to every view of a family's view list, each view on its own.
+
+    In each view (tile, thumbnail, base image, crop grid, global image) a word labels the token
+    that sees its bottom-right corner; the height filter counts that token's cell height in
+    original pixels (a word can be too tall for a tile yet fit the coarser thumbnail); a token
+    of the view that receives two words loses both. Labels carry ``view`` (kind) and
+    ``view_index``; ``token`` is the position in the image-token sequence. ``dropped`` holds
+    the word-level filters once per word and the view-level ones (``too_tall``, ``unseen``:
+    the corner lies in the view's region but no token sees it, ``token_conflict``) once per
+    word and view (a tile that does not show the corner does not count);
+    :attr:`Alignment.per_view` breaks labels and drops down by view kind.
+    """
+    config = config or AlignConfig()
+    dropped: Counter = Counter()
+    per_view: dict[str, Counter] = {}
+    candidates = _candidates(words, layout.width, layout.height, tokenizer, config, dropped)
+    labels: list[dict[str, Any]] = []
+    for view in layout.views:
+        stats = per_view.setdefault(view.kind, Counter())
+        kept: list[tuple[int, dict[str, Any]]] = []
+        for text, (x0, y0, x1, y1), first in candidates:
+            x, y = max(x0, x1 - 0.5), max(y0, y1 - 0.5)
+            k = view.local_at_point(x, y)
+            if k is None:
+                rx0, ry0, rx1, ry1 = view.region
+                if rx0 <= x < rx1 and ry0 <= y < ry1:  # inside the view, in a strip no token sees
+                    stats["unseen"] += 1
+                continue
+            _, cy0, _, cy1 = view.token_box(k)
+            if y1 - y0 > config.max_height_cells * (cy1 - cy0):
+                stats["too_tall"] += 1
+                continue
+            pos = view.position(k)
+            label: dict[str, Any] = {"token": pos, "text": text, "view": view.kind, "view_index": view.index}
+            if first is not None:
+                label["token_id"] = first
+            kept.append((pos, label))
+        got = _resolve_conflicts(kept, stats)
+        stats["labels"] += len(got)
+        labels += got
+    for stats in per_view.values():
+        dropped.update({k: v for k, v in stats.items() if k != "labels"})
+    labels.sort(key=lambda lab: lab["token"])
+    return Alignment(labels, dropped, {k: Counter(v) for k, v in per_view.items()})
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def record_size(record: dict[str, Any], records_file: Any = None) -> tuple[int, int]:
+    """(width, height) of a record's image: its ``width``/``height`` fields, else the image header (EXIF-rotated)."""
+    w, h = record.get("width"), record.get("height")
+    if w is None or h is None:
+        from PIL import Image
+
+        from dvsft.core.records import image_path
+
+        path = image_path(record, records_file)
+        if not path.is_file():
+            raise ValueError(f"no width/height and image {path} not found")
+        with Image.open(path) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated 90 degrees by EXIF transpose
+                w, h = h, w
+    if not isinstance(w, int) or not isinstance(h, int) or isinstance(w, bool) or isinstance(h, bool):
+        raise ValueError(f"width/height must be integers, got {w!r} x {h!r}")
+    return w, h
+
+
+def tiled_source(source: Any) -> Any:
+    """The processor or family name to take a view list from when ``source`` is a tiled family (a
+    non-Qwen family name, model directory or processor), else None (the Qwen grid applies)."""
+    from pathlib import Path
+
+    from dvsft.models.families import family_spec, spec_for_processor
+
+    if isinstance(source, str | Path) and Path(source).is_dir():
+        from dvsft.models.loading import load_processor, model_type_of
+
+        if family_spec(model_type_of(source) or "qwen3-vl").name.startswith("qwen"):
+            return None
+        return load_processor(source)
+    if isinstance(source, str):
+        try:
+            return None if family_spec(source).name.startswith("qwen") else source
+        except ValueError:
+            return None
+    try:
+        return None if spec_for_processor(source).name.startswith("qwen") else source
+    except ValueError:
+        return None
+
+
+def align_record(
+    record: dict[str, Any],
+    source: Any,
+    tokenizer: Any = None,
+    config: AlignConfig | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    records_file: Any = None,
+) -> tuple[Grid | Layout, Alignment]:
+    """Grid (Qwen-VL) or view list (tiled families) and alignment of one word record for a family /
+    model dir / processor."""
+    from dvsft.models.geometry import grid_for, layout_for
+
+    width, height = record_size(record, records_file)
+    tiled = tiled_source(source)
+    grid = (
+        layout_for(tiled, width, height)
+        if tiled is not None
+        else grid_for(source, width, height, min_pixels, max_pixels)
+    )
+    words = record.get("words") or []
+    for i, w in enumerate(words):
+        box = w.get("box") if isinstance(w, dict) else None
+        if not isinstance(box, (list, tuple)) or len(box) != 4:
+            raise ValueError(f"words[{i}] has no [x0, y0, x1, y1] box")
+    return grid, align_words(words, grid, tokenizer, config)

@@ -1,0 +1,154 @@
+"""`dvsft align`: align every word record of a file to one model's visual tokens.
+
+Each output record is the input record plus ``grid: [rows, cols]``, ``vision_labels`` (with
+``token_id`` when a tokenizer is given), ``dropped`` (words removed per filter) and ``align``
+(the settings used). Image paths are rewritten relative to the output file. Lines and records that cannot
+be aligned (unreadable JSON, anything :func:`dvsft.core.records.check_record` finds, an image size the processors
+refuse...) go to ``<out stem>.errors.jsonl``, one row per problem: ``{"file", "line", "id", "reason"}``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dvsft.align.aligner import AlignConfig, align_record, tiled_source
+from dvsft.core.record_sources import iter_entries
+from dvsft.core.record_table import DEFAULT_ROWS_PER_SHARD, check_format, write_records
+from dvsft.core.records import Problem, check_record, image_path, write_jsonl
+from dvsft.models.geometry import Layout
+
+
+def errors_path(out: Path) -> Path:
+    from dvsft.sources.image_to_label import errors_path as beside
+
+    return beside(out)
+
+
+def load_tokenizer(model_dir: str | Path):
+    """A local tokenizer directory via ``AutoTokenizer`` (remote code is never executed)."""
+    from transformers import AutoTokenizer
+
+    if not Path(model_dir).is_dir():
+        raise ValueError(f"--tokenizer {model_dir}: not a directory")
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+
+
+def align_file(
+    words_file: str | Path,
+    out: str | Path,
+    source: Any = "qwen3-vl",
+    tokenizer: Any = None,
+    config: AlignConfig | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    overlay_dir: str | Path | None = None,
+    overlay_limit: int | None = None,
+    progress: Callable[[], Any] | None = None,
+    fmt: str = "jsonl",
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+) -> dict[str, Any]:
+    """Align ``words_file`` (any record source: JSONL, Parquet, shards, a ``datasets`` folder) into ``out``
+    (JSONL, or with ``fmt="parquet"`` a folder of shards); returns counts (records, aligned, errors = records
+    that failed, error_rows, labels, dropped)."""
+    from PIL import Image, ImageOps
+
+    from dvsft.align.overlay import save_overlay
+    from dvsft.sources.label_to_image import safe_name
+
+    words_file, out = Path(words_file), Path(out)
+    if not words_file.exists():
+        raise ValueError(f"{words_file}: no such file or folder")
+    check_format(fmt)
+    out_dir = out.resolve() if fmt == "parquet" and out.suffix.lower() != ".parquet" else out.resolve().parent
+    config = config or AlignConfig()
+    settings = {
+        "source": str(source),
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "tokenizer": getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None,
+        "max_height_cells": config.max_height_cells,
+        "max_subtokens": config.max_subtokens,
+        "leading_space": config.leading_space,
+    }
+    errors: list[dict[str, Any]] = []
+    dropped: Counter = Counter()
+    summary = Counter()
+    overlays = 0
+    tiled = tiled_source(source)
+    if tiled is not None and not isinstance(tiled, str):
+        source = tiled  # a tiled family's model dir: its processor, loaded once
+
+    def rows():
+        nonlocal overlays
+        for entry in iter_entries(words_file):
+            n, file = entry.number, entry.file
+            summary["records"] += 1
+            if progress:
+                progress()
+            if entry.error is not None:
+                errors.append(Problem(str(file), n, None, entry.error).row())
+                summary["failed"] += 1
+                continue
+            rec = entry.record
+            assert rec is not None
+            problems = check_record(rec, file, n)
+            if not problems:
+                try:
+                    grid, alignment = align_record(rec, source, tokenizer, config, min_pixels, max_pixels, file)
+                except (ValueError, KeyError, TypeError) as err:
+                    rid = None if rec.get("id") is None else str(rec["id"])
+                    problems = [Problem(str(file), n, rid, str(err))]
+            if problems:
+                errors.extend(p.row() for p in problems)
+                summary["failed"] += 1
+                continue
+            row = dict(rec)
+            if "image" in rec and not isinstance(rec.get("image_bytes"), bytes):
+                img = image_path(rec, file)
+                row["image"] = Path(os.path.relpath(img, out_dir)).as_posix()
+            if isinstance(grid, Layout):  # a tiled family: its view list instead of one grid
+                row["views"] = [
+                    {"kind": v.kind, "index": v.index, "grid": [v.rows, v.cols], "offset": v.offset} for v in grid.views
+                ]
+                row["visual_tokens"] = sum(v.num_tokens for v in grid.views)
+                row["dropped_per_view"] = {k: dict(sorted(c.items())) for k, c in alignment.per_view.items()}
+            else:
+                row["grid"] = [grid.rows, grid.cols]
+            row["vision_labels"] = alignment.labels
+            row["dropped"] = dict(sorted(alignment.dropped.items()))
+            row["align"] = settings
+            summary["aligned"] += 1
+            summary["vision_labels"] += len(alignment.labels)
+            summary["visual_tokens"] += grid.num_tokens if not isinstance(grid, Layout) else row["visual_tokens"]
+            dropped.update(alignment.dropped)
+            if (
+                overlay_dir is not None
+                and not isinstance(grid, Layout)
+                and (overlay_limit is None or overlays < overlay_limit)
+                and "image" in rec
+            ):
+                img = rec["image_bytes"] if isinstance(rec.get("image_bytes"), bytes) else image_path(rec, file)
+                if isinstance(img, bytes) or img.is_file():
+                    with Image.open(io.BytesIO(img) if isinstance(img, bytes) else img) as im:
+                        im = ImageOps.exif_transpose(im)
+                        if im.size != (grid.width, grid.height):  # the record's size is authoritative
+                            im = im.resize((grid.width, grid.height))
+                        name = safe_name(str(rec.get("id", f"line{n}"))) + ".png"
+                        save_overlay(Path(overlay_dir) / name, im, grid, alignment.labels, rec.get("words"))
+                    overlays += 1
+            yield row
+
+    write_records(out, rows(), fmt, rows_per_shard)
+    err_file = errors_path(out)
+    if errors:
+        write_jsonl(err_file, errors)
+    elif err_file.exists():
+        err_file.unlink()
+    failed = summary.pop("failed", 0)
+    counts = {**summary, "errors": failed, "error_rows": len(errors), "overlays": overlays}
+    return {**counts, "dropped": dict(sorted(dropped.items()))}

@@ -1,1 +1,0 @@
-"""Analysis: the visual logit lens and plots."""

@@ -1,0 +1,3 @@
+from dvsft.cli import app
+
+app()

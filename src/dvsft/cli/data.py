@@ -1,0 +1,151 @@
+"""`dvsft prepare`: convert public dataset layouts into records with conversations."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+import typer
+
+
+class DatasetName(StrEnum):
+    docvqa = "docvqa"
+    infovqa = "infovqa"
+    squad = "squad"
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    """Add `prepare`, `convert` and `merge` to the app."""
+    app.command("prepare")(prepare)
+    app.command("convert")(convert)
+    app.command("merge")(merge)
+    bench_app.command("data")(bench_data)
+
+
+def bench_data(
+    sizes: str = typer.Option("10000,200000", help="Record counts, comma-separated (first vs last is compared)."),
+    repeats: int = typer.Option(3, min=1, help="Runs per measurement (the median is reported)."),
+    workers: int = typer.Option(2, min=0, help="DataLoader workers of the collator measurement."),
+    collate_samples: int = typer.Option(256, min=8, help="Samples through the collator per run."),
+    steps: int = typer.Option(10, min=1, help="Tiny-model optimizer steps per run."),
+    batch_size: int = typer.Option(4, min=1, help="Samples per batch (collator and model)."),
+    keep: Path | None = typer.Option(None, help="Keep the generated data in this folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Peak RSS of one epoch, Parquet streaming vs JSONL in memory; collator vs tiny-model samples/s."""
+    import json
+
+    from dvsft.experiments.bench.data import bench_data as run
+
+    counts = tuple(int(x) for x in sizes.split(","))
+    result = run(counts, repeats, workers, collate_samples, steps, batch_size, keep, lambda m: typer.echo(m, err=True))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    for key, r in result["rss"].items():
+        kind, n = key.split("_")
+        typer.echo(
+            f"{kind:>6} {int(n):>9,} records: peak RSS {r['peak_rss_mib']:8.1f} MiB, "
+            f"wall {r['wall_s']:7.1f} s, CPU {r['cpu_s']:7.1f} s"
+        )
+    typer.echo(
+        f"streaming RSS growth {100 * result['stream_growth']:+.1f}% "
+        f"({'flat' if result['stream_flat'] else 'NOT flat'}), in memory {100 * result['memory_growth']:+.1f}%"
+    )
+    c, m = result["collator"], result["model"]
+    typer.echo(
+        f"collator, {workers} workers: {c['samples_per_s']:.1f} samples/s "
+        f"(run: wall {c['wall_s']:.1f} s, CPU {c['cpu_s']:.1f} s with the workers)"
+    )
+    typer.echo(
+        f"tiny model training: {m['samples_per_s']:.1f} samples/s ({m['steps_per_s']:.2f} steps/s; "
+        f"{steps} steps: wall {m['wall_s']:.1f} s, CPU {m['cpu_s']:.1f} s)"
+    )
+
+
+def convert(
+    source: Path = typer.Argument(..., help="Records: JSONL, Parquet, a folder of shards or a datasets folder."),
+    out: Path = typer.Argument(..., help="Output: a .jsonl file, a .parquet file, or a folder (shards/datasets)."),
+    to: str = typer.Option("auto", help="jsonl, parquet or datasets; auto = from OUT's suffix (.jsonl/.parquet)."),
+    rows_per_shard: int = typer.Option(10_000, min=1, help="Records per Parquet shard."),
+    embed_images: bool = typer.Option(False, help="Store the image files inside the records (image_bytes)."),
+) -> None:
+    """Convert word records between JSONL, Parquet shards and a Hugging Face datasets folder (lossless)."""
+    from dvsft.core.convert import convert as run
+
+    n = run(source, out, to, rows_per_shard, embed_images)
+    typer.echo(f"{n} records -> {out}")
+
+
+def merge(
+    parts: list[Path] = typer.Argument(..., help="Outputs of `dvsft label --shard i/N` (JSONL files or folders)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Merged records; error rows go to <stem>.errors.jsonl."),
+    source: Path | None = typer.Option(None, help="The labeling input: check each of its inputs landed once."),
+    image_root: Path | None = typer.Option(None, help="--image-root of the label runs (for --source)."),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl, or parquet: OUT is a folder of shards."),
+    rows_per_shard: int = typer.Option(10_000, min=1, help="Records per Parquet shard (--format parquet)."),
+) -> None:
+    """Join sharded label outputs, checking that no input is missing or present twice."""
+    from dvsft.sources.merge import merge as run
+
+    report = run(parts, out, fmt, rows_per_shard, source, image_root)
+    checked = f", all {report.expected} inputs of {source} exactly once" if report.expected is not None else ""
+    typer.echo(f"{report.parts} parts: {report.records} records and {report.errors} error rows{checked} -> {out}")
+
+
+def prepare(
+    dataset: DatasetName = typer.Argument(..., help="Which dataset layout PATH holds."),
+    path: Path = typer.Argument(..., help="Parquet file/folder (lmms-lab), official JSON (+ images), or SQuAD JSON."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: <dataset>[_<split>].jsonl (+ images/)."),
+    qa_per_image: int | None = typer.Option(
+        None, min=0, help="QA pairs kept per image/document, at random (default 1, 2 for infovqa; 0 = all)."
+    ),
+    split: str | None = typer.Option(None, help="Pick files of this split in a folder (train, validation, ...)."),
+    seed: int = typer.Option(0, help="Seed of the QA selection."),
+    multi_turn: bool = typer.Option(
+        True, "--multi-turn/--separate", help="Several QA pairs of one image: one conversation, or one record each."
+    ),
+    image_root: Path | None = typer.Option(None, help="Where the official JSON's images are (searched first)."),
+    instructions: bool = typer.Option(
+        True,
+        "--instructions/--no-instructions",
+        help="Follow each question with a random format-control instruction (SQuAD: dvsft render adds them).",
+    ),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl, or parquet: a folder <dataset>[_<split>]/ of shards."),
+    rows_per_shard: int = typer.Option(10_000, min=1, help="Records per Parquet shard (--format parquet)."),
+) -> None:
+    """Convert DocVQA / InfographicVQA / SQuAD downloads into records with conversations (no OCR yet)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from dvsft.sources.prepare import prepare_dataset
+
+    console = Console(stderr=True, soft_wrap=True)
+    try:
+        stats = prepare_dataset(
+            dataset.value,
+            path,
+            out,
+            qa_per_image=qa_per_image,
+            split=split,
+            seed=seed,
+            multi_turn=multi_turn,
+            image_root=image_root,
+            instructions=instructions,
+            fmt=fmt,
+            rows_per_shard=rows_per_shard,
+        )
+    except (OSError, ValueError) as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}")
+        raise typer.Exit(2) from err
+    what = "documents" if dataset is DatasetName.squad else "images"
+    console.print(
+        f"{stats.records} records from {stats.images} {what}; kept {stats.qa_kept} of {stats.qa_total} QA pairs "
+        f"-> {escape(str(stats.out))}"
+    )
+    for reason, count in sorted(stats.skipped.items()):
+        console.print(f"  skipped {count} x {reason}")
+    if stats.missing_images:
+        console.print(f"[yellow]warning:[/yellow] {stats.missing_images} images not found (try --image-root)")
+    nxt = "dvsft render" if dataset is DatasetName.squad else "dvsft label"
+    console.print(f"next: {nxt} {escape(str(stats.out))} --out ...")

@@ -1,0 +1,263 @@
+"""CLI commands of this stage: `dvsft render`, `dvsft align`, `dvsft stats`, `dvsft bench render`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def _fail(message: str) -> None:
+    import sys
+
+    from rich.console import Console
+
+    from dvsft.cli import debug_enabled
+
+    if debug_enabled() and sys.exc_info()[0] is not None:
+        raise  # noqa: PLE0704 - --debug: the traceback of the error being handled
+    from rich.markup import escape
+
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}")
+    raise typer.Exit(1)
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=False
+    )
+
+
+def _table(title: str, rows: list[tuple[str, str]]):
+    from rich.table import Table
+
+    table = Table(title=title, show_header=True)
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def render(
+    source: Path = typer.Argument(..., help="SQuAD JSON (v1.1/v2.0), plain text (blank-line separated) or JSONL."),
+    out: Path = typer.Option(..., "--out", help="Output folder: images/, words.jsonl, render_stats.json."),
+    family: str = typer.Option("qwen3-vl", help="Model family whose token grid pages align to."),
+    cols: int = typer.Option(32, help="Token cells per line (page width = cols x cell)."),
+    max_rows: int = typer.Option(32, help="Token rows per page at most."),
+    font: str = typer.Option("random", help="DejaVu face (e.g. DejaVuSans, DejaVuSerif-Bold) or 'random'."),
+    font_size: int = typer.Option(20, help="Font size in px (clamped to fit a token row)."),
+    dark_text: bool = typer.Option(
+        False, "--dark-text", help="Dark text on light background (default: light on dark)."
+    ),
+    full_height: bool = typer.Option(False, "--full-height", help="Every page max-rows tall."),
+    min_pixels: int = typer.Option(None, help="Override the family's min_pixels."),
+    max_pixels: int = typer.Option(None, help="Override the family's max_pixels."),
+    qa_per_image: int = typer.Option(1, help="QA pairs per image (each group gets its own image)."),
+    seed: int = typer.Option(0, help="Random seed (per document: seed + document id)."),
+    png: str = typer.Option("palette", help="PNG mode: 'palette' (8-bit, fast, small) or 'rgb'."),
+    source_format: str = typer.Option("auto", "--format", help="auto, squad, jsonl or text."),
+    ppl_model: Path = typer.Option(None, help="Local causal LM directory for the perplexity filter."),
+    max_answer_ppl: float = typer.Option(None, help="Drop QA pairs whose answer perplexity is above this."),
+    max_question_ppl: float = typer.Option(None, help="Drop QA pairs whose question perplexity is above this."),
+    min_doc_gain: float = typer.Option(
+        None, help="Drop QA pairs whose answer perplexity without the document is not this many times higher."
+    ),
+    ppl_batch_size: int = typer.Option(8, help="Batch size of the perplexity model."),
+    workers: int = typer.Option(1, help="Rendering processes."),
+    max_word_chars: int = typer.Option(
+        10_000, help="Skip words longer than this many characters (word_too_long); 0 = split them all."
+    ),
+    out_format: str = typer.Option(
+        "jsonl", "--out-format", help="parquet: also write OUT/words/ as Parquet shards (from words.jsonl)."
+    ),
+    rows_per_shard: int = typer.Option(10_000, min=1, help="Records per Parquet shard (--out-format parquet)."),
+) -> None:
+    """Render text documents onto token-aligned images (label-to-image) and write word records."""
+    from rich.console import Console
+
+    from dvsft.sources.label_to_image import RenderOptions, render_source
+
+    if (max_answer_ppl is not None or max_question_ppl is not None or min_doc_gain is not None) and ppl_model is None:
+        _fail("--max-answer-ppl / --max-question-ppl / --min-doc-gain need --ppl-model")
+    options = RenderOptions(
+        family=family,
+        cols=cols,
+        max_rows=max_rows,
+        font=font,
+        font_size=font_size,
+        dark_text=dark_text,
+        full_height=full_height,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        qa_per_image=qa_per_image,
+        seed=seed,
+        png=png,
+        source_format=source_format,
+        ppl_model=str(ppl_model) if ppl_model else None,
+        max_answer_ppl=max_answer_ppl,
+        max_question_ppl=max_question_ppl,
+        min_doc_gain=min_doc_gain,
+        ppl_batch_size=ppl_batch_size,
+        workers=workers,
+        max_word_chars=max_word_chars,
+        out_format=out_format,
+        rows_per_shard=rows_per_shard,
+    )
+    if max_word_chars < 0:
+        _fail(f"--max-word-chars {max_word_chars}: must be 0 (no cap) or positive")
+    if qa_per_image < 1:
+        _fail(f"--qa-per-image {qa_per_image}: must be at least 1")
+    if png not in ("palette", "rgb"):
+        _fail(f"--png {png!r}: use 'palette' or 'rgb'")
+    tasks: dict[str, int] = {}
+    with _progress() as bar:
+
+        def progress(stage: str, n: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], advance=n)
+
+        try:
+            stats = render_source(source, out, options, progress)
+        except ValueError as err:
+            _fail(str(err))
+    keys = [k for k in stats if isinstance(stats[k], int | float) and not isinstance(stats[k], bool)]
+    Console().print(_table(f"dvsft render -> {out}", [(k, str(stats[k])) for k in keys]))
+
+
+def align(
+    words: Path = typer.Argument(..., help="Word records: JSONL, Parquet, a folder of shards or a datasets folder."),
+    out: Path = typer.Option(..., "--out", help="Aligned records (JSONL; a folder of shards with --format parquet)."),
+    family: str = typer.Option("qwen3-vl", help="Model family or a local model directory (its processor config)."),
+    tokenizer: Path = typer.Option(None, help="Model directory whose tokenizer gives label token ids."),
+    min_pixels: int = typer.Option(None, help="Min pixels [default: dvsft train's, 65536 = 64 tokens of 32 px]."),
+    max_pixels: int = typer.Option(None, help="Max pixels [default: dvsft train's, 2097152 = 2048 tokens of 32 px]."),
+    processor_pixels: bool = typer.Option(
+        False, "--processor-pixels", help="Use the family's / model dir's own min and max pixels instead."
+    ),
+    max_height_cells: float = typer.Option(3.0, help="Drop words taller than this many token cells."),
+    max_subtokens: int = typer.Option(3, help="Drop words longer than this many tokens (needs --tokenizer)."),
+    no_leading_space: bool = typer.Option(False, "--no-leading-space", help="Tokenize labels as 'word', not ' word'."),
+    overlay: Path = typer.Option(None, help="Write alignment overlay PNGs into this folder."),
+    overlay_limit: int = typer.Option(20, help="At most this many overlays."),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl, or parquet: --out is a folder of Parquet shards."),
+    rows_per_shard: int = typer.Option(10_000, min=1, help="Records per Parquet shard (--format parquet)."),
+) -> None:
+    """Align word boxes to a model's visual tokens (bottom-right corner rule + the paper's filters)."""
+    from rich.console import Console
+
+    from dvsft.align.aligner import AlignConfig
+    from dvsft.align.run import align_file, errors_path, load_tokenizer
+    from dvsft.core.record_sources import count_records
+    from dvsft.models.geometry import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
+
+    config = AlignConfig(max_height_cells, max_subtokens, not no_leading_space)
+    if not processor_pixels:  # the grid `dvsft train` sees (it sets these on every processor)
+        min_pixels = TRAIN_MIN_PIXELS if min_pixels is None else min_pixels
+        max_pixels = TRAIN_MAX_PIXELS if max_pixels is None else max_pixels
+    try:
+        tok = load_tokenizer(tokenizer) if tokenizer else None
+        total = count_records(words) if words.exists() else 0
+        with _progress() as bar:
+            task = bar.add_task("align", total=total)
+            summary = align_file(
+                words,
+                out,
+                family,
+                tok,
+                config,
+                min_pixels,
+                max_pixels,
+                overlay,
+                overlay_limit,
+                lambda: bar.advance(task),
+                fmt,
+                rows_per_shard,
+            )
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+    rows = [(k, str(v)) for k, v in summary.items() if k != "dropped"]
+    rows += [(f"dropped: {k}", str(v)) for k, v in summary["dropped"].items()]
+    if summary["visual_tokens"]:
+        rows.append(("vision coverage", f"{100 * summary['vision_labels'] / summary['visual_tokens']:.2f}%"))
+    console = Console()
+    console.print(_table(f"dvsft align -> {out}", rows))
+    if summary["errors"]:
+        console.print(f"[yellow]{summary['errors']} records could not be aligned: see {errors_path(out)}[/]")
+
+
+def stats(
+    aligned: Path = typer.Argument(..., help="Aligned records (output of `dvsft align`)."),
+    tokenizer: Path = typer.Option(None, help="Model directory: count text labels in tokens (else in words)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Dataset statistics as in the paper's Table 1 (samples, images, text/vision labels, coverage)."""
+    from rich.console import Console
+
+    from dvsft.align.run import load_tokenizer
+    from dvsft.align.stats import file_stats
+
+    try:
+        tok = load_tokenizer(tokenizer) if tokenizer else None
+        result = file_stats(aligned, tok)
+    except ValueError as err:
+        _fail(str(err))
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    rows = [
+        ("samples", f"{result['samples']:,}"),
+        ("images", f"{result['images']:,}"),
+        (f"text labels ({result['text_label_unit']})", f"{result['text_labels']:,}"),
+        ("vision labels", f"{result['vision_labels']:,}"),
+        ("visual tokens", f"{result['visual_tokens']:,}"),
+        ("vision coverage", f"{100 * result['vision_coverage']:.2f}%"),
+    ]
+    img = result["per_image"]
+    rows += [
+        ("vision labels, per image", f"{img['vision_labels']:,}"),
+        ("visual tokens, per image", f"{img['visual_tokens']:,}"),
+        ("vision coverage, per image", f"{100 * img['vision_coverage']:.2f}%"),
+    ]
+    total = result["vision_labels"] or 1
+    rows += [(f"labels: {k}", f"{v:,} ({100 * v / total:.1f}%)") for k, v in result["label_kinds"].items()]
+    rows.append(("labels: whitespace-only", f"{result['blank_labels']:,}"))
+    rows += [(f"dropped: {k}", f"{v:,}") for k, v in result["dropped"].items()]
+    for kind, view in result.get("per_view", {}).items():  # tiled families: per view kind
+        rows.append((f"view {kind}: labels / tokens", f"{view['vision_labels']:,} / {view['visual_tokens']:,}"))
+        rows += [(f"view {kind}: dropped {k}", f"{v:,}") for k, v in view["dropped"].items()]
+    Console().print(_table(str(aligned), rows))
+
+
+def bench_render_cmd(
+    pages: int = typer.Option(50, help="Pages to render."),
+    words_per_page: int = typer.Option(200, help="Words per page."),
+) -> None:
+    """Rendering throughput: 1024x1024 qwen3-vl pages (32x32 cells) incl. PNG encoding, one process."""
+    from rich.console import Console
+
+    from dvsft.experiments.bench.render import bench_render
+
+    r = bench_render(pages, words_per_page)
+    rows = [
+        ("pages", f"{r['pages']} x {r['page_size']}, {r['words_per_page']:.0f} words"),
+        ("pages/s (one core)", f"{r['pages_per_s']:.1f}"),
+        ("ms/page", f"{r['ms_per_page']:.1f}"),
+        ("PNG KiB/page", f"{r['png_kib_per_page']:.1f}"),
+        ("baseline pages/s (ImageDraw.text per word, RGB PNG)", f"{r['baseline_pages_per_s']:.1f}"),
+        ("speed-up vs baseline", f"{r['speedup_vs_baseline']:.2f}x"),
+        ("target pages/s", f">= {r['target_pages_per_s']:.0f} ({'met' if r['meets_target'] else 'NOT met'})"),
+    ]
+    Console().print(_table("dvsft bench render", rows))
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    """Add this stage's commands to the `dvsft` app and its `bench` group."""
+    app.command("render")(render)
+    app.command("align")(align)
+    app.command("stats")(stats)
+    bench_app.command("render")(bench_render_cmd)

@@ -1,0 +1,118 @@
+"""The demo's evaluations: does the model read the page, or guess from the language?
+
+Three page sets, each scored teacher-forced (next-token accuracy of the reference transcription)
+and by greedy transcription (word accuracy, CER):
+
+* ``text``: held-out running text (prose never seen in training);
+* ``random``: the demo vocabulary in random order (the paper's non-contextual OCR): a language
+  prior cannot help here;
+* ``swap``: the ``text`` pages, each scored against its own transcription but shown the image of
+  another page. A model that reads falls to near zero; one that guesses from the language keeps
+  its score.
+
+Plus the vision-label top-1 of the visual tokens on the ``text`` pages.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+EVALS = ("text", "random", "swap")
+EVAL_NAMES = {
+    "text": "held-out running text",
+    "random": "non-contextual (random word order)",
+    "swap": "image swap (another page's image)",
+}
+METRICS = ("word_acc", "cer", "tf_acc")
+
+
+def resolved(records: list[dict], records_file: Path) -> list[dict]:
+    """Records with absolute image paths."""
+    from dvsft.core.records import image_path
+
+    return [{**r, "image": str(image_path(r, records_file))} for r in records]
+
+
+def swapped(records: list[dict]) -> list[dict]:
+    """Each record with the next record's image (a derangement: no page keeps its own)."""
+    n = len(records)
+    if n < 2:
+        return []
+    out = []
+    for i, r in enumerate(records):
+        other = records[(i + 1) % n]
+        out.append({**r, "image": other["image"], "width": other["width"], "height": other["height"]})
+    return out
+
+
+def teacher_forced(model: Any, collator: Any, records: list[dict], batch_size: int = 16) -> float:
+    """Next-token accuracy over the reference transcription tokens (end-of-turn token included)."""
+    import torch
+
+    from dvsft.experiments.demo_text import token_accuracy
+    from dvsft.objectives.base import model_inputs
+
+    hits = total = 0
+    for i in range(0, len(records), batch_size):
+        batch = collator(records[i : i + batch_size])
+        with torch.inference_mode():
+            logits = model(**model_inputs(batch)).logits
+        h, t = token_accuracy(logits, batch["labels"])
+        hits, total = hits + h, total + t
+    return hits / max(total, 1)
+
+
+def greedy(model: Any, processor: Any, records: list[dict], batch_size: int = 16) -> tuple[float, float]:
+    """(word accuracy, CER) of greedy transcriptions against each record's reference."""
+    from PIL import Image
+
+    from dvsft.evaluation.generation import Generator
+    from dvsft.evaluation.metrics import cer, word_accuracy
+    from dvsft.sources.instructions import TRANSCRIBE_INSTRUCTION
+
+    generator = Generator(model, processor, max_new_tokens=max(len(r["words"]) for r in records) * 3 + 8)
+    accs, cers = [], []
+    for i in range(0, len(records), batch_size):
+        batch = records[i : i + batch_size]
+        images = [[Image.open(r["image"]).convert("RGB")] for r in batch]
+        for r, pred in zip(batch, generator([TRANSCRIBE_INSTRUCTION] * len(batch), images), strict=True):
+            ref = r["messages"][-1]["content"]
+            accs.append(word_accuracy(pred, ref))
+            cers.append(cer(pred, ref))
+    return statistics.fmean(accs), statistics.fmean(cers)
+
+
+def evaluate(model: Any, processor: Any, sets: dict[str, list[dict]], vision_pages: int = 16) -> dict[str, float]:
+    """Every evaluation of one model: ``{set}_{metric}`` for the sets and metrics above, and ``vision_top1``.
+
+    ``sets`` maps ``text`` and ``random`` to records with absolute image paths.
+    """
+    from dvsft.data.collator import VisionCollator
+    from dvsft.lens.visual_logits import vision_label_accuracy
+
+    was_training = model.training
+    model.eval()
+    collator = VisionCollator(processor, vision_labels=False)
+    out: dict[str, float] = {}
+    pages = {"text": sets["text"], "random": sets["random"], "swap": swapped(sets["text"])}
+    for name in EVALS:
+        out[f"{name}_tf_acc"] = teacher_forced(model, collator, pages[name])
+        out[f"{name}_word_acc"], out[f"{name}_cer"] = greedy(model, processor, pages[name])
+    out["vision_top1"] = vision_label_accuracy(model, processor, sets["text"][:vision_pages])["top1"]
+    model.train(was_training)
+    return out
+
+
+def transcription(model: Any, processor: Any, records: list[dict], records_file: Path) -> dict[str, float]:
+    """Greedy word accuracy and CER, and vision-label top-1, on one page set (as `dvsft compare` reports)."""
+    from dvsft.lens.visual_logits import vision_label_accuracy
+
+    pages = resolved(records, records_file)
+    word_acc, char_err = greedy(model, processor, pages)
+    return {
+        "word_acc": word_acc,
+        "cer": char_err,
+        "vision_top1": vision_label_accuracy(model, processor, pages)["top1"],
+    }

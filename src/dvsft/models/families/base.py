@@ -1,0 +1,109 @@
+"""What a model family tells dvsft: processor facts, views, model parts, LoRA targets.
+
+Adding a family is one module that builds a :class:`FamilySpec` and registers it
+(:func:`dvsft.models.families.register`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dvsft.models.geometry import Layout
+
+
+def _model(model: Any) -> Any:
+    """The HF ``...ForConditionalGeneration`` inside PEFT / DDP / DeepSpeed / FSDP wrappers."""
+    for _ in range(8):
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()
+        elif hasattr(model, "module") and not hasattr(model, "lm_head"):
+            model = model.module
+        elif hasattr(model, "_fsdp_wrapped_module") and not hasattr(model, "lm_head"):
+            model = model._fsdp_wrapped_module
+        else:
+            break
+    return model
+
+
+def attr_path(path: str) -> Callable[[Any], Any]:
+    """An accessor for a dotted attribute path below the unwrapped ``...ForConditionalGeneration``."""
+
+    def get(model: Any) -> Any:
+        obj = _model(model)
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                raise ValueError(f"{type(_model(model)).__name__} has no `{path}`")
+        return obj
+
+    get.__name__ = f"get_{path.replace('.', '_')}"
+    return get
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """One model family.
+
+    ``layout(width, height, **settings)`` gives the view list; ``settings_from(processor)``
+    reads the settings a loaded processor (or image processor) carries; ``defaults`` are the
+    released checkpoints' settings. Model parts are accessors on the ``...ForConditionalGeneration``
+    (PEFT / DDP wrappers are unwrapped): ``language_model`` (the decoder stack with ``.layers``),
+    ``vision_tower``, ``projector``; the LM head is ``get_output_embeddings()`` for every family.
+    ``lora_targets`` are the suffixes of the LLM's ``nn.Linear`` layers that LoRA wraps.
+    ``image_inputs`` are the processor outputs the model's forward needs besides ``input_ids`` /
+    ``attention_mask``.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    image_processor: str
+    processor: str
+    image_token: str
+    layout: Callable[..., Layout]
+    settings_from: Callable[[Any], dict[str, Any]]
+    language_model: Callable[[Any], Any]
+    vision_tower: Callable[[Any], Any]
+    projector: Callable[[Any], Any]
+    lora_targets: tuple[str, ...]
+    image_inputs: tuple[str, ...]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    views: str = ""
+
+    def lm_head(self, model: Any) -> Any:
+        head = _model(model).get_output_embeddings()
+        if head is None:
+            raise ValueError(f"{type(_model(model)).__name__} has no output embeddings (lm_head)")
+        return head
+
+    def image_token_id(self, processor: Any) -> int:
+        """The id of the family's image placeholder token in ``processor``'s tokenizer."""
+        tok = getattr(processor, "tokenizer", processor)
+        pid = getattr(processor, "image_token_id", None)
+        if isinstance(pid, int):
+            return pid
+        tid = tok.convert_tokens_to_ids(self.image_token)
+        if tid is None or tid == getattr(tok, "unk_token_id", None):
+            raise ValueError(f"the tokenizer has no {self.image_token!r} token, which {self.name} needs")
+        return int(tid)
+
+
+def get_setting(source: Any, *names: str) -> Any:
+    """The first of ``names`` found as an attribute or mapping key of ``source``."""
+    for n in names:
+        v = source.get(n) if isinstance(source, dict) else getattr(source, n, None)
+        if v is not None:
+            return v
+    return None
+
+
+def size_dict(size: Any) -> dict[str, Any]:
+    """A processor's ``size`` (dict or SizeDict) as a plain dict of its set keys."""
+    if size is None:
+        return {}
+    if isinstance(size, dict):
+        return {k: v for k, v in size.items() if v is not None}
+    keys = ("height", "width", "shortest_edge", "longest_edge", "max_height", "max_width")
+    return {k: getattr(size, k) for k in keys if getattr(size, k, None) is not None}

@@ -1,0 +1,267 @@
+"""Training objectives: named loss terms the Trainer computes from one forward pass and sums.
+
+Every objective and the public loss (:func:`dvsft.objectives.losses.model_loss`) read the model
+through ONE forward, :func:`forward_hidden`: the (DDP / FSDP / DeepSpeed / PEFT wrapped) model's own
+forward with ``output_hidden_states=True`` and ``logits_to_keep=1``, so gradient synchronisation and
+parameter gathering work as for any forward; the LM head is applied afterwards, in the chunked
+losses, through the head module's own call (which gathers a sharded head, see
+:func:`dvsft.objectives.losses.through_head`).
+
+An :class:`Objective` reads the batch and the model's hidden states and returns named terms
+(``{"vision_loss": ..., "vision_acc": ...}``); :meth:`Objective.weights` says which terms enter
+the total loss and with what weight (the others are only logged). ``method`` in the training
+config names objectives joined by ``+`` (``"dvsft+asvr"``); each objective pulls in the ones it
+``requires`` (every method but a pure auxiliary one requires ``sft``, the text loss), and each
+name is used once, so the text loss is counted once.
+
+Objectives may own trainable heads (:meth:`Objective.modules`): the Trainer attaches them to the
+model under ``dvsft_heads`` so they are moved to the device, wrapped by DDP/DeepSpeed/FSDP,
+optimised and checkpointed for ``--resume``; they are removed before the final model is saved.
+
+The objectives a ``method`` may name are listed in :mod:`dvsft.objectives.registry` (the built-in ones:
+``sft`` and ``dvsft`` here, ``basic``, ``asvr``, ``lsd``), which also resolves and builds them. Register
+your own with ``register_objective("name", cls)``; options specific to it go in the config section
+``objectives.<name>`` and are validated against ``cls.Options`` (a dataclass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+HEADS_ATTR = "dvsft_heads"  # attribute of the model that holds the objectives' trainable heads
+
+
+@dataclass
+class HiddenStates:
+    """What one forward pass of the multimodal LLM gives the objectives.
+
+    ``last`` is the final hidden state after the last norm (what ``lm_head`` reads), ``[B, L, D]``.
+    ``layers`` (only when an objective ``needs_hidden_states``) follows the HF convention:
+    ``layers[0]`` is the LLM's input embeddings (the projector's output at image positions),
+    ``layers[i]`` the output of decoder layer ``i``, ``layers[-1] == last``.
+    ``image_mask`` ``[B, L]`` marks the image placeholder (visual token) positions.
+    ``tokens`` (training only): the labeled tokens of the whole optimizer step
+    (:class:`dvsft.objectives.losses.StepTokens`); token-normalised losses divide by them.
+    """
+
+    last: torch.Tensor
+    image_mask: torch.Tensor
+    layers: tuple[torch.Tensor, ...] | None = None
+    tokens: Any = None
+
+
+# Collator keys that are labels or metadata, not model inputs.
+NOT_MODEL_INPUTS = frozenset(
+    {"labels", "vision_positions", "vision_targets", "vision_label_sets", "records", "sample_positions", "sample_ids"}
+)
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The tensors of a collated batch that the model's forward takes (labels and vision labels left out)."""
+    import torch
+
+    return {
+        k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS and isinstance(v, torch.Tensor) and v is not None
+    }
+
+
+def forward_hidden(model: nn.Module, batch: dict[str, Any], layers: bool = False) -> HiddenStates:
+    """The one forward of DV-SFT: the model as given (wrappers included), hidden states out.
+
+    The LM head runs on one position only (``logits_to_keep=1``); the losses project the rows they
+    need. ``hidden_states[-1]`` is the final hidden state after the last norm (what ``lm_head`` reads).
+    """
+    out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1, use_cache=False, return_dict=True)
+    states = tuple(out.hidden_states)
+    config = base_model(model).config
+    image_id = getattr(config, "image_token_id", None)
+    if image_id is None:
+        image_id = getattr(config, "image_token_index", None)
+    ids = batch["input_ids"]
+    mask = ids == image_id if image_id is not None else ids.new_zeros(ids.shape, dtype=bool)
+    return HiddenStates(last=states[-1], image_mask=mask, layers=states if layers else None)
+
+
+@dataclass
+class NoOptions:
+    """Objectives without options."""
+
+
+class Objective:
+    """Base class: one named training objective (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()  # objectives included with this one (e.g. ("sft",))
+    needs_hidden_states: ClassVar[bool] = False  # all layers (True) or the last one only
+    needs_records: ClassVar[bool] = False  # batch["records"]: id, image, width, height, words of each sample
+    # True: the weighted terms are already this micro-batch's share of the step loss (divided by
+    # ``hidden.tokens``); False: they are micro-batch means, which the Trainer divides by the
+    # number of accumulated micro-batches.
+    step_normalized: ClassVar[bool] = False
+    train_llm: ClassVar[str | None] = None  # default for `train.llm` ("all", "first_layer", "none") or None
+    Options: ClassVar[type] = NoOptions  # dataclass of the `objectives.<name>` config section
+
+    def __init__(self, config: Any = None, options: Any = None):
+        self.config = config
+        self.options = options if options is not None else self.Options()
+
+    def setup(self, model: nn.Module, config: Any) -> None:
+        """Called once before training with the (unwrapped) model; may create heads."""
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Trainable heads this objective owns, by name (not saved into the final model)."""
+        return {}
+
+    def weights(self) -> dict[str, float]:
+        """Weight of each term added to the total loss; terms not listed are logged only."""
+        return {}
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], hidden: HiddenStates) -> dict[str, torch.Tensor]:
+        """Named loss terms (and metrics) for this batch. ``model`` is the unwrapped HF model: read its
+        parts (``lm_head_of``), never call it (the forward already ran, see :func:`forward_hidden`)."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Objective]] = {}
+
+
+def register_objective(name: str, cls: type[Objective]) -> type[Objective]:
+    """Make ``cls`` available as ``method: name`` (or as part of ``a+b``); see :mod:`dvsft.objectives.registry`."""
+    if not name or "+" in name:
+        raise ValueError(f"invalid objective name {name!r}")
+    cls.name = name
+    _REGISTRY[name] = cls
+    return cls
+
+
+# --------------------------------------------------------------------------- model helpers
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The HF ``...ForConditionalGeneration`` inside DDP / DeepSpeed / FSDP / PEFT wrappers.
+
+    For reading parts and config only: the forward always goes through the wrapped model.
+    """
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
+            model = model.get_base_model()
+        elif hasattr(model, "module") and not hasattr(model, "lm_head"):  # DDP / DeepSpeed
+            model = model.module
+        elif hasattr(model, "_fsdp_wrapped_module") and not hasattr(model, "lm_head"):
+            model = model._fsdp_wrapped_module
+        else:
+            break
+    return model
+
+
+def _spec(model: nn.Module):
+    """The registered family of ``model`` (None for a model type no family module knows)."""
+    from dvsft.models.families import spec_for_model
+
+    try:
+        return spec_for_model(base_model(model))
+    except ValueError:
+        return None
+
+
+def lm_head_of(model: nn.Module) -> nn.Module:
+    head = base_model(model).get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(base_model(model)).__name__} has no output embeddings (lm_head)")
+    return head
+
+
+def language_model_of(model: nn.Module) -> nn.Module:
+    """The decoder stack (has ``.layers``, ``.norm``, ``.embed_tokens``): the family module's accessor."""
+    spec = _spec(model)
+    if spec is not None:
+        return spec.language_model(model)
+    inner = base_model(model).model
+    return getattr(inner, "language_model", inner)
+
+
+def vision_tower_of(model: nn.Module) -> nn.Module:
+    spec = _spec(model)
+    return spec.vision_tower(model) if spec is not None else base_model(model).model.visual
+
+
+def projector_of(model: nn.Module) -> nn.Module:
+    """The module that maps vision features to the LLM's hidden size (Qwen-VL: ``visual.merger``)."""
+    spec = _spec(model)
+    return spec.projector(model) if spec is not None else vision_tower_of(model).merger
+
+
+# --------------------------------------------------------------------------- built-in objectives
+
+
+class TextObjective(Objective):
+    """Standard SFT: shifted next-token cross-entropy over the answer tokens (paper Eq. 1).
+
+    ``fused``: the DV-SFT objective computes the text loss with its own in one LM-head pass.
+    """
+
+    fused = False
+    step_normalized = True
+
+    def weights(self) -> dict[str, float]:
+        return {} if self.fused else {"text_step_loss": 1.0}
+
+    def loss(self, model, batch, hidden):
+        from dvsft.objectives.losses import text_loss
+
+        if self.fused:
+            return {}
+        chunk = int(getattr(self.config, "loss_chunk_size", 1024) or 1024)
+        value, n = text_loss(hidden.last, lm_head_of(model), batch["labels"], chunk_size=chunk, tokens=hidden.tokens)
+        mean = value
+        if hidden.tokens is not None:  # undo the step normalisation for the log: this batch's mean
+            mean = value.detach() * hidden.tokens.text / max(n, 1) / hidden.tokens.processes
+        return {"text_step_loss": value, "text_loss": mean.detach(), "text_tokens": hidden.last.new_tensor(float(n))}
+
+
+class VisionObjective(Objective):
+    """DV-SFT: every labeled visual token predicts its word on its own logits, with smoothing (Eqs. 2-4).
+
+    Returns ``dvsft_step_loss``, this micro-batch's share of ``L_text + lambda * L_vision`` (Eq. 4)
+    over the whole optimizer step, computed in one chunked pass over the LM head, and the detached
+    per-micro-batch ``text_loss`` / ``vision_loss`` / ``vision_acc`` for the logs.
+    """
+
+    requires = ("sft",)
+    step_normalized = True
+
+    def weights(self) -> dict[str, float]:
+        return {"dvsft_step_loss": 1.0}
+
+    def loss(self, model, batch, hidden):
+        from dvsft.objectives.losses import dvsft_loss
+
+        chunk = int(getattr(self.config, "loss_chunk_size", 1024) or 1024)
+        out = dvsft_loss(
+            hidden.last,
+            lm_head_of(model),
+            batch["labels"],
+            batch.get("vision_positions"),
+            batch.get("vision_targets"),
+            batch.get("vision_label_sets"),
+            vision_weight=float(getattr(self.config, "vision_lambda", 0.1)),
+            eps=float(getattr(self.config, "vision_eps", 0.0)),
+            chunk_size=chunk,
+            tokens=hidden.tokens,
+        )
+        new = hidden.last.new_tensor
+        return {
+            "dvsft_step_loss": out.loss,
+            "text_loss": out.text_loss.detach(),
+            "text_tokens": new(float(out.n_text)),
+            "vision_loss": out.vision_loss.detach(),
+            "vision_acc": new(out.vision_accuracy),
+            "vision_tokens": new(float(out.n_vision)),
+        }

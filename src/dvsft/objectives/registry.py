@@ -1,0 +1,93 @@
+"""The objectives a training ``method`` can name, and building them from a config.
+
+An explicit table (:data:`BUILT_IN`) of the objectives dvsft ships, imported here by name: ``sft`` and
+``dvsft`` (:mod:`dvsft.objectives.base`), ``basic`` (:mod:`dvsft.objectives.basic`), ``asvr``
+(:mod:`dvsft.objectives.asvr`) and ``lsd`` (:mod:`dvsft.objectives.lsd`). The objective modules import only the
+base classes of :mod:`dvsft.objectives.base`, never this module, so the imports run one way:
+trainer -> registry -> objective modules -> base. Objectives of your own join with
+:func:`dvsft.objectives.base.register_objective`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from dvsft.objectives.asvr import ASVRObjective
+from dvsft.objectives.base import _REGISTRY, Objective, TextObjective, VisionObjective, register_objective
+from dvsft.objectives.basic import BasicObjective
+from dvsft.objectives.lsd import LSDObjective
+
+BUILT_IN: dict[str, type[Objective]] = {
+    "sft": TextObjective,
+    "dvsft": VisionObjective,
+    "basic": BasicObjective,
+    "asvr": ASVRObjective,
+    "lsd": LSDObjective,
+}
+for _name, _cls in BUILT_IN.items():
+    register_objective(_name, _cls)
+
+
+def registered_objectives() -> dict[str, type[Objective]]:
+    """Every objective a method may name: the built-in ones and those registered since."""
+    return dict(_REGISTRY)
+
+
+def objective_class(name: str) -> type[Objective]:
+    registry = registered_objectives()
+    if name not in registry:
+        raise ValueError(f"unknown objective {name!r}; registered: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def method_names(method: str) -> list[str]:
+    """Objective names of ``method`` with their requirements, each once, requirements first."""
+    out: list[str] = []
+
+    def add(name: str, chain: tuple[str, ...]) -> None:
+        if name in chain:
+            raise ValueError(f"objective {name!r} requires itself: {' -> '.join((*chain, name))}")
+        cls = objective_class(name)
+        for req in cls.requires:
+            add(req, (*chain, name))
+        if name not in out:
+            out.append(name)
+
+    parts = [p.strip() for p in str(method).split("+")]
+    if not all(parts):
+        raise ValueError(f"invalid method {method!r}: objective names joined by '+', e.g. 'dvsft+asvr'")
+    for part in parts:
+        add(part, ())
+    return out
+
+
+def options_for(cls: type[Objective], values: dict[str, Any] | None) -> Any:
+    """The objective's Options dataclass filled from its config section; unknown keys are an error."""
+    values = dict(values or {})
+    valid = {f.name for f in fields(cls.Options)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for objective {cls.name!r}; "
+            f"valid: {', '.join(sorted(valid)) or '(none)'}"
+        )
+    return cls.Options(**values)
+
+
+def build_objectives(method: str, config: Any = None) -> list[Objective]:
+    """Instantiate the objectives of ``method``; options come from ``config.objectives[name]``."""
+    sections = dict(getattr(config, "objectives", None) or {})
+    names = method_names(method)
+    extra = sorted(set(sections) - set(registered_objectives()))
+    if extra:
+        raise ValueError(
+            f"config section objectives.{extra[0]}: no such objective; registered: {sorted(registered_objectives())}"
+        )
+    objectives = [objective_class(n)(config, options_for(objective_class(n), sections.get(n))) for n in names]
+    if any(isinstance(o, VisionObjective) for o in objectives):
+        # text and vision rows go through the LM head in one pass (one vocabulary-sized gradient buffer)
+        for o in objectives:
+            if isinstance(o, TextObjective):
+                o.fused = True
+    return objectives

@@ -1,0 +1,256 @@
+"""`--model tiny`: a real Qwen3-VL (or Qwen3.5 / Qwen3-VL-MoE) architecture at toy size, with a
+tokenizer trained offline.
+
+``TinyConfig.family`` picks the architecture: ``qwen3-vl`` (default), ``qwen3.5`` (hybrid Gated
+DeltaNet + attention decoder: one linear-attention layer, then full attention) or
+``qwen3-vl-moe`` (sparse-expert MLPs); all three use the Qwen3-VL processor (patch 16, merge 2).
+
+Everything is built from configs and text that installs with Python (``pydoc_data.topics``),
+so tests, the demo and CI run with no hub access. The result is an ordinary HF model
+directory (model, tokenizer, processor, chat template) that every dvsft command accepts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from dvsft.models.loading import CHAT_TEMPLATE
+from dvsft.sources.corpora import corpus_text
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+
+@dataclass
+class TinyConfig:
+    """Size of the tiny model; defaults run a training step in well under a second on a CPU."""
+
+    vocab_size: int = 2048
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    vision_hidden_size: int = 64
+    vision_depth: int = 1
+    vision_heads: int = 4
+    min_pixels: int = 32 * 32 * 4
+    max_pixels: int = 32 * 32 * 256
+    seed: int = 0
+    family: str = "qwen3-vl"  # qwen3-vl, qwen3.5, qwen3-vl-moe, internvl, llava_onevision, idefics3, smolvlm
+    experts: int = 4  # qwen3-vl-moe: experts per MoE layer (2 active per token)
+    tokenizer: str = "corpus"  # corpus (trained on pydoc topics, Qwen's splitting) or qwen (Qwen's real vocabulary)
+
+
+def train_tokenizer(
+    vocab_size: int = 2048,
+    extra_text: list[str] | None = None,
+    specials: list[str] | None = None,
+    attrs: dict[str, str] | None = None,
+    chat_template: str = CHAT_TEMPLATE,
+):
+    """A byte-level BPE tokenizer trained on the bundled corpus, splitting text exactly as Qwen does.
+
+    Only the merges (and so the vocabulary) are the corpus's own; NFC, the split regex (digits one by
+    one, the space before a number apart from it) and the byte alphabet are Qwen's. ``specials`` /
+    ``attrs`` / ``chat_template``: another family's special tokens, their tokenizer attributes and
+    its template (the tiled tiny families).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from dvsft.testing.qwen_vocab import qwen_normalizer, qwen_pre_tokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = qwen_normalizer()
+    tok.pre_tokenizer = qwen_pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS + [t for t in specials or [] if t not in SPECIAL_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = corpus_text().split("\n") + list(extra_text or [])
+    tok.train_from_iterator(text, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=chat_template,
+        extra_special_tokens=attrs
+        or {
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_start_token": "<|vision_start|>",
+            "vision_end_token": "<|vision_end|>",
+        },
+    )
+    fast.padding_side = "left"
+    return fast
+
+
+def tiny_tokenizer(cfg: TinyConfig, extra_text: list[str] | None = None):
+    """The tiny model's tokenizer: ``corpus`` (trained here, small vocabulary) or ``qwen`` (Qwen's real one).
+
+    ``qwen`` is Qwen2/2.5/3/Qwen3-VL's tokenizer (Qwen3.5's for ``family: qwen3.5``) with its real ids,
+    so labels, filters and the collator see exactly what a released Qwen model sees; the embedding
+    then has a row per Qwen token (about 152k / 248k), cheap at tiny hidden sizes.
+    """
+    if cfg.tokenizer == "corpus":
+        return train_tokenizer(cfg.vocab_size, extra_text)
+    if cfg.tokenizer != "qwen":
+        raise ValueError(f"tiny.tokenizer must be corpus or qwen; got {cfg.tokenizer!r}")
+    from dvsft.testing.qwen_vocab import qwen_tokenizer
+
+    tok = qwen_tokenizer("qwen3.5" if cfg.family == "qwen3.5" else "qwen3-vl")
+    tok.padding_side = "left"
+    return tok
+
+
+def tiny_processor(tokenizer, min_pixels: int, max_pixels: int):
+    """The real Qwen3-VL processor around the PIL image processor (no torchvision needed)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from dvsft.models.loading import build_processor as family_processor
+
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=16,
+        merge_size=2,
+        temporal_patch_size=2,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+    )
+    return family_processor(image_processor, tokenizer, "qwen3_vl", CHAT_TEMPLATE)
+
+
+QWEN_TINY = ("qwen3-vl", "qwen3.5", "qwen3-vl-moe")
+TINY_FAMILIES = (*QWEN_TINY, "internvl", "llava_onevision", "idefics3", "smolvlm")
+
+
+def _sections(rotary_dim: int) -> list[int]:
+    quarter = rotary_dim // 2  # mrope sections (t, h, w) sum to rotary_dim / 2
+    return [quarter - 2 * (quarter // 3), quarter // 3, quarter // 3]
+
+
+def _text_config(cfg: TinyConfig, tokenizer) -> dict:
+    head_dim = cfg.hidden_size // cfg.heads
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.hidden_size * 3,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        rope_scaling={"rope_type": "default", "mrope_section": _sections(head_dim), "mrope_interleaved": True},
+        tie_word_embeddings=True,
+    )
+    if cfg.family == "qwen3.5":
+        # partial rotary (half the head), Gated DeltaNet layers first, full attention last
+        text.pop("rope_scaling")
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "mrope_section": _sections(head_dim // 2),
+            "mrope_interleaved": True,
+        }
+        text["layer_types"] = ["linear_attention"] * (cfg.layers - 1) + ["full_attention"]
+        text.update(
+            linear_num_key_heads=cfg.kv_heads,
+            linear_num_value_heads=cfg.heads,
+            linear_key_head_dim=head_dim,
+            linear_value_head_dim=head_dim,
+        )
+    elif cfg.family == "qwen3-vl-moe":
+        text.update(
+            num_experts=cfg.experts,
+            num_experts_per_tok=min(2, cfg.experts),
+            moe_intermediate_size=cfg.hidden_size * 2,
+            decoder_sparse_step=1,
+        )
+    return text
+
+
+def build_model_config(cfg: TinyConfig, tokenizer):
+    from transformers import Qwen3_5Config, Qwen3VLConfig, Qwen3VLMoeConfig
+
+    if cfg.family not in QWEN_TINY:
+        raise ValueError(f"tiny.family must be one of {', '.join(QWEN_TINY)}; got {cfg.family!r}")
+    config_class = {"qwen3-vl": Qwen3VLConfig, "qwen3.5": Qwen3_5Config, "qwen3-vl-moe": Qwen3VLMoeConfig}
+    vision_extra = {} if cfg.family == "qwen3.5" else {"deepstack_visual_indexes": []}
+    return config_class[cfg.family](
+        text_config=_text_config(cfg, tokenizer),
+        vision_config=dict(
+            depth=cfg.vision_depth,
+            hidden_size=cfg.vision_hidden_size,
+            intermediate_size=cfg.vision_hidden_size * 3,
+            num_heads=cfg.vision_heads,
+            out_hidden_size=cfg.hidden_size,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=256,
+            **vision_extra,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+
+
+def build_from_options(cfg: Any) -> tuple[Any, Any]:
+    """``model: tiny`` in a training config: the tiny model sized by its ``tiny_*`` keys."""
+    sizes = {f.name: getattr(cfg, f"tiny_{f.name}") for f in fields(TinyConfig) if "pixels" not in f.name}
+    return build_tiny(TinyConfig(**sizes))
+
+
+def build_tiny(cfg: TinyConfig | None = None, extra_text: list[str] | None = None):
+    """(model, processor) of a freshly initialised tiny Qwen3-VL (or ``cfg.family``)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    cfg = cfg or TinyConfig()
+    if cfg.family not in TINY_FAMILIES:
+        raise ValueError(f"tiny.family must be one of {', '.join(TINY_FAMILIES)}; got {cfg.family!r}")
+    if cfg.family not in QWEN_TINY:
+        from dvsft.testing.tiny_tiled import build_tiled
+
+        model, processor = build_tiled(cfg, extra_text)
+        model.config.dvsft_tiny = asdict(cfg)
+        return model, processor
+    tokenizer = tiny_tokenizer(cfg, extra_text)
+    processor = tiny_processor(tokenizer, cfg.min_pixels, cfg.max_pixels)
+    torch.manual_seed(cfg.seed)
+    config = build_model_config(cfg, tokenizer)
+    model = AutoModelForImageTextToText.from_config(config)
+    for cfg_obj in (model.config, model.config.text_config, model.generation_config):
+        cfg_obj.pad_token_id = tokenizer.pad_token_id
+        cfg_obj.eos_token_id = tokenizer.eos_token_id
+        cfg_obj.bos_token_id = None
+    model.config.dvsft_tiny = asdict(cfg)
+    return model, processor
+
+
+def save_tiny(out_dir: str | Path, cfg: TinyConfig | None = None, extra_text: list[str] | None = None) -> Path:
+    """Build the tiny model and write it as an HF model directory."""
+    from dvsft.models.loading import save_processor
+
+    out = Path(out_dir)
+    model, processor = build_tiny(cfg, extra_text)
+    model.save_pretrained(out)
+    save_processor(processor, out)
+    return out
