@@ -191,10 +191,7 @@ def lens_overlay(
         return _layout_overlay(image, grid, texts, correct, upscale, font_size)
     if len(texts) != grid.num_tokens:
         raise ValueError(f"{len(texts)} texts for a grid of {grid.num_tokens} tokens")
-    base = image.convert("RGB")
-    if upscale != 1.0:
-        base = base.resize((round(base.width * upscale), round(base.height * upscale)), Image.Resampling.BICUBIC)
-    sx, sy = base.width / grid.width, base.height / grid.height
+    base, sx, sy = _canvas(image, grid.width, grid.height, upscale)
     layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
     cell_w = grid.cell / grid.scale_x * sx
@@ -219,6 +216,14 @@ def lens_overlay(
     return Image.alpha_composite(base.convert("RGBA"), layer).convert("RGB")
 
 
+def _canvas(image: Image.Image, width: int, height: int, upscale: float) -> tuple[Image.Image, float, float]:
+    """The RGB image to draw on (enlarged by ``upscale``) and its scale from processor pixels."""
+    base = image.convert("RGB")
+    if upscale != 1.0:
+        base = base.resize((round(base.width * upscale), round(base.height * upscale)), Image.Resampling.BICUBIC)
+    return base, base.width / width, base.height / height
+
+
 def _layout_overlay(
     image: Image.Image,
     layout: Layout,
@@ -229,10 +234,7 @@ def _layout_overlay(
 ) -> Image.Image:
     if len(texts) != layout.num_tokens:
         raise ValueError(f"{len(texts)} texts for a view list of {layout.num_tokens} tokens")
-    base = image.convert("RGB")
-    if upscale != 1.0:
-        base = base.resize((round(base.width * upscale), round(base.height * upscale)), Image.Resampling.BICUBIC)
-    sx, sy = base.width / layout.width, base.height / layout.height
+    base, sx, sy = _canvas(image, layout.width, layout.height, upscale)
     views = [v for v in layout.views if v.kind not in SUMMARY_VIEWS] or list(layout.views)
     cells = [(v.position(k), v.token_box(k)) for v in views for k in range(v.num_tokens)]
     cells = [(p, b) for p, b in cells if b[2] > b[0] and b[3] > b[1]]

@@ -12,6 +12,9 @@ from typing import Any
 
 from dvsft.models.geometry import Layout
 
+# The linear layers of a Qwen2 / Qwen3 / Llama decoder layer: LoRA's default targets.
+DENSE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 def _model(model: Any) -> Any:
     """The HF ``...ForConditionalGeneration`` inside PEFT / DDP / DeepSpeed / FSDP wrappers."""
@@ -63,11 +66,12 @@ class FamilySpec:
     image_token: str
     layout: Callable[..., Layout]
     settings_from: Callable[[Any], dict[str, Any]]
-    language_model: Callable[[Any], Any]
-    vision_tower: Callable[[Any], Any]
-    projector: Callable[[Any], Any]
-    lora_targets: tuple[str, ...]
     image_inputs: tuple[str, ...]
+    # the parts where HF's LLaVA-style models keep them
+    language_model: Callable[[Any], Any] = attr_path("model.language_model")
+    vision_tower: Callable[[Any], Any] = attr_path("model.vision_tower")
+    projector: Callable[[Any], Any] = attr_path("model.multi_modal_projector")
+    lora_targets: tuple[str, ...] = DENSE
     defaults: dict[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     views: str = ""

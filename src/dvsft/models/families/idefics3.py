@@ -17,7 +17,6 @@ import math
 from typing import Any
 
 from dvsft.models.families.base import FamilySpec, attr_path, get_setting, size_dict
-from dvsft.models.families.qwen import DENSE
 from dvsft.models.geometry import Layout, View, uniform_view
 
 IMAGE_TOKEN = "<image>"
@@ -173,7 +172,6 @@ def make_spec(name: str, model_type: str, defaults: dict[str, Any], ip: str, pro
         language_model=attr_path("model.text_model"),
         vision_tower=attr_path("model.vision_model"),
         projector=attr_path("model.connector"),
-        lora_targets=DENSE,
         image_inputs=("pixel_values", "pixel_attention_mask"),
         defaults=dict(defaults),
         views="tiles (row-major) then the global image; row/col tag tokens and newlines between them in the prompt",

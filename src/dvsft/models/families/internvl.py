@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dvsft.models.families.base import FamilySpec, attr_path, get_setting, size_dict
-from dvsft.models.families.qwen import DENSE
+from dvsft.models.families.base import FamilySpec, get_setting, size_dict
 from dvsft.models.geometry import Layout, View, uniform_view
 
 IMAGE_TOKEN = "<IMG_CONTEXT>"
@@ -137,10 +136,6 @@ SPEC = FamilySpec(
     image_token=IMAGE_TOKEN,
     layout=layout,
     settings_from=settings_from,
-    language_model=attr_path("model.language_model"),
-    vision_tower=attr_path("model.vision_tower"),
-    projector=attr_path("model.multi_modal_projector"),
-    lora_targets=DENSE,
     image_inputs=("pixel_values",),
     defaults=dict(DEFAULTS),
     aliases=("internvl3", "internvl2"),

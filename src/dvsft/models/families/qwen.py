@@ -12,11 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from dvsft.models import geometry
-from dvsft.models.families.base import FamilySpec, attr_path
+from dvsft.models.families.base import DENSE, FamilySpec, attr_path
 from dvsft.models.geometry import Layout, grid_for, uniform_view
 
 IMAGE_TOKEN = "<|image_pad|>"
-DENSE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Qwen3.5's Gated DeltaNet (linear attention) layers
 DELTANET = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 
