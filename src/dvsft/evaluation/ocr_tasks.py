@@ -21,6 +21,14 @@ KINDS = ("contextual", "noncontextual")
 WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
 
 
+def parse_scales(text: str) -> list[float]:
+    """``"0.5,0.75,1.0"`` -> ``[0.5, 0.75, 1.0]``: the image scale factors of an OCR task (positive)."""
+    values = [float(s) for s in text.split(",") if s.strip()]
+    if any(v <= 0 for v in values):
+        raise ValueError("factors must be positive")
+    return values
+
+
 def read_corpus(path: str | Path | None) -> list[str]:
     """Documents of a corpus: None = the bundled pydoc prose; ``.txt`` (blank-line separated),
     ``.jsonl`` (field ``document``, ``text`` or ``content``: XSUM's layout has ``document``),

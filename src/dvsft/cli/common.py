@@ -1,0 +1,30 @@
+"""What the command modules share: list options and the one way a command stops on an error."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, NoReturn
+
+import typer
+
+
+def split_list(value: str) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]`` (a comma-separated option)."""
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def fail(message: object, console: Any = None, code: int = 2) -> NoReturn:
+    """Print ``error: MESSAGE`` (on stderr unless ``console`` is given) and exit with ``code``.
+
+    Called while an exception is handled and ``dvsft --debug`` was given, it re-raises that exception.
+    """
+    from rich.console import Console
+    from rich.markup import escape
+
+    from dvsft.cli import debug_enabled
+
+    if debug_enabled() and sys.exc_info()[0] is not None:
+        raise  # noqa: PLE0704 - --debug: the traceback of the error being handled
+    console = console or Console(stderr=True, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(str(message))}")
+    raise typer.Exit(code)
