@@ -128,19 +128,21 @@ def assert_same_grads(params, got, want) -> None:
         assert torch.allclose(a, b, atol=1e-10, rtol=1e-7), p.shape
 
 
+def three_word_pages(sizes: list[tuple[int, int]], boxes: list[list[int]]) -> list[dict]:
+    """White pages of ``sizes`` labeled with the words "the value class" at ``boxes`` (one per word)."""
+    pages = []
+    for i, (w, h) in enumerate(sizes):
+        im = Image.new("RGB", (w, h), "white")
+        ImageDraw.Draw(im).rectangle((10 + i, 10, 40, 20), fill="black")
+        words = [{"text": text, "box": box} for text, box in zip(["the", "value", "class"], boxes, strict=True)]
+        msgs = [{"role": "user", "content": "<image>Read it."}, {"role": "assistant", "content": "the value class"}]
+        pages.append({"id": f"r{i}", "image": im, "words": words, "messages": msgs})
+    return pages
+
+
 def collated_batch(processor):
     """Two small pages with three labeled words each, collated for ``processor`` (vision labels included)."""
     from dvsft.data.collator import VisionCollator
 
-    records = []
-    for i, (w, h) in enumerate([(160, 96), (128, 128)]):
-        im = Image.new("RGB", (w, h), "white")
-        ImageDraw.Draw(im).rectangle((10 + i, 10, 40, 20), fill="black")
-        words = [
-            {"text": "the", "box": [4, 4, 28, 28]},
-            {"text": "value", "box": [36, 36, 60, 60]},
-            {"text": "class", "box": [70, 4, 94, 28]},
-        ]
-        msgs = [{"role": "user", "content": "<image>Read it."}, {"role": "assistant", "content": "the value class"}]
-        records.append({"id": f"r{i}", "image": im, "words": words, "messages": msgs})
-    return VisionCollator(processor)(records)
+    boxes = [[4, 4, 28, 28], [36, 36, 60, 60], [70, 4, 94, 28]]
+    return VisionCollator(processor)(three_word_pages([(160, 96), (128, 128)], boxes))

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_grads, losses, make_records, naive_reference, overrides
-from PIL import Image, ImageDraw
+from helpers import assert_same_grads, losses, make_records, naive_reference, overrides, three_word_pages
 from typer.testing import CliRunner
 
 from dvsft.cli import app
@@ -35,18 +34,8 @@ def family_dir(request, tmp_path_factory) -> tuple[str, Path]:
 
 
 def records(n: int = 2) -> list[dict]:
-    out = []
-    for i, (w, h) in enumerate([(160, 96), (100, 140), (130, 130)][:n]):
-        im = Image.new("RGB", (w, h), "white")
-        ImageDraw.Draw(im).rectangle((10 + i, 10, 40, 20), fill="black")
-        words = [
-            {"text": "the", "box": [4, 4, 28, 20]},
-            {"text": "value", "box": [36, 36, 70, 50]},
-            {"text": "class", "box": [60, 70, 90, 84]},
-        ]
-        msgs = [{"role": "user", "content": "<image>Read it."}, {"role": "assistant", "content": "the value class"}]
-        out.append({"id": f"r{i}", "image": im, "words": words, "messages": msgs})
-    return out
+    boxes = [[4, 4, 28, 20], [36, 36, 70, 50], [60, 70, 90, 84]]
+    return three_word_pages([(160, 96), (100, 140), (130, 130)][:n], boxes)
 
 
 def test_collator_labels_every_view_at_the_family_tokens(family_dir):
