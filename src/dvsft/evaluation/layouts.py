@@ -19,6 +19,7 @@ from typing import Any
 from PIL import Image
 
 from dvsft.evaluation.items import EvalItem, ImageSource
+from dvsft.sources.qa_json import SquadParagraph
 
 
 @dataclass
@@ -247,16 +248,14 @@ def ocrvqa_json(image_id: str, entry: dict, ctx: Ctx) -> list[EvalItem]:
     ]
 
 
-def squad_json(paragraph: dict, title: str, ctx: Ctx) -> list[EvalItem]:
-    """SQuAD ``dev-v1.1.json``: data[].paragraphs[] of context and qas (id, question, answers[].text)."""
-    ctx.require(paragraph, "context", "qas", layout="SQuAD JSON")
+def squad_json(paragraph: SquadParagraph, ctx: Ctx) -> list[EvalItem]:
+    """SQuAD ``dev-v1.1.json`` (read by :mod:`dvsft.sources.qa_json`): one item per answered question."""
     items = []
-    for qa in paragraph["qas"]:
-        texts = [a["text"] for a in qa.get("answers", [])]
-        if not texts:
+    for q in paragraph.questions:
+        if not q.answers:
             continue
-        images = [rendered_context(paragraph["context"], ctx.family)] if ctx.images else []
-        items.append(EvalItem(str(qa["id"]), qa["question"], texts, images, {"title": title}))
+        images = [rendered_context(paragraph.context, ctx.family)] if ctx.images else []
+        items.append(EvalItem(str(q.id), q.question, q.answers, images, {"title": paragraph.title}))
     return items
 
 

@@ -6,7 +6,6 @@ batch needs them, so multi-GB parquet splits never sit in memory.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from dvsft.core.records import IMAGE_PLACEHOLDER, Problem, check_record, image_p
 from dvsft.evaluation import layouts
 from dvsft.evaluation.items import EvalItem
 from dvsft.evaluation.layouts import Ctx
+from dvsft.sources.qa_json import read_json, squad_paragraphs
 
 DEFAULT_SPLITS = {
     "docvqa": "validation",
@@ -257,10 +257,7 @@ def json_items(bench: str, files: Path | list[Path], split: str, family: str, im
 
 
 def _json_file_items(bench: str, file: Path, split: str, family: str, images: bool) -> Iterator[EvalItem]:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file}: invalid JSON: {err}") from err
+    data = read_json(file)
     d = file.parent
     roots = {
         "docvqa": [d, d.parent],
@@ -285,9 +282,8 @@ def _json_file_items(bench: str, file: Path, split: str, family: str, images: bo
             ctx.index += 1
         return
     if bench == "squad":
-        for article in _entries(data, file, bench):
-            for paragraph in article.get("paragraphs", []):
-                yield from layouts.squad_json(paragraph, article.get("title", ""), ctx)
+        for paragraph in squad_paragraphs(data, file):
+            yield from layouts.squad_json(paragraph, ctx)
         return
     mapper = {
         "docvqa": layouts.docvqa_json,

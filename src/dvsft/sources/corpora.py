@@ -7,7 +7,6 @@ transcription task". Ids are stable (given ids, or a hash of the text) so reruns
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dvsft.core.records import IMAGE_PLACEHOLDER, read_jsonl
+from dvsft.sources.qa_json import read_squad_file
 
 
 @dataclass
@@ -83,41 +83,19 @@ def load_documents(path: str | Path, fmt: str = "auto", counts: Counter | None =
 
 
 def read_squad(path: Path, counts: Counter | None = None) -> Iterator[Document]:
-    """SQuAD v1.1 / v2.0: ``data[].paragraphs[].{context, qas[]}``; impossible questions are skipped."""
+    """SQuAD v1.1 / v2.0 (:mod:`dvsft.sources.qa_json`): one document per paragraph; impossible and
+    unanswered questions are skipped (counted in ``impossible_questions`` / ``unanswered_questions``)."""
     counts = counts if counts is not None else Counter()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from err
-    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise ValueError(f"{path}: not a SQuAD file (expected an object with a 'data' list)")
-    for ai, article in enumerate(data["data"]):
-        for pi, para in enumerate(article.get("paragraphs", [])):
-            where = f"{path}: data[{ai}].paragraphs[{pi}]"
-            if not isinstance(para.get("context"), str):
-                raise ValueError(f"{where}: missing 'context' text")
-            qas = []
-            for qi, qa in enumerate(para.get("qas", [])):
-                if qa.get("is_impossible"):
-                    counts["impossible_questions"] += 1
-                    continue
-                answers = [a for a in qa.get("answers", []) if str(a.get("text", "")).strip()]
-                if "question" not in qa:
-                    raise ValueError(f"{where}.qas[{qi}]: missing 'question'")
-                if not answers:
-                    counts["unanswered_questions"] += 1
-                    continue
-                start = answers[0].get("answer_start")
-                qas.append(
-                    QA(
-                        question=qa["question"],
-                        answers=[a["text"] for a in answers],
-                        answer_start=int(start) if start is not None else None,
-                        id=qa.get("id"),
-                    )
-                )
-            title = str(article.get("title", ""))
-            yield Document(text_id("sq", title + "\n" + para["context"]), para["context"], qas)
+    for para in read_squad_file(path):
+        qas = []
+        for q in para.questions:
+            if q.impossible:
+                counts["impossible_questions"] += 1
+            elif not q.answers:
+                counts["unanswered_questions"] += 1
+            else:
+                qas.append(QA(question=q.question, answers=q.answers, answer_start=q.answer_start, id=q.id))
+        yield Document(text_id("sq", para.title + "\n" + para.context), para.context, qas)
 
 
 def read_text(path: Path) -> Iterator[Document]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import random
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from typing import Any
 
 from dvsft.core.record_table import DEFAULT_ROWS_PER_SHARD, check_format, write_records
 from dvsft.core.records import IMAGE_PLACEHOLDER
+from dvsft.sources.qa_json import read_json, read_squad_file
 
 DATASETS = ("docvqa", "infovqa", "squad")
 DEFAULT_QA_PER_IMAGE = {"docvqa": 1, "infovqa": 2, "squad": 1}
@@ -203,10 +203,7 @@ def _write_png(data: bytes, target: Path, source: Path, row_no: int) -> Path:
 def _json_groups(
     json_file: Path, dataset: str, image_root: str | Path | None, stats: PrepareStats
 ) -> dict[str, dict[str, Any]]:
-    try:
-        doc = json.loads(json_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{json_file}: invalid JSON: {err}") from err
+    doc = read_json(json_file)
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, list):
         raise ValueError(f"{json_file}: expected {{'data': [...]}} (official {dataset} release layout)")
@@ -240,32 +237,22 @@ def _locate(name: str, json_file: Path, image_root: str | Path | None) -> Path:
 
 
 def _squad_groups(json_file: Path, stats: PrepareStats) -> dict[str, dict[str, Any]]:
-    try:
-        doc = json.loads(json_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{json_file}: invalid JSON: {err}") from err
-    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
-        raise ValueError(f"{json_file}: expected SQuAD layout {{'data': [{{'paragraphs': [...]}}]}}")
+    """``"article-paragraph"`` -> {"text", "title", "qas": [QA]}; paragraphs without a usable question are skipped."""
     groups: dict[str, dict[str, Any]] = {}
-    for a, article in enumerate(doc["data"]):
-        for p, para in enumerate(article.get("paragraphs", [])):
-            context = para.get("context")
-            if not isinstance(context, str):
-                raise ValueError(f"{json_file}: data[{a}].paragraphs[{p}] has no 'context'")
-            qas = []
-            for q in para.get("qas", []):
-                if q.get("is_impossible"):
-                    stats.skip("impossible question")
-                    continue
-                answer = _first_answer(q.get("answers"))
-                if answer is None:
-                    stats.skip("no answer")
-                    continue
-                qas.append(QA(str(q.get("id", f"{a}-{p}-{len(qas)}")), str(q["question"]).strip(), answer))
-            if not qas:
-                stats.skip("document without usable QA")
-                continue
-            groups[f"{a}-{p}"] = {"text": context, "title": article.get("title", ""), "qas": qas}
+    for para in read_squad_file(json_file):
+        qas = []
+        for q in para.questions:
+            if q.impossible:
+                stats.skip("impossible question")
+            elif not q.answers:
+                stats.skip("no answer")
+            else:
+                qid = q.id if q.id is not None else f"{para.article}-{para.index}-{len(qas)}"
+                qas.append(QA(qid, q.question.strip(), q.answers[0].strip()))
+        if not qas:
+            stats.skip("document without usable QA")
+            continue
+        groups[f"{para.article}-{para.index}"] = {"text": para.context, "title": para.title, "qas": qas}
     return groups
 
 
