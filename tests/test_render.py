@@ -15,7 +15,7 @@ from dvsft.sources import fonts
 from dvsft.sources.corpora import corpus_words
 from dvsft.sources.instructions import FORMAT_INSTRUCTIONS, TRANSCRIBE_INSTRUCTION
 from dvsft.sources.label_to_image import RenderOptions, render_source
-from dvsft.sources.render import DARK_MAX, LIGHT_MIN, Renderer, RenderStyle, luminance
+from dvsft.sources.render import DARK_MAX, LIGHT_MIN, Renderer, RenderStyle, luminance, plain_page
 
 SMALL = dict(min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 1024)  # lets tiny pages be fixed points
 
@@ -503,3 +503,13 @@ def test_quantiles_interpolate():
     q = quantiles([float(v) for v in range(101)])
     assert q["p5"] == 5 and q["p50"] == 50 and q["p99"] == 99 and quantiles([]) == {}
     assert quantiles([1.0, 2.0])["p50"] == 1.5
+
+
+def test_plain_page_wraps_black_words_inside_its_margin_and_leaves_out_what_does_not_fit():
+    few, many = plain_page(["ink"] * 3, 256), plain_page(["ink"] * 2000, 256)
+    assert few.size == many.size == (256, 256)
+    ink = np.asarray(many.convert("L")) < 128
+    rows, cols = np.nonzero(ink)
+    assert rows.min() >= 32 and cols.min() >= 32 and cols.max() < 256 - 32 and rows.max() < 256 - 32
+    assert len({r // 35 for r in rows}) > 3  # wrapped over several lines (22 px font, 35 px apart)
+    assert (np.asarray(few.convert("L")) < 128).sum() < ink.sum()

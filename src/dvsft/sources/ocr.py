@@ -147,6 +147,23 @@ def cuda_params(device: str) -> dict[str, Any]:
     }
 
 
+def rapidocr_options(
+    min_score: float = 0.5,
+    use_cls: bool = False,
+    params: dict[str, Any] | None = None,
+    threads: int | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """The rapidocr engine options of `dvsft label`; a device that cannot run raises ``ValueError``."""
+    options: dict[str, Any] = {"min_score": min_score, "use_cls": use_cls, "params": params or {}}
+    if threads:
+        options["threads"] = threads
+    if device != "cpu":
+        cuda_params(device)
+        options["device"] = device
+    return options
+
+
 class _PerWordScores:
     """Wrap rapidocr's word-box step so each word's score is the mean confidence of its own characters.
 

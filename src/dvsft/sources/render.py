@@ -431,3 +431,25 @@ class Renderer:
                 f"page {width}x{height} would be resized to {resized[1]}x{resized[0]} "
                 f"(min_pixels {self.min_pixels}, max_pixels {self.max_pixels})"
             )
+
+
+def plain_page(words: list[str], size: int, font_size: int = 22, face: str = "DejaVuSans") -> Image.Image:
+    """A white ``size`` x ``size`` page of ``words`` in black, wrapped into lines with no token grid.
+
+    An OCR engine's input (``dvsft bench label``): a 32 px margin, lines 1.6 font sizes apart; the words
+    that do not fit are left out.
+    """
+    font = fonts.load_font(face, font_size)
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    margin, line_h = 32, int(font_size * 1.6)
+    x, y = margin, margin
+    for word in words:
+        w = draw.textlength(word, font=font)
+        if x + w > size - margin:
+            x, y = margin, y + line_h
+        if y + line_h > size - margin:
+            break
+        draw.text((x, y), word, font=font, fill="black")
+        x += w + font_size // 2
+    return img
