@@ -220,3 +220,15 @@ def test_word_accuracy_alignment():
     # "cat the" vs "the cat": all minimum (2-edit) alignments are scanned; the best keeps 1 match
     assert M.word_accuracy("cat the", "the cat") == 0.5
     assert M.word_accuracy("The cat", "the cat") == 0.5  # case-sensitive
+
+
+# ------------------------------------------------------------------ region tasks
+
+
+def test_rouge_l_and_iou():
+    assert M.rouge_l("the tire is black", "the tire is black") == 1.0
+    # LCS("a white pot on the stove", "a white bowl on a stove") = a white on stove -> 4; P = 4/6, R = 4/6
+    assert M.rouge_l("a white pot on the stove", "a white bowl on a stove") == pytest.approx(4 / 6)
+    assert M.rouge_l("", "x") == 0.0
+    assert M.iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    assert M.iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dvsft.core.images import ImageError, load_image
 from dvsft.core.records import image_path, read_jsonl
+from dvsft.evaluation.metrics import iou
 from dvsft.sources.corpora import corpus_words
 from dvsft.sources.image_to_label import (
     collect_inputs,
@@ -48,14 +49,6 @@ def render(words, size=(480, 480), font_size=26, fg="black", bg="white", mode="R
         placed.append((w, list(draw.textbbox((x, y), w, font=font))))
         x += wlen + font_size * 0.7
     return img, placed
-
-
-def iou(a, b):
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def recall(expected, words, min_iou=0.4):

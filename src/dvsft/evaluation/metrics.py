@@ -1,7 +1,8 @@
 """Benchmark metrics, rule for rule as lmms-eval ``LMMS_EVAL_VERSION`` computes them.
 
 Every function scores one prediction; the aggregations over a benchmark live in
-``dvsft.evaluation.benchmarks``. Quirks of the reference code are kept on purpose and
+``dvsft.evaluation.benchmarks``. Beside the benchmark rules: the OCR tasks' CER and word accuracy,
+and the region tasks' ROUGE-L and IoU (``dvsft compare``). Quirks of the reference code are kept on purpose and
 noted where they matter, so our numbers compare with published lmms-eval numbers; the test
 suite checks them item by item against lmms-eval's own task code (tests/test_lmms_eval_parity.py).
 """
@@ -399,3 +400,34 @@ def word_accuracy(prediction: str, reference: str) -> float:
     if not ref:
         return float(not prediction.split())
     return aligned_word_matches(prediction.split(), ref) / len(ref)
+
+
+# ---------------------------------------------------------------- region tasks (GranViT, FineViT)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 over lower-cased whitespace tokens (longest common subsequence)."""
+    p, r = prediction.lower().split(), reference.lower().split()
+    if not p or not r:
+        return float(p == r)
+    prev = [0] * (len(r) + 1)
+    for a in p:
+        cur = [0]
+        for j, b in enumerate(r):
+            cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two ``(x0, y0, x1, y1)`` boxes (0 for degenerate boxes)."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    area = lambda r: max(0.0, r[2] - r[0]) * max(0.0, r[3] - r[1])  # noqa: E731
+    union = area(a) + area(b) - inter
+    return inter / union if union > 0 else 0.0

@@ -188,7 +188,8 @@ def evaluate_regions(model: Any, processor: Any, items: list[dict], batch_size: 
 
     from dvsft.core.records import IMAGE_PLACEHOLDER
     from dvsft.evaluation.generation import Generator
-    from dvsft.sources.region_tasks import TASKS, BoxCodec, iou, rouge_l
+    from dvsft.evaluation.metrics import iou, rouge_l
+    from dvsft.sources.region_tasks import TASKS, BoxCodec
 
     codec = BoxCodec()
     generator = Generator(model, processor, max_new_tokens=48)

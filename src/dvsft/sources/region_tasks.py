@@ -332,34 +332,3 @@ def build_task_file(
 
     totals["records"] = write_jsonl(out_file, rows())
     return totals
-
-
-# ---------------------------------------------------------------- scoring
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 over lower-cased whitespace tokens (longest common subsequence)."""
-    p, r = prediction.lower().split(), reference.lower().split()
-    if not p or not r:
-        return float(p == r)
-    prev = [0] * (len(r) + 1)
-    for a in p:
-        cur = [0]
-        for j, b in enumerate(r):
-            cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(p), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
-
-
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two ``(x0, y0, x1, y1)`` boxes (0 for degenerate boxes)."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    area = lambda r: max(0.0, r[2] - r[0]) * max(0.0, r[3] - r[1])  # noqa: E731
-    union = area(a) + area(b) - inter
-    return inter / union if union > 0 else 0.0
