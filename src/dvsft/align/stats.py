@@ -137,3 +137,29 @@ def file_stats(path: str | Path, tokenizer: Any = None) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     return {"file": str(path), **compute_stats(read_records(path), tokenizer, str(path))}
+
+
+def stats_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """``file_stats``'s result as (name, value) rows, as `dvsft stats` prints them (the paper's Table 1 first)."""
+    rows = [
+        ("samples", f"{result['samples']:,}"),
+        ("images", f"{result['images']:,}"),
+        (f"text labels ({result['text_label_unit']})", f"{result['text_labels']:,}"),
+        ("vision labels", f"{result['vision_labels']:,}"),
+        ("visual tokens", f"{result['visual_tokens']:,}"),
+        ("vision coverage", f"{100 * result['vision_coverage']:.2f}%"),
+    ]
+    img = result["per_image"]
+    rows += [
+        ("vision labels, per image", f"{img['vision_labels']:,}"),
+        ("visual tokens, per image", f"{img['visual_tokens']:,}"),
+        ("vision coverage, per image", f"{100 * img['vision_coverage']:.2f}%"),
+    ]
+    total = result["vision_labels"] or 1
+    rows += [(f"labels: {k}", f"{v:,} ({100 * v / total:.1f}%)") for k, v in result["label_kinds"].items()]
+    rows.append(("labels: whitespace-only", f"{result['blank_labels']:,}"))
+    rows += [(f"dropped: {k}", f"{v:,}") for k, v in result["dropped"].items()]
+    for kind, view in result.get("per_view", {}).items():  # tiled families: per view kind
+        rows.append((f"view {kind}: labels / tokens", f"{view['vision_labels']:,} / {view['visual_tokens']:,}"))
+        rows += [(f"view {kind}: dropped {k}", f"{v:,}") for k, v in view["dropped"].items()]
+    return rows

@@ -7,79 +7,57 @@ from pathlib import Path
 
 import typer
 
+from dvsft.cli.common import fail, from_params, split_list
+
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add `bench train` to the `dvsft bench` group."""
+    bench_app.command("train")(bench_train_command)
 
-    @bench_app.command("train")
-    def bench_train_command(
-        hidden_size: int = typer.Option(256, help="LLM hidden size"),
-        layers: int = typer.Option(2, help="LLM decoder layers"),
-        vocab_size: int = typer.Option(151_936, help="vocabulary size of the LM head (Qwen3-VL: 151,936)"),
-        image_width: int = typer.Option(1024, help="page width in pixels"),
-        image_height: int = typer.Option(992, help="page height in pixels (1024x992: 992 visual tokens)"),
-        labeled_fraction: float = typer.Option(0.2, help="share of visual tokens that get a word label"),
-        answer_words: int = typer.Option(24, help="words in the assistant answer (text labels)"),
-        chunk_size: int = typer.Option(1024, help="rows of LM-head logits computed at once"),
-        vision_weight: float = typer.Option(0.1, help="lambda"),
-        eps: float = typer.Option(0.1, help="vision smoothing"),
-        steps: int = typer.Option(3, help="timed forward+backward steps per variant (median reported)"),
-        warmup: int = typer.Option(1, help="untimed steps first"),
-        threads: int = typer.Option(0, help="torch threads per variant process (0: torch default)"),
-        device: str = typer.Option("auto", help="auto, cpu or cuda"),
-        variants: str = typer.Option(",".join(("sft", "dvsft", "dvsft_separate", "naive", "hf_sft"))),
-        json_out: Path | None = typer.Option(None, "--json", help="write the full report as JSON here"),
-    ) -> None:
-        """Step time and peak memory of SFT vs DV-SFT vs the naive full-logits vision loss, one run, ratios to SFT."""
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from dvsft.experiments.bench.training import BenchConfig, bench_train, markdown_table
+def bench_train_command(
+    ctx: typer.Context,
+    hidden_size: int = typer.Option(256, help="LLM hidden size"),
+    layers: int = typer.Option(2, help="LLM decoder layers"),
+    vocab_size: int = typer.Option(151_936, help="vocabulary size of the LM head (Qwen3-VL: 151,936)"),
+    image_width: int = typer.Option(1024, help="page width in pixels"),
+    image_height: int = typer.Option(992, help="page height in pixels (1024x992: 992 visual tokens)"),
+    labeled_fraction: float = typer.Option(0.2, help="share of visual tokens that get a word label"),
+    answer_words: int = typer.Option(24, help="words in the assistant answer (text labels)"),
+    chunk_size: int = typer.Option(1024, help="rows of LM-head logits computed at once"),
+    vision_weight: float = typer.Option(0.1, help="lambda"),
+    eps: float = typer.Option(0.1, help="vision smoothing"),
+    steps: int = typer.Option(3, help="timed forward+backward steps per variant (median reported)"),
+    warmup: int = typer.Option(1, help="untimed steps first"),
+    threads: int = typer.Option(0, help="torch threads per variant process (0: torch default)"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    variants: str = typer.Option(",".join(("sft", "dvsft", "dvsft_separate", "naive", "hf_sft"))),
+    json_out: Path | None = typer.Option(None, "--json", help="write the full report as JSON here"),
+) -> None:
+    """Step time and peak memory of SFT vs DV-SFT vs the naive full-logits vision loss, one run, ratios to SFT."""
+    from rich.console import Console
 
-        cfg = BenchConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            layers=layers,
-            image_width=image_width,
-            image_height=image_height,
-            labeled_fraction=labeled_fraction,
-            answer_words=answer_words,
-            vision_weight=vision_weight,
-            eps=eps,
-            chunk_size=chunk_size,
-            steps=steps,
-            warmup=warmup,
-            threads=threads,
-            device=device,
-            variants=[v.strip() for v in variants.split(",") if v.strip()],
-        )
-        console = Console()
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console, transient=True
-        ) as progress:
-            task = progress.add_task("building the batch", total=len(cfg.variants))
-            done = []
+    from dvsft.core.progress import progress_bar
+    from dvsft.experiments.bench.training import BenchConfig, bench_train, markdown_table
 
-            def step(variant: str) -> None:
-                if done:
-                    progress.advance(task)
-                done.append(variant)
-                progress.update(task, description=f"variant {variant}")
-
-            try:
-                report = bench_train(cfg, progress=step)
-            except (ValueError, RuntimeError) as err:
-                console.print(f"[red]Error:[/red] {err}")
-                raise typer.Exit(1) from err
-        shape = report["shape"]
-        console.print(
-            f"machine: {report['machine']}; memory: {report['memory_method']}\n"
-            f"batch: {shape['visual_tokens']} visual tokens, {shape['labeled_tokens']} labeled, "
-            f"{shape['text_tokens']} text label tokens, sequence {shape['sequence_length']}; "
-            f"vocab {cfg.vocab_size:,}, hidden {cfg.hidden_size}, {cfg.layers} layers, chunk {cfg.chunk_size}"
-        )
-        console.print(markdown_table(report), markup=False)
-        if json_out is not None:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(report, indent=2))
-            console.print(f"report: {json_out}")
+    cfg = from_params(BenchConfig, ctx.params, variants=split_list(variants))
+    console = Console()
+    with progress_bar(console, unit="runs", transient=True) as bar:
+        task = bar.add_task("building the batch", total=len(cfg.variants) + 1)
+        done = iter(range(len(cfg.variants) + 1))  # a memory run per variant, then the timing run
+        try:
+            report = bench_train(cfg, lambda run: bar.update(task, completed=next(done, None), description=run))
+        except (ValueError, RuntimeError) as err:
+            fail(err, console, code=1)
+    shape = report["shape"]
+    console.print(
+        f"machine: {report['machine']}; memory: {report['memory_method']}\n"
+        f"batch: {shape['visual_tokens']} visual tokens, {shape['labeled_tokens']} labeled, "
+        f"{shape['text_tokens']} text label tokens, sequence {shape['sequence_length']}; "
+        f"vocab {cfg.vocab_size:,}, hidden {cfg.hidden_size}, {cfg.layers} layers, chunk {cfg.chunk_size}"
+    )
+    console.print(markdown_table(report), markup=False)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2))
+        console.print(f"report: {json_out}")

@@ -1,11 +1,14 @@
-"""What the command modules share: list options and the one way a command stops on an error."""
+"""What the command modules share: list options, option dataclasses and the one way a command stops on an error."""
 
 from __future__ import annotations
 
 import sys
-from typing import Any, NoReturn
+from dataclasses import fields
+from typing import Any, NoReturn, TypeVar
 
 import typer
+
+T = TypeVar("T")
 
 
 def split_list(value: str) -> list[str]:
@@ -28,3 +31,8 @@ def fail(message: object, console: Any = None, code: int = 2) -> NoReturn:
     console = console or Console(stderr=True, soft_wrap=True)
     console.print(f"[red]error:[/red] {escape(str(message))}")
     raise typer.Exit(code)
+
+
+def from_params(cls: type[T], params: dict[str, Any], **overrides: Any) -> T:
+    """The dataclass ``cls`` from a command's options of the same names (``ctx.params``; ``overrides`` win)."""
+    return cls(**{f.name: params[f.name] for f in fields(cls) if f.name in params} | overrides)  # type: ignore[arg-type]

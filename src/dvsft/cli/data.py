@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from dvsft.cli.common import fail
+
 
 class DatasetName(StrEnum):
     docvqa = "docvqa"
@@ -36,31 +38,15 @@ def bench_data(
     import json
 
     from dvsft.experiments.bench.data import bench_data as run
+    from dvsft.experiments.bench.data import report_lines
 
     counts = tuple(int(x) for x in sizes.split(","))
     result = run(counts, repeats, workers, collate_samples, steps, batch_size, keep, lambda m: typer.echo(m, err=True))
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
-    for key, r in result["rss"].items():
-        kind, n = key.split("_")
-        typer.echo(
-            f"{kind:>6} {int(n):>9,} records: peak RSS {r['peak_rss_mib']:8.1f} MiB, "
-            f"wall {r['wall_s']:7.1f} s, CPU {r['cpu_s']:7.1f} s"
-        )
-    typer.echo(
-        f"streaming RSS growth {100 * result['stream_growth']:+.1f}% "
-        f"({'flat' if result['stream_flat'] else 'NOT flat'}), in memory {100 * result['memory_growth']:+.1f}%"
-    )
-    c, m = result["collator"], result["model"]
-    typer.echo(
-        f"collator, {workers} workers: {c['samples_per_s']:.1f} samples/s "
-        f"(run: wall {c['wall_s']:.1f} s, CPU {c['cpu_s']:.1f} s with the workers)"
-    )
-    typer.echo(
-        f"tiny model training: {m['samples_per_s']:.1f} samples/s ({m['steps_per_s']:.2f} steps/s; "
-        f"{steps} steps: wall {m['wall_s']:.1f} s, CPU {m['cpu_s']:.1f} s)"
-    )
+    for line in report_lines(result, steps):
+        typer.echo(line)
 
 
 def convert(
@@ -136,8 +122,7 @@ def prepare(
             rows_per_shard=rows_per_shard,
         )
     except (OSError, ValueError) as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}")
-        raise typer.Exit(2) from err
+        fail(err, console)
     what = "documents" if dataset is DatasetName.squad else "images"
     console.print(
         f"{stats.records} records from {stats.images} {what}; kept {stats.qa_kept} of {stats.qa_total} QA pairs "

@@ -4,31 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
-
-def _fail(message: str) -> None:
-    import sys
-
-    from rich.console import Console
-
-    from dvsft.cli import debug_enabled
-
-    if debug_enabled() and sys.exc_info()[0] is not None:
-        raise  # noqa: PLE0704 - --debug: the traceback of the error being handled
-    from rich.markup import escape
-
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}")
-    raise typer.Exit(1)
-
-
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=False
-    )
+from dvsft.cli.common import fail, from_params
+from dvsft.core.progress import progress_bar
 
 
 def _table(title: str, rows: list[tuple[str, str]]):
@@ -43,6 +24,7 @@ def _table(title: str, rows: list[tuple[str, str]]):
 
 
 def render(
+    ctx: typer.Context,
     source: Path = typer.Argument(..., help="SQuAD JSON (v1.1/v2.0), plain text (blank-line separated) or JSONL."),
     out: Path = typer.Option(..., "--out", help="Output folder: images/, words.jsonl, render_stats.json."),
     family: str = typer.Option("qwen3-vl", help="Model family whose token grid pages align to."),
@@ -82,49 +64,26 @@ def render(
     from dvsft.sources.label_to_image import RenderOptions, render_source
 
     if (max_answer_ppl is not None or max_question_ppl is not None or min_doc_gain is not None) and ppl_model is None:
-        _fail("--max-answer-ppl / --max-question-ppl / --min-doc-gain need --ppl-model")
-    options = RenderOptions(
-        family=family,
-        cols=cols,
-        max_rows=max_rows,
-        font=font,
-        font_size=font_size,
-        dark_text=dark_text,
-        full_height=full_height,
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        qa_per_image=qa_per_image,
-        seed=seed,
-        png=png,
-        source_format=source_format,
-        ppl_model=str(ppl_model) if ppl_model else None,
-        max_answer_ppl=max_answer_ppl,
-        max_question_ppl=max_question_ppl,
-        min_doc_gain=min_doc_gain,
-        ppl_batch_size=ppl_batch_size,
-        workers=workers,
-        max_word_chars=max_word_chars,
-        out_format=out_format,
-        rows_per_shard=rows_per_shard,
-    )
+        fail("--max-answer-ppl / --max-question-ppl / --min-doc-gain need --ppl-model", code=1)
+    options = from_params(RenderOptions, ctx.params, ppl_model=str(ppl_model) if ppl_model else None)
     if max_word_chars < 0:
-        _fail(f"--max-word-chars {max_word_chars}: must be 0 (no cap) or positive")
+        fail(f"--max-word-chars {max_word_chars}: must be 0 (no cap) or positive", code=1)
     if qa_per_image < 1:
-        _fail(f"--qa-per-image {qa_per_image}: must be at least 1")
+        fail(f"--qa-per-image {qa_per_image}: must be at least 1", code=1)
     if png not in ("palette", "rgb"):
-        _fail(f"--png {png!r}: use 'palette' or 'rgb'")
-    tasks: dict[str, int] = {}
-    with _progress() as bar:
+        fail(f"--png {png!r}: use 'palette' or 'rgb'", code=1)
+    counters: dict[str, Any] = {}
+    with progress_bar() as bar:
 
         def progress(stage: str, n: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], advance=n)
+            if stage not in counters:
+                counters[stage] = bar.counter(stage, total)
+            counters[stage](n)
 
         try:
             stats = render_source(source, out, options, progress)
         except ValueError as err:
-            _fail(str(err))
+            fail(str(err), code=1)
     keys = [k for k in stats if isinstance(stats[k], int | float) and not isinstance(stats[k], bool)]
     Console().print(_table(f"dvsft render -> {out}", [(k, str(stats[k])) for k in keys]))
 
@@ -162,8 +121,7 @@ def align(
     try:
         tok = load_tokenizer(tokenizer) if tokenizer else None
         total = count_records(words) if words.exists() else 0
-        with _progress() as bar:
-            task = bar.add_task("align", total=total)
+        with progress_bar(unit="records") as bar:
             summary = align_file(
                 words,
                 out,
@@ -174,12 +132,12 @@ def align(
                 max_pixels,
                 overlay,
                 overlay_limit,
-                lambda: bar.advance(task),
+                bar.counter("align", total),
                 fmt,
                 rows_per_shard,
             )
     except (ValueError, OSError) as err:
-        _fail(str(err))
+        fail(str(err), code=1)
     rows = [(k, str(v)) for k, v in summary.items() if k != "dropped"]
     rows += [(f"dropped: {k}", str(v)) for k, v in summary["dropped"].items()]
     if summary["visual_tokens"]:
@@ -199,38 +157,17 @@ def stats(
     from rich.console import Console
 
     from dvsft.align.run import load_tokenizer
-    from dvsft.align.stats import file_stats
+    from dvsft.align.stats import file_stats, stats_rows
 
     try:
         tok = load_tokenizer(tokenizer) if tokenizer else None
         result = file_stats(aligned, tok)
     except ValueError as err:
-        _fail(str(err))
+        fail(str(err), code=1)
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    rows = [
-        ("samples", f"{result['samples']:,}"),
-        ("images", f"{result['images']:,}"),
-        (f"text labels ({result['text_label_unit']})", f"{result['text_labels']:,}"),
-        ("vision labels", f"{result['vision_labels']:,}"),
-        ("visual tokens", f"{result['visual_tokens']:,}"),
-        ("vision coverage", f"{100 * result['vision_coverage']:.2f}%"),
-    ]
-    img = result["per_image"]
-    rows += [
-        ("vision labels, per image", f"{img['vision_labels']:,}"),
-        ("visual tokens, per image", f"{img['visual_tokens']:,}"),
-        ("vision coverage, per image", f"{100 * img['vision_coverage']:.2f}%"),
-    ]
-    total = result["vision_labels"] or 1
-    rows += [(f"labels: {k}", f"{v:,} ({100 * v / total:.1f}%)") for k, v in result["label_kinds"].items()]
-    rows.append(("labels: whitespace-only", f"{result['blank_labels']:,}"))
-    rows += [(f"dropped: {k}", f"{v:,}") for k, v in result["dropped"].items()]
-    for kind, view in result.get("per_view", {}).items():  # tiled families: per view kind
-        rows.append((f"view {kind}: labels / tokens", f"{view['vision_labels']:,} / {view['visual_tokens']:,}"))
-        rows += [(f"view {kind}: dropped {k}", f"{v:,}") for k, v in view["dropped"].items()]
-    Console().print(_table(str(aligned), rows))
+    Console().print(_table(str(aligned), stats_rows(result)))
 
 
 def bench_render_cmd(
@@ -240,19 +177,9 @@ def bench_render_cmd(
     """Rendering throughput: 1024x1024 qwen3-vl pages (32x32 cells) incl. PNG encoding, one process."""
     from rich.console import Console
 
-    from dvsft.experiments.bench.render import bench_render
+    from dvsft.experiments.bench.render import bench_render, report_rows
 
-    r = bench_render(pages, words_per_page)
-    rows = [
-        ("pages", f"{r['pages']} x {r['page_size']}, {r['words_per_page']:.0f} words"),
-        ("pages/s (one core)", f"{r['pages_per_s']:.1f}"),
-        ("ms/page", f"{r['ms_per_page']:.1f}"),
-        ("PNG KiB/page", f"{r['png_kib_per_page']:.1f}"),
-        ("baseline pages/s (ImageDraw.text per word, RGB PNG)", f"{r['baseline_pages_per_s']:.1f}"),
-        ("speed-up vs baseline", f"{r['speedup_vs_baseline']:.2f}x"),
-        ("target pages/s", f">= {r['target_pages_per_s']:.0f} ({'met' if r['meets_target'] else 'NOT met'})"),
-    ]
-    Console().print(_table("dvsft bench render", rows))
+    Console().print(_table("dvsft bench render", report_rows(bench_render(pages, words_per_page))))
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:

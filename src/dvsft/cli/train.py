@@ -25,34 +25,32 @@ def _print_keys() -> None:
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add this stage's commands to the `dvsft` app and its `bench` group."""
+    app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(train_command)
 
-    @app.command(
-        "train",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    )
-    def train_command(
-        ctx: typer.Context,
-        keys: bool = typer.Option(False, "--keys", help="list every config key with its default and meaning"),
-    ) -> None:
-        """dvsft train [CONFIG.yaml] [--key value ...]: fine-tune with SFT, DV-SFT or BASIC (HF Trainer).
 
-        CONFIG.yaml is a config file (see configs/); every key (any TrainingArguments field and DV-SFT's own) can be set or overridden on the command line: --learning_rate 1e-5 --adam_beta2 0.95 --lora true --model tiny (see --keys).
+def train_command(
+    ctx: typer.Context,
+    keys: bool = typer.Option(False, "--keys", help="list every config key with its default and meaning"),
+) -> None:
+    """dvsft train [CONFIG.yaml] [--key value ...]: fine-tune with SFT, DV-SFT or BASIC (HF Trainer).
 
-        --resume continues from the newest intact checkpoint in output_dir (--resume DIR: from DIR).
+    CONFIG.yaml is a config file (see configs/); every key (any TrainingArguments field and DV-SFT's own) can be set or overridden on the command line: --learning_rate 1e-5 --adam_beta2 0.95 --lora true --model tiny (see --keys).
 
-        Distributed: accelerate launch --config_file configs/accelerate/ddp.yaml -m dvsft.cli train CONFIG.yaml
-        """  # noqa: E501
-        if keys:
-            _print_keys()
-            return
-        from dvsft.training.config import load_config
+    --resume continues from the newest intact checkpoint in output_dir (--resume DIR: from DIR).
 
-        args = list(ctx.args)
-        config = Path(args.pop(0)) if args and not args[0].startswith("--") else None
-        cfg = load_config(config, args)  # a bad value: one line naming the key and its source (cli.App)
-        from dvsft.training.train import train
+    Distributed: accelerate launch --config_file configs/accelerate/ddp.yaml -m dvsft.cli train CONFIG.yaml
+    """  # noqa: E501
+    if keys:
+        _print_keys()
+        return
+    from dvsft.training.config import load_config
 
-        result = train(cfg)
-        if result.final_dir is not None:
-            typer.echo(f"final model: {result.final_dir}")
-        typer.echo(f"log: {result.output_dir / 'log.jsonl'}")
+    args = list(ctx.args)
+    config = Path(args.pop(0)) if args and not args[0].startswith("--") else None
+    cfg = load_config(config, args)  # a bad value: one line naming the key and its source (cli.App)
+    from dvsft.training.train import train
+
+    result = train(cfg)
+    if result.final_dir is not None:
+        typer.echo(f"final model: {result.final_dir}")
+    typer.echo(f"log: {result.output_dir / 'log.jsonl'}")

@@ -313,6 +313,35 @@ class Encoder:
         return out  # type: ignore[return-value]
 
 
+def load_for_codes(
+    model_dir: str | Path,
+    records: str | Path,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    max_images: int | None = None,
+) -> tuple[Any, Any, list[Path]]:
+    """(model in eval mode, processor, the records' distinct image paths, at most ``max_images``): what
+    ``dvsft codes fit`` and ``encode`` run on. A missing model directory, records file or image field
+    raises ``ValueError``."""
+    from dvsft.core.records import image_path, read_jsonl
+    from dvsft.models.loading import load_model, load_processor
+
+    model_dir, records = Path(model_dir), Path(records)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{model_dir}: not a model directory (no config.json)")
+    if not records.is_file():
+        raise ValueError(f"{records}: no such records file")
+    paths: dict[Path, None] = {}
+    for n, rec in enumerate(read_jsonl(records)):
+        if "image" not in rec:
+            raise ValueError(f"{records}: record {rec.get('id', n)!r} has no 'image' field")
+        paths[image_path(rec, records).resolve()] = None
+        if max_images is not None and len(paths) >= max_images:
+            break
+    size = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    return load_model(model_dir).eval(), load_processor(model_dir, **size), list(paths)
+
+
 def fit_from_files(
     model: Any,
     processor: Any,

@@ -233,6 +233,14 @@ class BoxCodec:
 # ---------------------------------------------------------------- task records
 
 
+def box_codec(
+    coords: str, model: str | Path | None = None, min_pixels: int | None = None, max_pixels: int | None = None
+) -> BoxCodec:
+    """The codec of ``coords``; qwen2.5-vl boxes follow ``model``'s resize rule (default: the family's)."""
+    source = str(model) if model is not None else (coords if coords == "qwen2.5-vl" else None)
+    return BoxCodec(coords, source=source, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
 @dataclass
 class TaskConfig:
     tasks: tuple[str, ...] = GRANVIT_TASKS

@@ -292,3 +292,23 @@ def bench_data(
     finally:
         if root_ctx is not None:
             root_ctx.cleanup()
+
+
+def report_lines(result: dict[str, Any], steps: int) -> list[str]:
+    """``bench_data``'s result as `dvsft bench data` prints it (``steps``: the model run's steps)."""
+    lines = []
+    for key, r in result["rss"].items():
+        kind, n = key.split("_")
+        lines.append(
+            f"{kind:>6} {int(n):>9,} records: peak RSS {r['peak_rss_mib']:8.1f} MiB, "
+            f"wall {r['wall_s']:7.1f} s, CPU {r['cpu_s']:7.1f} s"
+        )
+    c, m = result["collator"], result["model"]
+    return lines + [
+        f"streaming RSS growth {100 * result['stream_growth']:+.1f}% "
+        f"({'flat' if result['stream_flat'] else 'NOT flat'}), in memory {100 * result['memory_growth']:+.1f}%",
+        f"collator, {result['settings']['workers']} workers: {c['samples_per_s']:.1f} samples/s "
+        f"(run: wall {c['wall_s']:.1f} s, CPU {c['cpu_s']:.1f} s with the workers)",
+        f"tiny model training: {m['samples_per_s']:.1f} samples/s ({m['steps_per_s']:.2f} steps/s; "
+        f"{steps} steps: wall {m['wall_s']:.1f} s, CPU {m['cpu_s']:.1f} s)",
+    ]

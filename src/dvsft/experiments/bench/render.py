@@ -70,3 +70,16 @@ def bench_render(pages: int = 50, words_per_page: int = 200, seed: int = 0) -> d
         "target_pages_per_s": TARGET_PAGES_PER_S,
         "meets_target": rate >= TARGET_PAGES_PER_S,
     }
+
+
+def report_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """``bench_render``'s result as (name, value) rows, as `dvsft bench render` prints them."""
+    return [
+        ("pages", f"{r['pages']} x {r['page_size']}, {r['words_per_page']:.0f} words"),
+        ("pages/s (one core)", f"{r['pages_per_s']:.1f}"),
+        ("ms/page", f"{r['ms_per_page']:.1f}"),
+        ("PNG KiB/page", f"{r['png_kib_per_page']:.1f}"),
+        ("baseline pages/s (ImageDraw.text per word, RGB PNG)", f"{r['baseline_pages_per_s']:.1f}"),
+        ("speed-up vs baseline", f"{r['speedup_vs_baseline']:.2f}x"),
+        ("target pages/s", f">= {r['target_pages_per_s']:.0f} ({'met' if r['meets_target'] else 'NOT met'})"),
+    ]

@@ -41,6 +41,7 @@ from typing import Any
 from dvsft.core.records import IMAGE_PLACEHOLDER
 
 VARIANTS = ("sft", "dvsft", "dvsft_separate", "naive", "hf_sft")
+MODEL_FIELDS = ("hidden_size", "layers", "heads", "kv_heads", "vision_hidden_size", "vision_depth")  # TinyConfig's
 
 
 @dataclass
@@ -81,12 +82,7 @@ def build_batch(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
     from dvsft.testing.tiny import TinyConfig, build_model_config, tiny_processor, train_tokenizer
 
     tiny = TinyConfig(
-        hidden_size=cfg.hidden_size,
-        layers=cfg.layers,
-        heads=cfg.heads,
-        kv_heads=cfg.kv_heads,
-        vision_hidden_size=cfg.vision_hidden_size,
-        vision_depth=cfg.vision_depth,
+        **{name: getattr(cfg, name) for name in MODEL_FIELDS},
         min_pixels=32 * 32 * 4,
         max_pixels=max(cfg.image_width * cfg.image_height, 32 * 32 * 4),
     )
