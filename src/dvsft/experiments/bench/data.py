@@ -131,7 +131,9 @@ def measure_rss(kind: str, path: Path) -> dict[str, Any]:
     """:func:`read_epoch` in a fresh Python process (so earlier runs do not raise the peak)."""
     call = f"read_epoch({kind!r}, {str(path)!r})"
     code = f"import json; from dvsft.experiments.bench.data import read_epoch; print(json.dumps({call}))"
-    src = str(Path(__file__).resolve().parents[2])  # the child imports this dvsft, installed or not
+    import dvsft
+
+    src = str(Path(dvsft.__file__).resolve().parents[1])  # the child imports this dvsft, installed or not
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
