@@ -1,4 +1,4 @@
-"""The one SQuAD reader (dvsft.sources.qa_json) and the three commands that read SQuAD through it."""
+"""The official-JSON readers of dvsft.sources.qa_json (SQuAD; DocVQA / InfographicVQA) and the commands using them."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 from collections import Counter
 
 import pytest
+from benchmark_files import docvqa_official, infovqa_official
 
 from dvsft.core.records import read_jsonl
 from dvsft.evaluation.loaders import iter_items
@@ -77,3 +78,22 @@ def test_reader_errors_name_the_place(tmp_path, text, message):
     for read in (read_squad_file, load_documents, lambda p: prepare_dataset("squad", p, tmp_path / "o")):
         with pytest.raises(ValueError, match=message):
             list(read(bad))
+
+
+@pytest.mark.parametrize(("bench", "layout"), [("docvqa", docvqa_official), ("infovqa", infovqa_official)])
+def test_prepare_and_eval_read_the_same_vqa_entries(tmp_path, bench, layout):
+    root = layout(tmp_path / "d")
+    stats = prepare_dataset(bench, root, tmp_path / "o", qa_per_image=0, instructions=False)
+    prepared = {(r["id"], r["messages"][0]["content"], r["messages"][1]["content"]) for r in read_jsonl(stats.out)}
+    items = {(f"{bench}-{i.id}", "<image>" + i.question, i.answers[0]) for i in iter_items(bench, root)}
+    assert prepared == items and len(items) == 2 and stats.missing_images == 0
+
+
+@pytest.mark.parametrize("bench", ["docvqa", "infovqa"])
+def test_vqa_entry_errors_name_the_entry(tmp_path, bench):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"data": [{"questionId": 1, "question": "q?", "image": "a.png"}, {"question": "no image"}]}')
+    with pytest.raises(ValueError, match=r"data\[1\] has no"):
+        prepare_dataset(bench, bad, tmp_path / "o")
+    with pytest.raises(ValueError, match=r"data\[1\] has no"):
+        list(iter_items(bench, bad, images=False))

@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image
 
 from dvsft.evaluation.items import EvalItem, ImageSource
-from dvsft.sources.qa_json import SquadParagraph
+from dvsft.sources.qa_json import SquadParagraph, VQAEntry
 
 
 @dataclass
@@ -189,21 +189,11 @@ PARQUET_ROWS: dict[str, Callable[[dict, Ctx], list[EvalItem]]] = {
 # ------------------------------------------------------------------------------------ official JSON
 
 
-def docvqa_json(entry: dict, ctx: Ctx) -> list[EvalItem]:
-    """DocVQA ``val_v1.0.json`` / ``test_v1.0.json``: data[] of questionId, question, image, answers."""
-    ctx.require(entry, "questionId", "question", "image", layout="DocVQA JSON")
-    qid = str(entry["questionId"])
-    images = ctx.find_image(entry["image"], qid)
-    meta = {"questionId": _qid(qid)}
-    return [EvalItem(qid, entry["question"], _answers(entry.get("answers")), images, meta)]
-
-
-def infovqa_json(entry: dict, ctx: Ctx) -> list[EvalItem]:
-    """InfographicVQA ``infographicsVQA_val_v1.0_withQT.json``: data[] of questionId, question, image_local_name."""
-    ctx.require(entry, "questionId", "question", "image_local_name", layout="InfographicVQA JSON")
-    qid = str(entry["questionId"])
-    images = ctx.find_image(entry["image_local_name"], qid)
-    return [EvalItem(qid, entry["question"], _answers(entry.get("answers")), images, {"questionId": _qid(qid)})]
+def vqa_json(entry: VQAEntry, ctx: Ctx) -> list[EvalItem]:
+    """DocVQA ``val_v1.0.json`` / InfographicVQA ``infographicsVQA_val_v1.0_withQT.json`` (read by
+    :func:`dvsft.sources.qa_json.vqa_entries`): questionId, question, image / image_local_name, answers."""
+    images = ctx.find_image(entry.image, entry.qid)
+    return [EvalItem(entry.qid, entry.question, entry.answers, images, {"questionId": _qid(entry.qid)})]
 
 
 def chartqa_json(entry: dict, ctx: Ctx) -> list[EvalItem]:

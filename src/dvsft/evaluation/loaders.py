@@ -14,7 +14,7 @@ from dvsft.core.records import IMAGE_PLACEHOLDER, Problem, check_record, image_p
 from dvsft.evaluation import layouts
 from dvsft.evaluation.items import EvalItem
 from dvsft.evaluation.layouts import Ctx
-from dvsft.sources.qa_json import read_json, squad_paragraphs
+from dvsft.sources.qa_json import read_json, squad_paragraphs, vqa_entries
 
 DEFAULT_SPLITS = {
     "docvqa": "validation",
@@ -285,9 +285,12 @@ def _json_file_items(bench: str, file: Path, split: str, family: str, images: bo
         for paragraph in squad_paragraphs(data, file):
             yield from layouts.squad_json(paragraph, ctx)
         return
+    if bench in ("docvqa", "infovqa"):
+        for entry in vqa_entries(data, bench, file):
+            yield from layouts.vqa_json(entry, ctx)
+            ctx.index += 1
+        return
     mapper = {
-        "docvqa": layouts.docvqa_json,
-        "infovqa": layouts.infovqa_json,
         "chartqa": layouts.chartqa_json,
         "ocrbench": layouts.ocrbench_json,
         "textvqa": layouts.textvqa_json,

@@ -25,7 +25,7 @@ from typing import Any
 
 from dvsft.core.record_table import DEFAULT_ROWS_PER_SHARD, check_format, write_records
 from dvsft.core.records import IMAGE_PLACEHOLDER
-from dvsft.sources.qa_json import read_json, read_squad_file
+from dvsft.sources.qa_json import read_json, read_squad_file, vqa_entries
 
 DATASETS = ("docvqa", "infovqa", "squad")
 DEFAULT_QA_PER_IMAGE = {"docvqa": 1, "infovqa": 2, "squad": 1}
@@ -203,25 +203,17 @@ def _write_png(data: bytes, target: Path, source: Path, row_no: int) -> Path:
 def _json_groups(
     json_file: Path, dataset: str, image_root: str | Path | None, stats: PrepareStats
 ) -> dict[str, dict[str, Any]]:
-    doc = read_json(json_file)
-    data = doc.get("data") if isinstance(doc, dict) else None
-    if not isinstance(data, list):
-        raise ValueError(f"{json_file}: expected {{'data': [...]}} (official {dataset} release layout)")
-    image_field = "image" if dataset == "docvqa" else "image_local_name"
     groups: dict[str, dict[str, Any]] = {}
-    for k, item in enumerate(data):
-        name = item.get(image_field) or item.get("image") or item.get("image_local_name")
-        if not name or "question" not in item:
-            raise ValueError(f"{json_file}: data[{k}] has no {image_field!r} or 'question'")
-        answer = _first_answer(item.get("answers"))
+    for entry in vqa_entries(read_json(json_file), dataset, json_file):
+        answer = _first_answer(entry.answers)
         if answer is None:
             stats.skip("no answer")
             continue
-        image = _locate(str(name), json_file, image_root)
+        image = _locate(entry.image, json_file, image_root)
         if str(image) not in groups and not image.exists():
             stats.missing_images += 1
         group = groups.setdefault(str(image), {"image": image, "qas": []})
-        group["qas"].append(QA(str(item.get("questionId", k)), str(item["question"]).strip(), answer))
+        group["qas"].append(QA(entry.qid, entry.question.strip(), answer))
     return groups
 
 

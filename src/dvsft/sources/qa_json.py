@@ -1,8 +1,11 @@
-"""The one SQuAD v1.1 / v2.0 JSON reader: ``{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``.
+"""Readers of the official JSON releases that both training data and benchmarks are made from.
 
-``dvsft prepare squad`` (:mod:`dvsft.sources.prepare`), ``dvsft render`` (:mod:`dvsft.sources.corpora`) and the
-SQuAD benchmark's official-JSON layout (:mod:`dvsft.evaluation.layouts`) all read the file through
-:func:`squad_paragraphs`; each then applies its own policy (what to skip, what to count).
+SQuAD v1.1 / v2.0 (``{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``): ``dvsft prepare squad``
+(:mod:`dvsft.sources.prepare`), ``dvsft render`` (:mod:`dvsft.sources.corpora`) and the SQuAD benchmark
+(:mod:`dvsft.evaluation.layouts`) all read it through :func:`squad_paragraphs`. DocVQA / InfographicVQA
+(``{"data": [{"questionId", "question", "image" | "image_local_name", "answers"}]}``): ``dvsft prepare`` and the
+two benchmarks read it through :func:`vqa_entries`. Each caller then applies its own policy (what to skip, what
+to count, where to look for images).
 """
 
 from __future__ import annotations
@@ -30,6 +33,18 @@ class SquadParagraph:
     title: str
     context: str
     questions: list[SquadQuestion]
+
+
+@dataclass
+class VQAEntry:
+    index: int  # position in ``data``
+    qid: str  # ``questionId`` (the index when absent)
+    question: str
+    answers: list[str]  # as given (none in the test split)
+    image: str  # the image's file name as given
+
+
+IMAGE_FIELDS = {"docvqa": "image", "infovqa": "image_local_name"}
 
 
 def read_json(path: Path) -> Any:
@@ -81,3 +96,24 @@ def _question(qa: dict[str, Any], where: str) -> SquadQuestion:
 def _text(answer: Any) -> str:
     text = answer.get("text") if isinstance(answer, dict) else answer
     return text if isinstance(text, str) else ""
+
+
+def vqa_entries(doc: Any, dataset: str, source: str | Path) -> Iterator[VQAEntry]:
+    """The questions of a parsed DocVQA (``dataset="docvqa"``) or InfographicVQA (``"infovqa"``) release file.
+
+    The image is ``image`` (DocVQA) or ``image_local_name`` (InfographicVQA), either accepted for both; an entry
+    without an image or a question is a ``ValueError`` naming it.
+    """
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, list):
+        raise ValueError(f"{source}: expected {{'data': [...]}} (the official {dataset} release layout)")
+    field = IMAGE_FIELDS[dataset]
+    for k, item in enumerate(data):
+        name = item.get(field) or item.get("image") or item.get("image_local_name")
+        if not name or "question" not in item:
+            raise ValueError(f"{source}: data[{k}] has no {field!r} or 'question'")
+        answers = item.get("answers")
+        if answers is None or isinstance(answers, str):
+            answers = [] if answers is None else [answers]
+        answers = [str(a.get("text", "") if isinstance(a, dict) else a) for a in answers]
+        yield VQAEntry(k, str(item.get("questionId", k)), str(item["question"]), answers, str(name))
