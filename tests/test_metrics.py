@@ -1,5 +1,7 @@
 """Metric rules of dvsft.evaluation.metrics, each against hand-computed values (lmms-eval definitions)."""
 
+import random
+
 import pytest
 
 from dvsft.evaluation import metrics as M
@@ -232,3 +234,15 @@ def test_rouge_l_and_iou():
     assert M.rouge_l("", "x") == 0.0
     assert M.iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
     assert M.iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0
+
+
+def test_rapidfuzz_and_the_dynamic_programmes_agree():
+    """rapidfuzz (a dependency) and the pure-Python fallbacks give the same distances on characters and words."""
+    distance = pytest.importorskip("rapidfuzz.distance")
+    rng = random.Random(0)
+    for _ in range(500):
+        a, b = ("".join(rng.choices("ab c", k=rng.randint(0, 30))) for _ in range(2))
+        assert M.levenshtein(a, b) == distance.Levenshtein.distance(a, b) == M.edit_distance_dp(a, b)
+        wa, wb = a.split(), b.split()
+        assert M.levenshtein(wa, wb) == M.edit_distance_dp(wa, wb)
+        assert distance.LCSseq.similarity(wa, wb) == M.lcs_dp(wa, wb)
