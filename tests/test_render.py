@@ -513,3 +513,17 @@ def test_plain_page_wraps_black_words_inside_its_margin_and_leaves_out_what_does
     assert rows.min() >= 32 and cols.min() >= 32 and cols.max() < 256 - 32 and rows.max() < 256 - 32
     assert len({r // 35 for r in rows}) > 3  # wrapped over several lines (22 px font, 35 px apart)
     assert (np.asarray(few.convert("L")) < 128).sum() < ink.sum()
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"png": "jpeg"}, "--png 'jpeg'"),
+        ({"qa_per_image": 0}, "--qa-per-image 0"),
+        ({"max_word_chars": -1}, "--max-word-chars -1"),
+        ({"max_answer_ppl": 5.0}, "need --ppl-model"),
+    ],
+)
+def test_render_options_refuse_values_render_cannot_use(bad, message):
+    with pytest.raises(ValueError, match=message):
+        RenderOptions(**bad)

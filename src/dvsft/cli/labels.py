@@ -63,15 +63,10 @@ def render(
 
     from dvsft.sources.label_to_image import RenderOptions, render_source
 
-    if (max_answer_ppl is not None or max_question_ppl is not None or min_doc_gain is not None) and ppl_model is None:
-        fail("--max-answer-ppl / --max-question-ppl / --min-doc-gain need --ppl-model", code=1)
-    options = from_params(RenderOptions, ctx.params, ppl_model=str(ppl_model) if ppl_model else None)
-    if max_word_chars < 0:
-        fail(f"--max-word-chars {max_word_chars}: must be 0 (no cap) or positive", code=1)
-    if qa_per_image < 1:
-        fail(f"--qa-per-image {qa_per_image}: must be at least 1", code=1)
-    if png not in ("palette", "rgb"):
-        fail(f"--png {png!r}: use 'palette' or 'rgb'", code=1)
+    try:
+        options = from_params(RenderOptions, ctx.params, ppl_model=str(ppl_model) if ppl_model else None)
+    except ValueError as err:
+        fail(str(err), code=1)
     counters: dict[str, Any] = {}
     with progress_bar() as bar:
 

@@ -40,6 +40,8 @@ ANSWER_REASONS = ("answer_not_in_text", "answer_not_drawn", "answer_across_pages
 
 @dataclass(frozen=True)
 class RenderOptions:
+    """What `dvsft render` draws and writes (its options, same names); a value it cannot use raises ``ValueError``."""
+
     family: str = "qwen3-vl"
     cols: int = 32
     max_rows: int = 32
@@ -62,6 +64,17 @@ class RenderOptions:
     max_word_chars: int = 10_000  # longer words are skipped (word_too_long); 0 = no cap
     out_format: str = "jsonl"  # or "parquet": also DIR/words/ shards, built from words.jsonl at the end
     rows_per_shard: int = 10_000
+
+    def __post_init__(self) -> None:
+        ppl_limits = (self.max_answer_ppl, self.max_question_ppl, self.min_doc_gain)
+        if any(v is not None for v in ppl_limits) and self.ppl_model is None:
+            raise ValueError("--max-answer-ppl / --max-question-ppl / --min-doc-gain need --ppl-model")
+        if self.max_word_chars < 0:
+            raise ValueError(f"--max-word-chars {self.max_word_chars}: must be 0 (no cap) or positive")
+        if self.qa_per_image < 1:
+            raise ValueError(f"--qa-per-image {self.qa_per_image}: must be at least 1")
+        if self.png not in ("palette", "rgb"):
+            raise ValueError(f"--png {self.png!r}: use 'palette' or 'rgb'")
 
     def renderer(self) -> Renderer:
         style = RenderStyle(
