@@ -8,19 +8,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 
 def bench_items(n: int, seed: int = 0) -> list[tuple[str, list[Image.Image]]]:
     """``n`` (question, [image]) pairs: short text lines drawn on images of varied sizes."""
-    from matplotlib import font_manager
-
     from dvsft.evaluation.benchmarks import SHORT_ANSWER_PROMPT
     from dvsft.sources.corpora import corpus_words
+    from dvsft.sources.fonts import load_font
 
     rng = random.Random(seed)
     words = corpus_words()
-    font = ImageFont.truetype(font_manager.findfont("DejaVu Sans"), 18)
+    font = load_font("DejaVuSans", 18)
     items = []
     for _ in range(n):
         w, h = rng.choice([(256, 128), (320, 160), (384, 128), (256, 192)])
