@@ -32,6 +32,7 @@ from benchmark_files import (
 from PIL import Image
 
 from dvsft.evaluation import benchmarks as B
+from dvsft.evaluation import metrics as M
 from dvsft.evaluation.items import EvalItem
 from dvsft.evaluation.loaders import iter_items
 
@@ -307,3 +308,22 @@ def test_ocr_set_cli(tmp_path):
     assert all(r.startswith("news") or r.startswith("story") for r in refs)
     bad = CliRunner().invoke(app, ["ocr-set", "contextual", "--corpus", str(corpus), "--n", "50", "--out", str(out)])
     assert bad.exit_code == 2 and "fewer than 50" in " ".join(bad.output.split())
+
+
+def test_ocr_row_scores_are_cer_and_word_accuracy():
+    """The OCR row counts its edits and matches once; its rates equal metrics.cer and metrics.word_accuracy."""
+    bench = B.get_benchmark("ocr")
+    pairs = [
+        ("the quick  brown fox", "the quick brown fox jumps"),
+        ("", "a b"),
+        ("a b", ""),
+        ("", ""),
+        ("xyz", "x y z"),
+    ]
+    for pred, ref in pairs:
+        row = bench.score({"prediction": pred, "answers": [ref]})
+        assert row["cer"] == M.cer(pred, ref) and row["word_accuracy"] == row["score"] == M.word_accuracy(pred, ref)
+        assert row["edits"] == M.levenshtein(" ".join(pred.split()), " ".join(ref.split()))
+        assert (row["ref_chars"], row["ref_words"]) == (len(" ".join(ref.split())), len(ref.split()))
+    row = bench.score({"prediction": "the quick  brown fox", "answers": ["the quick brown fox jumps"]})
+    assert (row["matched"], row["edits"], row["word_accuracy"], row["cer"]) == (4, 6, 0.8, 6 / 25)

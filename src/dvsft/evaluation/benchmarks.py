@@ -166,16 +166,18 @@ def _ocr_aggregate(rows: list[Row]) -> dict[str, Any]:
 def _ocr_row(pred: str, row: Row, rules: str) -> dict[str, float]:
     ref = row["answers"][0]
     p, r = M.normalize_whitespace(pred), M.normalize_whitespace(ref)
+    p_words, r_words = p.split(), r.split()
     edits = M.levenshtein(p, r)
-    matched = M.aligned_word_matches(p.split(), r.split())
+    matched = M.aligned_word_matches(p_words, r_words)  # once: the cost of the row
+    accuracy = M.matched_share(matched, len(r_words), len(p_words))  # = M.word_accuracy(p, r)
     return {
-        "score": M.word_accuracy(p, r),
-        "cer": M.cer(p, r),
-        "word_accuracy": M.word_accuracy(p, r),
+        "score": accuracy,
+        "cer": M.error_rate(edits, len(r), len(p)),  # = M.cer(p, r)
+        "word_accuracy": accuracy,
         "edits": edits,
         "ref_chars": len(r),
         "matched": matched,
-        "ref_words": len(r.split()),
+        "ref_words": len(r_words),
     }
 
 

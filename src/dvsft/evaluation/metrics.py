@@ -380,9 +380,12 @@ def normalize_whitespace(text: str) -> str:
 def cer(prediction: str, reference: str) -> float:
     """Character error rate: edit distance / reference length, on whitespace-squeezed text (may exceed 1)."""
     pred, ref = normalize_whitespace(prediction), normalize_whitespace(reference)
-    if not ref:
-        return float(len(pred) > 0)
-    return levenshtein(pred, ref) / len(ref)
+    return error_rate(levenshtein(pred, ref), len(ref), len(pred))
+
+
+def error_rate(edits: int, reference_chars: int, prediction_chars: int) -> float:
+    """``edits / reference_chars``; an empty reference gives 0 for an empty prediction, else 1."""
+    return edits / reference_chars if reference_chars else float(prediction_chars > 0)
 
 
 def aligned_word_matches(pred_words: Sequence[str], ref_words: Sequence[str]) -> int:
@@ -406,10 +409,13 @@ def aligned_word_matches(pred_words: Sequence[str], ref_words: Sequence[str]) ->
 
 def word_accuracy(prediction: str, reference: str) -> float:
     """Matched words / reference words, with words aligned by ``aligned_word_matches`` (case-sensitive)."""
-    ref = reference.split()
-    if not ref:
-        return float(not prediction.split())
-    return aligned_word_matches(prediction.split(), ref) / len(ref)
+    pred, ref = prediction.split(), reference.split()
+    return matched_share(aligned_word_matches(pred, ref), len(ref), len(pred))
+
+
+def matched_share(matched: int, reference_words: int, prediction_words: int) -> float:
+    """``matched / reference_words``; an empty reference gives 1 for an empty prediction, else 0."""
+    return matched / reference_words if reference_words else float(prediction_words == 0)
 
 
 # ---------------------------------------------------------------- region tasks (GranViT, FineViT)
