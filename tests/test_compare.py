@@ -11,12 +11,13 @@ from dvsft.experiments.compare import (
     METHODS,
     METRICS,
     REGION_EVAL,
+    SUMMARY_KEYS,
     build_sets,
     heldout_region_items,
     markdown_table,
     stage_steps,
-    summarize,
 )
+from dvsft.experiments.runner import summarize
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_summary_and_table_mark_the_best():
             row = {k: 0.5 for k, _, _ in METRICS}
             row.update(method=method, seed=seed, word_acc=acc, cer=1 - acc, train_seconds=10.0)
             rows.append(row)
-    summary = summarize(rows, ["sft", "dvsft"])
+    summary = summarize(rows, ["sft", "dvsft"], SUMMARY_KEYS)
     assert summary["dvsft"]["word_acc"]["mean"] == pytest.approx(0.5)
     assert summary["sft"]["word_acc"]["std"] == pytest.approx(0.1414, abs=1e-3)
     table = markdown_table(summary, ["sft", "dvsft"])

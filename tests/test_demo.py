@@ -8,8 +8,9 @@ import sys
 import pytest
 from PIL import Image
 
-from dvsft.experiments.demo import PRESETS, eval_steps
-from dvsft.experiments.demo_report import KEYS, per_seed_margins, summarize
+from dvsft.experiments.demo import METHODS, PRESETS, eval_steps
+from dvsft.experiments.demo_report import KEYS, per_seed_margins
+from dvsft.experiments.runner import summarize
 
 
 @pytest.mark.slow
@@ -106,10 +107,11 @@ def test_summary_and_margins():
         row("dvsft", 1, 10, 0.5, 0.4, 0.1),
         row("dvsft", 0, 5, 0.0, 0.0, 0.0),  # an earlier step: not in the summary
     ]
-    summary = summarize(rows)
-    assert abs(summary["sft"]["text_word_acc"][0] - 0.2) < 1e-9 and abs(summary["dvsft"]["text_cer"][0] - 0.4) < 1e-9
-    assert summary["dvsft"]["text_word_acc"][1] == pytest.approx(0.2 / 2**0.5)  # sample std of 0.7 and 0.5
-    assert summary["sft"]["random_cer"] == pytest.approx((0.95, 0.1 / 2**0.5))
+    summary = summarize(rows, METHODS, KEYS)
+    assert abs(summary["sft"]["text_word_acc"]["mean"] - 0.2) < 1e-9
+    assert abs(summary["dvsft"]["text_cer"]["mean"] - 0.4) < 1e-9
+    assert summary["dvsft"]["text_word_acc"]["std"] == pytest.approx(0.2 / 2**0.5)  # sample std of 0.7 and 0.5
+    assert summary["sft"]["random_cer"] == pytest.approx({"mean": 0.95, "std": 0.1 / 2**0.5, "n": 2})
     margins = per_seed_margins(rows)
     assert [round(m["text"], 6) for m in margins] == [0.6, 0.2]
     assert [round(m["random"], 6) for m in margins] == [0.5, 0.3]

@@ -4,7 +4,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-import typer
 
 from dvsft.core.records import read_jsonl
 from dvsft.data.collator import VisionCollator
@@ -97,7 +96,43 @@ def test_image_swap_scores_another_pages_image(toy):
 def test_overrides_are_typed_and_checked():
     p = apply_overrides(PRESETS["toy"], ["noncontextual=0.5", "text_steps=7", "tiny.layers=3", "lr_scheduler=constant"])
     assert p.noncontextual == 0.5 and p.text_steps == 7 and p.tiny.layers == 3 and p.lr_scheduler == "constant"
-    with pytest.raises(typer.BadParameter):
+    with pytest.raises(ValueError, match="no_such_key=1.*expected KEY=VALUE"):
         apply_overrides(PRESETS["toy"], ["no_such_key=1"])
-    with pytest.raises(typer.BadParameter):
+    with pytest.raises(ValueError, match="text_steps=many"):
         apply_overrides(PRESETS["toy"], ["text_steps=many"])
+
+
+def test_presets_come_typed_from_the_packaged_yaml(tmp_path):
+    from dvsft.experiments.compare import PRESETS as COMPARE
+    from dvsft.experiments.settings import DemoPreset, typed
+
+    assert list(PRESETS) == ["cpu", "gpu", "toy"] and list(COMPARE) == ["cpu", "gpu", "toy"]
+    cpu = PRESETS["cpu"]
+    assert cpu.name == "cpu" and cpu.learning_rate == 2e-3 and isinstance(cpu.vision_lambda, float)
+    assert cpu.tiny.hidden_size == 128 and cpu.lr_scheduler == "constant_with_warmup" and cpu.text_steps == 0
+    assert PRESETS["gpu"].device == "cuda" and COMPARE["cpu"].demo == "cpu" and COMPARE["toy"].asvr_k == 4
+    assert isinstance(COMPARE["gpu"].methods, tuple) and "finevit-staged" in COMPARE["gpu"].methods
+    fields = {k: v for k, v in vars(PRESETS["toy"]).items() if k != "tiny"}
+    assert typed(DemoPreset, {**fields, "vision_lambda": 2}, "x").vision_lambda == 2.0  # an int widens to float
+    with pytest.raises(ValueError, match=r"x: unknown field\(s\) colour"):
+        typed(DemoPreset, {**fields, "colour": 1}, "x")
+    with pytest.raises(ValueError, match="x.learning_rate: expected float, got '2e-3'"):
+        typed(DemoPreset, {**fields, "learning_rate": "2e-3"}, "x")  # YAML reads 2e-3 as a string
+    with pytest.raises(ValueError, match="x.tiny.layers: expected int"):
+        typed(DemoPreset, {**fields, "tiny": {"layers": 1.5}}, "x")
+
+
+def test_bad_demo_options_are_usage_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from dvsft.cli import app
+
+    for args, message in (
+        (["--set", "no_such_key=1"], "expected KEY=VALUE"),
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--methods", "sft,nope"], "methods must be among"),
+        (["--split", "test"], "split must be heldout or val"),
+    ):
+        res = CliRunner().invoke(app, ["demo", *args, "--out", str(tmp_path / "demo")])
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "demo").exists()

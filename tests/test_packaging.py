@@ -1,4 +1,5 @@
-"""The wheel carries the packaged presets, and ``configs/...`` paths find them from any directory."""
+"""The wheel carries the packaged presets (training configs, experiment presets); ``configs/...`` paths find
+them from any directory."""
 
 import shutil
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from dvsft.experiments.settings import PRESETS_DIR
 from dvsft.training.config import CONFIGS_DIR, config_file, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,3 +50,6 @@ def test_wheel_contains_every_config(tmp_path):
     configs = {f"dvsft/configs/{p.relative_to(CONFIGS_DIR).as_posix()}" for p in CONFIGS_DIR.rglob("*") if p.is_file()}
     assert len(configs) >= 13
     assert configs <= names, sorted(configs - names)
+    presets = {f"dvsft/experiments/presets/{p.name}" for p in PRESETS_DIR.glob("*.yaml")}
+    assert presets == {"dvsft/experiments/presets/demo.yaml", "dvsft/experiments/presets/compare.yaml"}
+    assert presets <= names, sorted(presets - names)

@@ -56,10 +56,9 @@ app.add_typer(bench_app, name="bench")
 def _register_all() -> None:
     # Command modules import heavy libraries (torch, transformers) inside their functions,
     # so `dvsft --help` stays fast.
-    from dvsft.cli import bench, data, eval, labels, lens, ocr, related, train
-    from dvsft.experiments import demo
+    from dvsft.cli import bench, data, eval, experiments, labels, lens, ocr, related, train
 
-    for module in (labels, ocr, data, train, bench, eval, lens, related, demo):
+    for module in (labels, ocr, data, train, bench, eval, lens, related, experiments):
         module.register(app, bench_app)
 
 

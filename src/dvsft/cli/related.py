@@ -1,4 +1,4 @@
-"""CLI: `dvsft tasks granvit|finevit`, `dvsft codes fit|encode`, `dvsft compare`."""
+"""CLI: `dvsft tasks granvit|finevit`, `dvsft codes fit|encode`."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ COORDS_HELP = "box format: relative (GranViT, 3 decimals), qwen2-vl, qwen2.5-vl 
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    """Add the `tasks` and `codes` groups and `compare` to the app."""
-    from dvsft.experiments.compare import register_compare
-
+    """Add the `tasks` and `codes` groups to the app."""
     tasks_app = typer.Typer(no_args_is_help=True, help="Region-task QA records from word records (GranViT, FineViT).")
     codes_app = typer.Typer(no_args_is_help=True, help="ASVR targets: k-means codes of the model's visual features.")
     app.add_typer(tasks_app, name="tasks")
@@ -23,7 +21,6 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     tasks_app.command("finevit")(tasks_finevit)
     codes_app.command("fit")(codes_fit)
     codes_app.command("encode")(codes_encode)
-    register_compare(app, bench_app)
 
 
 def _write_tasks(

@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import typer
+from dvsft.experiments.runner import Job, TrainStage, pool_size, run_jobs, summarize
+from dvsft.experiments.settings import COMPARE_PRESETS, ComparePreset
 
 
 @dataclass(frozen=True)
@@ -62,48 +63,7 @@ METHODS: dict[str, MethodSpec] = {
         "stage 1 region alignment (all parts), stage 2 DV-SFT; half the budget each",
     ),
 }
-DEFAULT_METHODS = ("sft", "dvsft", "basic", "asvr", "regions", "dvsft+regions", "dvsft+lsd", "finevit-staged")
-
-
-@dataclass(frozen=True)
-class ComparePreset:
-    name: str
-    demo: str  # the demo preset whose page size, vocabulary, tiny model, lr and lambda are used
-    train_pages: int
-    heldout_pages: int
-    steps: int
-    batch_size: int
-    seeds: int
-    region_share: float = 0.25  # share of region QA in the "mix" training sets
-    asvr_k: int = 64
-    asvr_fit_images: int = 400
-    lsd_regions: int = 2
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    cols: int = 0  # page size in cells (0: the demo preset's)
-    rows: int = 0
-    learning_rate: float = 0.0  # 0: the demo preset's
-    lr_scheduler: str = ""  # "": the demo preset's
-
-
-PRESETS: dict[str, ComparePreset] = {
-    "cpu": ComparePreset(
-        "cpu",
-        demo="cpu",
-        train_pages=1000,
-        heldout_pages=32,
-        steps=400,
-        batch_size=8,
-        seeds=2,
-        cols=8,
-        rows=4,
-        learning_rate=3e-3,
-        lr_scheduler="cosine",
-    ),
-    "gpu": ComparePreset("gpu", demo="gpu", train_pages=20000, heldout_pages=200, steps=3000, batch_size=32, seeds=3),
-    "toy": ComparePreset(
-        "toy", demo="toy", train_pages=12, heldout_pages=2, steps=2, batch_size=4, seeds=1, asvr_k=4, lsd_regions=1
-    ),
-}
+PRESETS: dict[str, ComparePreset] = COMPARE_PRESETS  # presets/compare.yaml
 
 REGION_EVAL = (  # (task, level): held-out region questions, one of each per held-out page
     ("bbox2caption", "phrase"),
@@ -120,6 +80,7 @@ METRICS = (  # (key, column title, higher is better)
     ("bbox2ocr_rouge", "bbox-to-ocr ROUGE-L", True),
     ("ocr2bbox_acc", "ocr-to-bbox Acc@0.5", True),
 )
+SUMMARY_KEYS = (*(key for key, _, _ in METRICS), "train_seconds")
 
 
 # --------------------------------------------------------------------------- data
@@ -224,94 +185,44 @@ def stage_steps(spec: MethodSpec, steps: int) -> list[int]:
     return out
 
 
-def run_job(job: dict) -> dict:
-    """Train one (method, seed), stage by stage, then evaluate the final model; runs in a worker process."""
-    import torch
-    from transformers import TrainerCallback
+@dataclass(frozen=True)
+class HeldoutEvaluation:
+    """A job's evaluation: transcription of the held-out pages and the held-out region questions."""
 
-    from dvsft.core.records import read_jsonl
-    from dvsft.experiments import demo
-    from dvsft.experiments.demo_eval import transcription
-    from dvsft.models.loading import load_model, load_processor
-    from dvsft.training.train import train
+    heldout: str  # records file of the held-out pages
+    region_items: list[dict]
 
-    torch.set_num_threads(job["threads"])
-    if job.get("quiet"):  # a pool worker: its Trainer progress bars and logs go to a file, not the console
-        log_file = Path(job["output_dir"]) / "train.log"
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-    dp, cp = job["demo_preset"], job["preset"]
-    spec: MethodSpec = METHODS[job["method"]]
-    pixels = demo.page_pixels(dp)
-    queue = job.get("queue")
-    done = 0
+    def __call__(self, model: Any, processor: Any) -> dict[str, float]:
+        from dvsft.core.records import read_jsonl
+        from dvsft.experiments.demo_eval import transcription
 
-    class StepsToQueue(TrainerCallback):  # the pool's progress display reads the queue
-        def on_step_end(self, args, state, control, **kw):
-            if queue is not None:
-                queue.put((job["name"], done + state.global_step))
+        heldout_file = Path(self.heldout)
+        metrics = transcription(model, processor, list(read_jsonl(heldout_file)), heldout_file)
+        return metrics | evaluate_regions(model, processor, self.region_items)
 
-    model_path = job["base"]
-    t0 = time.time()
+
+def train_stages(spec: MethodSpec, cp: ComparePreset, sets: dict[str, str], codes: str | None, out: Path) -> tuple:
+    """The :class:`TrainStage` runs of one method: its stages' share of ``cp.steps``, objectives filled in."""
+    stages = []
     for i, (stage, n_steps) in enumerate(zip(spec.stages, stage_steps(spec, cp.steps), strict=True)):
         objectives = {k: dict(v) for k, v in stage.objectives.items()}
         if "asvr" in stage.method.split("+"):
-            objectives.setdefault("asvr", {})["codes"] = job["codes"]
+            objectives.setdefault("asvr", {})["codes"] = codes
         if "lsd" in stage.method.split("+"):
             objectives.setdefault("lsd", {})["regions_per_image"] = cp.lsd_regions
-        config = demo.train_config(
-            dp,
-            model_path,
-            job["sets"][stage.data],
-            str(Path(job["output_dir"]) / f"stage{i + 1}"),
-            stage.method,
-            job["seed"],
-            steps=n_steps,
-            batch_size=cp.batch_size,
-            logging_steps=max(1, n_steps // 10),
+        output_dir = str(out / f"stage{i + 1}")
+        stages.append(
+            TrainStage(stage.method, sets[stage.data], n_steps, output_dir, max(1, n_steps // 10), objectives)
         )
-        config["objectives"] = objectives
-        result = train(config, callbacks=[StepsToQueue()])
-        model_path = str(result.final_dir)
-        done += n_steps
-    train_seconds = time.time() - t0
-
-    t1 = time.time()
-    model = load_model(model_path).eval()
-    processor = load_processor(model_path, min_pixels=pixels, max_pixels=pixels)
-    heldout_file = Path(job["heldout"])
-    metrics = transcription(model, processor, list(read_jsonl(heldout_file)), heldout_file)
-    metrics.update(evaluate_regions(model, processor, job["region_items"]))
-    return {
-        "method": job["method"],
-        "seed": job["seed"],
-        **metrics,
-        "train_seconds": round(train_seconds, 1),
-        "eval_seconds": round(time.time() - t1, 1),
-        "final_dir": model_path,
-    }
+    return tuple(stages)
 
 
 # --------------------------------------------------------------------------- reporting
 
 
-def summarize(rows: list[dict], methods: list[str]) -> dict[str, dict[str, dict[str, float]]]:
-    """method -> metric -> {mean, std, n} over seeds."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for m in methods:
-        mine = [r for r in rows if r["method"] == m]
-        if not mine:
-            continue
-        out[m] = {}
-        for key, _, _ in (*METRICS, ("train_seconds", "", False)):
-            vals = [r[key] for r in mine if key in r]
-            if vals:
-                std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                out[m][key] = {"mean": statistics.fmean(vals), "std": std, "n": len(vals)}
-    return out
+def progress_line(row: dict) -> str:
+    """One finished run as a plain log line."""
+    return f"{METHODS[row['method']].label} seed {row['seed']}: word accuracy {100 * row['word_acc']:.1f}%"
 
 
 def markdown_table(summary: dict, methods: list[str]) -> str:
@@ -338,30 +249,6 @@ def markdown_table(summary: dict, methods: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict, methods: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = [m for m in methods if m in summary]
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.0 * len(METRICS), 4.2), sharey=False)
-    colors = plt.get_cmap("tab10")
-    for ax, (key, name, higher) in zip(axes, METRICS, strict=True):
-        means = [100 * summary[m].get(key, {}).get("mean", float("nan")) for m in shown]
-        stds = [100 * summary[m].get(key, {}).get("std", 0.0) for m in shown]
-        ax.bar(range(len(shown)), means, yerr=stds, color=[colors(i % 10) for i in range(len(shown))], capsize=3)
-        ax.set_xticks(range(len(shown)))
-        ax.set_xticklabels(shown, rotation=60, ha="right", fontsize=8)
-        ax.set_title(f"{name} ({'↑' if higher else '↓'}, %)", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_ylim(bottom=0)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------- orchestration
 
 
@@ -383,45 +270,6 @@ def fit_codes(base: Path, train_file: Path, out_dir: Path, k: int, max_images: i
     return out_dir
 
 
-def run_pool(jobs: list[dict], workers: int, steps: int, console: Any) -> list[dict]:
-    """Run the jobs in ``workers`` spawned processes with one progress bar each."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    rows = []
-    ctx = mp.get_context("spawn")
-    with (
-        ctx.Manager() as manager,
-        Progress(
-            TextColumn("{task.description:<22}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress,
-    ):
-        queue = manager.Queue()
-        bars = {job["name"]: progress.add_task(job["name"], total=steps) for job in jobs}
-        for job in jobs:
-            job["queue"] = queue
-            job["quiet"] = True
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = [pool.submit(run_job, job) for job in jobs]
-            while not all(f.done() for f in futures):
-                while not queue.empty():
-                    name, step = queue.get()
-                    progress.update(bars[name], completed=step)
-                time.sleep(0.2)
-            for f in futures:
-                rows.append(f.result())
-    for job in jobs:
-        job.pop("queue", None)
-        job.pop("quiet", None)
-    return rows
-
-
 def run_compare(
     preset_name: str = "cpu",
     seeds: int | None = None,
@@ -435,7 +283,7 @@ def run_compare(
     from rich.console import Console
 
     from dvsft.experiments import demo
-    from dvsft.testing.tiny import save_tiny
+    from dvsft.experiments.plots import plot_bars
 
     console = Console()
     if preset_name not in PRESETS:
@@ -476,11 +324,11 @@ def run_compare(
         f"[green]✓[/] {cp.train_pages} training + {cp.heldout_pages} held-out pages, {len(items)} region items"
     )
 
+    workers, threads = pool_size(workers, None, dp.device)
+    evaluation = HeldoutEvaluation(str(heldout_file), items)
     jobs = []
     for seed in range(n_seeds):
-        base = out / "base" / f"seed{seed}"
-        if not (base / "config.json").is_file():
-            save_tiny(base, replace(dp.tiny, seed=seed, min_pixels=pixels, max_pixels=pixels))
+        base = demo.base_model(dp, seed, out, None)
         codes = None
         if any("asvr" in s.method.split("+") for m in methods for s in METHODS[m].stages):
             with console.status(f"fitting ASVR codes for seed {seed}"):
@@ -488,44 +336,20 @@ def run_compare(
                     fit_codes(base, train_file, out / "codes" / f"seed{seed}", cp.asvr_k, cp.asvr_fit_images, pixels)
                 )
         for m in methods:
-            jobs.append(
-                {
-                    "name": f"{m} s{seed}",
-                    "method": m,
-                    "seed": seed,
-                    "preset": cp,
-                    "demo_preset": dp,
-                    "base": str(base),
-                    "codes": codes,
-                    "sets": sets,
-                    "heldout": str(heldout_file),
-                    "region_items": items,
-                    "output_dir": str(out / "runs" / f"{m}-seed{seed}"),
-                }
-            )
-    cores = os.cpu_count() or 1
-    if workers is None:
-        workers = 1 if dp.device == "cuda" else min(2, cores)
-    for job in jobs:
-        job["threads"] = max(1, cores // max(1, workers))
+            run_dir = out / "runs" / f"{m}-seed{seed}"
+            stages = train_stages(METHODS[m], cp, sets, codes, run_dir)
+            jobs.append(Job(f"{m} s{seed}", m, seed, dp, str(base), str(run_dir), stages, evaluation, threads=threads))
 
-    rows: list[dict] = []
-    if workers == 0:  # in this process, one after another (tests, debugging)
-        for job in jobs:
-            job["threads"] = cores
-            rows.append(run_job(job))
-    else:
-        rows = run_pool(jobs, workers, cp.steps, console)
-
+    rows = run_jobs(jobs, workers, console, progress_line)
     rows.sort(key=lambda r: (methods.index(r["method"]), r["seed"]))
-    summary = summarize(rows, methods)
+    summary = summarize(rows, methods, SUMMARY_KEYS)
     seconds = time.time() - t0
     title = (
         f"dvsft compare, preset {cp.name}: tiny Qwen3-VL, {cp.steps} steps x batch {cp.batch_size}, "
         f"{n_seeds} seed(s); mean ± std over seeds"
     )
     table = markdown_table(summary, methods)
-    plot(summary, methods, out / "compare.png", title)
+    plot_bars(summary, methods, METRICS, out / "compare.png", title)
     results = {
         "preset": asdict(cp),
         "demo_preset": {k: v for k, v in asdict(dp).items() if k != "tiny"} | {"tiny": asdict(dp.tiny)},
@@ -548,22 +372,3 @@ def run_compare(
         f"[bold]Files:[/] {out / 'table.md'}, {out / 'results.json'}, {out / 'compare.png'} ({seconds / 60:.1f} min)"
     )
     return results
-
-
-def register_compare(app: typer.Typer, bench_app: typer.Typer) -> None:
-    @app.command()
-    def compare(
-        preset: str = typer.Option("cpu", help=f"size preset: {', '.join(PRESETS)}"),
-        seeds: int | None = typer.Option(None, help="seeds per method (default: the preset's)"),
-        steps: int | None = typer.Option(None, help="optimizer steps per method (default: the preset's)"),
-        methods: str | None = typer.Option(None, help=f"comma-separated subset of: {', '.join(METHODS)}"),
-        out: Path = typer.Option(Path("dvsft-compare"), help="output directory"),
-        workers: int | None = typer.Option(None, help="runs in parallel (default: 2 on CPU; 0: in this process)"),
-    ) -> None:
-        """Train every method (SFT, DV-SFT, BASIC, ASVR, region-task variants) on the same data and compare."""
-        chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-        try:
-            run_compare(preset, seeds, steps, chosen, out, workers)
-        except ValueError as err:
-            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(code=2) from err

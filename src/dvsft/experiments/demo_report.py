@@ -1,43 +1,16 @@
-"""The demo's outputs: summary over seeds, per-seed margins, curves, lens figure, report and log lines."""
+"""The demo's outputs: per-seed margins, curves, lens figure, report and log lines (summary: the runner's)."""
 
 from __future__ import annotations
 
-import math
-import statistics
 from pathlib import Path
 from typing import Any
 
 from dvsft.experiments.demo_eval import EVAL_NAMES, EVALS
+from dvsft.experiments.runner import final_rows, summarize
 
 METHODS = ("sft", "dvsft")
 NAMES = {"sft": "SFT", "dvsft": "DV-SFT"}
 KEYS = tuple(f"{e}_{m}" for e in EVALS for m in ("word_acc", "tf_acc", "cer")) + ("vision_top1",)
-
-
-def final_rows(rows: list[dict]) -> dict[tuple[str, int], dict]:
-    """(method, seed) -> the row of its last evaluated step."""
-    out: dict[tuple[str, int], dict] = {}
-    for r in rows:
-        key = (r["method"], r["seed"])
-        if key not in out or r["step"] > out[key]["step"]:
-            out[key] = r
-    return out
-
-
-def summarize(rows: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
-    """Per method: metric -> (mean, std) over seeds at the last evaluated step."""
-    final = final_rows(rows)
-    out: dict[str, dict[str, tuple[float, float]]] = {}
-    for method in METHODS:
-        mine = [r for (m, _), r in final.items() if m == method]
-        if not mine:
-            continue
-        out[method] = {}
-        for key in KEYS:
-            vals = [r[key] for r in mine if key in r and not math.isnan(r[key])]
-            if vals:
-                out[method][key] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
-    return out
 
 
 def per_seed_margins(rows: list[dict]) -> list[dict]:
@@ -70,10 +43,7 @@ def progress_line(row: dict) -> str:
 
 def plot_curves(rows: list[dict], path: Path) -> None:
     """Word accuracy (greedy) and token accuracy (teacher-forced) per evaluation, over training."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dvsft.experiments.plots import plot_curves as plot
 
     panels = [
         *[(f"{e}_word_acc", f"{EVAL_NAMES[e]}\ngreedy word accuracy") for e in EVALS],
@@ -81,33 +51,12 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         *[(f"{e}_tf_acc", f"{EVAL_NAMES[e]}\nteacher-forced token accuracy") for e in EVALS],
         ("text_cer", "held-out running text: CER\n(lower is better, axis clipped at 1.2)"),
     ]
-    colors = {"sft": "#888888", "dvsft": "#d62728"}
-    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
-    for ax, (key, title) in zip(axes.flat, panels, strict=True):
-        for method in METHODS:
-            mine = [r for r in rows if r["method"] == method and key in r]
-            steps = sorted({r["step"] for r in mine})
-            if not steps:
-                continue
-            vals = [[r[key] for r in mine if r["step"] == s] for s in steps]
-            mean = [statistics.fmean(v) for v in vals]
-            ax.plot(steps, mean, marker="o", color=colors[method], label=NAMES[method])
-            ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=colors[method], alpha=0.2)
-        if key.endswith("cer"):  # an untrained model can babble far past the reference
-            ax.set_ylim(0, min(1.2, ax.get_ylim()[1]))
-        else:
-            ax.set_ylim(0, 1)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend()
-    fig.suptitle(
+    methods = {"sft": (NAMES["sft"], "#888888"), "dvsft": (NAMES["dvsft"], "#d62728")}
+    title = (
         "Tiny Qwen3-VL learning to read rendered text: SFT vs DV-SFT (mean over seeds, band = min..max). "
         "Image swap: each page scored with another page's image; a model that reads falls to zero."
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plot(rows, panels, methods, path, title)
 
 
 LENS_LEGEND = (  # the colours dvsft.lens.visual_logits.lens_overlay uses
@@ -159,14 +108,14 @@ def plot_lens(model_dirs: dict[str, Path], records_file: Path, record: dict, pat
 
 def write_report(rows: list[dict], setup: str, seconds: float, path: Path) -> str:
     """report.md: the summary table, per-seed results and margins, and what the numbers mean."""
-    summary = summarize(rows)
+    summary = summarize(rows, METHODS, KEYS)
     margins = per_seed_margins(rows)
 
     def fmt(method: str, key: str) -> str:
         if key not in summary[method]:
             return "–"
-        mean, std = summary[method][key]
-        return f"{100 * mean:.1f} ± {100 * std:.1f}"
+        s = summary[method][key]
+        return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
 
     lines = [
         "# dvsft demo: SFT vs DV-SFT",
@@ -223,9 +172,8 @@ def write_report(rows: list[dict], setup: str, seconds: float, path: Path) -> st
 def results_summary(rows: list[dict]) -> dict[str, Any]:
     """The summary, margins and verdict as results.json stores them."""
     margins = per_seed_margins(rows)
-    summary = summarize(rows)
     return {
-        "summary": {m: {k: {"mean": v[0], "std": v[1]} for k, v in s.items()} for m, s in summary.items()},
+        "summary": summarize(rows, METHODS, KEYS),
         "margins": margins,
         "dvsft_wins_every_seed": (
             all(m["text"] > 0 and m["random"] > 0 and m["swap"] > 0 for m in margins) if margins else None

@@ -1,0 +1,111 @@
+"""The experiments' typed presets, read from the YAML files in ``presets/`` (packaged with dvsft).
+
+``presets/demo.yaml`` holds the :class:`DemoPreset` sizes of `dvsft demo` (and the page, model and
+optimizer settings `dvsft compare` starts from); ``presets/compare.yaml`` the :class:`ComparePreset`
+sizes of `dvsft compare`. Each file maps a preset name to its fields (``tiny:`` holds the
+:class:`~dvsft.testing.tiny.TinyConfig` fields); a field left out keeps the dataclass default.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dvsft.testing.tiny import TinyConfig
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+DEFAULT_METHODS = ("sft", "dvsft", "basic", "asvr", "regions", "dvsft+regions", "dvsft+lsd", "finevit-staged")
+
+
+@dataclass(frozen=True)
+class DemoPreset:
+    """Sizes of one demo run; ``cpu`` is the default, ``toy`` is for tests, ``gpu`` for a lent GPU."""
+
+    name: str
+    vocab_words: int  # documents use only the corpus's most frequent words
+    cols: int  # page width in visual-token cells (32 px each for qwen3-vl)
+    rows: int  # page height in cells
+    font_size: int
+    train_pages: int
+    heldout_pages: int
+    steps: int
+    batch_size: int
+    learning_rate: float
+    vision_lambda: float
+    vision_eps: float
+    eval_points: int  # evaluations during training, evenly spaced, plus step 0
+    seeds: int
+    noncontextual: float = 0.0  # share of training pages that are random words
+    words_per_row: int = 0  # at most this many words on a row (1: a word list); 0 = fill the rows
+    text_steps: int = 0  # text stage: steps of the LLM on oracle pages before the graft (0: none)
+    text_batch_size: int = 32
+    text_learning_rate: float = 3e-3
+    lr_scheduler: str = "cosine"  # of the vision-language runs (HF scheduler names)
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class ComparePreset:
+    """Sizes of one `dvsft compare` run; page, model and optimizer settings come from a demo preset."""
+
+    name: str
+    demo: str  # the demo preset whose page size, vocabulary, tiny model, lr and lambda are used
+    train_pages: int
+    heldout_pages: int
+    steps: int
+    batch_size: int
+    seeds: int
+    region_share: float = 0.25  # share of region QA in the "mix" training sets
+    asvr_k: int = 64
+    asvr_fit_images: int = 400
+    lsd_regions: int = 2
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    cols: int = 0  # page size in cells (0: the demo preset's)
+    rows: int = 0
+    learning_rate: float = 0.0  # 0: the demo preset's
+    lr_scheduler: str = ""  # "": the demo preset's
+
+
+def page_pixels(preset: DemoPreset) -> int:
+    """Pixels of one page (32 x 32 per visual-token cell)."""
+    return preset.cols * preset.rows * 32 * 32
+
+
+T = TypeVar("T")
+
+
+def typed(cls: type[T], values: dict[str, Any], where: str) -> T:
+    """``cls(**values)`` with every value checked against its field's type (ints widen to float, lists to tuples)."""
+    hints = typing.get_type_hints(cls)
+    unknown = set(values) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for key, value in values.items():
+        kind = hints[key]
+        if is_dataclass(kind):
+            value = typed(kind, value, f"{where}.{key}")
+        elif typing.get_origin(kind) is tuple and isinstance(value, list):
+            value = tuple(value)
+        elif kind is float and type(value) is int:
+            value = float(value)
+        if not isinstance(value, typing.get_origin(kind) or kind) or isinstance(value, bool) != (kind is bool):
+            raise ValueError(f"{where}.{key}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_presets(kind: str, cls: type[T]) -> dict[str, T]:
+    """The presets of ``presets/{kind}.yaml`` by name, in file order."""
+    import yaml
+
+    path = PRESETS_DIR / f"{kind}.yaml"
+    tree = yaml.safe_load(path.read_text())
+    return {name: typed(cls, {"name": name, **values}, f"{path.name}: {name}") for name, values in tree.items()}
+
+
+DEMO_PRESETS: dict[str, DemoPreset] = load_presets("demo", DemoPreset)
+COMPARE_PRESETS: dict[str, ComparePreset] = load_presets("compare", ComparePreset)
