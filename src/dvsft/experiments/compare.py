@@ -8,7 +8,8 @@ bbox-to-ocr (word, ROUGE-L) and ocr-to-bbox (word, Acc@IoU0.5).
 
 Every method gets the same number of optimizer steps and batch size from the same base model per
 seed; the region-task variants spend part of that budget on region QA (``region_share`` of the
-samples), the staged FineViT recipe splits it between its two stages. Writes ``results.json``,
+samples), the staged FineViT recipe splits it between its two stages. The runs go through the demo's
+runner (:mod:`dvsft.experiments.runner`), scored once on the final model. Writes ``results.json``,
 ``table.md`` and ``compare.png`` under ``--out``.
 """
 
