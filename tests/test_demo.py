@@ -92,6 +92,19 @@ def test_demo_methods_option_and_log_lines(tmp_path):
     assert all("word accuracy text " in line and ", swap " in line and line.endswith("%") for line in lines)
 
 
+@pytest.mark.slow
+def test_demo_pool_gives_the_in_process_numbers(tmp_path):
+    """`--workers 2` (spawned processes) and `--workers 1` (this process) give the same numbers to the digit."""
+    from dvsft.experiments.demo import demo_preset, run_demo
+
+    timings = {"train_seconds", "eval_seconds"}
+    runs = {}
+    for workers in (1, 2):
+        results = run_demo(demo_preset("toy", steps=2), 1, tmp_path / f"w{workers}", workers, METHODS, threads=1)
+        runs[workers] = [{k: v for k, v in r.items() if k not in timings} for r in results["runs"]]
+    assert len(runs[1]) == 2 * len(eval_steps(PRESETS["toy"], 2)) and runs[1] == runs[2]
+
+
 def row(method, seed, step, text, random, swap):
     out = {"method": method, "seed": seed, "step": step, "vision_top1": 0.5}
     for name, acc in (("text", text), ("random", random), ("swap", swap)):
@@ -112,6 +125,8 @@ def test_summary_and_margins():
     assert abs(summary["dvsft"]["text_cer"]["mean"] - 0.4) < 1e-9
     assert summary["dvsft"]["text_word_acc"]["std"] == pytest.approx(0.2 / 2**0.5)  # sample std of 0.7 and 0.5
     assert summary["sft"]["random_cer"] == pytest.approx({"mean": 0.95, "std": 0.1 / 2**0.5, "n": 2})
+    nan = row("sft", 2, 10, 0.5, 0.5, 0.5) | {"vision_top1": float("nan")}  # a seed without labeled tokens
+    assert summarize([*rows, nan], METHODS, KEYS)["sft"]["vision_top1"] == {"mean": 0.5, "std": 0.0, "n": 2}
     margins = per_seed_margins(rows)
     assert [round(m["text"], 6) for m in margins] == [0.6, 0.2]
     assert [round(m["random"], 6) for m in margins] == [0.5, 0.3]
