@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dvsft.experiments.runner import Job, TrainStage, pool_size, run_jobs, summarize
+from dvsft.experiments.runner import Job, TrainStage, pool_size, quiet_transformers, run_jobs, summarize
 from dvsft.experiments.settings import COMPARE_PRESETS, ComparePreset
 
 
@@ -286,6 +286,7 @@ def run_compare(
     from dvsft.experiments import demo
     from dvsft.experiments.plots import plot_bars
 
+    quiet_transformers()  # no per-file bars while the base models are written and the ASVR codes fitted
     console = Console()
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
