@@ -9,7 +9,6 @@ of every job to mean, std and n over seeds.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -182,13 +181,12 @@ def run_job(job: Job, report: Report | None = None) -> list[Row]:
         row |= {"train_seconds": round(train_seconds, 1), "eval_seconds": round(time.time() - t1, 1)}
         rows.append(row | {"final_dir": model_path})
         report("row", job.name, rows[-1])
-    Path(job.output_dir, "rows.json").write_text(json.dumps({"rows": rows, "final_dir": model_path}))
     return rows
 
 
 def final_dir(job: Job) -> Path:
-    """The final model of a job that has run."""
-    return Path(json.loads(Path(job.output_dir, "rows.json").read_text())["final_dir"])
+    """The final model of a job: ``final/`` in its last stage's output directory (as `dvsft train` saves it)."""
+    return Path(job.stages[-1].output_dir) / "final"
 
 
 # --------------------------------------------------------------------------- many jobs
