@@ -34,3 +34,12 @@ def test_a_bar_on_a_file_draws_its_final_state_once_with_the_unit():
         bar.counter("rendering", 2)(2)
     text = out.getvalue()
     assert "rendering" in text and "2/2" in text and "pages/s" in text
+
+
+def test_stages_make_one_task_per_stage_at_its_first_report():
+    with progress_bar(enabled=False) as bar:
+        advance = bar.stages()
+        advance("render", 2, 5)
+        advance("perplexity", 1, 3)
+        advance("render", 3, 5)
+    assert [(t.description, t.completed, t.total) for t in bar.tasks] == [("render", 5, 5), ("perplexity", 1, 3)]

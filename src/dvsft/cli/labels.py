@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -67,16 +66,9 @@ def render(
         options = from_params(RenderOptions, ctx.params, ppl_model=str(ppl_model) if ppl_model else None)
     except ValueError as err:
         fail(str(err), code=1)
-    counters: dict[str, Any] = {}
     with progress_bar() as bar:
-
-        def progress(stage: str, n: int, total: int) -> None:
-            if stage not in counters:
-                counters[stage] = bar.counter(stage, total)
-            counters[stage](n)
-
         try:
-            stats = render_source(source, out, options, progress)
+            stats = render_source(source, out, options, bar.stages())
         except ValueError as err:
             fail(str(err), code=1)
     keys = [k for k in stats if isinstance(stats[k], int | float) and not isinstance(stats[k], bool)]

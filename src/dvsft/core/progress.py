@@ -9,7 +9,8 @@ Library functions report progress through plain callbacks; the bar makes them:
 ``bar.counter(description, total)`` returns ``advance(n=1)`` (so ``bar.counter`` itself is a
 ``progress(description, total) -> advance`` factory), and ``bar.position(description, total)``
 returns ``update(done, total)`` for work that reports how much is done, where the first report may
-include work done by an earlier, resumed run (it does not count in the rate).
+include work done by an earlier, resumed run (it does not count in the rate); ``bar.stages()``
+returns ``advance(stage, n, total)``, one task per stage, made at the stage's first report.
 """
 
 from __future__ import annotations
@@ -59,6 +60,16 @@ def progress_bar(
                 self.update(task, completed=done)
 
             return update
+
+        def stages(self) -> Callable[[str, int, int], None]:
+            counters: dict[str, Callable[..., None]] = {}
+
+            def advance(stage: str, n: int, total: int) -> None:
+                if stage not in counters:
+                    counters[stage] = self.counter(stage, total)
+                counters[stage](n)
+
+            return advance
 
     console = console or Console(stderr=True)
     if enabled is None:
