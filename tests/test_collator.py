@@ -365,6 +365,16 @@ def test_one_qa_per_image_draws_with_the_seed(tmp_path):
     assert [s["id"] for s in kept] == ["multi", "single"] and len(kept[0]["messages"]) == 7
 
 
+def test_the_draw_does_not_depend_on_where_the_data_lies(tmp_path):
+    """The same records in two folders (another --out) draw the same pairs for every seed."""
+    draws = []
+    for folder in (tmp_path / "a", tmp_path / "somewhere" / "else"):
+        folder.mkdir(parents=True)
+        path = write_records(folder)
+        draws.append([[s["id"] for s in load_records(path, one_qa_per_image=True, seed=seed)] for seed in range(12)])
+    assert draws[0] == draws[1]
+
+
 def test_two_qa_pairs_per_image_are_one_sample(tmp_path):
     """The paper's InfoVQA setting: two QA pairs of an image, one sample, so its vision labels train once."""
     Image.new("RGB", (64, 64), "white").save(tmp_path / "info.png")

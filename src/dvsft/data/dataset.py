@@ -163,7 +163,8 @@ def select_samples(
     """Samples of valid records (image paths resolved): ``qa_per_image`` pairs per image, grouped or not.
 
     The pairs of an image are pooled over all its records (same ``image`` path) and drawn with a
-    generator seeded by ``seed`` and the image, so the draw does not depend on file order.
+    generator seeded by ``seed`` and the image's file name, so the draw depends neither on file order
+    nor on where the data folder lies.
     """
     if qa_per_image is not None and qa_per_image < 1:
         raise ValueError(f"qa_per_image must be >= 1 (or None for all pairs), got {qa_per_image}")
@@ -175,7 +176,7 @@ def select_samples(
             pool.extend((r, k) for k in range(len(answered_pairs(record)[1])))
         for image, pool in by_image.items():
             if len(pool) > qa_per_image:
-                pool = random.Random(f"{seed}:{image}").sample(pool, qa_per_image)
+                pool = random.Random(f"{seed}:{Path(image).name}").sample(pool, qa_per_image)
             for r, k in pool:
                 chosen.setdefault(r, []).append(k)  # type: ignore[union-attr]
     samples: list[dict[str, Any]] = []

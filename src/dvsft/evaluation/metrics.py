@@ -15,10 +15,7 @@ import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-try:  # a dependency (pyproject.toml); the dynamic programmes below serve environments installed before it
-    from rapidfuzz.distance import LCSseq, Levenshtein
-except ImportError:
-    LCSseq = Levenshtein = None
+from rapidfuzz.distance import LCSseq, Levenshtein
 
 LMMS_EVAL_VERSION = "0.7.3"  # the lmms-eval release whose rules the default ("lmms-eval") rules follow
 RULES = ("lmms-eval", "official")  # "official": the benchmark's own script where it differs (OCRBench)
@@ -66,20 +63,7 @@ def clean_prediction(prediction: str, rules: str = "lmms-eval") -> str:
 
 def levenshtein(a: Sequence, b: Sequence) -> int:
     """Unit-cost edit distance between two strings (or two sequences of words), by rapidfuzz."""
-    return Levenshtein.distance(a, b) if Levenshtein is not None else edit_distance_dp(a, b)
-
-
-def edit_distance_dp(a: Sequence, b: Sequence) -> int:
-    """``levenshtein`` in pure Python, used without rapidfuzz (17-51x slower, docs/BENCHMARKS.md)."""
-    if len(a) < len(b):
-        a, b = b, a
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
+    return Levenshtein.distance(a, b)
 
 
 # ---------------------------------------------------------------- ANLS (DocVQA, InfoVQA)
@@ -421,23 +405,12 @@ def matched_share(matched: int, reference_words: int, prediction_words: int) -> 
 # ---------------------------------------------------------------- region tasks (GranViT, FineViT)
 
 
-def lcs_dp(a: Sequence, b: Sequence) -> int:
-    """Length of the longest common subsequence in pure Python (``rouge_l`` without rapidfuzz)."""
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
 def rouge_l(prediction: str, reference: str) -> float:
     """ROUGE-L F1 over lower-cased whitespace tokens (longest common subsequence)."""
     p, r = prediction.lower().split(), reference.lower().split()
     if not p or not r:
         return float(p == r)
-    lcs = LCSseq.similarity(p, r) if LCSseq is not None else lcs_dp(p, r)
+    lcs = LCSseq.similarity(p, r)
     if lcs == 0:
         return 0.0
     precision, recall = lcs / len(p), lcs / len(r)
