@@ -29,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from dvsft.models.families.base import base_model
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -140,25 +142,6 @@ def register_objective(name: str, cls: type[Objective]) -> type[Objective]:
 
 
 # --------------------------------------------------------------------------- model helpers
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The HF ``...ForConditionalGeneration`` inside DDP / DeepSpeed / FSDP / PEFT wrappers.
-
-    For reading parts and config only: the forward always goes through the wrapped model.
-    """
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
-            model = model.get_base_model()
-        elif hasattr(model, "module") and not hasattr(model, "lm_head"):  # DDP / DeepSpeed
-            model = model.module
-        elif hasattr(model, "_fsdp_wrapped_module") and not hasattr(model, "lm_head"):
-            model = model._fsdp_wrapped_module
-        else:
-            break
-    return model
 
 
 def _spec(model: nn.Module):

@@ -41,9 +41,9 @@ def family_spec(name: str) -> FamilySpec:
 
 def spec_for_model(model: Any) -> FamilySpec:
     """The family of a loaded HF model (by its ``config.model_type``)."""
-    from dvsft.models.families.base import _model
+    from dvsft.models.families.base import base_model
 
-    mt = getattr(getattr(_model(model), "config", None), "model_type", None)
+    mt = getattr(getattr(base_model(model), "config", None), "model_type", None)
     return family_spec(mt or type(model).__name__)
 
 

@@ -16,12 +16,15 @@ from dvsft.models.geometry import Layout
 DENSE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _model(model: Any) -> Any:
-    """The HF ``...ForConditionalGeneration`` inside PEFT / DDP / DeepSpeed / FSDP wrappers."""
+def base_model(model: Any) -> Any:
+    """The HF ``...ForConditionalGeneration`` inside PEFT / DDP / DeepSpeed / FSDP wrappers.
+
+    For reading parts and config only: the forward always goes through the wrapped model.
+    """
     for _ in range(8):
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
             model = model.get_base_model()
-        elif hasattr(model, "module") and not hasattr(model, "lm_head"):
+        elif hasattr(model, "module") and not hasattr(model, "lm_head"):  # DDP / DeepSpeed
             model = model.module
         elif hasattr(model, "_fsdp_wrapped_module") and not hasattr(model, "lm_head"):
             model = model._fsdp_wrapped_module
@@ -34,11 +37,11 @@ def attr_path(path: str) -> Callable[[Any], Any]:
     """An accessor for a dotted attribute path below the unwrapped ``...ForConditionalGeneration``."""
 
     def get(model: Any) -> Any:
-        obj = _model(model)
+        obj = base_model(model)
         for part in path.split("."):
             obj = getattr(obj, part, None)
             if obj is None:
-                raise ValueError(f"{type(_model(model)).__name__} has no `{path}`")
+                raise ValueError(f"{type(base_model(model)).__name__} has no `{path}`")
         return obj
 
     get.__name__ = f"get_{path.replace('.', '_')}"
@@ -77,9 +80,9 @@ class FamilySpec:
     views: str = ""
 
     def lm_head(self, model: Any) -> Any:
-        head = _model(model).get_output_embeddings()
+        head = base_model(model).get_output_embeddings()
         if head is None:
-            raise ValueError(f"{type(_model(model)).__name__} has no output embeddings (lm_head)")
+            raise ValueError(f"{type(base_model(model)).__name__} has no output embeddings (lm_head)")
         return head
 
     def image_token_id(self, processor: Any) -> int:
