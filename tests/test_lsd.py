@@ -1,8 +1,11 @@
-"""Localized self-distillation: plain-torch ROIAlign, the EMA teacher, the distillation loss."""
+"""Localized self-distillation: ROIAlign (torchvision's or plain torch), the EMA teacher, the distillation loss."""
+
+import sys
 
 import pytest
 import torch
 
+from dvsft.objectives import lsd
 from dvsft.objectives.lsd import EMATeacher, crop_regions, distill_loss, feature_grid, roi_align
 
 
@@ -75,7 +78,7 @@ def test_roi_align_matches_torchvision(torchvision_roi_align, aligned, sampling_
         boxes = random_boxes(gen, 8, h, w, spatial_scale, aligned)
         rois = torch.cat([boxes.new_zeros(len(boxes), 1), boxes], 1)
         with torch.no_grad():
-            ours = roi_align(features, boxes, out, spatial_scale, sampling_ratio, aligned)
+            ours = roi_align(features, boxes, out, spatial_scale, sampling_ratio, aligned, use_torchvision=False)
             theirs = reference(features[None], rois, spatial_scale, out[0], out[1], sampling_ratio, aligned)
         assert ours.shape == theirs.shape == (8, c, *out)
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12, msg=lambda m: f"{what}: {m}")
@@ -84,11 +87,76 @@ def test_roi_align_matches_torchvision(torchvision_roi_align, aligned, sampling_
         # gradients on boxes of nonzero size (the reference's gradient is NaN for a sample-less box: 0/0 positions)
         ref_features = features.detach().clone().requires_grad_(True)
         theirs = reference(ref_features[None], rois[2:], spatial_scale, out[0], out[1], sampling_ratio, aligned)
-        ours = roi_align(features, boxes[2:], out, spatial_scale, sampling_ratio, aligned)
+        ours = roi_align(features, boxes[2:], out, spatial_scale, sampling_ratio, aligned, use_torchvision=False)
         weights = torch.randn(theirs.shape, generator=gen, dtype=torch.float64)
         (ours * weights).sum().backward()
         (theirs * weights).sum().backward()
         torch.testing.assert_close(features.grad, ref_features.grad, rtol=1e-10, atol=1e-12)
+
+
+STANDIN_OPS = """from torchvision_reference import fetch_source, load_reference
+
+_roi_align = load_reference(fetch_source())
+
+
+def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False):
+    ph, pw = (output_size, output_size) if isinstance(output_size, int) else output_size
+    return _roi_align(input, boxes, spatial_scale, ph, pw, sampling_ratio, aligned)
+"""
+
+
+@pytest.fixture
+def standin_torchvision(tmp_path, monkeypatch):
+    """An importable ``torchvision`` whose ``ops.roi_align`` is torchvision's own pure-PyTorch reference
+    (tests/torchvision_reference.py), in place of any installed torchvision for the test's duration."""
+    from torchvision_reference import fetch_source
+
+    try:
+        fetch_source()
+    except RuntimeError as err:
+        pytest.skip(f"no torchvision reference: the package registry is unreachable ({err})")
+    (tmp_path / "torchvision" / "ops").mkdir(parents=True)
+    (tmp_path / "torchvision" / "__init__.py").write_text("")
+    (tmp_path / "torchvision" / "ops" / "__init__.py").write_text(STANDIN_OPS)
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    lsd.torchvision_roi_align.cache_clear()
+    yield
+    lsd.torchvision_roi_align.cache_clear()
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        if (getattr(sys.modules[name], "__file__", None) or "").startswith(str(tmp_path)):
+            del sys.modules[name]
+
+
+def test_roi_align_runs_torchvision_where_it_is_importable(standin_torchvision):
+    import torchvision.ops
+
+    assert lsd.torchvision_roi_align() is torchvision.ops.roi_align
+    f = torch.tensor([[0.0, 1, 2, 3], [10, 11, 12, 13], [20, 21, 22, 23]], dtype=torch.float64)[None]
+    inside = [(0.5, 0.5, 2.5, 1.5), (0.0, 0.0, 4.0, 3.0)]
+    for size, ratio in (((1, 2), 1), (1, -1), (2, 2)):
+        plain = roi_align(f, inside, size, sampling_ratio=ratio, use_torchvision=False)
+        torch.testing.assert_close(roi_align(f, inside, size, sampling_ratio=ratio), plain)
+    # past the map's edge the two differ, which shows which one ran: the reference clamps the samples at
+    # x = 3.5 and 4.5 to column 3 (values 5.5, 10.5 at y = 0.25, 0.75: mean 8), the plain one zeroes them (4)
+    beyond = [(3.5, 0.5, 5.5, 1.5)]
+    assert roi_align(f, beyond, output_size=1, sampling_ratio=2).item() == pytest.approx(8.0)
+    assert roi_align(f, beyond, output_size=1, sampling_ratio=2, use_torchvision=True).item() == pytest.approx(8.0)
+    assert roi_align(f, beyond, output_size=1, sampling_ratio=2, use_torchvision=False).item() == pytest.approx(4.0)
+
+
+def test_roi_align_is_plain_torch_where_torchvision_is_not_importable(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # what Python does for a package that is absent
+    lsd.torchvision_roi_align.cache_clear()
+    try:
+        assert lsd.torchvision_roi_align() is None
+        f = torch.tensor([[0.0, 1, 2, 3], [10, 11, 12, 13], [20, 21, 22, 23]])[None]
+        assert roi_align(f, [(3.5, 0.5, 5.5, 1.5)], output_size=1, sampling_ratio=2).item() == pytest.approx(4.0)
+        with pytest.raises(ImportError, match="torchvision.ops.roi_align is not importable"):
+            roi_align(f, [(0, 0, 1, 1)], use_torchvision=True)
+    finally:
+        lsd.torchvision_roi_align.cache_clear()
 
 
 def test_distill_loss_pools_like_torchvision(torchvision_roi_align):

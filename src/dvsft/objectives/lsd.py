@@ -3,20 +3,22 @@ what an EMA teacher vision tower sees in the crop of that region.
 
 L_distill = MSE(teacher(crop) pooled, ROIAlign(student features, box)); teacher = alpha * teacher +
 (1 - alpha) * student after every optimizer step (alpha 0.9, lambda 1 in the paper). The teacher never
-receives gradients. ROIAlign is implemented here in plain torch (no torchvision), with torchvision's
-semantics (``aligned=True``: pixel centres sit at half-integers; bins are averaged over a regular grid of
-bilinear samples; samples beyond the map count zero, as in torchvision's kernel); tests/test_lsd.py compares
-it with torchvision's own code.
+receives gradients. ROIAlign (:func:`roi_align`) is ``torchvision.ops.roi_align`` where torchvision is
+importable, elsewhere (or with ``use_torchvision=False``) plain torch with torchvision's semantics
+(``aligned=True``: pixel centres sit at half-integers; bins are averaged over a regular grid of bilinear
+samples; samples beyond the map count zero, as in torchvision's kernel); tests/test_lsd.py compares it
+with torchvision's own code.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import random
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +53,17 @@ def _axis_weights(start: float, length: float, bins: int, grid: int, size: int) 
     return w
 
 
+@functools.cache
+def torchvision_roi_align() -> Callable[..., torch.Tensor] | None:
+    """``torchvision.ops.roi_align`` when torchvision is importable, else None (looked up once)."""
+    try:
+        from torchvision.ops import roi_align as op
+    except (ImportError, RuntimeError) as err:  # absent, or built for another torch
+        log.debug("ROIAlign in plain torch: torchvision.ops.roi_align is not importable (%s)", err)
+        return None
+    return op
+
+
 def roi_align(
     features: torch.Tensor,
     boxes: torch.Tensor | Sequence[Sequence[float]],
@@ -58,22 +71,39 @@ def roi_align(
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = True,
+    use_torchvision: bool | None = None,
 ) -> torch.Tensor:
     """Bilinear ROIAlign of one feature map ``(C, H, W)`` over ``boxes`` ``(K, 4)`` ``(x0, y0, x1, y1)``.
 
     Returns ``(K, C, out_h, out_w)``. Boxes are in input coordinates that ``spatial_scale`` maps to the
     feature grid; ``sampling_ratio <= 0`` uses ``ceil(bin size)`` samples per bin (torchvision's rule).
-    Separable: each bin's value is ``Wy @ F @ Wx^T`` with per-axis averaged bilinear weights, so gradients
-    flow to ``features``.
+    ``use_torchvision``: ``torchvision.ops.roi_align`` (True), the plain-torch implementation here (False),
+    or the first where torchvision is importable (None, :func:`torchvision_roi_align`). Gradients flow to
+    ``features`` either way.
     """
     if features.dim() != 3:
         raise ValueError(f"roi_align expects one (C, H, W) feature map, got shape {tuple(features.shape)}")
-    oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
+    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
     boxes_t = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+    op = torchvision_roi_align() if use_torchvision is not False else None
+    if use_torchvision and op is None:
+        raise ImportError("roi_align(use_torchvision=True): torchvision.ops.roi_align is not importable")
+    if op is None:
+        return _plain_roi_align(features, boxes_t, size, spatial_scale, sampling_ratio, aligned)
+    rois = torch.cat([boxes_t.new_zeros(len(boxes_t), 1), boxes_t], 1).to(features.device, features.dtype)
+    return op(features[None], rois, size, spatial_scale, sampling_ratio, aligned)
+
+
+def _plain_roi_align(features, boxes, size, spatial_scale, sampling_ratio, aligned) -> torch.Tensor:
+    """:func:`roi_align` in plain torch; ``boxes`` float64 ``(K, 4)``, ``size`` ``(out_h, out_w)``.
+
+    Separable: each bin's value is ``Wy @ F @ Wx^T`` with per-axis averaged bilinear weights.
+    """
+    oh, ow = size
     _, h, w = features.shape
     offset = 0.5 if aligned else 0.0
     wys, wxs = [], []
-    for x0, y0, x1, y1 in boxes_t.tolist():
+    for x0, y0, x1, y1 in boxes.tolist():
         sx0, sy0 = x0 * spatial_scale - offset, y0 * spatial_scale - offset
         rw, rh = (x1 - x0) * spatial_scale, (y1 - y0) * spatial_scale
         if not aligned:
