@@ -262,6 +262,36 @@ def test_model_loss_matches_full_logits_reference(tiny):
     assert_same_grads(params, got, want)
 
 
+@pytest.mark.slow
+def test_dvsft_objective_is_text_plus_lambda_vision_and_sft_is_lambda_zero(tiny):
+    from types import SimpleNamespace
+
+    from dvsft.objectives.base import forward_hidden
+    from dvsft.objectives.registry import build_objectives
+
+    model, processor, _ = tiny
+    batch = collated_batch(processor)
+    inputs = {
+        k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    }
+    logits = model(**inputs).logits
+    hidden = forward_hidden(model, batch)
+    # sft ignores vision_lambda: it is dvsft at lambda 0
+    for method, config_lambda, lam in (("dvsft", 0.5, 0.5), ("dvsft", 0.0, 0.0), ("sft", 0.5, 0.0)):
+        config = SimpleNamespace(vision_lambda=config_lambda, vision_eps=0.2, loss_chunk_size=3)
+        (objective,) = build_objectives(method, config)
+        ref, t_ref, v_ref = naive_reference(logits, batch, lam, 0.2)
+        terms = objective.loss(model, batch, hidden)
+        assert objective.weights() == {f"{method}_step_loss": 1.0}
+        assert torch.allclose(terms[f"{method}_step_loss"], ref, atol=1e-10), (method, config_lambda)
+        assert torch.allclose(terms["text_loss"], t_ref, atol=1e-10)
+        assert objective.needs_vision_labels == (lam != 0)  # the collator aligns no words for lambda 0
+        if lam:
+            assert torch.allclose(terms["vision_loss"], v_ref, atol=1e-10) and float(terms["vision_tokens"]) == 6
+        else:  # the vision term is skipped, not computed and weighted by 0
+            assert sorted(terms) == sorted([f"{method}_step_loss", "text_loss", "text_tokens"])
+
+
 def test_example_custom_trainer_runs(tmp_path, monkeypatch, tiny):
     _, _, model_dir = tiny
     monkeypatch.setattr(

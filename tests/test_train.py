@@ -21,7 +21,7 @@ from dvsft.objectives.base import (
     register_objective,
     vision_tower_of,
 )
-from dvsft.objectives.registry import method_names
+from dvsft.objectives.registry import method_names, objective_class
 from dvsft.testing.tiny import TinyConfig
 from dvsft.training.config import CONFIGS_DIR, _dict_fields, _flatten, flat_keys, load_config, parser, validate
 from dvsft.training.train import prepare, train
@@ -80,7 +80,8 @@ def test_presets_parse(name):
     cfg = load_config(CONFIGS_DIR / f"{name}.yaml", ["--bf16", "false"], check=False)  # the GPU recipes set bf16
     validate(cfg, paths=False)  # their model dirs and data are the user's
     assert cfg.gradient_accumulation_steps == cfg.global_batch_size // cfg.per_device_train_batch_size
-    assert method_names(cfg.method)[0] == "sft"  # registered objectives, the text loss first
+    first = objective_class(method_names(cfg.method)[0])  # registered objectives, the text loss first
+    assert "sft" in first.provides
     # every key of the file reached the config with the file's value (sections as dotted keys)
     tree = _flatten(yaml.safe_load((CONFIGS_DIR / f"{name}.yaml").read_text()), _dict_fields())
     assert len(tree) >= 15
@@ -140,8 +141,14 @@ def test_recipes_choose_qa_pairs_as_the_paper(tmp_path):
 
 
 def test_method_names_count_text_once():
-    assert method_names("dvsft") == ["sft", "dvsft"]
-    assert method_names("basic+dvsft") == ["sft", "basic", "dvsft"]
+    assert method_names("sft") == ["sft"]
+    assert method_names("dvsft") == ["dvsft"]  # DV-SFT's loss includes the text loss
+    assert method_names("basic") == ["sft", "basic"]
+    assert method_names("basic+dvsft") == ["dvsft", "basic"]  # dvsft meets basic's requirement of the text loss
+    assert method_names("dvsft+probe+dvsft") == ["dvsft", "probe"]
+    for method in ("sft+dvsft", "basic+dvsft+sft"):
+        with pytest.raises(ValueError, match=r"'(sft|dvsft)' and '(sft|dvsft)' both compute 'sft' \(sft is dvsft"):
+            method_names(method)
     with pytest.raises(ValueError, match="unknown objective 'nope'"):
         method_names("dvsft+nope")
 

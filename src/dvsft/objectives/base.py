@@ -11,8 +11,9 @@ An :class:`Objective` reads the batch and the model's hidden states and returns 
 (``{"vision_loss": ..., "vision_acc": ...}``); :meth:`Objective.weights` says which terms enter
 the total loss and with what weight (the others are only logged). ``method`` in the training
 config names objectives joined by ``+`` (``"dvsft+asvr"``); each objective pulls in the ones it
-``requires`` (every method but a pure auxiliary one requires ``sft``, the text loss), and each
-name is used once, so the text loss is counted once.
+``requires`` (the auxiliary ones require ``sft``, the text loss), unless an objective of the method
+``provides`` it (``dvsft``: the text loss plus lambda times the vision loss; ``sft`` is its
+lambda = 0 case), and each name is used once, so the text loss is counted once.
 
 Objectives may own trainable heads (:meth:`Objective.modules`): the Trainer attaches them to the
 model under ``dvsft_heads`` so they are moved to the device, wrapped by DDP/DeepSpeed/FSDP,
@@ -99,6 +100,8 @@ class Objective:
 
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()  # objectives included with this one (e.g. ("sft",))
+    # requirements of other objectives that this one meets (DV-SFT computes the text loss of "sft")
+    provides: ClassVar[tuple[str, ...]] = ()
     needs_hidden_states: ClassVar[bool] = False  # all layers (True) or the last one only
     needs_records: ClassVar[bool] = False  # batch["records"]: id, image, width, height, words of each sample
     # True: the weighted terms are already this micro-batch's share of the step loss (divided by
@@ -111,6 +114,11 @@ class Objective:
     def __init__(self, config: Any = None, options: Any = None):
         self.config = config
         self.options = options if options is not None else self.Options()
+
+    @property
+    def needs_vision_labels(self) -> bool:
+        """True: the collator aligns the words to visual tokens (``batch["vision_positions"]``, ...)."""
+        return False
 
     def setup(self, model: nn.Module, config: Any) -> None:
         """Called once before training with the (unwrapped) model; may create heads."""
@@ -184,67 +192,71 @@ def projector_of(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------- built-in objectives
 
 
-class TextObjective(Objective):
-    """Standard SFT: shifted next-token cross-entropy over the answer tokens (paper Eq. 1).
+class DVSFTObjective(Objective):
+    """DV-SFT (paper Eq. 4): ``L_text + lambda * L_vision``, lambda = :attr:`vision_weight` (``vision_lambda``).
 
-    ``fused``: the DV-SFT objective computes the text loss with its own in one LM-head pass.
+    ``L_text`` is the shifted next-token cross-entropy over the answer tokens (Eq. 1); in ``L_vision``
+    every labeled visual token predicts its word on its own logits, with smoothing (Eqs. 2-3). SFT is
+    the case lambda = 0 (:class:`SFTObjective`): the vision term is then skipped (no vision labels,
+    no vision rows through the LM head) and the text loss runs alone (:func:`~dvsft.objectives.losses.text_loss`).
+    Returns ``<name>_step_loss``, this micro-batch's share of the whole optimizer step's loss
+    (text and vision rows in one chunked pass over the LM head), and the detached per-micro-batch
+    ``text_loss`` / ``text_tokens`` (and with lambda > 0 ``vision_loss`` / ``vision_acc`` /
+    ``vision_tokens``) for the logs.
     """
 
-    fused = False
+    provides = ("sft",)  # the text loss: meets the other objectives' requirement of it
     step_normalized = True
 
-    def weights(self) -> dict[str, float]:
-        return {} if self.fused else {"text_step_loss": 1.0}
+    @property
+    def vision_weight(self) -> float:
+        """lambda, the weight of ``L_vision``."""
+        return float(getattr(self.config, "vision_lambda", 0.1))
 
-    def loss(self, model, batch, hidden):
-        from dvsft.objectives.losses import text_loss
-
-        if self.fused:
-            return {}
-        chunk = int(getattr(self.config, "loss_chunk_size", 1024) or 1024)
-        value, n = text_loss(hidden.last, lm_head_of(model), batch["labels"], chunk_size=chunk, tokens=hidden.tokens)
-        mean = value
-        if hidden.tokens is not None:  # undo the step normalisation for the log: this batch's mean
-            mean = value.detach() * hidden.tokens.text / max(n, 1) / hidden.tokens.processes
-        return {"text_step_loss": value, "text_loss": mean.detach(), "text_tokens": hidden.last.new_tensor(float(n))}
-
-
-class VisionObjective(Objective):
-    """DV-SFT: every labeled visual token predicts its word on its own logits, with smoothing (Eqs. 2-4).
-
-    Returns ``dvsft_step_loss``, this micro-batch's share of ``L_text + lambda * L_vision`` (Eq. 4)
-    over the whole optimizer step, computed in one chunked pass over the LM head, and the detached
-    per-micro-batch ``text_loss`` / ``vision_loss`` / ``vision_acc`` for the logs.
-    """
-
-    requires = ("sft",)
-    step_normalized = True
+    @property
+    def needs_vision_labels(self) -> bool:
+        return self.vision_weight != 0
 
     def weights(self) -> dict[str, float]:
-        return {"dvsft_step_loss": 1.0}
+        return {f"{self.name}_step_loss": 1.0}
 
     def loss(self, model, batch, hidden):
-        from dvsft.objectives.losses import dvsft_loss
+        from dvsft.objectives.losses import dvsft_loss, text_loss
 
         chunk = int(getattr(self.config, "loss_chunk_size", 1024) or 1024)
+        step_loss, head = f"{self.name}_step_loss", lm_head_of(model)
+        new = hidden.last.new_tensor
+        if self.vision_weight == 0:
+            value, n = text_loss(hidden.last, head, batch["labels"], chunk_size=chunk, tokens=hidden.tokens)
+            mean = value
+            if hidden.tokens is not None:  # undo the step normalisation for the log: this batch's mean
+                mean = value.detach() * hidden.tokens.text / max(n, 1) / hidden.tokens.processes
+            return {step_loss: value, "text_loss": mean.detach(), "text_tokens": new(float(n))}
         out = dvsft_loss(
             hidden.last,
-            lm_head_of(model),
+            head,
             batch["labels"],
             batch.get("vision_positions"),
             batch.get("vision_targets"),
             batch.get("vision_label_sets"),
-            vision_weight=float(getattr(self.config, "vision_lambda", 0.1)),
+            vision_weight=self.vision_weight,
             eps=float(getattr(self.config, "vision_eps", 0.0)),
             chunk_size=chunk,
             tokens=hidden.tokens,
         )
-        new = hidden.last.new_tensor
         return {
-            "dvsft_step_loss": out.loss,
+            step_loss: out.loss,
             "text_loss": out.text_loss.detach(),
             "text_tokens": new(float(out.n_text)),
             "vision_loss": out.vision_loss.detach(),
             "vision_acc": new(out.vision_accuracy),
             "vision_tokens": new(float(out.n_vision)),
         }
+
+
+class SFTObjective(DVSFTObjective):
+    """SFT (paper Eq. 1): DV-SFT with lambda = 0, the text loss alone, whatever ``vision_lambda`` says."""
+
+    @property
+    def vision_weight(self) -> float:
+        return 0.0

@@ -14,13 +14,13 @@ from dataclasses import fields
 from typing import Any
 
 from dvsft.objectives.asvr import ASVRObjective
-from dvsft.objectives.base import _REGISTRY, Objective, TextObjective, VisionObjective, register_objective
+from dvsft.objectives.base import _REGISTRY, DVSFTObjective, Objective, SFTObjective, register_objective
 from dvsft.objectives.basic import BasicObjective
 from dvsft.objectives.lsd import LSDObjective
 
 BUILT_IN: dict[str, type[Objective]] = {
-    "sft": TextObjective,
-    "dvsft": VisionObjective,
+    "sft": SFTObjective,
+    "dvsft": DVSFTObjective,
     "basic": BasicObjective,
     "asvr": ASVRObjective,
     "lsd": LSDObjective,
@@ -42,7 +42,16 @@ def objective_class(name: str) -> type[Objective]:
 
 
 def method_names(method: str) -> list[str]:
-    """Objective names of ``method`` with their requirements, each once, requirements first."""
+    """Objective names of ``method`` with their requirements, each once, requirements first.
+
+    A requirement is met by the objective of the method that ``provides`` it, if any (``basic+dvsft``:
+    ``dvsft`` computes the text loss ``basic`` requires, so ``sft`` is not added); two objectives of the
+    method that provide the same one (``sft+dvsft``) are an error, not a silent choice.
+    """
+    parts = [p.strip() for p in str(method).split("+")]
+    if not all(parts):
+        raise ValueError(f"invalid method {method!r}: objective names joined by '+', e.g. 'dvsft+asvr'")
+    provider = {name: part for part in reversed(parts) for name in (part, *objective_class(part).provides)}
     out: list[str] = []
 
     def add(name: str, chain: tuple[str, ...]) -> None:
@@ -50,15 +59,21 @@ def method_names(method: str) -> list[str]:
             raise ValueError(f"objective {name!r} requires itself: {' -> '.join((*chain, name))}")
         cls = objective_class(name)
         for req in cls.requires:
-            add(req, (*chain, name))
+            add(provider.get(req, req), (*chain, name))
         if name not in out:
             out.append(name)
 
-    parts = [p.strip() for p in str(method).split("+")]
-    if not all(parts):
-        raise ValueError(f"invalid method {method!r}: objective names joined by '+', e.g. 'dvsft+asvr'")
     for part in parts:
         add(part, ())
+    computed: dict[str, str] = {}
+    for name in out:
+        for what in (name, *objective_class(name).provides):
+            other = computed.setdefault(what, name)
+            if other != name:
+                hint = " (sft is dvsft with vision_lambda 0)" if what == "sft" else ""
+                raise ValueError(
+                    f"invalid method {method!r}: {other!r} and {name!r} both compute {what!r}{hint}; name one of them"
+                )
     return out
 
 
@@ -84,10 +99,4 @@ def build_objectives(method: str, config: Any = None) -> list[Objective]:
         raise ValueError(
             f"config section objectives.{extra[0]}: no such objective; registered: {sorted(registered_objectives())}"
         )
-    objectives = [objective_class(n)(config, options_for(objective_class(n), sections.get(n))) for n in names]
-    if any(isinstance(o, VisionObjective) for o in objectives):
-        # text and vision rows go through the LM head in one pass (one vocabulary-sized gradient buffer)
-        for o in objectives:
-            if isinstance(o, TextObjective):
-                o.fused = True
-    return objectives
+    return [objective_class(n)(config, options_for(objective_class(n), sections.get(n))) for n in names]

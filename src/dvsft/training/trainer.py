@@ -65,7 +65,7 @@ def collator_for(processor: Any, args: Any, objectives: list[Objective]) -> Any:
             max_subtokens=getattr(args, "align_max_subtokens", 3),
             leading_space=getattr(args, "label_leading_space", True),
         ),
-        vision_labels=any(o.name == "dvsft" for o in objectives),
+        vision_labels=any(o.needs_vision_labels for o in objectives),
         keep_records=any(getattr(o, "needs_records", False) for o in objectives),
         max_length=getattr(args, "max_length", 8192),
         min_pixels=getattr(args, "min_pixels", None),
