@@ -193,3 +193,37 @@ def test_cli_tasks_granvit_and_finevit(tmp_path):
     assert len(list(read_jsonl(out))) == 8
     res = runner.invoke(app, ["tasks", "finevit", str(tmp_path / "nope.jsonl"), "--out", str(out)])
     assert res.exit_code == 2 and "no such records file" in res.output
+
+
+def test_region_task_scores_grade_the_models_own_answers(tiny_dir, tmp_path):
+    """Truths set from the model's greedy answers: its own text scores ROUGE-L 1, a foreign text 0, and a
+    text-to-box answer counts as right exactly when it parses to a box with IoU >= 0.5."""
+    from PIL import Image
+
+    from dvsft.core.records import IMAGE_PLACEHOLDER
+    from dvsft.evaluation.generation import Generator
+    from dvsft.evaluation.region_tasks import region_task_scores
+    from dvsft.models.loading import load_model, load_processor
+
+    Image.new("RGB", (600, 200), "white").save(tmp_path / "a.png")
+    words = line_words(["one", "two", "three"], y=10) + line_words(["four"], y=80)
+    record = {"id": "a", "image": str(tmp_path / "a.png"), "width": 600, "height": 200, "words": words}
+    items, _ = task_records(record, TaskConfig(tasks=("bbox2caption", "caption2bbox")))
+    model, processor = load_model(tiny_dir), load_processor(tiny_dir)
+    prompts = [r["messages"][0]["content"].replace(IMAGE_PLACEHOLDER, "") for r in items]
+    images = [[Image.open(r["image"]).convert("RGB")] for r in items]
+    answers = Generator(model, processor, max_new_tokens=48)(prompts, images)
+    texts = [(r, a) for r, a in zip(items, answers, strict=True) if r["tasks"][0]["name"] == "bbox2caption"]
+    boxes = [(r, a) for r, a in zip(items, answers, strict=True) if r["tasks"][0]["name"] == "caption2bbox"]
+    assert texts and boxes
+    for i, (r, answer) in enumerate(texts):
+        r["tasks"][0]["text"] = answer if i % 2 == 0 else "zebra"  # the model's own words, or a word it never says
+    own = sum(i % 2 == 0 for i in range(len(texts)))
+    right = 0
+    for r, answer in boxes:
+        box = BoxCodec().parse(answer, 600, 200)
+        if box is not None:
+            r["tasks"][0]["box"], right = list(box), right + 1
+    scores = region_task_scores(model, processor, items, batch_size=3)
+    assert scores["bbox2caption_rouge"] == pytest.approx(own / len(texts))
+    assert scores["caption2bbox_acc"] == pytest.approx(right / len(boxes))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -144,35 +143,6 @@ def heldout_region_items(heldout_file: Path, seed: int) -> list[dict]:
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate_regions(model: Any, processor: Any, items: list[dict], batch_size: int = 16) -> dict[str, float]:
-    """ROUGE-L of box-to-text answers and Acc@IoU0.5 of text-to-box answers, per task."""
-    from PIL import Image
-
-    from dvsft.core.records import IMAGE_PLACEHOLDER
-    from dvsft.evaluation.generation import Generator
-    from dvsft.evaluation.metrics import iou, rouge_l
-    from dvsft.sources.region_tasks import TASKS, BoxCodec
-
-    codec = BoxCodec()
-    generator = Generator(model, processor, max_new_tokens=48)
-    scores: dict[str, list[float]] = {}
-    for i in range(0, len(items), batch_size):
-        batch = items[i : i + batch_size]
-        prompts = [r["messages"][0]["content"].replace(IMAGE_PLACEHOLDER, "") for r in batch]
-        images = [[Image.open(r["image"]).convert("RGB")] for r in batch]
-        for r, pred in zip(batch, generator(prompts, images), strict=True):
-            task = r["tasks"][0]
-            if TASKS[task["name"]].answers_box:
-                box = codec.parse(pred, r["width"], r["height"])
-                score = float(box is not None and iou(box, task["box"]) >= 0.5)
-                key = f"{task['name']}_acc"
-            else:
-                score = rouge_l(pred, task["text"])
-                key = f"{task['name']}_rouge"
-            scores.setdefault(key, []).append(score)
-    return {k: statistics.fmean(v) for k, v in scores.items()}
-
-
 # --------------------------------------------------------------------------- one run
 
 
@@ -199,7 +169,9 @@ class HeldoutEvaluation:
 
         heldout_file = Path(self.heldout)
         metrics = transcription(model, processor, list(read_jsonl(heldout_file)), heldout_file)
-        return metrics | evaluate_regions(model, processor, self.region_items)
+        from dvsft.evaluation.region_tasks import region_task_scores
+
+        return metrics | region_task_scores(model, processor, self.region_items)
 
 
 def train_stages(spec: MethodSpec, cp: ComparePreset, sets: dict[str, str], codes: str | None, out: Path) -> tuple:
