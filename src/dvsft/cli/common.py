@@ -19,17 +19,19 @@ def split_list(value: str) -> list[str]:
 def fail(message: object, console: Any = None, code: int = 2) -> NoReturn:
     """Print ``error: MESSAGE`` (on stderr unless ``console`` is given) and exit with ``code``.
 
+    An exception is written as the app writes the errors no command caught (:func:`dvsft.cli.one_line`).
     Called while an exception is handled and ``dvsft --debug`` was given, it re-raises that exception.
     """
     from rich.console import Console
     from rich.markup import escape
 
-    from dvsft.cli import debug_enabled
+    from dvsft.cli import debug_enabled, one_line
 
     if debug_enabled() and sys.exc_info()[0] is not None:
         raise  # noqa: PLE0704 - --debug: the traceback of the error being handled
+    text = one_line(message) if isinstance(message, BaseException) else str(message)
     console = console or Console(stderr=True, soft_wrap=True)
-    console.print(f"[red]error:[/red] {escape(str(message))}")
+    console.print(f"[red]error:[/red] {escape(text)}")
     raise typer.Exit(code)
 
 

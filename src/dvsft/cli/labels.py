@@ -65,12 +65,12 @@ def render(
     try:
         options = from_params(RenderOptions, ctx.params, ppl_model=str(ppl_model) if ppl_model else None)
     except ValueError as err:
-        fail(str(err), code=1)
+        fail(err, code=1)
     with progress_bar() as bar:
         try:
             stats = render_source(source, out, options, bar.stages())
         except ValueError as err:
-            fail(str(err), code=1)
+            fail(err, code=1)
     keys = [k for k in stats if isinstance(stats[k], int | float) and not isinstance(stats[k], bool)]
     Console().print(_table(f"dvsft render -> {out}", [(k, str(stats[k])) for k in keys]))
 
@@ -124,7 +124,7 @@ def align(
                 rows_per_shard,
             )
     except (ValueError, OSError) as err:
-        fail(str(err), code=1)
+        fail(err, code=1)
     rows = [(k, str(v)) for k, v in summary.items() if k != "dropped"]
     rows += [(f"dropped: {k}", str(v)) for k, v in summary["dropped"].items()]
     if summary["visual_tokens"]:
@@ -150,7 +150,7 @@ def stats(
         tok = load_tokenizer(tokenizer) if tokenizer else None
         result = file_stats(aligned, tok)
     except ValueError as err:
-        fail(str(err), code=1)
+        fail(err, code=1)
     if as_json:
         print(json.dumps(result, indent=2))
         return
