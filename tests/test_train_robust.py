@@ -116,7 +116,7 @@ def test_kill_during_checkpoint_save_then_resume(tiny_dir, uninterrupted, tmp_pa
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert not (tmp_path / "checkpoint-4").exists()  # only the staging folder holds the torn save
+    assert "no trainer_state.json" in check_checkpoint(tmp_path / "checkpoint-4")  # the torn save
     assert (tmp_path / "checkpoint-2" / "trainer_state.json").is_file()
     resumed = train(load_config(None, [*args, "--resume"]))
     assert losses(resumed.log) == pytest.approx(full, abs=1e-5)
@@ -125,3 +125,29 @@ def test_kill_during_checkpoint_save_then_resume(tiny_dir, uninterrupted, tmp_pa
         "checkpoint-4",
         "checkpoint-6",
     ]
+    assert all(check_checkpoint(tmp_path / f"checkpoint-{n}") is None for n in (2, 4, 6))
+
+
+@pytest.mark.slow
+def test_load_best_model_at_end_with_rotation(tiny_dir, tmp_path):
+    """The HF options together: best_model_checkpoint is a real checkpoint-N that rotation keeps, and final/
+    holds its weights."""
+    from safetensors.torch import load_file
+
+    data = make_records(tmp_path / "data", n=4)
+    out = tmp_path / "run"
+    args = overrides(
+        tiny_dir, data, out, max_steps=6, save_steps=2, eval_steps=2, save_total_limit=1,
+        eval_data=str(data), eval_strategy="steps", save_strategy="steps",
+        load_best_model_at_end=True, metric_for_best_model="eval_loss",
+    )  # fmt: skip
+    result = train(load_config(None, args))
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    best = Path(state["best_model_checkpoint"])
+    assert best.parent == out and best.name.startswith("checkpoint-") and check_checkpoint(best) is None
+    kept = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-"))
+    assert best.name in kept and len(kept) <= 2  # save_total_limit=1 keeps the best beside the newest
+    final = load_file(str(result.final_dir / "model.safetensors"))
+    best_weights = load_file(str(best / "model.safetensors"))
+    assert final.keys() == best_weights.keys()
+    assert all(final[k].equal(best_weights[k]) for k in final)

@@ -1,20 +1,24 @@
 """Checkpoints that are whole or absent, and a resume that finds the newest intact one.
 
-* :class:`AtomicCheckpoints` (a ``transformers.Trainer`` mixin) lets the Trainer write a checkpoint into
-  ``output_dir/.staging-checkpoint-N/checkpoint-N`` and renames it to ``output_dir/checkpoint-N`` only when
-  every file (model, optimizer, scheduler, RNG, ``trainer_state.json``, extras) is written. A kill during the
-  save leaves a staging folder that resume ignores and the next save or resume removes.
+The Trainer writes each checkpoint straight into ``output_dir/checkpoint-N`` (so ``best_model_checkpoint``,
+``save_total_limit`` and ``load_best_model_at_end`` work as in a plain ``Trainer``); dvsft's extra files
+(objective heads, a stream's position) are written with the model, and ``trainer_state.json`` is the
+Trainer's last file, so a checkpoint with a readable ``trainer_state.json`` and whole weights and torch files
+is complete.
+
 * :func:`check_checkpoint` says what is wrong with a checkpoint folder (missing ``trainer_state.json`` or
   weights, unreadable safetensors or torch files), :func:`latest_intact` picks the newest checkpoint
-  without problems and logs each newer one it passes over (checkpoints written by other tools or before
-  this scheme may be torn).
+  without problems and logs each newer one it passes over (a kill during a save leaves one);
+  :func:`remove_torn_after` deletes those before the resumed run saves, so the Trainer's rotation never keeps a
+  torn checkpoint in place of a whole one.
+* :func:`accept_saved_key_format` lets the Trainer's ``load_state_dict`` read the key format of families
+  whose ``save_pretrained`` writes original-checkpoint names.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import zipfile
@@ -23,60 +27,37 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-STAGING_PREFIX = ".staging-"
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
 TORCH_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt", "pytorch_model.bin")
 
 
-class AtomicCheckpoints:
-    """Trainer mixin: checkpoints are staged and renamed into place (see the module docstring).
+def accept_saved_key_format(model: Any) -> None:
+    """Let ``model.load_state_dict`` take the key format its own ``save_pretrained`` writes.
 
-    Subclasses may override :meth:`save_checkpoint_extras` to add files to the staged checkpoint.
+    Some families (InternVL, LLaVA-OneVision) save their weights in the original checkpoints' key format;
+    ``from_pretrained`` maps them back, but the Trainer loads a checkpoint (resume, ``load_best_model_at_end``)
+    with ``load_state_dict``. This registers a state-dict pre-hook (a public torch hook) that renames such keys
+    with the model's own transformers conversion mapping; a state dict in the model's own names passes as is.
     """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-    _staging_dir: str | None = None
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    if not renamings and not converters:
+        return
 
-    def _get_output_dir(self, trial: Any) -> str:
-        return self._staging_dir or super()._get_output_dir(trial)  # type: ignore[misc]
+    def rename_keys(module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        own = module.state_dict()
+        if prefix or set(state_dict) <= set(own):
+            return
+        for key in list(state_dict):
+            if key not in own:
+                new, _ = rename_source_key(key, renamings, converters, module.base_model_prefix, own)
+                state_dict[new] = state_dict.pop(key)
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-
-        args, state = self.args, self.state  # type: ignore[attr-defined]
-        run_dir = super()._get_output_dir(trial)  # type: ignore[misc]
-        name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        staging = os.path.join(run_dir, STAGING_PREFIX + name)
-        if args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-        self._barrier()
-        self._staging_dir = staging
-        try:
-            super()._save_checkpoint(model, trial)  # type: ignore[misc]
-            self.save_checkpoint_extras(os.path.join(staging, name))
-        finally:
-            self._staging_dir = None
-        self._barrier()
-        if args.should_save:
-            final = os.path.join(run_dir, name)
-            if os.path.isdir(final):
-                shutil.rmtree(final)  # the same step saved again (e.g. after a resume)
-            os.replace(os.path.join(staging, name), final)
-            shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=args.save_total_limit,
-                best_model_checkpoint=state.best_model_checkpoint,
-                use_mtime=True,
-            )
-        self._barrier()
-
-    def save_checkpoint_extras(self, folder: str) -> None:
-        """Write extra files into the staged checkpoint ``folder`` (before it is renamed into place)."""
-
-    def _barrier(self) -> None:
-        accelerator = getattr(self, "accelerator", None)
-        if accelerator is not None and accelerator.num_processes > 1:
-            accelerator.wait_for_everyone()
+    model.register_load_state_dict_pre_hook(rename_keys)
 
 
 def check_checkpoint(folder: str | Path) -> str | None:
@@ -159,9 +140,10 @@ def latest_intact(output_dir: str | Path) -> Path:
     raise ValueError(f"--resume: no intact checkpoint in {output_dir}: {'; '.join(passed)}")
 
 
-def remove_staging(output_dir: str | Path) -> None:
-    """Delete staging folders left by a save that was killed."""
-    out = Path(output_dir)
-    if out.is_dir():
-        for p in out.glob(STAGING_PREFIX + "checkpoint-*"):
-            shutil.rmtree(p, ignore_errors=True)
+def remove_torn_after(checkpoint: str | Path) -> None:
+    """Delete the torn checkpoints with a higher step than ``checkpoint`` (the ones a resume passed over; the
+    resumed run writes those steps again); whole ones are kept. Call on the main process only."""
+    step = int(Path(checkpoint).name.rsplit("-", 1)[-1])
+    for folder in checkpoints(Path(checkpoint).parent):
+        if int(folder.name.rsplit("-", 1)[-1]) > step and check_checkpoint(folder) is not None:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -59,8 +59,8 @@ class StreamingTrainerMixin:
             self.__dict__.setdefault("trained_samples", []).extend(rows)
         return super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
 
-    def save_checkpoint_extras(self, folder: str) -> None:
-        super().save_checkpoint_extras(folder)  # type: ignore[misc]
+    def save_data_state(self, folder: str) -> None:
+        """Every rank's stream position into ``folder/data_state.json`` (called on all ranks)."""
         ds = self._streaming()
         if ds is None:
             return

@@ -44,14 +44,12 @@ class TrainResult:
 
 def resume_checkpoint(cfg: DVSFTConfig) -> str | None:
     """The checkpoint dir to resume from (``last`` = the newest intact one in output_dir)."""
-    from dvsft.training.checkpoints import check_checkpoint, latest_intact, remove_staging
+    from dvsft.training.checkpoints import check_checkpoint, latest_intact
 
     value = cfg.resume_from_checkpoint
     if value is None or str(value).lower() in ("false", "none", ""):
         return None
     if str(value).lower() in LAST_CHECKPOINT:
-        if os.environ.get("RANK", "0") == "0":
-            remove_staging(cfg.output_dir)
         return str(latest_intact(cfg.output_dir))
     path = Path(str(value))
     if not (path / "trainer_state.json").is_file():
@@ -211,6 +209,7 @@ def train(config: DVSFTConfig | dict[str, Any] | str | Path, callbacks: list[Any
     ``transformers.TrainerCallback`` instances (e.g. evaluate the model every N steps; they get
     ``model`` in their keyword arguments).
     """
+    from dvsft.training.checkpoints import remove_torn_after
     from dvsft.training.trainer import load_heads
 
     run = prepare(config, callbacks)
@@ -220,6 +219,9 @@ def train(config: DVSFTConfig | dict[str, Any] | str | Path, callbacks: list[Any
         out.mkdir(parents=True, exist_ok=True)
         (out / "dvsft_train.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
     if run.resume:
+        if trainer.is_world_process_zero():
+            remove_torn_after(run.resume)
+        trainer.accelerator.wait_for_everyone()
         load_heads(run.model, run.resume)
     trainer.train(resume_from_checkpoint=run.resume)
     final_dir = out / "final" if cfg.save_final else None

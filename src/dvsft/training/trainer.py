@@ -29,7 +29,7 @@ from dvsft.core.records import JsonlAppender, read_jsonl, write_jsonl
 from dvsft.objectives.base import HEADS_ATTR, Objective, base_model, forward_hidden
 from dvsft.objectives.losses import StepTokens, step_tokens
 from dvsft.objectives.registry import build_objectives
-from dvsft.training.checkpoints import AtomicCheckpoints
+from dvsft.training.checkpoints import accept_saved_key_format
 from dvsft.training.streaming import StreamingTrainerMixin
 
 EVAL_TERMS = ("text", "vision")
@@ -73,8 +73,8 @@ def collator_for(processor: Any, args: Any, objectives: list[Objective]) -> Any:
     )
 
 
-class DVSFTTrainer(StreamingTrainerMixin, AtomicCheckpoints, Trainer):
-    """``transformers.Trainer`` whose loss is the sum of weighted objective terms; checkpoints are atomic."""
+class DVSFTTrainer(StreamingTrainerMixin, Trainer):
+    """``transformers.Trainer`` whose loss is the sum of weighted objective terms."""
 
     loss_is_scaled_for_ga = True  # compute_loss returns each micro-batch's share of the step's loss
 
@@ -114,6 +114,7 @@ class DVSFTTrainer(StreamingTrainerMixin, AtomicCheckpoints, Trainer):
 
             self.remove_callback(PrinterCallback)
         self.objectives = objectives
+        accept_saved_key_format(base_model(self.model))  # resume and load_best_model_at_end read save_pretrained's keys
         self._needs_layers = any(o.needs_hidden_states for o in objectives)
         self._sums: dict[str, float] = {}
         self._counts: dict[str, float] = {}
@@ -238,31 +239,16 @@ class DVSFTTrainer(StreamingTrainerMixin, AtomicCheckpoints, Trainer):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        """Resume weights; checkpoints that ``save_pretrained`` wrote in the family's original key
-        format (InternVL, LLaVA-OneVision, Idefics3 / SmolVLM) load through ``from_pretrained``,
-        which maps the keys back (the Trainer's raw ``load_state_dict`` would miss every key)."""
-        target = model if model is not None else self.model
-        path = os.path.join(resume_from_checkpoint, "model.safetensors")
-        if base_model(target) is target and os.path.isfile(path):
-            from safetensors import safe_open
-
-            with safe_open(path, "pt") as f:
-                keys = set(f.keys())
-            own = target.state_dict()
-            if not keys <= set(own):
-                dtype = next(target.parameters()).dtype
-                loaded = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype).state_dict()
-                missing = [k for k in own if k not in loaded and not k.startswith(HEADS_ATTR + ".")]
-                if missing:
-                    raise ValueError(f"checkpoint {resume_from_checkpoint} lacks {len(missing)} weights: {missing[:3]}")
-                target.load_state_dict(loaded, strict=False)
-                return
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's save; a checkpoint (``_internal_call``) also gets the objectives' heads and a stream's
+        position, written before the Trainer's last file, ``trainer_state.json``."""
+        super().save_model(output_dir, _internal_call)
+        if _internal_call:
+            self.save_checkpoint_extras(output_dir or self.args.output_dir)
 
     def save_checkpoint_extras(self, folder: str) -> None:
-        """The objectives' heads and a stream's position, into the staged checkpoint (:class:`AtomicCheckpoints`)."""
-        super().save_checkpoint_extras(folder)
+        """The objectives' heads and a stream's position, into the checkpoint ``folder``."""
+        self.save_data_state(folder)
         heads = getattr(base_model(self.model), HEADS_ATTR, None)
         if heads is not None and len(heads) and self.args.should_save:
             from safetensors.torch import save_file
