@@ -380,3 +380,51 @@ def test_model_loss_through_a_peft_lora_wrapper(tiny):
     assert trained and all("lora_" in n for n in trained)  # the LM head stays frozen: no [V, D] gradient
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
     assert out.n_vision == 6 and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("factor", [0.1, 0.5])
+def test_label_smoothing_factor_is_hf_label_smoother(factor, tiny):
+    """``label_smoothing_factor`` smooths the text loss exactly as the HF Trainer's ``LabelSmoother`` does on
+    the model's own logits (loss and gradients), in both the text-only and the combined pass."""
+    from types import SimpleNamespace
+
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    from dvsft.objectives.base import forward_hidden
+    from dvsft.objectives.registry import build_objectives
+
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 8, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(17, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.full((2, 8), -100)
+    labels[0, 4:] = torch.tensor([3, 4, 5, 6])
+    labels[1, 6:] = torch.tensor([9, 2])
+    def reference():
+        return LabelSmoother(epsilon=factor)({"logits": hidden @ weight.T}, labels, shift_labels=True)
+
+    ref = reference()
+    loss, _ = text_loss(hidden, weight, labels, chunk_size=3, label_smoothing=factor)
+    combined = dvsft_loss(hidden, weight, labels, vision_weight=0.0, label_smoothing=factor).loss
+    plain, _ = text_loss(hidden, weight, labels)
+    assert not torch.allclose(loss, plain)  # the option does something
+    for ours in (loss, combined):
+        assert torch.allclose(ours, ref, atol=1e-12)
+        for a, b in zip(
+            torch.autograd.grad(ours, [hidden, weight]), torch.autograd.grad(reference(), [hidden, weight]), strict=True
+        ):
+            assert torch.allclose(a, b, atol=1e-12)
+    # vision rows keep their own smoothing: the combined loss is smoothed text + lambda * vision
+    pos, targets, sets = torch.tensor([[0, 1], [1, 3]]), torch.tensor([7, 1]), torch.tensor([[7, 8], [1, -1]])
+    out = dvsft_loss(hidden, weight, labels, pos, targets, sets, vision_weight=0.3, eps=0.2, label_smoothing=factor)
+    v = vision_loss(hidden[pos[:, 0], pos[:, 1]], weight, targets, sets, eps=0.2)
+    assert torch.allclose(out.loss, ref + 0.3 * v.loss, atol=1e-12)
+
+    # through the objective, as the Trainer runs it, on the tiny Qwen3-VL's logits
+    model, processor, _ = tiny
+    batch = collated_batch(processor)
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    logits = model(**{k: batch[k] for k in keys}).logits
+    (objective,) = build_objectives("sft", SimpleNamespace(label_smoothing_factor=factor, loss_chunk_size=3))
+    terms = objective.loss(model, batch, forward_hidden(model, batch))
+    expected = LabelSmoother(epsilon=factor)({"logits": logits}, batch["labels"], shift_labels=True)
+    assert torch.allclose(terms["sft_step_loss"], expected, atol=1e-5)

@@ -224,10 +224,13 @@ class DVSFTObjective(Objective):
         from dvsft.objectives.losses import dvsft_loss, text_loss
 
         chunk = int(getattr(self.config, "loss_chunk_size", 1024) or 1024)
+        smoothing = float(getattr(self.config, "label_smoothing_factor", 0.0))  # TrainingArguments' key
         step_loss, head = f"{self.name}_step_loss", lm_head_of(model)
         new = hidden.last.new_tensor
         if self.vision_weight == 0:
-            value, n = text_loss(hidden.last, head, batch["labels"], chunk_size=chunk, tokens=hidden.tokens)
+            value, n = text_loss(
+                hidden.last, head, batch["labels"], chunk, tokens=hidden.tokens, label_smoothing=smoothing
+            )
             mean = value
             if hidden.tokens is not None:  # undo the step normalisation for the log: this batch's mean
                 mean = value.detach() * hidden.tokens.text / max(n, 1) / hidden.tokens.processes
@@ -243,6 +246,7 @@ class DVSFTObjective(Objective):
             eps=float(getattr(self.config, "vision_eps", 0.0)),
             chunk_size=chunk,
             tokens=hidden.tokens,
+            label_smoothing=smoothing,
         )
         return {
             step_loss: out.loss,

@@ -133,18 +133,21 @@ class _FusedLinearCE(torch.autograd.Function):
     """``sum_i w_i * loss_i`` over rows, the head's logits built chunk by chunk; gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, label_sets, eps_rows, row_weights, chunk_size, need_grad):
+    def forward(ctx, hidden, weight, bias, targets, label_sets, eps_rows, vocab_eps, row_weights, chunk_size, need):
         n, acc = hidden.shape[0], torch.promote_types(hidden.dtype, torch.float32)
+        smooth_vocab = bool(vocab_eps.any())
         cutoff = -600.0 if acc == torch.float64 else -60.0
         losses = torch.zeros(n, dtype=acc, device=hidden.device)
         correct = torch.zeros(n, dtype=torch.bool, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_grad[0] else None
-        grad_w = torch.zeros_like(weight) if need_grad[1] else None
-        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_grad[2] else None
+        grad_h = torch.empty_like(hidden) if need[0] else None
+        grad_w = torch.zeros_like(weight) if need[1] else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need[2] else None
         for s in range(0, n, chunk_size):
             e = min(n, s + chunk_size)
             h, t = hidden[s:e], targets[s:e, None]
             logits = F.linear(h, weight, bias).to(acc)  # [c, V]: the only vocabulary-sized tensor
+            u = vocab_eps[s:e, None].to(acc)  # label smoothing over the whole vocabulary (text rows)
+            mean_z = logits.mean(-1, keepdim=True) if smooth_vocab else torch.zeros_like(u)
             top, arg = logits.max(dim=-1, keepdim=True)
             correct[s:e] = arg[:, 0] == t[:, 0]
             z_t = logits.gather(1, t)
@@ -167,13 +170,15 @@ class _FusedLinearCE(torch.autograd.Function):
             g = F.threshold_(logits.sub_(top), cutoff, float("-inf")).exp_()
             total = g.sum(-1, keepdim=True)
             lse = top + total.log()
-            losses[s:e] = (lse - (1 - eps) * z_t - smooth)[:, 0]
+            losses[s:e] = (lse - (1 - eps - u) * z_t - smooth - u * mean_z)[:, 0]
             if grad_h is None and grad_w is None and grad_b is None:
                 continue
-            # d loss_i / d logits = softmax - q_i, with q_i = (1 - eps) onehot(l_i) + eps / |L| onehot(L)
+            # d loss_i / d logits = softmax - q_i, with q_i = (1 - eps - u) onehot(l_i) + eps / |L| onehot(L) + u / V
             w = row_weights[s:e, None].to(acc)  # the row's weight in the total, folded into every term
             g.div_(total / w)
-            g.scatter_add_(1, t, -(1 - eps) * w)
+            g.scatter_add_(1, t, -(1 - eps - u) * w)
+            if smooth_vocab:
+                g.sub_(u * w / logits.shape[1])
             if set_w is not None:
                 g.scatter_add_(1, set_idx, -set_w * w)
             if grad_b is not None:
@@ -196,7 +201,7 @@ class _FusedLinearCE(torch.autograd.Function):
         for g in grads:
             if g is not None:
                 g.mul_(grad_out.to(g.dtype))
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def fused_linear_ce(
@@ -208,11 +213,14 @@ def fused_linear_ce(
     row_weights: Tensor | None = None,
     chunk_size: int = 1024,
     bias: Tensor | None = None,
+    vocab_eps: float | Tensor = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The engine of every loss here: ``(sum_i w_i loss_i, per-row losses (detached), per-row top-1 hits)``.
 
     ``hidden`` [N, D] rows, ``targets`` [N], ``label_sets`` [N, S] (-1 padded) smoothing sets,
-    ``eps`` scalar or [N], ``row_weights`` [N] (default 1/N: the mean).
+    ``eps`` scalar or [N] (smoothing over the row's set), ``vocab_eps`` scalar or [N] (label smoothing over
+    the whole vocabulary, as ``torch.nn.functional.cross_entropy(label_smoothing=...)`` and the HF Trainer's
+    ``LabelSmoother`` define it), ``row_weights`` [N] (default 1/N: the mean).
     """
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [N, D], got shape {tuple(hidden.shape)}")
@@ -221,14 +229,15 @@ def fused_linear_ce(
     if isinstance(lm_head, nn.Module):
 
         def run(head: nn.Module, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            return _fused_linear_ce(rows, *_head_params(head, bias), targets, label_sets, eps, row_weights, chunk_size)
+            params = _head_params(head, bias)
+            return _fused_linear_ce(rows, *params, targets, label_sets, eps, vocab_eps, row_weights, chunk_size)
 
         return through_head(lm_head, run, hidden)
     weight, bias = _head_params(lm_head, bias)
-    return _fused_linear_ce(hidden, weight, bias, targets, label_sets, eps, row_weights, chunk_size)
+    return _fused_linear_ce(hidden, weight, bias, targets, label_sets, eps, vocab_eps, row_weights, chunk_size)
 
 
-def _fused_linear_ce(hidden, weight, bias, targets, label_sets, eps, row_weights, chunk_size):
+def _fused_linear_ce(hidden, weight, bias, targets, label_sets, eps, vocab_eps, row_weights, chunk_size):
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise TypeError(f"lm_head weight must be a [V, D] tensor, got {type(weight)}")
     n = hidden.shape[0]
@@ -240,6 +249,7 @@ def _fused_linear_ce(hidden, weight, bias, targets, label_sets, eps, row_weights
         raise ValueError(f"targets must be token ids in [0, {weight.shape[0]}), got {int(targets.min())}..")
     device = hidden.device
     eps_rows = torch.as_tensor(eps, dtype=torch.float64, device=device).expand(n).contiguous()
+    vocab_eps_rows = torch.as_tensor(vocab_eps, dtype=torch.float64, device=device).expand(n).contiguous()
     if row_weights is None:
         row_weights = torch.full((n,), 1.0 / max(n, 1), dtype=torch.float64, device=device)
     grad_on = torch.is_grad_enabled() and n > 0
@@ -249,8 +259,13 @@ def _fused_linear_ce(hidden, weight, bias, targets, label_sets, eps, row_weights
         grad_on and bias is not None and bias.requires_grad,
     )
     return _FusedLinearCE.apply(
-        hidden, weight, bias, targets.long(), label_sets, eps_rows, row_weights, int(chunk_size), need
+        hidden, weight, bias, targets.long(), label_sets, eps_rows, vocab_eps_rows, row_weights, int(chunk_size), need
     )
+
+
+def check_smoothing(value: float, name: str) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
 def vision_loss(
@@ -267,8 +282,7 @@ def vision_loss(
     ``hidden`` [N, D] at the labeled tokens' own positions; ``targets`` [N] first sub-token of each
     token's word; ``label_sets`` [N, S] (-1 padded) row j = the smoothing set of j's image.
     """
-    if not 0.0 <= eps <= 1.0:
-        raise ValueError(f"vision smoothing eps must be in [0, 1], got {eps}")
+    check_smoothing(eps, "vision smoothing eps")
     if eps > 0 and label_sets is None:
         raise ValueError("vision smoothing (eps > 0) needs label_sets")
     loss, _, correct = fused_linear_ce(hidden, lm_head, targets, label_sets, eps, chunk_size=chunk_size, bias=bias)
@@ -302,13 +316,17 @@ def text_loss(
     use_liger: bool | None = None,
     bias: Tensor | None = None,
     tokens: StepTokens | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[Tensor, int]:
     """Standard shifted next-token CE over the label tokens (``-100`` ignored): ``(mean loss, n_tokens)``.
+
+    ``label_smoothing``: the HF Trainer's ``label_smoothing_factor`` (uniform over the vocabulary).
 
     ``use_liger`` (default: where ``liger_kernel`` is installed and the tensors are on CUDA) uses
     Liger's fused linear cross-entropy kernel instead of this module's chunked one. With ``tokens``
     the loss is this batch's share of the step's (sum over rows x processes / ``tokens.text``).
     """
+    check_smoothing(label_smoothing, "label_smoothing_factor")
     rows, targets = shifted_text_rows(hidden, labels)
     n = int(rows.shape[0])
     scale = 1.0 if tokens is None else n * tokens.processes / max(tokens.text, 1.0)
@@ -319,12 +337,14 @@ def text_loss(
 
         def liger(head: nn.Module | Tensor, rows: Tensor) -> Tensor:
             weight, b = _head_params(head, bias)
-            return LigerFusedLinearCrossEntropyLoss()(weight, rows, targets, b)
+            return LigerFusedLinearCrossEntropyLoss(label_smoothing=label_smoothing)(weight, rows, targets, b)
 
         loss = through_head(lm_head, liger, rows) if isinstance(lm_head, nn.Module) else liger(lm_head, rows)
         return loss * scale, n
     weights = torch.full((n,), scale / max(n, 1), dtype=torch.float64, device=rows.device)
-    loss, _, _ = fused_linear_ce(rows, lm_head, targets, row_weights=weights, chunk_size=chunk_size, bias=bias)
+    loss, _, _ = fused_linear_ce(
+        rows, lm_head, targets, row_weights=weights, chunk_size=chunk_size, bias=bias, vocab_eps=label_smoothing
+    )
     return loss, n
 
 
@@ -346,6 +366,7 @@ def dvsft_loss(
     eps: float = 0.0,
     chunk_size: int = 1024,
     tokens: StepTokens | None = None,
+    label_smoothing: float = 0.0,
 ) -> DVSFTLossOutput:
     """``L_text + vision_weight * L_vision`` in ONE pass over the LM head (text and vision rows share chunks).
 
@@ -354,10 +375,11 @@ def dvsft_loss(
     vision rows (or ``vision_weight == 0``) this is exactly the chunked SFT loss. ``tokens``: the
     optimizer step's counts; ``loss`` is then this batch's share of the step's loss (each term a sum
     over this batch's rows divided by the step's count, times ``tokens.processes``); the logged
-    ``text_loss`` / ``vision_loss`` stay this batch's means.
+    ``text_loss`` / ``vision_loss`` stay this batch's means. ``label_smoothing`` smooths the text rows over
+    the whole vocabulary (the HF Trainer's ``label_smoothing_factor``); ``eps`` smooths the vision rows.
     """
-    if not 0.0 <= eps <= 1.0:
-        raise ValueError(f"vision smoothing eps must be in [0, 1], got {eps}")
+    check_smoothing(eps, "vision smoothing eps")
+    check_smoothing(label_smoothing, "label_smoothing_factor")
     t_rows, t_targets = shifted_text_rows(hidden, labels)
     n_t = int(t_rows.shape[0])
     use_vision = vision_positions is not None and vision_weight != 0 and vision_positions.numel() > 0
@@ -379,9 +401,12 @@ def dvsft_loss(
             sets = torch.cat([v_sets.new_full((n_t, v_sets.shape[1]), -1), v_sets])
         elif eps > 0:
             raise ValueError("vision smoothing (eps > 0) needs vision_label_sets")
+    vocab_eps = torch.zeros(n_t + n_v, dtype=torch.float64, device=device)
+    vocab_eps[:n_t] = float(label_smoothing)
     loss, losses, correct = fused_linear_ce(
-        torch.cat(rows), lm_head, torch.cat(targets), sets, torch.cat(eps_rows), torch.cat(weights), chunk_size
-    )
+        torch.cat(rows), lm_head, torch.cat(targets), sets, torch.cat(eps_rows), torch.cat(weights), chunk_size,
+        vocab_eps=vocab_eps,
+    )  # fmt: skip
     zero = losses.new_zeros(())
     return DVSFTLossOutput(
         loss=loss,
