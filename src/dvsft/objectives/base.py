@@ -131,6 +131,10 @@ class Objective:
         """Weight of each term added to the total loss; terms not listed are logged only."""
         return {}
 
+    def callbacks(self) -> list[Any]:
+        """``transformers.TrainerCallback`` instances the Trainer adds for this objective."""
+        return []
+
     def loss(self, model: nn.Module, batch: dict[str, Any], hidden: HiddenStates) -> dict[str, torch.Tensor]:
         """Named loss terms (and metrics) for this batch. ``model`` is the unwrapped HF model: read its
         parts (``lm_head_of``), never call it (the forward already ran, see :func:`forward_hidden`)."""

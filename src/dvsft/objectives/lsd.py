@@ -17,7 +17,6 @@ import functools
 import logging
 import math
 import random
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -260,31 +259,27 @@ class LSDObjective(Objective):
         self.image_processor = crop_image_processor(config)
         self.rng = random.Random(opts.seed)
         self._captured: Any = None
-        self._param_ids = {id(p) for p in student.parameters()}
         self._hook = student.register_forward_hook(self._capture)
-        ref = weakref.ref(self)
 
-        def after_step(optimizer, args, kwargs):  # EMA update after every optimizer step on the student
-            obj = ref()
-            if obj is None:
-                handle.remove()
-                return
-            if any(id(p) in obj._param_ids for g in optimizer.param_groups for p in g["params"]):
-                obj.teacher.update(obj.student)
+    def callbacks(self) -> list[Any]:
+        """The EMA teacher follows the student after every optimizer step (a ``TrainerCallback``)."""
+        from transformers import TrainerCallback
 
-        from torch.optim.optimizer import register_optimizer_step_post_hook
+        objective = self
 
-        handle = register_optimizer_step_post_hook(after_step)
-        self._step_hook = handle
+        class EMAUpdate(TrainerCallback):
+            def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                objective.teacher.update(objective.student)
+
+        return [EMAUpdate()]
 
     def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
         if module.training and torch.is_grad_enabled():
             self._captured = getattr(output, "pooler_output", output)
 
     def close(self) -> None:
-        """Remove the hooks (the objective stops following the student)."""
+        """Remove the forward hook (the objective stops reading the student's features)."""
         self._hook.remove()
-        self._step_hook.remove()
 
     def weights(self) -> dict[str, float]:
         return {"lsd_loss": float(self.options.weight)}

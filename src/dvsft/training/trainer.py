@@ -114,6 +114,8 @@ class DVSFTTrainer(StreamingTrainerMixin, Trainer):
 
             self.remove_callback(PrinterCallback)
         self.objectives = objectives
+        for callback in (cb for obj in objectives for cb in obj.callbacks()):
+            self.add_callback(callback)
         accept_saved_key_format(base_model(self.model))  # resume and load_best_model_at_end read save_pretrained's keys
         self._needs_layers = any(o.needs_hidden_states for o in objectives)
         self._sums: dict[str, float] = {}
