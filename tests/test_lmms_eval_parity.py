@@ -1,10 +1,13 @@
 """Per-item parity with lmms-eval's own task code, the test oracle of dvsft.evaluation's metrics and prompts.
 
 A deterministic fuzz set (generated here: case, punctuation, articles, number words, percent and 5% edges,
-ANLS at and around 0.5, empty and whitespace predictions, reasoning blocks, 10-answer TextVQA lists, every
-OCRBench question type with full-width text, MME pairs in every category) is scored by dvsft and by
-lmms-eval's functions, through the same steps lmms-eval takes (reasoning tags cut, prediction stripped,
-then the task's ``process_results`` or metric). Needs the ``parity`` extra and lmms-eval itself:
+zero targets, ANLS at and around 0.5, empty and whitespace predictions, raw generations padded with spaces,
+newlines, tabs, ``\r\n``, U+3000 and U+00A0, reasoning blocks, 10-answer TextVQA lists, every OCRBench
+question type with full-width text, MME pairs in every category) is scored by dvsft's pipeline (the row a
+run stores, rescored) and by lmms-eval end to end: the evaluator's reasoning-tag cut, then lmms-eval's own
+``Task.process_results`` for the task built from its YAML (it strips, then runs the task's
+``process_results`` or metric). The metric functions are also compared one to one on unstripped text.
+Needs the ``parity`` extra and lmms-eval itself:
 ``pip install -e '.[parity]' && pip install lmms-eval==0.7.3 --no-deps`` (setup.sh does both).
 """
 
@@ -25,6 +28,7 @@ from dvsft.evaluation import metrics as M
 from dvsft.evaluation.benchmarks import MME_COGNITION, MME_PERCEPTION, OCRBENCH_TYPES, get_benchmark
 from dvsft.evaluation.items import EvalItem
 from dvsft.evaluation.prompts import build_prompt
+from dvsft.evaluation.runner import rescore
 
 INSTALL = f"pip install -e '.[parity]' && pip install lmms-eval=={M.LMMS_EVAL_VERSION} --no-deps"
 TASKS = ("docvqa", "infovqa", "chartqa", "ocrbench", "textvqa", "mme")
@@ -71,8 +75,42 @@ def lmms():
     from loguru import logger
 
     logger.disable("lmms_eval")  # its aggregations log every call
+    mods["tasks"] = {bench: lmms_task(mods, bench) for bench in TASKS}
     yield mods
     logger.enable("lmms_eval")
+
+
+# The one document each in-memory task is built with (lmms-eval's Task reads a first document's target)
+FIRST_DOCS = {
+    "docvqa": {"questionId": 0, "question": "q", "answers": ["a"]},
+    "infovqa": {"questionId": 0, "question": "q", "answers": ["a"]},
+    "chartqa": {"question": "q", "answer": "0", "type": "human_test"},
+    "ocrbench": {"question": "q", "answer": ["a"], "dataset": "IIIT5K", "question_type": "Doc-oriented VQA"},
+    "textvqa": {"question": "q", "answers": ["a"] * 10, "question_id": 0, "ocr_tokens": []},
+    "mme": {"question": "q", "answer": "Yes", "category": "OCR", "question_id": "q.png"},
+}
+
+
+def lmms_task(mods: dict[str, Any], bench: str) -> Any:
+    """lmms-eval's ``ConfigurableTask`` from the task's own YAML, its dataset one in-memory document."""
+    import lmms_eval
+    from datasets import Dataset, DatasetDict
+    from lmms_eval.api.task import ConfigurableTask
+
+    config = _YamlLoader.load(Path(lmms_eval.__file__).parent / "tasks" / PROMPT_YAML[bench], mods[bench])
+
+    class InMemoryTask(ConfigurableTask):
+        def download(self, dataset_kwargs: dict | None = None) -> None:
+            self.dataset = DatasetDict({config["test_split"]: Dataset.from_list([FIRST_DOCS[bench]])})
+
+    return InMemoryTask(config=config)
+
+
+def lmms_scores(lmms: dict[str, Any], bench: str, doc: dict[str, Any], raw: str) -> dict[str, Any]:
+    """lmms-eval's scoring of one raw generation: the evaluator cuts reasoning blocks
+    (``_process_document_results``), then the task's ``Task.process_results`` strips and scores."""
+    tags = lmms["reasoning"].parse_reasoning_tags_config(cli_value=CLI_REASONING_TAGS)
+    return lmms["tasks"][bench].process_results(doc, [lmms["reasoning"].strip_reasoning_tags(raw, tags)])
 
 
 def lmms_prediction(lmms: dict[str, Any], raw: str) -> str:
@@ -82,9 +120,11 @@ def lmms_prediction(lmms: dict[str, Any], raw: str) -> str:
 
 
 def ours(bench: str, raw: str, answers: list[str], meta: dict | None = None) -> dict[str, Any]:
-    row = {"id": "x", "prediction": raw, "answers": answers, "meta": meta or {}}
-    metrics = get_benchmark(bench).score(row, "lmms-eval")
-    assert metrics is not None
+    """dvsft's scores of a raw generation, as a run rescores its stored row; the row as ``Generator`` stores
+    it (the decoded text stripped) scores the same."""
+    rows = [{"id": "x", "prediction": p, "answers": answers, "meta": meta or {}} for p in (raw, raw.strip())]
+    metrics, stored = (rescore(get_benchmark(bench), row, "lmms-eval") for row in rows)
+    assert metrics == stored, (bench, raw, metrics, stored)
     return metrics
 
 
@@ -102,11 +142,26 @@ WORDS = [
     "2019-2020", "#1", "1st", "ＣＥＮＴＲＡＬ", "ｔｏｔａｌ", "１２", "Ａ\u3000Ｂ", "Café", "naïve", "ß", "İstanbul",
 ]  # fmt: skip
 PUNCT = [".", ",", "?", "!", ";", ":", "-", "'", '"', "(", ")", "/", "\\", "_", "@", "`", "=", "+", "<", ">"]
+# What raw generations carry around (and in) an answer: spaces, newlines, tabs, CRLF, ideographic and no-break spaces
+WHITESPACE = [" ", "  ", "\n", "\t", "\r\n", "\u3000", "\xa0"]
+# ChartQA compares a zero target as text (a falsy float): whitespace on either side counts there
+ZERO_TARGETS = ["0", "0.0", "0%", "-0", "0.00", " 0", "0\n", "0\u3000", "\xa00", "0\r\n"]
+
+
+def whitespace_run(rng: random.Random) -> str:
+    return "".join(rng.choice(WHITESPACE) for _ in range(rng.randint(0, 3)))
+
+
+def pad_whitespace(rng: random.Random, text: str) -> str:
+    """``text`` between whitespace runs, its spaces sometimes another whitespace character."""
+    if rng.random() < 0.3:
+        text = text.replace(" ", rng.choice(WHITESPACE))
+    return whitespace_run(rng) + text + whitespace_run(rng)
 
 
 def variant(rng: random.Random, text: str) -> str:
     """A perturbation of ``text`` of the kinds models produce."""
-    kind = rng.randrange(16)
+    kind = rng.randrange(17)
     if kind == 0:
         return text
     if kind == 1:
@@ -139,6 +194,8 @@ def variant(rng: random.Random, text: str) -> str:
         return f"{text} {rng.choice(WORDS)}"
     if kind == 14:
         return text.title()
+    if kind == 15:
+        return pad_whitespace(rng, text)
     return rng.choice(WORDS)
 
 
@@ -164,13 +221,16 @@ def test_anls_matches_lmms_eval(lmms, bench, seed):
     for _ in range(600):
         answers = [phrase(rng) for _ in range(rng.randint(1, 3))]
         cases.append((variant(rng, rng.choice(answers)), answers))
+    for _ in range(200):  # whitespace around answers too: the divisor is the max of the raw lengths
+        answers = [pad_whitespace(rng, phrase(rng)) if rng.random() < 0.4 else phrase(rng) for _ in range(3)]
+        cases.append((pad_whitespace(rng, rng.choice(answers).strip()), answers[: rng.randint(1, 3)]))
     for _ in range(250):
         answer, pred = half_distance_pair(rng)
         cases.append((pred if rng.random() < 0.8 else f" {pred.upper()} ", [answer]))
     cases += [("", [""]), (" ", ["a"]), ("abc", ["", "abc"]), ("A  B", ["a b"]), ("ab", ["abcd"]), ("abcd", ["ab"])]
     mismatches = []
-    for raw, answers in cases:
-        want = lmms["metrics"].anls(references=answers, predictions=[lmms_prediction(lmms, raw)])["anls"]
+    for i, (raw, answers) in enumerate(cases):
+        want = lmms_scores(lmms, bench, {"questionId": i, "question": "q", "answers": answers}, raw)["anls"]
         got = ours(bench, raw, answers)["score"]
         if got != want:
             mismatches.append((raw, answers, got, want))
@@ -207,6 +267,9 @@ def chartqa_cases(rng: random.Random) -> list[tuple[str, str]]:
     for _ in range(300):
         target = rng.choice(WORDS + ["12%", "1e3", "nan", "inf", "-0", "1_000", "٣", "Yes"])
         cases.append((variant(rng, target), target))
+    for _ in range(200):
+        target = rng.choice(ZERO_TARGETS)
+        cases.append((pad_whitespace(rng, rng.choice(["0", "0.0", "0%", "00", target.strip()])), target))
     cases += [("12%", "0.12"), ("0.12", "12%"), ("105", "100"), ("95", "100"), ("", "0"), ("nan", "nan"), ("", "")]
     cases += [("12% ", "12%"), ("<think>no</think> 7", "7"), ("1e3", "1000"), ("infinity", "inf")]
     return cases
@@ -217,7 +280,7 @@ def test_chartqa_relaxed_accuracy_matches_lmms_eval(lmms):
     mismatches = []
     for i, (raw, target) in enumerate(cases):
         doc = {"answer": target, "type": "human_test" if i % 2 else "augmented_test"}
-        theirs = lmms["chartqa"].chartqa_process_results(doc, [lmms_prediction(lmms, raw)])
+        theirs = lmms_scores(lmms, "chartqa", doc, raw)
         split = "relaxed_human_split" if i % 2 else "relaxed_augmented_split"
         got = ours("chartqa", raw, [target], {"type": doc["type"]})["score"]
         if (got, got) != (theirs["relaxed_overall"], theirs[split]):
@@ -250,19 +313,19 @@ def test_textvqa_accuracy_matches_lmms_eval(lmms):
     for _ in range(500):
         pool = rng.sample(VQA_FORMS, rng.randint(1, 4))
         n = 10 if rng.random() < 0.85 else rng.randint(2, 9)
-        answers = [rng.choice(pool) for _ in range(n)]
+        answers = [pad_whitespace(rng, a) if rng.random() < 0.1 else a for a in rng.choices(pool, k=n)]
         cases.append((variant(rng, rng.choice(pool + [rng.choice(VQA_FORMS)])), answers))
     mismatches = []
     for i, (raw, answers) in enumerate(cases):
         doc = {"answers": list(answers), "question_id": i}  # lmms-eval normalises doc["answers"] in place
-        want = lmms["textvqa"].textvqa_process_results(doc, [lmms_prediction(lmms, raw)])["exact_match"]
+        want = lmms_scores(lmms, "textvqa", doc, raw)["exact_match"]
         got = ours("textvqa", raw, answers)["score"]
         if got != want:
             mismatches.append((raw, answers, got, want))
     assert len({round(ours("textvqa", p, a)["score"], 4) for p, a in cases}) >= 5  # partial credit exercised
     report("TextVQA VQA accuracy", len(cases), mismatches)
     # The one documented difference: a single answer (word records) is normalised exact match here, 0 there.
-    single = lmms["textvqa"].textvqa_process_results({"answers": ["dog"], "question_id": 0}, ["dog"])
+    single = lmms_scores(lmms, "textvqa", {"answers": ["dog"], "question_id": 0}, "dog")
     assert single["exact_match"] == 0 and ours("textvqa", "dog", ["dog"])["score"] == 1.0
 
 
@@ -298,6 +361,7 @@ def ocrbench_cases(rng: random.Random) -> list[dict[str, Any]]:
                 truth.replace(" ", "\n"),
                 "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in truth),
                 truth.replace(" ", "\u3000"),
+                pad_whitespace(rng, truth),
                 variant(rng, rng.choice(pool)),
             ]
         )
@@ -314,7 +378,7 @@ def test_ocrbench_per_item_and_aggregate_match_lmms_eval(lmms, tmp_path, monkeyp
     mismatches, theirs, rows = [], [], []
     for i, c in enumerate(cases):
         doc = {"answer": copy.deepcopy(c["answer"]), "dataset": c["dataset"], "question_type": c["qtype"]}
-        result = utils.ocrbench_process_results(doc, [lmms_prediction(lmms, c["pred"])])["ocrbench_accuracy"]
+        result = lmms_scores(lmms, "ocrbench", doc, c["pred"])["ocrbench_accuracy"]
         answers = c["answer"] if isinstance(c["answer"], list) else [c["answer"]]
         meta = {"dataset": c["dataset"], "question_type": c["qtype"]}
         got = ours("ocrbench", c["pred"], answers, meta)["score"]
@@ -376,6 +440,7 @@ def mme_cases(rng: random.Random) -> list[dict[str, Any]]:
         category = categories[image % len(categories)] if image < 28 else rng.choice(categories)
         for k, answer in enumerate(["Yes", "No"] if rng.random() < 0.9 else [rng.choice(["Yes", "No", "yes."])] * 2):
             pred = rng.choice(MME_PREDICTIONS) if rng.random() < 0.7 else variant(rng, answer)
+            pred = pad_whitespace(rng, pred) if rng.random() < 0.2 else pred
             cases.append(
                 {"pred": pred, "answer": answer, "category": category, "question_id": f"{category}/{image}.png", "k": k}
             )
@@ -389,9 +454,9 @@ def test_mme_parse_per_item_and_totals_match_lmms_eval(lmms):
     for c in cases:
         pred = lmms_prediction(lmms, c["pred"])
         if M.mme_parse(M.clean_prediction(c["pred"])) != utils.parse_pred_ans(pred):
-            parse_mismatches.append((c["pred"], M.mme_parse(c["pred"]), utils.parse_pred_ans(pred)))
+            parse_mismatches.append((c["pred"], M.mme_parse(M.clean_prediction(c["pred"])), utils.parse_pred_ans(pred)))
         doc = {"answer": c["answer"], "category": c["category"], "question_id": c["question_id"]}
-        ((key, result),) = utils.mme_process_results(doc, [pred]).items()
+        ((key, result),) = lmms_scores(lmms, "mme", doc, c["pred"]).items()
         meta = {"category": c["category"], "pair": c["question_id"]}
         got = ours("mme", c["pred"], [c["answer"]], meta)
         if (
@@ -418,23 +483,97 @@ def test_mme_parse_per_item_and_totals_match_lmms_eval(lmms):
     report("MME perception / cognition totals", 2, mismatches)
 
 
+# ------------------------------------------------------------------------------------ metric functions, raw text
+
+
+def raw_text_cases(rng: random.Random, n: int = 400) -> list[tuple[str, list[str]]]:
+    """(prediction, answers) with whitespace left in place on both sides, as a caller may pass them."""
+    cases = []
+    for _ in range(n):
+        if rng.random() < 0.25:  # a zero target (compared as text by relaxed accuracy) and a zero prediction
+            target = rng.choice(ZERO_TARGETS)
+            cases.append((pad_whitespace(rng, rng.choice(["0", "0.0", "0%", target.strip()])), [target]))
+            continue
+        answers = [rng.choice(WORDS + VQA_FORMS) for _ in range(rng.randint(1, 3))]
+        answers = [pad_whitespace(rng, a) if rng.random() < 0.3 else a for a in answers]
+        truth = rng.choice(answers).strip()
+        cases.append((pad_whitespace(rng, rng.choice([truth, variant(rng, truth), phrase(rng)])), answers))
+    return cases
+
+
+def raw_scores(lmms: dict[str, Any], pred: str, answers: list[str], yes_no: str) -> dict[str, tuple]:
+    """(dvsft, lmms-eval) per metric function, both called on the unstripped ``pred`` and answers."""
+    ten = (answers * 10)[:10]
+    out = {
+        "anls": (M.anls(pred, answers), lmms["metrics"].anls(references=answers, predictions=[pred])["anls"]),
+        "relaxed_correctness": (
+            M.relaxed_correctness(pred, answers[0]),
+            lmms["chartqa"].relaxed_correctness(pred, answers[0]),
+        ),
+        "EvalAI normalisation": (M.vqa_normalize(pred), lmms["evalai"].EvalAIAnswerProcessor()(pred)),
+        "vqa_accuracy": (
+            M.vqa_accuracy(pred, ten),
+            lmms["textvqa"].textvqa_process_results({"answers": list(ten), "question_id": 0}, [pred])["exact_match"],
+        ),
+        "mme_parse": (M.mme_parse(pred), lmms["mme"].parse_pred_ans(pred)),
+        "mme_correct": (
+            M.mme_correct(pred, yes_no),
+            lmms["mme"].mme_process_results({"answer": yes_no, "category": "OCR", "question_id": "q"}, [pred])[
+                "mme_perception_score"
+            ]["score"],
+        ),
+    }
+    for dataset in ("IIIT5K", "HME100k"):
+        doc = {"answer": list(answers), "dataset": dataset, "question_type": "Doc-oriented VQA"}
+        theirs = lmms["ocrbench"].ocrbench_process_results(doc, [pred])["ocrbench_accuracy"]["score"]
+        out[f"ocrbench_score, {dataset}"] = (M.ocrbench_score(pred, answers, dataset), theirs)
+    return out
+
+
+def test_metric_functions_match_lmms_eval_on_unstripped_text(lmms):
+    """Each metric called directly on text nobody stripped normalises it as lmms-eval's function does."""
+    rng = random.Random(9)
+    cases = raw_text_cases(rng)
+    mismatches: dict[str, list] = {}
+    whitespace_matters = {"anls": 0, "relaxed_correctness": 0}
+    for pred, answers in cases:
+        yes_no = pad_whitespace(rng, rng.choice(["Yes", "No"]))
+        scores = raw_scores(lmms, pred, answers, yes_no)
+        stripped = raw_scores(lmms, pred.strip(), answers, yes_no)
+        for name, (got, want) in scores.items():
+            mismatches.setdefault(name, [])
+            if got != want:
+                mismatches[name].append((pred, answers, yes_no, got, want))
+            if name in whitespace_matters:
+                whitespace_matters[name] += want != stripped[name][1]
+    # lmms-eval's own results change when the prediction is stripped first: the cases reach that difference
+    assert min(whitespace_matters.values()) >= 20, whitespace_matters
+    for name, found in mismatches.items():
+        report(f"{name} on unstripped text", len(cases), found)
+
+
 # ------------------------------------------------------------------------------------ prompts
 
 
 class _YamlLoader:
-    """lmms-eval task YAML with its ``!function`` tags read as plain strings and ``include`` followed."""
+    """lmms-eval task YAML with ``include`` followed and its ``!function utils.NAME`` tags read as plain
+    strings, or as ``NAME`` of ``functions`` (the task's utils module) where given."""
 
     @staticmethod
-    def load(path: Path) -> dict[str, Any]:
+    def load(path: Path, functions: Any = None) -> dict[str, Any]:
         import yaml
 
         class Loader(yaml.SafeLoader):
             pass
 
-        Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+        def function(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+            name = loader.construct_scalar(node)
+            return name if functions is None else getattr(functions, name.removeprefix("utils."))
+
+        Loader.add_constructor("!function", function)
         config = yaml.load(path.read_text(), Loader=Loader)  # noqa: S506 - SafeLoader subclass
         if "include" in config:
-            base = _YamlLoader.load(path.parent / config.pop("include"))
+            base = _YamlLoader.load(path.parent / config.pop("include"), functions)
             config = {**base, **config}
         return config
 

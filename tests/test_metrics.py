@@ -40,6 +40,13 @@ def test_anls_divides_by_raw_lengths():
     assert M.anls("  ab  ", ["ax"]) == pytest.approx(1 - 1 / 6)
 
 
+def test_anls_whitespace_of_raw_generations_counts_in_the_divisor_only():
+    # U+3000, CRLF, NBSP, tabs: gone for the distance (str.split), kept in the raw lengths that divide it
+    assert M.anls("\u3000ab\r\n", ["abcd"]) == pytest.approx(1 - 2 / 5)  # stripped first it would be 1 - 2/4
+    assert M.anls("abc", ["\xa0abcd\xa0"]) == pytest.approx(1 - 1 / 6)
+    assert M.anls("ab\t", ["ab"]) == 1.0
+
+
 def test_anls_takes_the_best_answer():
     assert M.anls("cat", ["dog", "cat"]) == 1.0
     assert M.anls("", [""]) == 1.0
@@ -64,6 +71,12 @@ def test_anls_takes_the_best_answer():
         ("Yes", "yes", True),  # case-insensitive text
         ("yes ", "yes", False),  # no stripping of text
         (" 12", "12", True),  # float() tolerates surrounding spaces
+        ("12\u3000", "12", True),  # and any Unicode whitespace
+        ("\t50%", "0.5", True),
+        ("12%\n", "12%", False),  # the newline hides the percent sign from float()
+        ("0\n", "0", False),  # zero target: raw text, so a trailing newline is a difference
+        ("0", " 0", False),
+        ("0.0\r\n", "0.0", False),
         ("-3", "-3.1", True),
     ],
 )
@@ -86,6 +99,9 @@ def test_relaxed_correctness(pred, target, ok):
         ("end.", "end"),
         ("It's   a\tcat", "it 's cat"),
         ("yes, sir", "yes sir"),
+        ("\xa0two\r\n", "2"),
+        ("new\xa0york", "new york"),  # split() takes any whitespace
+        ("a\u3000dog", "dog"),
     ],
 )
 def test_evalai_normalisation(text, norm):
@@ -127,6 +143,15 @@ def test_ocrbench_hme100k_ignores_spaces_keeps_case(rules):
     assert M.ocrbench_score(r"\frac{a}{b}", [r"\frac{A}{B}"], "HME100k", rules) == 0
 
 
+def test_ocrbench_whitespace_of_raw_generations():
+    assert M.ocrbench_score("central\r\n", ["CENTRAL"], "IIIT5K") == 1
+    assert M.ocrbench_score("\tＡ\u3000Ｂ\n", ["a b"], "svt") == 1
+    # HME100k removes only ASCII spaces: a tab or an ideographic space inside the formula stays
+    assert M.ocrbench_score("x ^ { 2 } + 1\r\n", ["x^{2}+1"], "HME100k") == 1
+    assert M.ocrbench_score("x^{2}\t+1", ["x^{2}+1"], "HME100k") == 0
+    assert M.ocrbench_score("x^{2}\u3000+1", ["x^{2}+1"], "HME100k") == 0
+
+
 def test_ocrbench_fullwidth_folding_only_under_lmms_eval_rules():
     assert M.fold_fullwidth("ＣＥＮＴＲＡＬ\u3000１２！") == "CENTRAL 12!"
     assert M.fold_fullwidth("中文ｶﾀ") == "中文ｶﾀ"  # only U+FF01..FF5E and U+3000 move
@@ -161,6 +186,7 @@ def test_mme_yes_no_metrics():
 
 def test_exact_match():
     assert M.exact_match(" Harry Potter ", ["harry potter"]) == 1.0
+    assert M.exact_match("Harry Potter\u3000\r\n", ["\xa0harry potter"]) == 1.0  # str.strip: any whitespace
     assert M.exact_match("Harry Potter.", ["harry potter"]) == 0.0
 
 
@@ -188,6 +214,9 @@ def test_squad_em_f1():
         ("Not sure", "no"),  # "no" within the first four characters
         ("I think yes", "other"),
         ("nope", "no"),
+        ("\u3000Yes\r\n", "yes"),
+        ("Y\t", "yes"),
+        ("\xa0no.", "no"),
     ],
 )
 def test_mme_parse(pred, label):
