@@ -224,7 +224,7 @@ def test_align_file_records_errors_and_overlays(tmp_path, tokenizer):
         assert row["dropped"] == ({"too_many_subtokens": dropped} if dropped else {})
         assert all(isinstance(lab["token_id"], int) for lab in row["vision_labels"])
     assert rows[2]["vision_labels"] == rows[0]["vision_labels"]
-    overlays = sorted(p.name for p in (tmp_path / "ov").iterdir())
+    overlays = sorted(p.name for p in (tmp_path / "ov").glob("*.png"))
     assert overlays == ["p0.png", "p1.png"]  # the limit
     with Image.open(tmp_path / "ov" / "p0.png") as im:
         assert im.size == pages[0].image.size
@@ -271,9 +271,9 @@ def test_cli_render_align_stats(tmp_path, cli, tokenizer_dir):
     res = runner.invoke(cli, ["stats", str(tmp_path / "a.jsonl"), "--tokenizer", str(tokenizer_dir)])
     assert res.exit_code == 0 and "vision coverage" in res.output and "tokens" in res.output
     res = runner.invoke(cli, ["stats", str(tmp_path / "r" / "words.jsonl")])
-    assert res.exit_code == 1 and "run `dvsft align`" in res.output
+    assert res.exit_code == 2 and "run `dvsft align`" in res.output
     res = runner.invoke(cli, ["render", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")])
-    assert res.exit_code == 1 and "no such file" in res.output
+    assert res.exit_code == 2 and "no such file" in res.output
 
 
 def test_cli_align_defaults_to_the_training_grid(tmp_path, cli):
@@ -287,7 +287,9 @@ def test_cli_align_defaults_to_the_training_grid(tmp_path, cli):
     runner = CliRunner()
 
     def grid(*flags):
-        res = runner.invoke(cli, ["align", str(tmp_path / "w.jsonl"), "--out", str(tmp_path / "a.jsonl"), *flags])
+        res = runner.invoke(
+            cli, ["align", str(tmp_path / "w.jsonl"), "--out", str(tmp_path / "a.jsonl"), "--overwrite", *flags]
+        )
         assert res.exit_code == 0, res.output
         return next(iter(read_jsonl(tmp_path / "a.jsonl")))["grid"]
 

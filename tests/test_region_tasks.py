@@ -187,7 +187,7 @@ def test_cli_tasks_granvit_and_finevit(tmp_path):
     assert (out.parent / rows[0]["image"]).resolve() == (img_dir / "a.png").resolve()
     c2b = next(r for r in rows if r["tasks"][0]["name"] == "caption2bbox" and r["tasks"][0]["text"] == "four")
     assert json.loads(c2b["messages"][1]["content"]) == BoxCodec("qwen3-vl").quantize(words[3]["box"], 600, 200)
-    res = runner.invoke(app, ["tasks", "finevit", str(src), "--out", str(out), "--level", "word"])
+    res = runner.invoke(app, ["tasks", "finevit", str(src), "--out", str(out), "--level", "word", "--overwrite"])
     assert res.exit_code == 0, res.output
     assert {r["tasks"][0]["name"] for r in read_jsonl(out)} == {"bbox2ocr", "ocr2bbox"}
     assert len(list(read_jsonl(out))) == 8

@@ -87,6 +87,21 @@ def draw_overlay(
     return Image.alpha_composite(base, layer).convert("RGB")
 
 
+def unique_name(record_id: Any, line: int, used: set[str]) -> str:
+    """The overlay file name of a record: its id made file-safe, ``-line<N>`` (then a count) added when another
+    record of this run already took that name (duplicate ids never overwrite each other's overlay); adds it to
+    ``used``."""
+    from dvsft.sources.label_to_image import safe_name
+
+    stem = safe_name(str(record_id if record_id is not None else f"line{line}"))
+    name, k = f"{stem}.png", 1
+    while name in used:
+        name = f"{stem}-line{line}.png" if k == 1 else f"{stem}-line{line}-{k}.png"
+        k += 1
+    used.add(name)
+    return name
+
+
 def save_overlay(
     path: str | Path,
     image: Image.Image,

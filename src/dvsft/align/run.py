@@ -5,18 +5,23 @@ Each output record is the input record plus ``grid: [rows, cols]``, ``vision_lab
 (the settings used). Image paths are rewritten relative to the output file. Lines and records that cannot
 be aligned (unreadable JSON, anything :func:`dvsft.core.records.check_record` finds, an image size the processors
 refuse...) go to ``<out stem>.errors.jsonl``, one row per problem: ``{"file", "line", "id", "reason"}``.
+Input where records exist but none aligns (a compressed file, a JSON array, Parquet without images) is an
+error naming the first problem; empty input gives an empty output. Outputs never destroy
+(:mod:`dvsft.core.outputs`): an existing output or overlay folder of other files is refused unless ``overwrite``.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from dvsft.align.aligner import AlignConfig, align_record, tiled_source
+from dvsft.core.outputs import check_file, claim_folder, install_folder, refuse_inputs, temp_sibling
 from dvsft.core.record_sources import iter_entries
 from dvsft.core.record_table import DEFAULT_ROWS_PER_SHARD, check_format, write_records
 from dvsft.core.records import Problem, check_record, image_path, write_jsonl
@@ -51,19 +56,23 @@ def align_file(
     progress: Callable[[], Any] | None = None,
     fmt: str = "jsonl",
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Align ``words_file`` (any record source: JSONL, Parquet, shards, a ``datasets`` folder) into ``out``
     (JSONL, or with ``fmt="parquet"`` a folder of shards); returns counts (records, aligned, errors = records
-    that failed, error_rows, labels, dropped)."""
+    that failed, error_rows, vision_labels, visual_tokens, overlays, dropped). Raises ``ValueError`` when
+    records exist but none aligns (nothing is written but the errors file)."""
     from PIL import Image, ImageOps
 
-    from dvsft.align.overlay import save_overlay
-    from dvsft.sources.label_to_image import safe_name
+    from dvsft.align.overlay import save_overlay, unique_name
 
     words_file, out = Path(words_file), Path(out)
     if not words_file.exists():
         raise ValueError(f"{words_file}: no such file or folder")
     check_format(fmt)
+    check_outputs(words_file, out, fmt, overlay_dir, overwrite)
+    err_file = errors_path(out)
+    used_names: set[str] = set()
     out_dir = out.resolve() if fmt == "parquet" and out.suffix.lower() != ".parquet" else out.resolve().parent
     config = config or AlignConfig()
     settings = {
@@ -77,7 +86,7 @@ def align_file(
     }
     errors: list[dict[str, Any]] = []
     dropped: Counter = Counter()
-    summary = Counter()
+    summary = Counter(dict.fromkeys(("records", "aligned", "vision_labels", "visual_tokens", "failed"), 0))
     overlays = 0
     tiled = tiled_source(source)
     if tiled is not None and not isinstance(tiled, str):
@@ -127,7 +136,7 @@ def align_file(
             summary["visual_tokens"] += grid.num_tokens if not isinstance(grid, Layout) else row["visual_tokens"]
             dropped.update(alignment.dropped)
             if (
-                overlay_dir is not None
+                staging is not None
                 and not isinstance(grid, Layout)
                 and (overlay_limit is None or overlays < overlay_limit)
                 and "image" in rec
@@ -138,17 +147,49 @@ def align_file(
                         im = ImageOps.exif_transpose(im)
                         if im.size != (grid.width, grid.height):  # the record's size is authoritative
                             im = im.resize((grid.width, grid.height))
-                        name = safe_name(str(rec.get("id", f"line{n}"))) + ".png"
-                        save_overlay(Path(overlay_dir) / name, im, grid, alignment.labels, rec.get("words"))
+                        name = unique_name(rec.get("id"), n, used_names)
+                        save_overlay(staging / name, im, grid, alignment.labels, rec.get("words"))
                     overlays += 1
             yield row
+        if summary["records"] and not summary["aligned"]:
+            _write_errors(err_file, errors)
+            raise ValueError(_nothing_aligned(words_file, summary["records"], errors, err_file))
 
-    write_records(out, rows(), fmt, rows_per_shard)
-    err_file = errors_path(out)
-    if errors:
-        write_jsonl(err_file, errors)
-    elif err_file.exists():
-        err_file.unlink()
+    staging = temp_sibling(overlay_dir, folder=True) if overlay_dir is not None else None  # overlays go here first
+    try:
+        write_records(out, rows(), fmt, rows_per_shard, "align", overwrite)
+        if staging is not None and overlay_dir is not None:
+            install_folder(staging, overlay_dir, "align", overwrite)
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    _write_errors(err_file, errors)
     failed = summary.pop("failed", 0)
     counts = {**summary, "errors": failed, "error_rows": len(errors), "overlays": overlays}
     return {**counts, "dropped": dict(sorted(dropped.items()))}
+
+
+def check_outputs(words_file: Path, out: Path, fmt: str, overlay_dir: str | Path | None, overwrite: bool) -> None:
+    """Refuse outputs that are the input, or exist without ``overwrite`` (:mod:`dvsft.core.outputs`); nothing is
+    written. :func:`align_file` calls it first; a caller may call it before showing progress."""
+    refuse_inputs([out, errors_path(out), overlay_dir], [words_file])
+    if fmt == "parquet" and out.suffix.lower() != ".parquet":
+        claim_folder(out, "align", overwrite)
+    else:
+        check_file(out, overwrite)
+    check_file(errors_path(out), overwrite)
+    if overlay_dir is not None:
+        claim_folder(overlay_dir, "align", overwrite, hint="choose another --overlay or pass --overwrite")
+
+
+def _write_errors(err_file: Path, errors: list[dict[str, Any]]) -> None:
+    """The errors file of this run: its rows, or no file when there were none."""
+    if errors:
+        write_jsonl(err_file, errors)
+    else:
+        err_file.unlink(missing_ok=True)
+
+
+def _nothing_aligned(words_file: Path, records: int, errors: list[dict[str, Any]], err_file: Path) -> str:
+    first = Problem(**errors[0]) if errors else "no problem recorded"
+    return f"none of the {records} records of {words_file} could be aligned; first: {first} (all problems: {err_file})"

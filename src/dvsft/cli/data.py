@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from dvsft.cli.common import fail
+from dvsft.core.outputs import OVERWRITE_HELP
 
 
 class DatasetName(StrEnum):
@@ -55,11 +56,12 @@ def convert(
     to: str = typer.Option("auto", help="jsonl, parquet or datasets; auto = from OUT's suffix (.jsonl/.parquet)."),
     rows_per_shard: int = typer.Option(10_000, min=1, help="Records per Parquet shard."),
     embed_images: bool = typer.Option(False, help="Store the image files inside the records (image_bytes)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Convert word records between JSONL, Parquet shards and a Hugging Face datasets folder (lossless)."""
     from dvsft.core.convert import convert as run
 
-    n = run(source, out, to, rows_per_shard, embed_images)
+    n = run(source, out, to, rows_per_shard, embed_images, overwrite)
     typer.echo(f"{n} records -> {out}")
 
 
@@ -70,11 +72,12 @@ def merge(
     image_root: Path | None = typer.Option(None, help="--image-root of the label runs (for --source)."),
     fmt: str = typer.Option("jsonl", "--format", help="jsonl, or parquet: OUT is a folder of shards."),
     rows_per_shard: int = typer.Option(10_000, min=1, help="Records per Parquet shard (--format parquet)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Join sharded label outputs, checking that no input is missing or present twice."""
     from dvsft.sources.merge import merge as run
 
-    report = run(parts, out, fmt, rows_per_shard, source, image_root)
+    report = run(parts, out, fmt, rows_per_shard, source, image_root, overwrite)
     checked = f", all {report.expected} inputs of {source} exactly once" if report.expected is not None else ""
     typer.echo(f"{report.parts} parts: {report.records} records and {report.errors} error rows{checked} -> {out}")
 
@@ -99,6 +102,7 @@ def prepare(
     ),
     fmt: str = typer.Option("jsonl", "--format", help="jsonl, or parquet: a folder <dataset>[_<split>]/ of shards."),
     rows_per_shard: int = typer.Option(10_000, min=1, help="Records per Parquet shard (--format parquet)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Convert DocVQA / InfographicVQA / SQuAD downloads into records with conversations (no OCR yet)."""
     from rich.console import Console
@@ -120,6 +124,7 @@ def prepare(
             instructions=instructions,
             fmt=fmt,
             rows_per_shard=rows_per_shard,
+            overwrite=overwrite,
         )
     except (OSError, ValueError) as err:
         fail(err, console)

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from dvsft.cli.common import fail, from_params
+from dvsft.core.outputs import OVERWRITE_HELP
 from dvsft.core.progress import progress_bar
 
 
@@ -56,6 +57,7 @@ def render(
         "jsonl", "--out-format", help="parquet: also write OUT/words/ as Parquet shards (from words.jsonl)."
     ),
     rows_per_shard: int = typer.Option(10_000, min=1, help="Records per Parquet shard (--out-format parquet)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Render text documents onto token-aligned images (label-to-image) and write word records."""
     from rich.console import Console
@@ -65,12 +67,12 @@ def render(
     try:
         options = from_params(RenderOptions, ctx.params, ppl_model=str(ppl_model) if ppl_model else None)
     except ValueError as err:
-        fail(err, code=1)
+        fail(err)
     with progress_bar() as bar:
         try:
-            stats = render_source(source, out, options, bar.stages())
+            stats = render_source(source, out, options, bar.stages(), overwrite)
         except ValueError as err:
-            fail(err, code=1)
+            fail(err)
     keys = [k for k in stats if isinstance(stats[k], int | float) and not isinstance(stats[k], bool)]
     Console().print(_table(f"dvsft render -> {out}", [(k, str(stats[k])) for k in keys]))
 
@@ -92,12 +94,13 @@ def align(
     overlay_limit: int = typer.Option(20, help="At most this many overlays."),
     fmt: str = typer.Option("jsonl", "--format", help="jsonl, or parquet: --out is a folder of Parquet shards."),
     rows_per_shard: int = typer.Option(10_000, min=1, help="Records per Parquet shard (--format parquet)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Align word boxes to a model's visual tokens (bottom-right corner rule + the paper's filters)."""
     from rich.console import Console
 
     from dvsft.align.aligner import AlignConfig
-    from dvsft.align.run import align_file, errors_path, load_tokenizer
+    from dvsft.align.run import align_file, check_outputs, errors_path, load_tokenizer
     from dvsft.core.record_sources import count_records
     from dvsft.models.geometry import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 
@@ -106,6 +109,8 @@ def align(
         min_pixels = TRAIN_MIN_PIXELS if min_pixels is None else min_pixels
         max_pixels = TRAIN_MAX_PIXELS if max_pixels is None else max_pixels
     try:
+        if words.exists():
+            check_outputs(words, out, fmt, overlay, overwrite)
         tok = load_tokenizer(tokenizer) if tokenizer else None
         total = count_records(words) if words.exists() else 0
         with progress_bar(unit="records") as bar:
@@ -122,9 +127,10 @@ def align(
                 bar.counter("align", total),
                 fmt,
                 rows_per_shard,
+                overwrite,
             )
     except (ValueError, OSError) as err:
-        fail(err, code=1)
+        fail(err)
     rows = [(k, str(v)) for k, v in summary.items() if k != "dropped"]
     rows += [(f"dropped: {k}", str(v)) for k, v in summary["dropped"].items()]
     if summary["visual_tokens"]:
@@ -150,7 +156,7 @@ def stats(
         tok = load_tokenizer(tokenizer) if tokenizer else None
         result = file_stats(aligned, tok)
     except ValueError as err:
-        fail(err, code=1)
+        fail(err)
     if as_json:
         print(json.dumps(result, indent=2))
         return

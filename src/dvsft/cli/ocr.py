@@ -33,7 +33,9 @@ def label(
     source: Path = typer.Argument(
         ..., help="Folder of images (recursive), one image, or a ShareGPT/LLaVA dataset (.json/.jsonl)."
     ),
-    out: Path = typer.Option(..., "--out", "-o", help="Output word records (JSONL); errors go to <stem>.errors.jsonl."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output word records (JSONL, resumed if it exists); errors go to <stem>.errors.jsonl."
+    ),
     workers: int = typer.Option(1, min=1, help="OCR processes, each with its own engine."),
     shard: str | None = typer.Option(None, help="Process only inputs i, i+N, i+2N, ... of the full list: 'i/N'."),
     engine: str = typer.Option("rapidocr", help="OCR engine name."),
@@ -52,6 +54,7 @@ def label(
     from rich.console import Console
     from rich.markup import escape
 
+    from dvsft.core.outputs import refuse_inputs
     from dvsft.core.progress import progress_bar
     from dvsft.sources.image_to_label import collect_inputs, errors_path, label_inputs, parse_shard
     from dvsft.sources.image_to_label import shard as take_shard
@@ -60,6 +63,7 @@ def label(
     console = Console(stderr=True, soft_wrap=True)
     options: dict[str, Any] = {}
     try:
+        refuse_inputs([out, errors_path(out)], [source])
         inputs = collect_inputs(source, image_root=image_root)
         if shard:
             inputs = take_shard(inputs, *parse_shard(shard))

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from dvsft.cli.common import fail, split_list
+from dvsft.core.outputs import OVERWRITE_HELP
 
 COORDS_HELP = "box format: relative (GranViT, 3 decimals), qwen2-vl, qwen2.5-vl (resized pixels), qwen3-vl (0-1000)"
 
@@ -25,7 +26,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
 def _write_tasks(
     records: Path, out: Path, tasks: str, level: str, coords: str, model: Path | None, *,
-    min_pixels: int | None, max_pixels: int | None, limit: int | None, **config,
+    min_pixels: int | None, max_pixels: int | None, limit: int | None, overwrite: bool, **config,
 ) -> None:  # fmt: skip
     """Write the task records of a `tasks` command; ``config``: the rest of its TaskConfig fields."""
     from dvsft.sources.region_tasks import TaskConfig, box_codec, build_task_file
@@ -35,7 +36,7 @@ def _write_tasks(
         cfg = TaskConfig(tasks=tuple(split_list(tasks)), level=level, codec=codec, **config)
         if level not in ("word", "phrase"):
             raise ValueError(f"--level must be word or phrase, got {level!r}")
-        stats = build_task_file(records, out, cfg, limit=limit)
+        stats = build_task_file(records, out, cfg, limit=limit, overwrite=overwrite)
     except ValueError as err:
         fail(err)
     print(
@@ -57,11 +58,12 @@ def tasks_granvit(
     turns: int = typer.Option(1, help="QA pairs per output record (multi-turn over one image)"),
     seed: int = typer.Option(0),
     limit: int = typer.Option(None, help="only the first N input records"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """GranViT Bbox2Caption / Caption2Bbox QA (verbatim templates) over phrases of the OCR words."""
     _write_tasks(
         records, out, tasks, "phrase", coords, model, min_pixels=min_pixels, max_pixels=max_pixels,
-        max_words=max_words, max_per_image=max_per_image, turns=turns, seed=seed, limit=limit,
+        max_words=max_words, max_per_image=max_per_image, turns=turns, seed=seed, limit=limit, overwrite=overwrite,
     )  # fmt: skip
 
 
@@ -79,11 +81,12 @@ def tasks_finevit(
     turns: int = typer.Option(1, help="QA pairs per output record"),
     seed: int = typer.Option(0),
     limit: int = typer.Option(None, help="only the first N input records"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """FineViT region OCR QA: bbox-to-ocr and ocr-to-bbox at word or phrase level."""
     _write_tasks(
         records, out, tasks, level, coords, model, min_pixels=min_pixels, max_pixels=max_pixels,
-        max_words=max_words, max_per_image=max_per_image, turns=turns, seed=seed, limit=limit,
+        max_words=max_words, max_per_image=max_per_image, turns=turns, seed=seed, limit=limit, overwrite=overwrite,
     )  # fmt: skip
 
 
@@ -100,12 +103,16 @@ def codes_fit(
     min_pixels: int = typer.Option(None),
     max_pixels: int = typer.Option(None),
     seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Fit residual k-means codebooks over the model's post-projector visual features; cache all codes."""
+    from dvsft.core.outputs import add_to_marker, refuse_inputs, start_folder
     from dvsft.core.progress import progress_bar
-    from dvsft.objectives.codes import fit_from_files, load_for_codes
+    from dvsft.objectives.codes import CODEBOOK_FILE, META_FILE, fit_from_files, load_for_codes
 
     try:
+        refuse_inputs([out], [model, records])
+        start_folder(out, "codes", overwrite)
         model_obj, processor, paths = load_for_codes(model, records, min_pixels, max_pixels, max_images)
         with progress_bar(unit="img") as bar:
             advance = bar.counter("features", len(paths))
@@ -116,6 +123,7 @@ def codes_fit(
         fail(err)
     codebook.meta["model_dir"] = str(model.resolve())
     codebook.save(out)
+    add_to_marker(out, "codes", [out / CODEBOOK_FILE, out / META_FILE, *(out / "cache").rglob("*.npy")])
     mse = ", ".join(f"{v:.4g}" for v in codebook.meta["mse"])
     print(f"codebook k={k} levels={levels} dim={codebook.dim} id={codebook.id} -> {out}; residual MSE per level {mse}")
 

@@ -4,8 +4,11 @@ Hugging Face ``datasets`` folder, losslessly.
 Records are copied as they are (no validation); relative image paths are rewritten so they still point at
 the same files from the output's folder. ``embed_images`` stores each image file in the record
 (``image_bytes``, Parquet and ``datasets`` only); converting such records to JSONL writes the bytes back to
-files next to the output, at the record's relative ``image`` path when it stays inside the output folder
-(else ``images/<sha1><suffix>``).
+files next to the output, at the record's relative ``image`` path when it stays inside the output folder and
+holds no other file there (else ``images/<sha1><suffix>``).
+
+Outputs never destroy (:mod:`dvsft.core.outputs`): the output may not be or contain the source; an existing
+file, or a folder holding files ``dvsft convert`` did not write, is refused unless ``overwrite``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dvsft.core.outputs import check_file, claim_folder, install_folder, refuse_inputs, temp_sibling
 from dvsft.core.record_sources import iter_entries
 from dvsft.core.record_table import DEFAULT_ROWS_PER_SHARD, write_records
 from dvsft.core.records import Problem, RecordError
@@ -43,19 +47,25 @@ def convert(
     to: str = "auto",
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
     embed_images: bool = False,
+    overwrite: bool = False,
 ) -> int:
-    """Convert ``source`` into ``out``; returns the record count."""
+    """Convert ``source`` into ``out``; returns the record count. ``overwrite`` replaces an existing output
+    (a folder loses only the files a dvsft output listed)."""
     source, out = Path(source), Path(out)
     target = target_of(out, to)
     if embed_images and target == "jsonl":
         raise ValueError("--embed-images needs --to parquet or datasets (JSONL cannot hold image bytes)")
-    if out.resolve() == source.resolve():
-        raise ValueError(f"{out}: the output must differ from the source")
-    out_dir = (out if target != "jsonl" and out.suffix.lower() != ".parquet" else out.parent).resolve()
+    refuse_inputs([out], [source])
+    folder = target != "jsonl" and out.suffix.lower() != ".parquet"
+    if folder:
+        claim_folder(out, "convert", overwrite)
+    else:
+        check_file(out, overwrite)
+    out_dir = (out if folder else out.parent).resolve()
     records = relocated(source, out_dir, embed_images, extract=target == "jsonl")
     if target == "datasets":
-        return _save_datasets(out, records, rows_per_shard)
-    return write_records(out, records, target, rows_per_shard)
+        return _save_datasets(out, records, rows_per_shard, overwrite)
+    return write_records(out, records, target, rows_per_shard, "convert", overwrite)
 
 
 def relocated(
@@ -87,22 +97,28 @@ def relocated(
 
 
 def _extract(data: bytes, image: Any, out_dir: Path) -> str:
-    """Write embedded image bytes under ``out_dir``; returns the record's new (relative) ``image``."""
+    """Write embedded image bytes under ``out_dir``; returns the record's new (relative) ``image``. A file
+    already there with other bytes is kept: the image goes to the content-named ``images/<sha1><suffix>``."""
     rel = Path(image) if isinstance(image, str) and image else None
-    if rel is None or rel.is_absolute() or ".." in rel.parts:
-        suffix = rel.suffix if rel is not None and rel.suffix else ".img"
+    suffix = rel.suffix if rel is not None and rel.suffix else ".img"
+    if rel is None or rel.is_absolute() or ".." in rel.parts or _holds_other(out_dir / rel, data):
         rel = Path("images") / (hashlib.sha1(data).hexdigest()[:20] + suffix)
     target = out_dir / rel
-    if not (target.is_file() and target.read_bytes() == data):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
+    if not target.is_file():
+        tmp = temp_sibling(target)
         tmp.write_bytes(data)
         os.replace(tmp, target)
     return rel.as_posix()
 
 
-def _save_datasets(out: Path, records: Iterator[dict[str, Any]], rows_per_shard: int) -> int:
-    """Records -> Parquet shards in a temp folder -> ``datasets.Dataset`` -> ``save_to_disk(out)``."""
+def _holds_other(path: Path, data: bytes) -> bool:
+    """Whether ``path`` exists with content other than ``data``."""
+    return path.exists() and not (path.is_file() and path.read_bytes() == data)
+
+
+def _save_datasets(out: Path, records: Iterator[dict[str, Any]], rows_per_shard: int, overwrite: bool) -> int:
+    """Records -> Parquet shards in a temp folder -> ``datasets.Dataset`` -> ``save_to_disk`` into a temporary
+    sibling of ``out``, moved into place (:func:`dvsft.core.outputs.install_folder`)."""
     import datasets
 
     from dvsft.core.record_table import SCHEMA
@@ -113,11 +129,12 @@ def _save_datasets(out: Path, records: Iterator[dict[str, Any]], rows_per_shard:
         files = sorted(str(p) for p in shards.glob("*.parquet"))
         features = datasets.Features.from_arrow_schema(SCHEMA)
         ds = datasets.Dataset.from_parquet(files, features=features, cache_dir=str(Path(tmp) / "cache"))
-        staging = out.with_name(out.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        ds.save_to_disk(str(staging))
-        del ds
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(staging, out)
+        staging = temp_sibling(out, folder=True)
+        try:
+            ds.save_to_disk(str(staging))
+            del ds
+            install_folder(staging, out, "convert", overwrite)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
     return n

@@ -18,6 +18,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dvsft.core.outputs import add_to_marker, check_file, claim_folder, install_folder, start_folder, temp_sibling
+
 WORD = pa.struct([("text", pa.string()), ("box", pa.list_(pa.float64())), ("score", pa.float64())])
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 VISION_LABEL = pa.struct([("token", pa.int64()), ("text", pa.string()), ("token_id", pa.int64())])
@@ -134,13 +136,18 @@ class ShardWriter:
     """Write records into ``folder/part-NNNNN.parquet``, ``rows_per_shard`` each (the last may hold fewer).
 
     A shard is written under a ``.tmp`` name and renamed when complete, so a killed writer leaves only whole
-    shards; a new writer on the same folder continues after the highest shard number found.
+    shards; a new writer on the same folder continues after the highest shard number found. With ``command``
+    the folder is a command's output (:mod:`dvsft.core.outputs`): a folder of other files is refused and each
+    finished shard is listed in the folder's marker.
     """
 
-    def __init__(self, folder: str | Path, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD):
+    def __init__(self, folder: str | Path, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, command: str | None = None):
         if rows_per_shard < 1:
             raise ValueError(f"rows per shard must be >= 1, got {rows_per_shard}")
         self.folder = Path(folder)
+        self.command = command
+        if command is not None:
+            start_folder(self.folder, command, hint="choose another --out")
         self.folder.mkdir(parents=True, exist_ok=True)
         for tmp in self.folder.glob("*.parquet.tmp"):
             tmp.unlink()
@@ -176,7 +183,10 @@ class ShardWriter:
             return
         self._writer.close()
         assert self._tmp is not None
-        os.replace(self._tmp, self.folder / SHARD_PATTERN.format(self.index))
+        shard = self.folder / SHARD_PATTERN.format(self.index)
+        os.replace(self._tmp, shard)
+        if self.command is not None:
+            add_to_marker(self.folder, self.command, [shard])
         self._writer, self._tmp, self._in_shard = None, None, 0
         self.index += 1
 
@@ -213,8 +223,7 @@ def shard_index(path: Path) -> int:
 def write_parquet_file(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
     """All records into one Parquet file, atomically (temp file + rename); returns the row count."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_sibling(path)
     n = 0
     try:
         with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
@@ -234,25 +243,29 @@ def write_parquet_file(path: str | Path, records: Iterable[dict[str, Any]]) -> i
     return n
 
 
-def write_shards(folder: str | Path, records: Iterable[dict[str, Any]], rows_per_shard: int) -> int:
-    """Replace ``folder`` with Parquet shards of ``records`` (built next to it and renamed when complete)."""
+def write_shards(
+    folder: str | Path,
+    records: Iterable[dict[str, Any]],
+    rows_per_shard: int,
+    command: str = "dvsft",
+    overwrite: bool = False,
+) -> int:
+    """Write ``folder`` as the Parquet shards of ``records``, the output of ``command``: built in a temporary
+    sibling, then moved in by :func:`dvsft.core.outputs.install_folder` (which replaces only what a previous
+    dvsft output listed; a folder of other files is refused unless ``overwrite``)."""
     folder = Path(folder)
-    staging = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+    claim_folder(folder, command, overwrite)
+    staging = temp_sibling(folder, folder=True)
     try:
         with ShardWriter(staging, rows_per_shard) as writer:
             for record in records:
                 writer.write(record)
         if writer.rows == 0:
             pq.write_table(pa.Table.from_pylist([], schema=SCHEMA), staging / SHARD_PATTERN.format(0))
-        if folder.is_dir():
-            shutil.rmtree(folder)
-        elif folder.exists():
-            folder.unlink()
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        install_folder(staging, folder, command, overwrite)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return writer.rows
 
 
@@ -266,24 +279,33 @@ def check_format(fmt: str) -> str:
 
 
 def write_records(
-    out: str | Path, records: Iterable[dict[str, Any]], fmt: str = "jsonl", rows_per_shard: int = DEFAULT_ROWS_PER_SHARD
+    out: str | Path,
+    records: Iterable[dict[str, Any]],
+    fmt: str = "jsonl",
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    command: str = "dvsft",
+    overwrite: bool = False,
 ) -> int:
     """Write records as JSONL (``out`` is the file) or Parquet (``out`` is a folder of shards, or one
-    ``.parquet`` file); atomic either way. Returns the record count."""
+    ``.parquet`` file), the output of ``command``; atomic either way. An existing file, or a folder holding
+    files ``command`` did not write, is refused unless ``overwrite`` (see :mod:`dvsft.core.outputs`).
+    Returns the record count."""
     from dvsft.core.records import write_jsonl
 
-    if check_format(fmt) == "jsonl":
-        return write_jsonl(out, records)
-    if Path(out).suffix.lower() == ".parquet":
-        return write_parquet_file(out, records)
-    return write_shards(out, records, rows_per_shard)
+    if check_format(fmt) == "parquet" and Path(out).suffix.lower() != ".parquet":
+        return write_shards(out, records, rows_per_shard, command, overwrite)
+    check_file(out, overwrite)
+    return write_jsonl(out, records) if fmt == "jsonl" else write_parquet_file(out, records)
 
 
-def open_sink(out: str | Path, fmt: str = "jsonl", rows_per_shard: int = DEFAULT_ROWS_PER_SHARD) -> Any:
+def open_sink(
+    out: str | Path, fmt: str = "jsonl", rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, command: str | None = None
+) -> Any:
     """An appending writer (``write(record)``, ``close()``, context manager) that a rerun continues:
-    :class:`dvsft.core.records.JsonlAppender` or :class:`ShardWriter` (whole shards survive a kill)."""
+    :class:`dvsft.core.records.JsonlAppender` or :class:`ShardWriter` (whole shards survive a kill; with
+    ``command``, a folder of files that command did not write is refused)."""
     from dvsft.core.records import JsonlAppender
 
     if check_format(fmt) == "jsonl":
         return JsonlAppender(out)
-    return ShardWriter(out, rows_per_shard)
+    return ShardWriter(out, rows_per_shard, command)

@@ -141,9 +141,10 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     Non-finite numbers are refused (bare ``NaN`` is not JSON). If ``rows`` raises, the temp file is removed
     and ``path`` is left as it was.
     """
+    from dvsft.core.outputs import temp_sibling
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_sibling(path)
     n = 0
     try:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -3,7 +3,9 @@
 Inputs come from a folder of images or a ShareGPT/LLaVA dataset file (:mod:`dvsft.sources.formats`). Each input
 ends up exactly once in the output JSONL (a word record) or in ``<out stem>.errors.jsonl`` (``id``, ``image``,
 ``reason``, ``detail``). Both files are appended line by line (:class:`dvsft.core.records.JsonlAppender`), so a run
-killed at any moment continues where it stopped: ids already present in either file are skipped.
+killed at any moment continues where it stopped: ids already present in either file are skipped. A ``parquet``
+output folder is marked as label's (:mod:`dvsft.core.outputs`): a folder of other files is refused, never
+written into.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dvsft.core.images import OCR_FAILURE, UNDECODABLE, ImageError, load_image
+from dvsft.core.outputs import claim_folder
 from dvsft.core.record_table import DEFAULT_ROWS_PER_SHARD, check_format, open_sink
 from dvsft.core.records import JsonlAppender, read_jsonl
 
@@ -191,6 +194,8 @@ def label_inputs(
     check_format(fmt)
     if fmt == "parquet" and out.is_file():
         raise ValueError(f"--out {out}: a file; --format parquet writes a folder of shards")
+    if fmt == "parquet":
+        claim_folder(out, "label", hint="choose another --out")
     options = dict(engine_options or {})
     if engine == "rapidocr":
         options.setdefault("threads", default_threads(workers))
@@ -205,7 +210,7 @@ def label_inputs(
         on_progress(done, stats.total)
 
     out_dir = out.resolve() if fmt == "parquet" else out.resolve().parent
-    with open_sink(out, fmt, rows_per_shard) as records, JsonlAppender(errors_path(out)) as errors:
+    with open_sink(out, fmt, rows_per_shard, "label") as records, JsonlAppender(errors_path(out)) as errors:
 
         def write_error(item: LabelInput, reason: str, detail: str) -> None:
             errors.write({"id": item.id, "image": item.image, "reason": reason, "detail": detail})

@@ -13,7 +13,8 @@ depend on resuming or on the number of workers):
   the image.``, assistant = the page's words joined by spaces).
 
 Output: ``DIR/images/*.png``, ``DIR/words.jsonl`` (word records; image paths relative to it),
-``DIR/render_stats.json``. A rerun skips documents whose records are all written.
+``DIR/render_stats.json``. A rerun skips documents whose records are all written. ``DIR`` is marked as
+render's output (:mod:`dvsft.core.outputs`): a folder of other files, or one holding the source, is refused.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dvsft.core.outputs import add_to_marker, refuse_inputs, replace_with, start_folder
 from dvsft.core.record_table import check_format
 from dvsft.core.records import IMAGE_PLACEHOLDER, JsonlAppender, read_jsonl, write_jsonl
 from dvsft.sources.corpora import QA, Document, load_documents
@@ -282,13 +284,16 @@ def render_source(
     out_dir: str | Path,
     options: RenderOptions | None = None,
     progress: Callable[[str, int, int], Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Render a source file into ``out_dir``; returns (and writes) the run's statistics."""
+    """Render a source file into ``out_dir``; returns (and writes) the run's statistics. ``out_dir`` may be new,
+    empty or render's own (resumed); a folder of other files is written into only with ``overwrite``."""
     options = options or RenderOptions()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     options.renderer()  # validate the geometry before any work
     check_format(options.out_format)
+    refuse_inputs([out_dir], [source, options.ppl_model])
+    start_folder(out_dir, "render", overwrite)
     counts: Counter = Counter({k: 0 for k in ("records", "samples", "empty_documents", "pages_used")})
     docs = load_documents(source, options.source_format, counts)
     words_file = out_dir / "words.jsonl"
@@ -315,13 +320,14 @@ def render_source(
                 progress("render", 1, len(todo))
     counts["documents_rendered"] = sum(1 for d in todo) - counts["empty_documents"]
     counts["qa_pairs_kept"] -= sum(counts[f"qa_dropped_{r}"] for r in ANSWER_REASONS)
+    images = [out_dir / r["image"] for r in read_jsonl(words_file, own=True)]
     stats: dict[str, Any] = {
         "source": str(source),
         "documents": len(docs),
         "documents_resumed": len(done & {d.id for d in docs}),
         **dict(sorted(counts.items())),
         "images": counts["records"],
-        "records_in_file": sum(1 for _ in read_jsonl(words_file, own=True)),
+        "records_in_file": len(images),
         **({"ppl_quantiles": measured} if measured else {}),
         "options": asdict(options),
         "transcription_instruction": TRANSCRIBE_INSTRUCTION,
@@ -329,6 +335,8 @@ def render_source(
     if options.out_format == "parquet":
         from dvsft.core.convert import convert
 
-        convert(words_file, out_dir / "words", "parquet", options.rows_per_shard)
-    (out_dir / "render_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        convert(words_file, out_dir / "words", "parquet", options.rows_per_shard, overwrite=True)
+        images.extend((out_dir / "words").glob("part-*.parquet"))
+    replace_with(out_dir / "render_stats.json", (json.dumps(stats, indent=2) + "\n").encode("utf-8"))
+    add_to_marker(out_dir, "render", [words_file, out_dir / "render_stats.json", *images])
     return stats

@@ -10,6 +10,9 @@ A.1, :mod:`dvsft.sources.instructions`), seeded per image; SQuAD documents get t
 Layouts: the lmms-lab parquet files (``questionId, question, answers, image{bytes,path}, ...``; images are
 written to ``DIR/images/*.png``), the official JSON releases (DocVQA ``{"data": [{"questionId", "question",
 "image", "answers"}]}``, InfoVQA the same with ``image_local_name``), SQuAD v1.1/v2.0 JSON.
+
+The output folder is marked as prepare's (:mod:`dvsft.core.outputs`): a folder of other files, or one holding
+the input, is refused unless ``overwrite``; a rerun replaces the files prepare writes and nothing else.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dvsft.core.outputs import add_to_marker, read_marker, refuse_inputs, start_folder
 from dvsft.core.record_table import DEFAULT_ROWS_PER_SHARD, check_format, write_records
 from dvsft.core.records import IMAGE_PLACEHOLDER
 from dvsft.sources.qa_json import read_json, read_squad_file, vqa_entries
@@ -66,12 +70,14 @@ def prepare_dataset(
     instructions: bool = True,
     fmt: str = "jsonl",
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    overwrite: bool = False,
 ) -> PrepareStats:
     """Convert ``path`` (file or folder in one of the layouts) into ``out_dir/<dataset>[_<split>].jsonl``.
 
     ``qa_per_image``: QA pairs kept per image (0 = all), default 1 (2 for InfoVQA), chosen at random with
     ``seed`` (stable per image, independent of file order). ``fmt="parquet"`` writes the folder
     ``out_dir/<dataset>[_<split>]/`` of Parquet shards (``rows_per_shard`` records each) instead.
+    ``overwrite`` lets it write into a folder of files prepare did not write (none of them is deleted).
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
@@ -85,7 +91,9 @@ def prepare_dataset(
     out = out_dir / (name if check_format(fmt) == "parquet" else f"{name}.jsonl")
     records_dir = out if fmt == "parquet" else out_dir
     stats = PrepareStats(out=out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    refuse_inputs([out_dir], [path, image_root])
+    start_folder(out_dir, "prepare", overwrite)
+    written: list[Path] = []
     if dataset == "squad":
         groups = _squad_groups(_find_file(path, ".json", split), stats)
         rows = _build_rows(dataset, groups, n, seed, multi_turn, stats, image_key=None)
@@ -93,13 +101,16 @@ def prepare_dataset(
         parquet = _parquet_files(path, split)
         if parquet:
             groups = _parquet_groups(parquet, out_dir / "images", stats)
+            written = [g["image"] for g in groups.values()]
         else:
             json_file = _find_file(path, ".json", split)
             groups = _json_groups(json_file, dataset, image_root, stats)
         rows = _build_rows(
             dataset, groups, n, seed, multi_turn, stats, "image", out_dir=records_dir, instructions=instructions
         )
-    stats.records = write_records(out, rows, fmt, rows_per_shard)
+    stats.records = write_records(out, rows, fmt, rows_per_shard, "prepare", overwrite=True)
+    shards = [out / f for f in (read_marker(out) or ("", []))[1]] if fmt == "parquet" else [out]
+    add_to_marker(out_dir, "prepare", [*shards, *written])
     return stats
 
 

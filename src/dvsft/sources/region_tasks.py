@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dvsft.core.outputs import check_file, refuse_inputs
 from dvsft.core.records import IMAGE_PLACEHOLDER
 from dvsft.models.geometry import grid_for
 
@@ -315,14 +316,21 @@ def task_records(
 
 
 def build_task_file(
-    records_file: str | Path, out_file: str | Path, config: TaskConfig, limit: int | None = None
+    records_file: str | Path,
+    out_file: str | Path,
+    config: TaskConfig,
+    limit: int | None = None,
+    overwrite: bool = False,
 ) -> Counter:
-    """Write the region-task records of every record of ``records_file`` to ``out_file`` (images re-pointed)."""
+    """Write the region-task records of every record of ``records_file`` to ``out_file`` (images re-pointed).
+    ``out_file`` may not be the input, and an existing one is replaced only with ``overwrite``."""
     from dvsft.core.records import image_path, read_records, write_jsonl
 
     records_file, out_file = Path(records_file), Path(out_file)
     if not records_file.is_file():
         raise ValueError(f"{records_file}: no such records file")
+    refuse_inputs([out_file], [records_file])
+    check_file(out_file, overwrite)
     rng = random.Random(config.seed)
     totals: Counter = Counter()
     out_dir = out_file.resolve().parent
