@@ -161,3 +161,79 @@ def test_overlay_rejects_wrong_text_count(tmp_path):
     assert hit and all(gr >= r and gr >= b for r, gr, b in hit)  # green: top-1 is the label
     assert miss and all(r >= gr and r >= b for r, gr, b in miss)  # red: it is not
     assert plain and all(b >= r and b >= gr for r, gr, b in plain)  # blue: unlabeled
+
+
+def lens_cli(model_dir: Path, records: Path, out: Path):
+    return runner.invoke(app, ["lens", "--model", str(model_dir), "--records", str(records), "--out", str(out)])
+
+
+def test_lens_cli_skips_bad_records_with_reasons_and_writes_the_good_ones(tiny, tmp_path):
+    model_dir, _, _ = tiny
+    data = tmp_path / "data"
+    _, words = page(data / "p.png")
+    (data / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot the rest of a PNG")
+    stale = [{"token": 0, "text": "a", "token_id": 5}]
+    lines = [
+        json.dumps({"id": "same", "image": "p.png", "words": words}),
+        json.dumps({"id": "gone", "image": "missing.png", "words": words}),
+        json.dumps({"id": "broken", "image": "corrupt.png", "words": words}),
+        '{"id": "torn", ',
+        json.dumps({"id": "inverted", "image": "p.png", "words": [{"text": "x", "box": [9, 9, 1, 1]}]}),
+        json.dumps({"id": "stale", "image": "p.png", "grid": [1, 1], "vision_labels": stale}),
+        json.dumps({"id": "same", "image": "p.png", "words": words[:1]}),
+    ]
+    recs = data / "words.jsonl"
+    recs.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "lens"
+    result = lens_cli(model_dir, recs, out)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "skipped 5 of 7 records that could not be read; reasons in" in text  # the path may wrap
+    reasons = {row["line"]: row for row in map(json.loads, (out / "skipped_records.jsonl").read_text().splitlines())}
+    assert {line: (row["id"], row["file"]) for line, row in reasons.items()} == {
+        2: ("gone", str(recs)),
+        3: ("broken", str(recs)),
+        4: (None, str(recs)),
+        5: ("inverted", str(recs)),
+        6: ("stale", str(recs)),
+    }
+    assert "image file not found" in reasons[2]["reason"]
+    assert "undecodable image" in reasons[3]["reason"]
+    assert "invalid JSON" in reasons[4]["reason"]
+    assert "inverted" in reasons[5]["reason"]
+    assert "cannot label visual tokens: its vision_labels were made for another grid" in reasons[6]["reason"]
+    acc = json.loads((out / "accuracy.json").read_text())
+    assert acc["images"] == 2 and acc["skipped"] == 5 and acc["n"] > 0
+    entries = json.loads((out / "lens.json").read_text())["records"]
+    assert [e["id"] for e in entries] == ["same", "same"]
+    overlays = {e["overlay"] for e in entries}  # the same id twice: two overlays, neither overwritten
+    assert len(overlays) == 2 and all(Path(p).is_file() for p in overlays)
+
+
+def test_lens_accuracy_json_is_strict_json_when_no_token_is_labeled(tiny, tmp_path):
+    model_dir, _, _ = tiny
+    page(tmp_path / "p.png")
+    recs = tmp_path / "words.jsonl"
+    recs.write_text(json.dumps({"id": "blank", "image": "p.png", "words": []}) + "\n")
+    result = lens_cli(model_dir, recs, tmp_path / "lens")
+    assert result.exit_code == 0, result.output
+
+    def no_constants(name: str):
+        raise AssertionError(f"{name} is not JSON")
+
+    acc = json.loads((tmp_path / "lens" / "accuracy.json").read_text(), parse_constant=no_constants)
+    assert acc["top1"] is None and acc["top5"] is None and acc["n"] == 0 and acc["images"] == 1
+    assert "top-1 n/a, top-5 n/a" in " ".join(result.output.split())
+
+
+def test_lens_cli_fails_when_every_record_is_bad(tiny, tmp_path):
+    model_dir, _, _ = tiny
+    recs = tmp_path / "words.jsonl"
+    recs.write_text("".join(json.dumps({"id": f"r{i}", "image": f"none{i}.png", "words": []}) + "\n" for i in range(2)))
+    out = tmp_path / "lens"
+    result = lens_cli(model_dir, recs, out)
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert result.output.count("error:") == 1
+    assert f"error: {recs}: no record could be read through the lens: all 2 were skipped" in text
+    assert len((out / "skipped_records.jsonl").read_text().splitlines()) == 2

@@ -31,10 +31,13 @@ def lens(
     device: Annotated[str | None, typer.Option(help="cpu / cuda (default: cuda when available).")] = None,
 ) -> None:
     """Visual logit lens: decode the LLM's logits at every visual token and draw them on the image grid."""
+    import math
+
     import torch
     from rich.console import Console
 
     from dvsft.core.progress import progress_bar
+    from dvsft.data.skips import REASONS_FILE
     from dvsft.lens.run import lens_image, lens_records
     from dvsft.models.loading import load_model, load_processor
 
@@ -55,8 +58,13 @@ def lens(
             acc, n = lens_records(mdl, proc, records, out, top_k, upscale, limit, progress=bar.counter)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         fail(err, console)
+    top1, top5 = ("n/a" if math.isnan(acc[k]) else f"{acc[k]:.4f}" for k in ("top1", "top5"))  # NaN: no labels
     console.print(
-        f"vision-label accuracy over {acc['n']} labeled tokens in {acc['images']} images: "
-        f"top-1 {acc['top1']:.4f}, top-5 {acc['top5']:.4f}"
+        f"vision-label accuracy over {acc['n']} labeled tokens in {acc['images']} images: top-1 {top1}, top-5 {top5}"
     )
+    if acc["skipped"]:
+        total = acc["skipped"] + acc["images"]
+        console.print(
+            f"skipped {acc['skipped']} of {total} records that could not be read; reasons in {out / REASONS_FILE}"
+        )
     console.print(f"wrote {out / 'lens.json'}, {out / 'accuracy.json'} and {n} overlays")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from dvsft.core.images import ImageError, load_image
 
 # An image as a loader meets it: decoded, encoded bytes, a file, or a function that makes one
 # (rendered SQuAD contexts, possibly several pages). Decoding waits until the batch that needs it.
@@ -39,27 +40,11 @@ class EvalItem:
 
 
 def open_image(src: ImageSource, item_id: str = "?") -> Image.Image:
-    """Decode one image source as RGB."""
+    """Decode one image source with :func:`dvsft.core.images.load_image`, the decoder of every stage (upright,
+    RGB, transparency on white); its :class:`~dvsft.core.images.ImageError` is re-raised naming the item."""
+    if not isinstance(src, Image.Image | bytes | Path):
+        raise ValueError(f"item {item_id}: cannot read image: unsupported image source {type(src).__name__}")
     try:
-        if isinstance(src, Image.Image):
-            image = src
-        elif isinstance(src, bytes):
-            image = Image.open(io.BytesIO(src))
-        elif isinstance(src, Path):
-            if not src.is_file():
-                raise FileNotFoundError(f"{src} does not exist")
-            image = Image.open(src)
-        else:
-            raise TypeError(f"unsupported image source {type(src).__name__}")
-        image.load()
-    except Exception as err:  # noqa: BLE001 - re-raised with the item named
-        raise ValueError(f"item {item_id}: cannot read image {_describe(src)}: {err}") from err
-    return image.convert("RGB") if image.mode != "RGB" else image
-
-
-def _describe(src: ImageSource) -> str:
-    if isinstance(src, Path):
-        return str(src)
-    if isinstance(src, bytes):
-        return f"<{len(src)} bytes>"
-    return type(src).__name__
+        return load_image(src)
+    except ImageError as err:
+        raise ValueError(f"item {item_id}: cannot read image: {err}") from err

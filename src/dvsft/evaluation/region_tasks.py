@@ -14,7 +14,7 @@ from dvsft.sources.region_tasks import TASKS, BoxCodec
 def region_task_scores(model: Any, processor: Any, items: list[dict], batch_size: int = 16) -> dict[str, float]:
     """Greedy answers to region-task records (:mod:`dvsft.sources.region_tasks`), scored per task:
     ROUGE-L of box-to-text answers (``<task>_rouge``), Acc@IoU0.5 of text-to-box answers (``<task>_acc``)."""
-    from PIL import Image
+    from dvsft.core.images import load_image
 
     codec = BoxCodec()
     generator = Generator(model, processor, max_new_tokens=48)
@@ -22,7 +22,7 @@ def region_task_scores(model: Any, processor: Any, items: list[dict], batch_size
     for i in range(0, len(items), batch_size):
         batch = items[i : i + batch_size]
         prompts = [r["messages"][0]["content"].replace(IMAGE_PLACEHOLDER, "") for r in batch]
-        images = [[Image.open(r["image"]).convert("RGB")] for r in batch]
+        images = [[load_image(r["image"])] for r in batch]
         for r, pred in zip(batch, generator(prompts, images), strict=True):
             task = r["tasks"][0]
             if TASKS[task["name"]].answers_box:

@@ -66,8 +66,7 @@ def teacher_forced(model: Any, collator: Any, records: list[dict], batch_size: i
 
 def greedy(model: Any, processor: Any, records: list[dict], batch_size: int = 16) -> tuple[float, float]:
     """(word accuracy, CER) of greedy transcriptions against each record's reference."""
-    from PIL import Image
-
+    from dvsft.core.images import load_image
     from dvsft.evaluation.generation import Generator
     from dvsft.evaluation.metrics import cer, word_accuracy
     from dvsft.sources.instructions import TRANSCRIBE_INSTRUCTION
@@ -76,7 +75,7 @@ def greedy(model: Any, processor: Any, records: list[dict], batch_size: int = 16
     accs, cers = [], []
     for i in range(0, len(records), batch_size):
         batch = records[i : i + batch_size]
-        images = [[Image.open(r["image"]).convert("RGB")] for r in batch]
+        images = [[load_image(r["image"])] for r in batch]
         for r, pred in zip(batch, generator([TRANSCRIBE_INSTRUCTION] * len(batch), images), strict=True):
             ref = r["messages"][-1]["content"]
             accs.append(word_accuracy(pred, ref))

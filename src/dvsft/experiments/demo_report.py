@@ -71,11 +71,12 @@ def plot_lens(model_dirs: dict[str, Path], records_file: Path, record: dict, pat
     """Visual-logit overlays of the final models, side by side, on one held-out page."""
     from PIL import Image, ImageDraw
 
+    from dvsft.core.images import load_image
     from dvsft.core.records import image_path
     from dvsft.lens.visual_logits import lens_overlay, record_labels, run_lens
     from dvsft.models.loading import load_model, load_processor
 
-    image = Image.open(image_path(record, records_file)).convert("RGB")
+    image = load_image(image_path(record, records_file))
     panels = []
     for method, model_dir in model_dirs.items():
         model = load_model(model_dir).eval()

@@ -23,6 +23,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from dvsft.core.images import load_image
 from dvsft.models.geometry import Grid, Layout, grid_for, layout_for
 from dvsft.sources.instructions import TRANSCRIBE_INSTRUCTION
 
@@ -106,13 +107,14 @@ def image_token_id(model: Any, processor: Any) -> int:
 
 
 def visual_hidden_states(model: Any, processor: Any, image: Image.Image, prompt: str = LENS_PROMPT):
-    """Final hidden states at the visual-token positions of ``image``: a [num_tokens, hidden] tensor."""
+    """Final hidden states at the visual-token positions of ``image`` (through
+    :func:`dvsft.core.images.load_image`, the decoder of every stage): a [num_tokens, hidden] tensor."""
     import torch
 
     from dvsft.evaluation.generation import generation_inputs
     from dvsft.objectives.base import forward_hidden
 
-    inputs = generation_inputs(processor, model, [prompt], [[image.convert("RGB")]])
+    inputs = generation_inputs(processor, model, [prompt], [[load_image(image)]])
     with torch.inference_mode():
         hidden = forward_hidden(model, inputs).last[0]  # the forward training uses
     mask = inputs["input_ids"][0] == image_token_id(model, processor)
@@ -142,7 +144,8 @@ def token_text(tokenizer: Any, token_id: int) -> str:
 
 
 def run_lens(model: Any, processor: Any, image: Image.Image, top_k: int = 5, prompt: str = LENS_PROMPT) -> LensResult:
-    """The visual logit lens of one image."""
+    """The visual logit lens of one image (made upright RGB by :func:`dvsft.core.images.load_image` first)."""
+    image = load_image(image)
     layout = layout_for(processor, image.width, image.height)
     grid = grid_for(processor, image.width, image.height) if layout.family.startswith("qwen") else None
     hidden = visual_hidden_states(model, processor, image, prompt)
@@ -266,9 +269,9 @@ def _fit(text: str, font: ImageFont.FreeTypeFont, width: float) -> str:
 # ------------------------------------------------------------------------------------ label accuracy
 
 
-def record_labels(record: dict[str, Any], grid: Grid | Layout, tokenizer: Any, where: str) -> dict[int, int]:
+def record_labels(record: dict[str, Any], grid: Grid | Layout, tokenizer: Any, where: str = "") -> dict[int, int]:
     """token -> label id of a record: its ``vision_labels`` when made for this grid, else its words aligned now
-    (on every view of a tiled family's view list)."""
+    (on every view of a tiled family's view list). ``where`` prefixes the ValueError of a record it cannot label."""
     labels = record.get("vision_labels")
     same_grid = isinstance(grid, Grid) and list(record.get("grid") or []) == [grid.rows, grid.cols]
     if labels and same_grid and all("token_id" in lab for lab in labels):
@@ -279,7 +282,65 @@ def record_labels(record: dict[str, Any], grid: Grid | Layout, tokenizer: Any, w
         alignment = align_words(record["words"], grid, tokenizer)
         return {lab["token"]: lab["token_id"] for lab in alignment.labels}
     why = "its vision_labels were made for another grid" if labels else "it has no vision_labels"
-    raise ValueError(f"{where}: cannot label visual tokens: {why} and it has no words to align")
+    prefix = f"{where}: " if where else ""
+    raise ValueError(f"{prefix}cannot label visual tokens: {why} and it has no words to align")
+
+
+def record_image(record: dict[str, Any], records_file: str | Path | None = None) -> Image.Image:
+    """A record's image (its ``image_bytes``, else its ``image`` file) through :func:`dvsft.core.images.load_image`;
+    ValueError says why it cannot be read."""
+    from dvsft.core.images import ImageError
+    from dvsft.core.records import image_path
+
+    data = record.get("image_bytes")
+    if "image" not in record and not isinstance(data, bytes):
+        raise ValueError("no 'image'")
+    try:
+        return load_image(data if isinstance(data, bytes) else image_path(record, records_file))
+    except ImageError as err:
+        raise ValueError(f"cannot read image: {err}") from err
+
+
+def read_record(
+    model: Any,
+    processor: Any,
+    record: dict[str, Any],
+    records_file: str | Path | None = None,
+    prompt: str = LENS_PROMPT,
+    top_k: int = 5,
+) -> tuple[Image.Image, LensResult, dict[int, int]]:
+    """The lens on one record: (its upright image, the readings, ``max(5, top_k)`` per token, and token -> label
+    id). ValueError says why the record cannot be read (no image, an unreadable one, no labels for this grid)."""
+    image = record_image(record, records_file)
+    result = run_lens(model, processor, image, top_k=max(5, top_k), prompt=prompt)
+    return image, result, record_labels(record, result.geometry, processor.tokenizer)
+
+
+@dataclass
+class LabelHits:
+    """Labeled visual tokens whose label is the top-1 / in the top-5 of their visual logits, over ``images``."""
+
+    top1: int = 0
+    top5: int = 0
+    n: int = 0
+    images: int = 0
+
+    def add(self, result: LensResult, labels: dict[int, int]) -> None:
+        for token, label in labels.items():
+            top = result.top_ids[token]
+            self.top1 += top[0] == label
+            self.top5 += label in top[:5]
+        self.n += len(labels)
+        self.images += 1
+
+    def accuracy(self) -> dict[str, Any]:
+        """``{"top1", "top5", "n", "images"}``: fractions in [0, 1], NaN when no token is labeled."""
+        return {
+            "top1": self.top1 / self.n if self.n else float("nan"),
+            "top5": self.top5 / self.n if self.n else float("nan"),
+            "n": self.n,
+            "images": self.images,
+        }
 
 
 def vision_label_accuracy(
@@ -297,30 +358,16 @@ def vision_label_accuracy(
     grid) or word records (aligned here with ``dvsft.align.aligner.align_words`` and the model's
     tokenizer). Returns fractions in [0, 1]: ``{"top1", "top5", "n" (labeled tokens), "images"}``.
     ``on_record(record, lens_result, labels)`` is called per record (e.g. to draw overlays);
-    its lens result holds ``max(5, top_k)`` readings per token.
+    its lens result holds ``max(5, top_k)`` readings per token. A record that cannot be read raises
+    ValueError naming it (``dvsft lens --records`` skips such records instead: :mod:`dvsft.lens.run`).
     """
-    from dvsft.core.records import image_path
-    from dvsft.evaluation.items import open_image
-
-    hits1 = hits5 = n = images = 0
+    hits = LabelHits()
     for i, record in enumerate(records):
-        where = f"{records_file or 'records'}: record {record.get('id', i)}"
-        if "image" not in record:
-            raise ValueError(f"{where}: no 'image'")
-        image = open_image(image_path(record, records_file), str(record.get("id", i)))
-        result = run_lens(model, processor, image, top_k=max(5, top_k), prompt=prompt)
-        labels = record_labels(record, result.geometry, processor.tokenizer, where)
-        for token, label in labels.items():
-            top = result.top_ids[token]
-            hits1 += top[0] == label
-            hits5 += label in top[:5]
-        n += len(labels)
-        images += 1
+        try:
+            _, result, labels = read_record(model, processor, record, records_file, prompt, top_k)
+        except ValueError as err:
+            raise ValueError(f"{records_file or 'records'}: record {record.get('id', i)}: {err}") from err
+        hits.add(result, labels)
         if on_record:
             on_record(record, result, labels)
-    return {
-        "top1": hits1 / n if n else float("nan"),
-        "top5": hits5 / n if n else float("nan"),
-        "n": n,
-        "images": images,
-    }
+    return hits.accuracy()

@@ -287,15 +287,14 @@ class Encoder:
         self, paths: Sequence[str | Path], batch_size: int = 8, progress: Callable[[int], None] | None = None
     ) -> list[np.ndarray]:
         """Codes (tokens, levels) per image file; cached ones are read, the rest computed and stored."""
-        from PIL import Image
+        from dvsft.core.images import image_size, load_image
 
         out: list[np.ndarray | None] = [None] * len(paths)
         todo: list[tuple[int, tuple[int, int]]] = []
         for i, p in enumerate(paths):
             if not Path(p).is_file():
                 raise ValueError(f"{p}: image file not found")
-            with Image.open(p) as im:
-                size = resized_size(self.processor, *im.size)
+            size = resized_size(self.processor, *image_size(p, decode=False))
             out[i] = self.cache.get(p, size)
             if out[i] is None:
                 todo.append((i, size))
@@ -303,7 +302,7 @@ class Encoder:
                 progress(1)
         for s in range(0, len(todo), batch_size):
             chunk = todo[s : s + batch_size]
-            images = [Image.open(paths[i]).convert("RGB") for i, _ in chunk]
+            images = [load_image(paths[i]) for i, _ in chunk]
             for (i, size), feats in zip(chunk, features_of_images(self.model, self.processor, images), strict=True):
                 codes = self.codebook.encode(feats).numpy().astype(np.int32)
                 self.cache.put(paths[i], size, codes)
@@ -357,7 +356,8 @@ def fit_from_files(
 ) -> tuple[Codebook, list[np.ndarray]]:
     """Fit the codebook on the images' features, save it to ``out_dir`` and cache every image's codes."""
     import torch
-    from PIL import Image
+
+    from dvsft.core.images import load_image
 
     if not paths:
         raise ValueError("no images to fit codes on")
@@ -368,7 +368,7 @@ def fit_from_files(
         for p in chunk:
             if not Path(p).is_file():
                 raise ValueError(f"{p}: image file not found")
-            images.append(Image.open(p).convert("RGB"))
+            images.append(load_image(p))
             sizes.append(resized_size(processor, *images[-1].size))
         feats_per_image.extend(features_of_images(model, processor, images))
         if progress:
