@@ -249,17 +249,13 @@ def record_size(record: dict[str, Any], records_file: Any = None) -> tuple[int, 
     """(width, height) of a record's image: its ``width``/``height`` fields, else the image header (EXIF-rotated)."""
     w, h = record.get("width"), record.get("height")
     if w is None or h is None:
-        from PIL import Image
-
+        from dvsft.core.images import image_size
         from dvsft.core.records import image_path
 
         path = image_path(record, records_file)
         if not path.is_file():
             raise ValueError(f"no width/height and image {path} not found")
-        with Image.open(path) as im:
-            w, h = im.size
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated 90 degrees by EXIF transpose
-                w, h = h, w
+        w, h = image_size(path, decode=False)
     if not isinstance(w, int) or not isinstance(h, int) or isinstance(w, bool) or isinstance(h, bool):
         raise ValueError(f"width/height must be integers, got {w!r} x {h!r}")
     return w, h

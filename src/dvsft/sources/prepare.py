@@ -192,19 +192,18 @@ def _parquet_groups(files: list[Path], images_dir: Path, stats: PrepareStats) ->
 def _write_png(data: bytes, target: Path, source: Path, row_no: int) -> Path:
     if target.exists():
         return target
-    from PIL import Image
+    from dvsft.core.images import ImageError, load_image
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if data[:8] == b"\x89PNG\r\n\x1a\n":
-                tmp_bytes = data
-            else:
-                buf = io.BytesIO()
-                img.save(buf, format="PNG")
-                tmp_bytes = buf.getvalue()
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"{source}: row {row_no}: undecodable image bytes: {err}") from err
+        image = load_image(data)  # the decoder of every stage: other formats are written upright RGB
+    except ImageError as err:
+        raise ValueError(f"{source}: row {row_no}: image bytes: {err.reason}: {err.detail}") from err
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        tmp_bytes = data
+    else:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        tmp_bytes = buf.getvalue()
     tmp = target.with_name(target.name + ".tmp")
     tmp.write_bytes(tmp_bytes)
     os.replace(tmp, target)
