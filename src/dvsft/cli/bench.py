@@ -42,13 +42,15 @@ def bench_train_command(
 
     cfg = from_params(BenchConfig, ctx.params, variants=split_list(variants))
     console = Console()
-    with progress_bar(console, unit="runs", transient=True) as bar:
-        task = bar.add_task("building the batch", total=len(cfg.variants) + 1)
-        done = iter(range(len(cfg.variants) + 1))  # a memory run per variant, then the timing run
-        try:
+    try:
+        with progress_bar(console, unit="runs", transient=True) as bar:
+            task = bar.add_task("building the batch", total=len(cfg.variants) + 1)
+            done = iter(range(len(cfg.variants) + 1))  # a memory run per variant, then the timing run
             report = bench_train(cfg, lambda run: bar.update(task, completed=next(done, None), description=run))
-        except (ValueError, RuntimeError) as err:
-            fail(err, console, code=1)
+    except ValueError as err:  # a bad option value: a user error (exit code 2)
+        fail(err)
+    except RuntimeError as err:  # a benchmark process that failed: not the user's input
+        fail(err, code=1)
     shape = report["shape"]
     console.print(
         f"machine: {report['machine']}; memory: {report['memory_method']}\n"

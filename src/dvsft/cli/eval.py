@@ -46,7 +46,7 @@ def eval_cmd(
         str | None,
         typer.Option(help="Split to read (default per benchmark, e.g. validation for docvqa, test for chartqa)."),
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N items.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N items (N >= 1).")] = None,
     batch_size: Annotated[int, typer.Option(help="Generation batch size (left padding).")] = 8,
     min_pixels: Annotated[int | None, typer.Option(help="Processor min_pixels override.")] = None,
     max_pixels: Annotated[int | None, typer.Option(help="Processor max_pixels override.")] = None,
@@ -99,8 +99,8 @@ def eval_cmd(
         scale_values = parse_scales(scales)
     except ValueError as err:
         raise typer.BadParameter(f"--scales {scales!r}: {err}") from err
-    with progress_bar(console, unit="items") as bar:
-        try:
+    try:
+        with progress_bar(console, unit="items") as bar:
             results = run_benchmarks(
                 model, split_list(bench), split_list(data), out, split=split, limit=limit, batch_size=batch_size,
                 min_pixels=min_pixels, max_pixels=max_pixels, max_new_tokens=max_new_tokens, scales=scale_values,
@@ -108,11 +108,13 @@ def eval_cmd(
                 overwrite=overwrite, device=device, progress=bar.counter, skip_bad=skip_bad,
                 prompt_style=prompt_style, rules=rules,
             )  # fmt: skip
-        except (ValueError, FileNotFoundError, RuntimeError) as err:
-            fail(err, console)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        fail(err)  # on stderr, once the progress display is closed
     console.print(scores_table(results))
     console.print(f"metric rules: {rules_label(rules)}; prompt style: {prompt_style}")
     for name, res in results.items():
+        if res.get("regenerated"):
+            console.print(f"[yellow]{name}: {res['regenerated']}: earlier predictions discarded, all generated now[/]")
         if res.get("skipped_bad"):
             errors = out / name / "errors.jsonl"
             console.print(f"[yellow]{name}: {res['skipped_bad']} unreadable items skipped, see {errors}[/]")
@@ -139,14 +141,14 @@ def ocr_set(
     from dvsft.evaluation.ocr_tasks import build_ocr_set
 
     console = Console()
-    with progress_bar(console, unit="pages") as bar:
-        try:
+    try:
+        with progress_bar(console, unit="pages") as bar:
             records = build_ocr_set(
                 kind, out, n, corpus, seed, family, cols, max_rows, font,
                 min_chars=min_chars, max_chars=max_chars, on_page=bar.counter(f"rendering {kind}", n),
             )  # fmt: skip
-        except (ValueError, FileNotFoundError) as err:
-            fail(err, console)
+    except (ValueError, FileNotFoundError) as err:
+        fail(err)
     console.print(f"wrote {records}")
 
 

@@ -36,7 +36,7 @@ def train_command(
 
     CONFIG.yaml is a config file (see configs/); every key (any TrainingArguments field and DV-SFT's own) can be set or overridden on the command line: --learning_rate 1e-5 --adam_beta2 0.95 --lora true --model tiny (see --keys).
 
-    --resume continues from the newest intact checkpoint in output_dir (--resume DIR: from DIR).
+    --resume continues from the newest intact checkpoint in output_dir (--resume DIR: from DIR). An output_dir holding a finished run (final/) is refused unless --overwrite_output_dir true; one another run is training into is refused.
 
     Distributed: accelerate launch --config_file configs/accelerate/ddp.yaml -m dvsft.cli train CONFIG.yaml
     """  # noqa: E501
@@ -48,7 +48,10 @@ def train_command(
     args = list(ctx.args)
     config = Path(args.pop(0)) if args and not args[0].startswith("--") else None
     cfg = load_config(config, args)  # a bad value: one line naming the key and its source (cli.App)
+    from dvsft.training.lock import check_finished_run
     from dvsft.training.train import train
+
+    check_finished_run(cfg)  # a finished run in output_dir is replaced only with --overwrite_output_dir true
 
     result = train(cfg)
     if result.final_dir is not None:

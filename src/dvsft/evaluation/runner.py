@@ -2,13 +2,16 @@
 
 Outputs under ``OUT/<bench>/``: ``predictions.jsonl`` (one row per item, appended as batches
 finish, so a killed run resumes where it stopped), ``scores.json``, ``run.json`` (the settings;
-a resume with different settings is refused), ``errors.jsonl`` (items skipped with ``skip_bad``: id and
-reason) and, for DocVQA/InfoVQA, ``submission.json``. Without ``skip_bad`` an unreadable item stops the
-run with an error naming it, after the items before it are generated and saved.
+a resume with different settings is refused; one whose model weights or data changed since, by their
+sha256, discards the earlier predictions and generates every item again), ``errors.jsonl`` (items
+skipped with ``skip_bad``: id and reason) and, for DocVQA/InfoVQA, ``submission.json``. Without
+``skip_bad`` an unreadable item stops the run with an error naming it, after the items before it are
+generated and saved.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,6 +31,9 @@ RUN = "run.json"
 SUBMISSION = "submission.json"
 ERRORS = "errors.jsonl"
 SCORING_ONLY = ("metric_rules",)  # settings that change scores, not predictions: a resume may change them
+# what the predictions were made from, by content: a resume after a change generates every item again
+CONTENT = {"model_sha256": "model weights", "data_sha256": "data"}
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 
 
 def expand_scales(items: Iterable[EvalItem], scales: list[float]) -> Iterator[EvalItem]:
@@ -45,20 +51,52 @@ def scaled(image: Image.Image, scale: float) -> Image.Image:
     return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
 
 
-def check_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Refuse to mix predictions made with different settings in one predictions file."""
-    run_file = out / RUN
-    if run_file.is_file() and (out / PREDICTIONS).is_file():
+def content_sha256(path: str | Path, patterns: tuple[str, ...] = ("**/*",)) -> str:
+    """sha256 of a file's bytes, or of a folder's files matching ``patterns`` (their relative names and
+    bytes; hidden files and folders left out). Read every time: nothing is cached."""
+    root = Path(path)
+    if root.is_file():
+        files = [root]
+    else:
+        found = {f for pattern in patterns for f in root.glob(pattern) if f.is_file()}
+        files = sorted(f for f in found if not any(part.startswith(".") for part in f.relative_to(root).parts))
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(root).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()
+
+
+def check_settings(out: Path, settings: dict[str, Any]) -> str | None:
+    """Refuse to mix predictions made with different settings in one predictions file.
+
+    Predictions made from other model weights or data (:data:`CONTENT`) are deleted instead: the
+    return value says what changed (None when nothing did).
+    """
+    run_file, pred_file = out / RUN, out / PREDICTIONS
+    changed = None
+    if run_file.is_file() and pred_file.is_file():
         old = json.loads(run_file.read_text())
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v and k not in SCORING_ONLY}
+        skip = (*SCORING_ONLY, *CONTENT)
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v and k not in skip}
         if diff:
             changes = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise ValueError(
-                f"{out / PREDICTIONS} holds predictions made with other settings ({changes}); "
+                f"{pred_file} holds predictions made with other settings ({changes}); "
                 "use another --out or pass --overwrite"
             )
+        changed = "; ".join(_content_change(k, old.get(k), v) for k in CONTENT if old.get(k) != (v := settings.get(k)))
+        if changed:
+            pred_file.unlink()
     out.mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps(settings, indent=2))
+    return changed or None
+
+
+def _content_change(key: str, old: str | None, new: str | None) -> str:
+    before = f"sha256 {old[:12]}" if old else "not recorded"
+    return f"{CONTENT[key]} changed ({before} -> sha256 {(new or '')[:12]})"
 
 
 def run_benchmark(
@@ -82,7 +120,7 @@ def run_benchmark(
     ``errors.jsonl`` and left out.
     """
     out = Path(out_dir) / bench.name
-    check_settings(out, settings)
+    changed = check_settings(out, settings)
     pred_file = out / PREDICTIONS
     done = {row["id"] for row in read_jsonl(pred_file, own=True)} if pred_file.is_file() else set()
     seen: set[str] = set()
@@ -149,6 +187,8 @@ def run_benchmark(
     scores = score_summary(bench, rows, settings, rules)
     scores["generated_now"] = generated
     scores["skipped_bad"] = bad
+    if changed:
+        scores["regenerated"] = changed  # why the earlier predictions were discarded
     if generated:
         scores["samples_per_s"] = generated / gen_seconds
     (out / SCORES).write_text(json.dumps(scores, indent=2))

@@ -14,7 +14,7 @@ from dvsft.evaluation.generation import Generator
 from dvsft.evaluation.loaders import DEFAULT_SPLITS, iter_items
 from dvsft.evaluation.metrics import check_rules, rules_label
 from dvsft.evaluation.prompts import check_style, effective_post_prompt, prompt_template
-from dvsft.evaluation.runner import run_benchmark
+from dvsft.evaluation.runner import WEIGHT_FILES, content_sha256, run_benchmark
 from dvsft.evaluation.visible import read_selection, select_visible, write_selection
 
 SUMMARY = "scores.json"
@@ -58,6 +58,8 @@ def run_benchmarks(
     ``progress(description, total)`` may return a callback that receives done-item counts. ``skip_bad``:
     items that cannot be read go to ``OUT/<bench>/errors.jsonl`` instead of stopping the run.
     ``post_prompt`` None takes ``prompt_style``'s own per benchmark; ``rules``: ``metrics.RULES``.
+    ``limit``: a positive count. Predictions made from other model weights or data (by sha256) are generated
+    again (:func:`dvsft.evaluation.runner.check_settings`).
     """
     import torch
 
@@ -68,6 +70,8 @@ def run_benchmarks(
     specs = [get_benchmark(b) for b in benches]
     check_style(prompt_style)
     check_rules(rules)
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit {limit}: must be a positive number of items (leave it out to evaluate all)")
     if (select_visible_n or selection) and "ocrvqa" not in benches:
         raise ValueError("--select-visible / --selection apply to the ocrvqa benchmark only")
     for path in data:
@@ -75,8 +79,9 @@ def run_benchmarks(
             raise FileNotFoundError(f"--data {path} does not exist")
     out = Path(out_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    processor = load_processor(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)  # no tokenizer: stop now
+    model_sha256 = content_sha256(model_dir, WEIGHT_FILES)  # before loading: a later change regenerates
     model = load_model(model_dir).to(device).eval()
-    processor = load_processor(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
     family = model_family(model_dir)
     results: dict[str, Any] = {}
     for bench, path in zip(specs, data, strict=True):
@@ -105,6 +110,8 @@ def run_benchmarks(
             "metric_rules": rules_label(rules),
             "scales": scales if bench.name == "ocr" else None,
             "selection": sorted(only_ids) if only_ids is not None else None,
+            "model_sha256": model_sha256,
+            "data_sha256": content_sha256(path),
         }
         items = iter_items(bench.name, path, bench_split, family=family, only_ids=only_ids)
         counts = [c for c in (limit, len(only_ids) if only_ids is not None else None) if c is not None]

@@ -121,6 +121,38 @@ def check_model_dir(model_dir: str | Path) -> Path:
     return path
 
 
+# files that hold a tokenizer's vocabulary (one of them must be in a model folder; tokenizer_config.json alone is not)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tekken.json")
+
+
+def check_tokenizer(model_dir: str | Path) -> None:
+    """A FileNotFoundError naming the folder and the files it lacks when it holds no tokenizer.
+
+    Without one, transformers builds an empty tokenizer and the first batch fails far from the cause
+    ("Mismatch in image token count").
+    """
+    path = check_model_dir(model_dir)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{path} has no tokenizer: none of {', '.join(TOKENIZER_FILES)} is there "
+            "(copy the base model's tokenizer files into it)"
+        )
+
+
+def check_weights(model_dir: str | Path) -> None:
+    """A ValueError naming the first safetensors file of ``model_dir`` that safetensors cannot open
+    (truncated by a full disk or an interrupted copy, or not safetensors at all)."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            size = path.stat().st_size
+            raise ValueError(f"{path}: truncated or not a safetensors file ({size} bytes; {err})") from err
+
+
 def model_type_of(model_dir: str | Path) -> str:
     cfg = json.loads((check_model_dir(model_dir) / "config.json").read_text())
     return cfg.get("model_type", "")
@@ -135,6 +167,7 @@ def load_processor(model_dir: str | Path, trust_remote_code: bool = False, **siz
     from transformers.utils import is_torchvision_available
 
     model_dir = Path(model_dir)
+    check_tokenizer(model_dir)
     if is_torchvision_available():
         from transformers import AutoProcessor
 
@@ -187,6 +220,7 @@ def load_model(model_dir: str | Path, dtype: Any = None, trust_remote_code: bool
     from transformers import AutoModelForImageTextToText
 
     check_model_dir(model_dir)
+    check_weights(model_dir)
     return AutoModelForImageTextToText.from_pretrained(
         model_dir, dtype=dtype or "auto", trust_remote_code=trust_remote_code
     )

@@ -125,6 +125,9 @@ class DVSFTConfig(TrainingArguments):
     )
     strict: bool = opt(False, "fail on the first bad record instead of skipping it (reasons: skipped_records.jsonl)")
     save_final: bool = opt(True, "write the trained model + processor to output_dir/final")
+    overwrite_output_dir: bool = opt(
+        False, "dvsft train: replace a finished run (output_dir/final) instead of refusing to start"
+    )
 
     # ---------------------------------------------------------------- model
     model: str | None = opt(None, "local HF model dir (Qwen3-VL, Qwen2-VL, Qwen2.5-VL) or `tiny`", alias="model.path")
@@ -218,6 +221,32 @@ class DVSFTConfig(TrainingArguments):
         ):
             self.activation_checkpointing_kwargs = {"use_reentrant": False}
         super().__post_init__()
+        check_report_to(self.report_to)
+
+
+# integrations of report_to -> (modules that provide it, the package to install)
+REPORTERS = {
+    "wandb": (("wandb",), "wandb"),
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "mlflow": (("mlflow",), "mlflow"),
+    "comet_ml": (("comet_ml",), "comet-ml"),
+    "clearml": (("clearml",), "clearml"),
+    "dvclive": (("dvclive",), "dvclive"),
+    "swanlab": (("swanlab",), "swanlab"),
+    "trackio": (("trackio",), "trackio"),
+    "neptune": (("neptune",), "neptune"),
+    "codecarbon": (("codecarbon",), "codecarbon"),
+}
+
+
+def check_report_to(report_to: list[str] | str | None) -> None:
+    """Refuse a ``report_to`` integration whose package is not installed, naming the package."""
+    from importlib.util import find_spec
+
+    for name in [report_to] if isinstance(report_to, str) else report_to or []:
+        modules, package = REPORTERS.get(name, ((), ""))
+        if modules and not any(find_spec(m) for m in modules):
+            raise ConfigError("report_to", f"report_to {name} needs the {package} package: pip install {package}")
 
 
 def world_size() -> int:

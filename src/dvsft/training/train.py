@@ -30,6 +30,7 @@ from dvsft.training.config import (
     to_dict,
     validate,
 )
+from dvsft.training.lock import output_dir_lock, resume_requested, saves_reported
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def resume_checkpoint(cfg: DVSFTConfig) -> str | None:
     from dvsft.training.checkpoints import check_checkpoint, latest_intact
 
     value = cfg.resume_from_checkpoint
-    if value is None or str(value).lower() in ("false", "none", ""):
+    if not resume_requested(cfg):
         return None
     if str(value).lower() in LAST_CHECKPOINT:
         return str(latest_intact(cfg.output_dir))
@@ -207,8 +208,16 @@ def train(config: DVSFTConfig | dict[str, Any] | str | Path, callbacks: list[Any
 
     ``config``: a :class:`DVSFTConfig`, a dict of keys, or a YAML path. ``callbacks``:
     ``transformers.TrainerCallback`` instances (e.g. evaluate the model every N steps; they get
-    ``model`` in their keyword arguments).
+    ``model`` in their keyword arguments). The main process holds ``output_dir``'s lock while it runs (a
+    second run into it is refused); a save that fails for a full disk is one OSError naming the file
+    (:mod:`dvsft.training.lock`).
     """
+    cfg = as_config(config)
+    with output_dir_lock(cfg), saves_reported(cfg.output_dir):
+        return _train(cfg, callbacks)
+
+
+def _train(config: DVSFTConfig, callbacks: list[Any] | None) -> TrainResult:
     from dvsft.training.checkpoints import remove_torn_after
     from dvsft.training.trainer import load_heads
 
