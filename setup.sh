@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-command setup: a virtual environment in .venv with dvsft, its test and parity extras and lmms-eval.
+# One-command setup: a virtual environment in .venv with dvsft, its test, parity, TRL and DeepSpeed extras and lmms-eval.
 # Takes the CPU build of PyTorch where no CUDA GPU is present (DVSFT_TORCH overrides the spec).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -18,7 +18,7 @@ elif ! python -c "import torch" 2>/dev/null; then
       || pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-pip install --quiet -e ".[test,parity,trl]"
+DS_BUILD_OPS=0 pip install --quiet -e ".[test,parity,trl,deepspeed]"
 # lmms-eval, the oracle of tests/test_lmms_eval_parity.py: without its dependencies (the parity extra
 # holds the few its task code imports); keep the version equal to dvsft.evaluation.metrics.LMMS_EVAL_VERSION
 pip install --quiet --no-deps "lmms-eval==0.7.3"

@@ -37,28 +37,39 @@ def target_layers(num_layers: int, layers: list[int] | None) -> list[int]:
     return [int(i) for i in layers]
 
 
-def _kl_chunk(student, target, norm, head):
+def _kl_chunk(student, target, norm, weight, bias):
     import torch
+    import torch.nn.functional as F
 
-    log_q = torch.log_softmax(head(norm(student)).float(), dim=-1)
+    log_q = torch.log_softmax(F.linear(norm(student), weight, bias).float(), dim=-1)
     with torch.no_grad():
-        log_p = torch.log_softmax(head(norm(target)).float(), dim=-1)
+        log_p = torch.log_softmax(F.linear(norm(target), weight, bias).float(), dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1).sum()
 
 
 def kl_logit_lens(student, target, norm, head, chunk_size: int = 512):
-    """Sum over tokens of KL(p_target || p_student) of the vocabulary projections, chunked with recompute."""
+    """Sum over tokens of KL(p_target || p_student) of the vocabulary projections, chunked with recompute.
+
+    The chunks run as ``head``'s own forward (:func:`~dvsft.objectives.losses.through_head`), so DeepSpeed
+    ZeRO-3 and FSDP gather the head's weight for them and again for their recompute in the backward.
+    """
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    total = student.new_zeros((), dtype=torch.float32)
-    for i in range(0, student.shape[0], chunk_size):
-        s, t = student[i : i + chunk_size], target[i : i + chunk_size]
-        if torch.is_grad_enabled() and s.requires_grad:
-            total = total + checkpoint(_kl_chunk, s, t, norm, head, use_reentrant=False)
-        else:
-            total = total + _kl_chunk(s, t, norm, head)
-    return total
+    from dvsft.objectives.losses import through_head
+
+    def chunks(inner, student, target):
+        weight, bias = inner.weight, getattr(inner, "bias", None)
+        total = student.new_zeros((), dtype=torch.float32)
+        for i in range(0, student.shape[0], chunk_size):
+            s, t = student[i : i + chunk_size], target[i : i + chunk_size]
+            if torch.is_grad_enabled() and s.requires_grad:
+                total = total + checkpoint(_kl_chunk, s, t, norm, weight, bias, use_reentrant=False)
+            else:
+                total = total + _kl_chunk(s, t, norm, weight, bias)
+        return total
+
+    return through_head(head, chunks, student, target)
 
 
 class BasicObjective(Objective):

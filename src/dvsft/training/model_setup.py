@@ -34,6 +34,7 @@ def load_base(cfg: DVSFTConfig, dtype: Any = None) -> tuple[Any, Any]:
     from dvsft.models.loading import load_model, load_processor, model_builder, set_pixels
 
     trust = cfg.trust_remote_code
+    join_deepspeed_comm(cfg)
     if cfg.model_llm or cfg.model_vision_from:
         model, processor = graft(
             cfg.model_llm,
@@ -56,6 +57,18 @@ def load_base(cfg: DVSFTConfig, dtype: Any = None) -> tuple[Any, Any]:
     if cfg.attn_implementation:
         model.set_attn_implementation(cfg.attn_implementation)
     return model, processor
+
+
+def join_deepspeed_comm(cfg: DVSFTConfig) -> None:
+    """Under DeepSpeed, let its communication wrap the process group the TrainingArguments started, before the
+    model loads: ZeRO-3 partitions the weights inside ``from_pretrained`` (``deepspeed.zero.Init``) and would
+    otherwise see a world of one process."""
+    import torch
+
+    if cfg.deepspeed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
 
 
 # --------------------------------------------------------------------------- graft
@@ -256,9 +269,10 @@ def trainable_counts(model: Any) -> dict[str, int]:
             continue
         seen.add(id(p))
         part = "projector" if id(p) in proj else "vision" if id(p) in vis else "llm"
-        counts[f"{part}_total"] += p.numel()
+        n = getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 keeps a shard; ds_numel is the whole size
+        counts[f"{part}_total"] += n
         if p.requires_grad:
-            counts[f"{part}_trainable"] += p.numel()
+            counts[f"{part}_trainable"] += n
     return counts
 
 

@@ -21,10 +21,14 @@ def base_model(model: Any) -> Any:
 
     For reading parts and config only: the forward always goes through the wrapped model.
     """
+    from transformers import PreTrainedModel
+
     for _ in range(8):
         if hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
             model = model.get_base_model()
-        elif hasattr(model, "module") and not hasattr(model, "lm_head"):  # DDP / DeepSpeed
+        elif isinstance(model, PreTrainedModel):
+            break
+        elif hasattr(model, "module"):  # DDP / DeepSpeed (whose engine forwards lm_head but has its own config)
             model = model.module
         elif hasattr(model, "_fsdp_wrapped_module") and not hasattr(model, "lm_head"):
             model = model._fsdp_wrapped_module
