@@ -8,6 +8,7 @@ dropped; a token that receives more than one word loses all its labels.
 from __future__ import annotations
 
 import math
+import unicodedata
 import weakref
 from collections import Counter
 from collections.abc import Callable
@@ -89,6 +90,12 @@ def first_token_ids(words: list[str], tokenizer: Any, leading_space: bool) -> li
     return out
 
 
+def is_invisible(text: str) -> bool:
+    """Whether nothing of ``text`` shows: only whitespace and format characters (Unicode category Cf: zero-width
+    space U+200B, byte order mark U+FEFF, joiners, direction marks). Such a word labels nothing."""
+    return all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text)
+
+
 def _candidates(
     words: list[dict[str, Any]],
     width: int,
@@ -105,7 +112,7 @@ def _candidates(
     ids = first_token_ids(texts, tokenizer, config.leading_space) if tokenizer is not None else [None] * len(words)
     out = []
     for word, text, tok_ids in zip(words, texts, ids, strict=True):
-        if not text:
+        if is_invisible(text):
             dropped["empty"] += 1
             continue
         box = word.get("box")

@@ -221,6 +221,7 @@ def _folder_of(records_file: str) -> Path:
 
 IMAGE_PLACEHOLDER = "<image>"  # marks where the record's image goes in a user turn's text
 ROLES = ("system", "user", "assistant")
+PART_TYPES = ("text", "image")  # the parts of a list content
 MAX_WORD_PROBLEMS = 5  # per record; further bad words are summed up in one more problem
 
 
@@ -235,7 +236,8 @@ def check_record(
 
     The one record validator of every reader (align, train, eval, stats, region tasks, dataset readers that
     build records from other formats). Checks the schema (``id``, ``image``, ``width``/``height``,
-    ``words`` with finite ``[x0, y0, x1, y1]`` boxes, ``x0 <= x1`` and ``y0 <= y1``, ``messages``) and, with
+    ``words`` with finite ``[x0, y0, x1, y1]`` boxes, ``x0 <= x1`` and ``y0 <= y1``, ``messages`` of string or
+    text / image parts, a user turn before each answer and no image in one) and, with
     ``image=True``, that the image (resolved relative to ``file``) exists, its header (and, with ``decode``,
     its data) reads, and its upright size equals ``width``/``height``. Missing ``width``/``height`` are
     filled in from the image, in place.
@@ -315,16 +317,48 @@ def box_problem(word: Any) -> str | None:
 
 
 def _message_reasons(messages: Any) -> list[str]:
+    """What is wrong with a conversation: each turn a {role, content} object whose content is a string or
+    a list of text / image parts, no image in an answer, a user turn before each answer."""
     if messages is None:
         return []
     if not isinstance(messages, list):
         return [f"messages must be a list of {{role, content}} objects, got {type(messages).__name__}"]
+    asked = False  # a user turn since the last answer
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             return [f"messages[{i}] has no role system/user/assistant"]
-        if not isinstance(m.get("content"), str | list):
+        content = m.get("content")
+        if not isinstance(content, str | list):
             return [f"messages[{i}] content must be a string or a list of parts"]
+        if isinstance(content, list) and (reason := _parts_reason(content)) is not None:
+            return [f"messages[{i}] {reason}"]
+        if m["role"] == "user":
+            asked = True
+        elif m["role"] == "assistant":
+            if _holds_image(content):
+                return [f"messages[{i}] is an answer holding an image ({IMAGE_PLACEHOLDER} or an image part)"]
+            if not asked:
+                return [f"messages[{i}] is an answer with no user turn before it"]
+            asked = False
     return []
+
+
+def _parts_reason(parts: list[Any]) -> str | None:
+    """Why a list content is unusable (a part that is not a text or image object), or None."""
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict):
+            return f"content[{j}] must be a {{type: text|image}} object, got {_short(part)}"
+        if part.get("type") not in PART_TYPES:
+            return f"content[{j}] has type {_short(part.get('type'))}; parts are text or image"
+        if part["type"] == "text" and not isinstance(part.get("text"), str):
+            return f"content[{j}] text must be a string, got {_short(part.get('text'))}"
+    return None
+
+
+def _holds_image(content: str | list[Any]) -> bool:
+    if isinstance(content, str):
+        return IMAGE_PLACEHOLDER in content
+    return any(part["type"] == "image" for part in content)
 
 
 def _image_reasons(record: dict[str, Any], file: str | Path | None, decode: bool) -> list[str]:

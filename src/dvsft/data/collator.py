@@ -16,6 +16,11 @@ Everything the model sees comes from its OWN processor and chat template; dvsft 
   (and Qwen's ``image_grid_thw``) against the geometry and raises, naming the record, rather
   than shift a label.
 
+:meth:`VisionCollator.check` encodes a record exactly as its batch will (uncut) and raises
+:class:`SampleError` with the reason for anything that would fail at its step, or for more tokens than
+``max_length`` (image, turns, the model's special tokens written as text, template, token counts): the dataset
+readers (:mod:`dvsft.data.dataset`, :mod:`dvsft.data.streaming`) skip such records before training.
+
 Sequences are padded on the right; one image per record. The family's pixel inputs are batched
 as its model expects (tiles / crops per image padded with zero images where counts differ).
 """
@@ -23,6 +28,7 @@ as its model expects (tiles / crops per image padded with zero images where coun
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +71,17 @@ def to_processor_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]
     return out
 
 
+ENCODED = "_encoded"  # a sample's Encoded from VisionCollator.check, which its batch reuses (streaming input)
+
+
+class SampleError(ValueError):
+    """A record the collator cannot encode: ``reason`` says why; the message names the record too."""
+
+    def __init__(self, rid: str, reason: str):
+        self.reason = reason
+        super().__init__(f"record {rid}: {reason}")
+
+
 @dataclass
 class Encoded:
     """One record, encoded and checked."""
@@ -82,8 +99,18 @@ class Encoded:
     layout: Layout | None = None
     image_inputs: dict[str, torch.Tensor] | None = None  # the family's other model inputs (image_sizes, masks)
 
+    def label_counts(self) -> tuple[int, int]:
+        """(text labels, vision labels): the labeled answer tokens and visual tokens."""
+        return int((self.labels != -100).sum()), len(self.vision_tokens)
+
 
 SEQUENCE_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")  # batched on their own
+
+
+def special_tokens(tokenizer: Any) -> set[str]:
+    """The tokenizer's special tokens (image, vision, turn and end tokens): text never holds them."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return {t.content for t in added.values() if t.special} | set(tokenizer.all_special_tokens)
 
 
 def stack_images(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -126,6 +153,7 @@ class VisionCollator:
         self.qwen = self.family.name.startswith("qwen")
         self.image_token = getattr(processor, "image_token", None) or self.family.image_token  # in the template
         self.image_token_id = self.family.image_token_id(processor)  # what the model fills with features
+        self.special_tokens = sorted((special_tokens(self.tokenizer) | {self.image_token}) - {IMAGE_PLACEHOLDER})
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
 
@@ -143,69 +171,53 @@ class VisionCollator:
             prompt = self.render(messages[:i], generation_prompt=True)
             upto = self.render(messages[: i + 1])
             if not (upto.startswith(prompt) and full.startswith(upto)):
-                raise ValueError(
-                    f"record {rid}: the chat template renders turn {i} differently in context, "
-                    "so its answer span cannot be located"
+                raise SampleError(
+                    rid,
+                    f"the chat template renders turn {i} differently in context, so its answer span cannot be located",
                 )
             end = len(upto.rstrip())
             if end > len(prompt):
                 spans.append((len(prompt), end))
         if not spans:
-            raise ValueError(f"record {rid}: no assistant answer to train on")
+            raise SampleError(rid, "no assistant answer to train on")
         return full, spans
 
     def encode(self, record: dict[str, Any]) -> Encoded:
+        """One record as its batch holds it; longer than ``max_length``, cut there (never inside the image).
+        Raises :class:`SampleError` naming the record (see :meth:`check`)."""
         rid = str(record.get("id", "?"))
-        if "messages" not in record or not record["messages"]:
-            raise ValueError(f"record {rid}: no messages")
-        data = record.get("image_bytes")
-        if "image" not in record and not isinstance(data, bytes):
-            raise ValueError(f"record {rid}: no image")
+        enc = self._encode(record, rid)
+        return self._cut(enc, rid) if enc.input_ids.numel() > self.max_length else enc
+
+    def check(self, record: dict[str, Any]) -> Encoded:
+        """``record`` encoded exactly as :meth:`encode` does, uncut; :class:`SampleError` for anything its batch
+        would fail on, and for more tokens than ``max_length`` (``"N tokens > max_length M"``): what the dataset
+        readers skip before training."""
+        rid = str(record.get("id", "?"))
         try:
-            image = load_image(data if isinstance(data, bytes) else record["image"])
-        except ImageError as err:
-            raise ValueError(f"record {rid}: cannot read image: {err}") from err
+            enc = self._encode(record, rid)
+        except SampleError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the processor and the chat template raise what they like
+            raise SampleError(rid, f"{type(err).__name__}: {err}") from err
+        length = int(enc.input_ids.numel())
+        if length > self.max_length:
+            raise SampleError(rid, f"{length} tokens > max_length {self.max_length}")
+        return enc
+
+    def _encode(self, record: dict[str, Any], rid: str) -> Encoded:
+        image = self._image(record, rid)
         w, h = image.size
-        if record.get("width") not in (None, w) or record.get("height") not in (None, h):
-            shown = record.get("image", "<image bytes>")
-            raise ValueError(
-                f"record {rid}: image {shown} is {w}x{h} after EXIF orientation but the record says "
-                f"{record.get('width')}x{record.get('height')}; its word boxes would not match"
-            )
-        try:
-            messages = to_processor_messages(record["messages"])
-        except ValueError as err:
-            raise ValueError(f"record {rid}: {err}") from err
-        text, spans = self.answer_spans(messages, rid)
-        if text.count(self.image_token) != 1:
-            raise ValueError(
-                f"record {rid}: expected one image in the conversation, found {text.count(self.image_token)}"
-            )
+        text, spans = self._text(record, rid)
         out = self.processor(text=[text], images=[image], return_tensors="pt", return_offsets_mapping=True)
         ids = out["input_ids"][0]
         layout = layout_for(self.processor, w, h)
         grid = grid_for(self.processor, w, h) if self.qwen else None
         image_pos = torch.nonzero(ids == self.image_token_id).flatten()
+        self._check_image_tokens(out, image_pos, grid, layout, rid)
         n_img = int(image_pos.numel())
-        if grid is not None:
-            thw = tuple(int(v) for v in out["image_grid_thw"][0])
-            if n_img != grid.num_tokens or thw != grid.grid_thw:
-                raise ValueError(
-                    f"record {rid}: the processor made {n_img} image tokens (image_grid_thw {thw}) for the {w}x{h} "
-                    f"image but the token grid has {grid.num_tokens} ({grid.rows}x{grid.cols}, grid_thw "
-                    f"{grid.grid_thw}); refusing to align labels to shifted tokens"
-                )
-            if n_img and int(image_pos[-1] - image_pos[0]) != n_img - 1:
-                raise ValueError(f"record {rid}: the image tokens are not contiguous")
-        elif n_img != layout.num_tokens:
-            views = ", ".join(f"{v.kind} {v.rows}x{v.cols}" for v in layout.views)
-            raise ValueError(
-                f"record {rid}: the processor made {n_img} {self.family.name} image tokens (id {self.image_token_id}) "
-                f"for the {w}x{h} image but its view list has {layout.num_tokens} ({views}); refusing to align "
-                "labels to shifted tokens"
-            )
         grow = len(layout.prompt) - len(self.image_token) if layout.prompt else (n_img - 1) * len(self.image_token)
-        labels = self._text_labels(ids, out["offset_mapping"][0], text, spans, grow)
+        labels = self._text_labels(ids, out["offset_mapping"][0], text, spans, grow, rid)
         alignment, vision_tokens, label_set = None, [], []
         if self.vision_labels:
             alignment = align_words(
@@ -214,24 +226,11 @@ class VisionCollator:
             vision_tokens = [(int(image_pos[lab["token"]]), int(lab["token_id"])) for lab in alignment.labels]
             label_set = alignment.label_set
         mm = out.get("mm_token_type_ids")
-        mm = mm[0] if mm is not None else None
-        length = int(ids.numel())
-        if length > self.max_length:
-            if n_img and int(image_pos[-1]) >= self.max_length:
-                raise ValueError(
-                    f"record {rid}: {length} tokens exceed max_length {self.max_length} and the cut would split the "
-                    f"image (image tokens at {int(image_pos[0])}..{int(image_pos[-1])}); raise max_length or "
-                    "lower max_pixels"
-                )
-            cut = self.max_length
-            ids, labels = ids[:cut], labels[:cut]
-            mm = mm[:cut] if mm is not None else None
-            vision_tokens = [(p, t) for p, t in vision_tokens if p < cut]
         return Encoded(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             labels=labels,
-            mm_token_type_ids=mm,
+            mm_token_type_ids=mm[0] if mm is not None else None,
             pixel_values=out["pixel_values"],
             image_grid_thw=out.get("image_grid_thw"),
             vision_tokens=vision_tokens,
@@ -242,8 +241,102 @@ class VisionCollator:
             image_inputs={k: out[k] for k in self.family.image_inputs if k not in SEQUENCE_INPUTS and k in out},
         )
 
+    def _image(self, record: dict[str, Any], rid: str) -> Any:
+        """The record's image, decoded upright, its size checked against the record's."""
+        data = record.get("image_bytes")
+        if "image" not in record and not isinstance(data, bytes):
+            raise SampleError(rid, "no image")
+        try:
+            image = load_image(data if isinstance(data, bytes) else record["image"])
+        except ImageError as err:
+            raise SampleError(rid, f"cannot read image: {err}") from err
+        w, h = image.size
+        if record.get("width") not in (None, w) or record.get("height") not in (None, h):
+            shown = record.get("image", "<image bytes>")
+            raise SampleError(
+                rid,
+                f"image {shown} is {w}x{h} after EXIF orientation but the record says "
+                f"{record.get('width')}x{record.get('height')}; its word boxes would not match",
+            )
+        return image
+
+    def _text(self, record: dict[str, Any], rid: str) -> tuple[str, list[tuple[int, int]]]:
+        """The conversation rendered by the chat template, with its answer spans (see :meth:`answer_spans`)."""
+        if "messages" not in record or not record["messages"]:
+            raise SampleError(rid, "no messages")
+        reason = self.special_token_reason(record["messages"])
+        if reason is not None:
+            raise SampleError(rid, reason)
+        try:
+            messages = to_processor_messages(record["messages"])
+        except ValueError as err:
+            raise SampleError(rid, str(err)) from err
+        text, spans = self.answer_spans(messages, rid)
+        if text.count(self.image_token) != 1:
+            raise SampleError(rid, f"expected one image in the conversation, found {text.count(self.image_token)}")
+        return text, spans
+
+    def special_token_reason(self, messages: list[dict[str, Any]]) -> str | None:
+        """Why a conversation cannot be encoded because its text holds one of the model's special tokens
+        (``<|image_pad|>``, ``<|vision_start|>``, ``<|im_end|>``, ...: the processor would read it as a token,
+        not as text), or None. The image placeholder ``<image>`` is the record's own syntax, not text."""
+        for i, m in enumerate(messages):
+            content = m["content"]
+            texts = [content] if isinstance(content, str) else [p.get("text", "") for p in content]
+            for text in texts:
+                found = next((t for t in self.special_tokens if t in text), None)
+                if found is not None:
+                    return f"messages[{i}] holds the model's special token {found} as text"
+        return None
+
+    def _check_image_tokens(
+        self, out: Any, image_pos: torch.Tensor, grid: Grid | None, layout: Layout, rid: str
+    ) -> None:
+        """The processor's image tokens must be where the geometry puts the labels, or the labels would shift."""
+        n_img = int(image_pos.numel())
+        w, h = layout.width, layout.height
+        if grid is not None:
+            thw = tuple(int(v) for v in out["image_grid_thw"][0])
+            if n_img != grid.num_tokens or thw != grid.grid_thw:
+                raise SampleError(
+                    rid,
+                    f"the processor made {n_img} image tokens (image_grid_thw {thw}) for the {w}x{h} image but the "
+                    f"token grid has {grid.num_tokens} ({grid.rows}x{grid.cols}, grid_thw {grid.grid_thw}); "
+                    "refusing to align labels to shifted tokens",
+                )
+            if n_img and int(image_pos[-1] - image_pos[0]) != n_img - 1:
+                raise SampleError(rid, "the image tokens are not contiguous")
+        elif n_img != layout.num_tokens:
+            views = ", ".join(f"{v.kind} {v.rows}x{v.cols}" for v in layout.views)
+            raise SampleError(
+                rid,
+                f"the processor made {n_img} {self.family.name} image tokens (id {self.image_token_id}) for the "
+                f"{w}x{h} image but its view list has {layout.num_tokens} ({views}); refusing to align labels to "
+                "shifted tokens",
+            )
+
+    def _cut(self, enc: Encoded, rid: str) -> Encoded:
+        """``enc`` cut to ``max_length`` tokens; refused where the cut would split the image."""
+        length, cut = int(enc.input_ids.numel()), self.max_length
+        image_pos = torch.nonzero(enc.input_ids == self.image_token_id).flatten()
+        if image_pos.numel() and int(image_pos[-1]) >= cut:
+            raise SampleError(
+                rid,
+                f"{length} tokens exceed max_length {cut} and the cut would split the image (image tokens at "
+                f"{int(image_pos[0])}..{int(image_pos[-1])}); raise max_length or lower max_pixels",
+            )
+        mm = enc.mm_token_type_ids
+        return dataclasses.replace(
+            enc,
+            input_ids=enc.input_ids[:cut],
+            attention_mask=enc.attention_mask[:cut],
+            labels=enc.labels[:cut],
+            mm_token_type_ids=mm[:cut] if mm is not None else None,
+            vision_tokens=[(p, t) for p, t in enc.vision_tokens if p < cut],
+        )
+
     def _text_labels(
-        self, ids: torch.Tensor, offsets: torch.Tensor, text: str, spans: list[tuple[int, int]], grow: int
+        self, ids: torch.Tensor, offsets: torch.Tensor, text: str, spans: list[tuple[int, int]], grow: int, rid: str
     ) -> torch.Tensor:
         """-100 everywhere but the tokens overlapping an answer span (offsets are in the expanded text,
         where the image placeholder grew by ``grow`` characters)."""
@@ -252,7 +345,7 @@ class VisionCollator:
         starts, ends = offsets[:, 0], offsets[:, 1]
         for a, b in spans:
             if a <= at < b:
-                raise ValueError("an image placeholder inside an assistant answer is not supported")
+                raise SampleError(rid, "an image placeholder inside an assistant answer is not supported")
             if a > at:
                 a, b = a + grow, b + grow
             inside = (ends > a) & (starts < b) & (ends > starts)
@@ -263,7 +356,7 @@ class VisionCollator:
     def __call__(self, records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not records:
             raise ValueError("cannot collate an empty list of records")
-        enc = [self.encode(r) for r in records]
+        enc = [r[ENCODED] if ENCODED in r else self.encode(r) for r in records]
         length = max(e.input_ids.numel() for e in enc)
 
         def pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:

@@ -14,7 +14,8 @@ Every sample keeps the record's system turns, and the image placeholder ``<image
 sample's first user turn. Bad lines and records (unreadable JSON, anything
 :func:`dvsft.core.records.check_record` finds: missing or undecodable image, a size that differs from the image's,
 non-numeric / non-finite / inverted boxes; no assistant answer, malformed messages) are skipped, logged with
-their file, line, id and reason, and listed in the result's ``skipped`` and ``problems``.
+their file, line, id and reason, and listed in the result's ``skipped`` and ``problems``. Given the run's collator,
+:func:`check_samples` then skips the samples it cannot encode or that exceed its ``max_length``, the same way.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from __future__ import annotations
 import copy
 import logging
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from dvsft.core.record_sources import iter_entries
 from dvsft.core.records import IMAGE_PLACEHOLDER, Problem, check_record, image_path
+from dvsft.data.skips import LabelCount
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +37,53 @@ log = logging.getLogger(__name__)
 class RecordList(list):
     """A list of sample dicts that also carries what was skipped.
 
-    ``skipped``: ``[(record id, reason), ...]``, one per skipped line or record; ``problems``: every
+    ``skipped``: ``[(record id, reason), ...]``, one per skipped line, record or sample; ``problems``: every
     :class:`dvsft.core.records.Problem` found (file, line, id, reason), possibly several per record.
+    ``where``: the file and line of each sample's record. ``labels``: ``(text labels, vision labels)`` of each
+    sample (its labeled answer tokens and visual tokens) once a collator checked them (:func:`check_samples`),
+    else None.
     """
 
     skipped: list[tuple[str, str]]
     problems: list[Problem]
+    where: list[tuple[str, int]]
+    labels: list[tuple[int, int]] | None
 
     def __init__(
         self,
         items=(),
         skipped: list[tuple[str, str]] | None = None,
         problems: list[Problem] | None = None,
+        where: list[tuple[str, int]] | None = None,
+        labels: list[tuple[int, int]] | None = None,
     ):
         super().__init__(items)
         self.skipped = list(skipped or [])
         self.problems = list(problems or [])
+        self.where = list(where or [])
+        self.labels = None if labels is None else list(labels)
+
+    def add(self, other: RecordList) -> None:
+        """Append ``other``'s samples with their skips and problems (the samples of several sources)."""
+        self.extend(other)
+        self.skipped += other.skipped
+        self.problems += other.problems
+        self.where += other.where
+        if self.labels is not None or other.labels is not None:
+            self.labels = (self.labels or []) + (other.labels or [])
+
+    def count(self) -> LabelCount:
+        """The samples, their labels (where counted), the skipped records and the first problem."""
+        text = vision = None
+        if self.labels is not None:
+            text, vision = sum(t for t, _ in self.labels), sum(v for _, v in self.labels)
+        first = self.problems[0] if self.problems else None
+        return LabelCount(len(self), text, vision, len(self.skipped), first)
+
+    def head(self, n: int) -> RecordList:
+        """The first ``n`` samples, with all the skips and problems."""
+        labels = None if self.labels is None else self.labels[:n]
+        return RecordList(self[:n], self.skipped, self.problems, self.where[:n], labels)
 
 
 def has_image_placeholder(message: dict[str, Any]) -> bool:
@@ -94,15 +128,10 @@ def _placeholder_newline(template: dict[str, Any]) -> bool:
 
 
 def _check(record: dict[str, Any]) -> str | None:
-    """The training-specific reason a (schema-valid) record cannot be trained on, or None."""
+    """The training-specific reason a record that :func:`check_record` passed cannot be trained on, or None."""
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         return "no messages"
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            return f"message {i} has no role system/user/assistant"
-        if not isinstance(m.get("content"), (str, list)):
-            return f"message {i} has no string or list content"
     if not any(m["role"] == "assistant" and _text_of(m).strip() for m in messages):
         return "no assistant turn with an answer"
     if sum(_count_images(m) for m in messages) > 1:
@@ -166,6 +195,13 @@ def select_samples(
     generator seeded by ``seed`` and the image's file name, so the draw depends neither on file order
     nor on where the data folder lies.
     """
+    return [sample for _, sample in _samples_of(records, qa_per_image, keep_conversations, seed)]
+
+
+def _samples_of(
+    records: list[dict[str, Any]], qa_per_image: int | None, keep_conversations: bool, seed: int
+) -> list[tuple[int, dict[str, Any]]]:
+    """:func:`select_samples`, each sample with the index of its record."""
     if qa_per_image is not None and qa_per_image < 1:
         raise ValueError(f"qa_per_image must be >= 1 (or None for all pairs), got {qa_per_image}")
     chosen: dict[int, list[int] | None] = {}
@@ -179,11 +215,11 @@ def select_samples(
                 pool = random.Random(f"{seed}:{Path(image).name}").sample(pool, qa_per_image)
             for r, k in pool:
                 chosen.setdefault(r, []).append(k)  # type: ignore[union-attr]
-    samples: list[dict[str, Any]] = []
+    samples: list[tuple[int, dict[str, Any]]] = []
     for r, record in enumerate(records):
         if qa_per_image is not None and r not in chosen:
             continue
-        samples.extend(expand_record(record, chosen.get(r), keep_conversations))
+        samples.extend((r, sample) for sample in expand_record(record, chosen.get(r), keep_conversations))
     return samples
 
 
@@ -193,12 +229,18 @@ def load_records(
     seed: int = 0,
     qa_per_image: int | None = None,
     keep_conversations: bool = False,
+    collator: Any = None,
+    workers: int = 0,
 ) -> RecordList:
     """Training samples of a record source (JSONL or Parquet file, folder of shards, ``datasets`` folder: see
     :mod:`dvsft.core.record_sources`), image paths made absolute, bad records skipped. Everything is held in memory;
     ``dvsft.data.streaming`` streams large sources instead.
 
-    ``one_qa_per_image=True`` is ``qa_per_image=1``; see the module docstring for the options.
+    ``one_qa_per_image=True`` is ``qa_per_image=1``; see the module docstring for the options. With a
+    ``collator`` (a :class:`dvsft.data.collator.VisionCollator`), every sample is also encoded once as its batch
+    will be (:meth:`~dvsft.data.collator.VisionCollator.check`, in ``workers`` DataLoader processes): a sample
+    it cannot encode, or longer than its ``max_length``, is skipped with the reason, and the result counts the
+    text and vision labels of the rest.
     """
     path = Path(path)
     if not path.exists():
@@ -208,6 +250,7 @@ def load_records(
     if qa_per_image is not None and qa_per_image < 1:
         raise ValueError(f"qa_per_image must be >= 1, got {qa_per_image}")
     records: list[dict[str, Any]] = []
+    where: list[tuple[str, int]] = []  # file and line of each record
     skipped: list[tuple[str, str]] = []
     problems: list[Problem] = []
     for entry in iter_entries(path):
@@ -227,7 +270,65 @@ def load_records(
             problems.extend(found)
             continue
         records.append(absolute_image(dict(record, id=rid), entry.file))
-    return RecordList(select_samples(records, qa_per_image, keep_conversations, seed), skipped, problems)
+        where.append((str(entry.file), entry.number))
+    indexed = _samples_of(records, qa_per_image, keep_conversations, seed)
+    loaded = RecordList([sample for _, sample in indexed], skipped, problems, [where[r] for r, _ in indexed])
+    return loaded if collator is None else check_samples(loaded, collator, workers)
+
+
+def check_samples(samples: RecordList, collator: Any, workers: int = 0) -> RecordList:
+    """The samples ``collator`` can encode within its ``max_length``, their text and vision labels counted; the
+    others skipped with the reason (named by the file and line of their record)."""
+    kept = RecordList(skipped=samples.skipped, problems=samples.problems, labels=[])
+    outcomes = _outcomes(samples, collator, workers)
+    for sample, (file, line), outcome in zip(samples, samples.where, outcomes, strict=True):
+        if isinstance(outcome, str):
+            problem = Problem(file, line, str(sample["id"]), outcome)
+            log.warning("skipping %s", problem)
+            kept.skipped.append((str(sample["id"]), outcome))
+            kept.problems.append(problem)
+            continue
+        kept.append(sample)
+        kept.where.append((file, line))
+        kept.labels.append(outcome)  # type: ignore[union-attr]
+    return kept
+
+
+def _outcomes(samples: list[dict[str, Any]], collator: Any, workers: int) -> Iterator[str | tuple[int, int]]:
+    """Per sample, in order: why the collator cannot take it, or its (text labels, vision labels)."""
+    if workers <= 0:
+        return (_outcome(collator, s) for s in samples)
+    from torch.utils.data import DataLoader
+
+    checks = _Checks(samples, collator)
+    return iter(DataLoader(checks, batch_size=None, num_workers=workers, collate_fn=_identity))  # type: ignore[arg-type]
+
+
+def _outcome(collator: Any, sample: dict[str, Any]) -> str | tuple[int, int]:
+    from dvsft.data.collator import SampleError
+
+    try:
+        enc = collator.check(sample)
+    except SampleError as err:
+        return err.reason
+    return enc.label_counts()
+
+
+class _Checks:
+    """The samples as a map-style dataset of their :func:`_outcome` (read by DataLoader workers)."""
+
+    def __init__(self, samples: list[dict[str, Any]], collator: Any):
+        self.samples, self.collator = samples, collator
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> str | tuple[int, int]:
+        return _outcome(self.collator, self.samples[i])
+
+
+def _identity(x: Any) -> Any:
+    return x
 
 
 def absolute_image(record: dict[str, Any], file: Path) -> dict[str, Any]:

@@ -27,10 +27,12 @@ sequence. ``datasets``' own ``IterableDataset.state_dict`` is not used for this:
 example the dataset yielded (in DataLoader workers, it needs torchdata's ``StatefulDataLoader`` to reach the
 main process), not which samples the optimizer stepped on.
 
-Records are checked lazily (:func:`dvsft.core.records.check_record` without decoding the image, plus the
-training checks); a bad one is skipped with a warning. Each record gives one sample: its QA pairs
-(``qa_per_image`` of them, drawn as in :func:`dvsft.data.dataset.select_samples` but per record) as one
-conversation.
+Records are checked lazily, as the in-memory reader checks them (:func:`dvsft.core.records.check_record`, the
+training checks and, given the run's collator, :meth:`dvsft.data.collator.VisionCollator.check`, whose encoding
+the batch then reuses); a bad one is skipped with a warning, and its position rides with the next sample to the
+trainer (``skipped_samples`` of the batch), which counts it as read (a resume passes it) and writes its reason.
+Each record gives one sample: its QA pairs (``qa_per_image`` of them, drawn as in
+:func:`dvsft.data.dataset.select_samples` but per record) as one conversation.
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dvsft.core.record_sources import ARROW, JSONL, PARQUET, data_files, rows_of
+from dvsft.data.skips import LabelCount
 
 log = logging.getLogger(__name__)
 POSITION = "_stream_position"  # (epoch, local position, count since epoch 0) on each sample, removed by the collator
+SKIPPED = "_stream_skipped"  # [[epoch, local position, count, problem row], ...] skipped just before a sample
 DEFAULT_WINDOW_ROWS = 2048
 SPLITS = ("auto", "shards", "examples")  # split_dataset_by_node strategies
 MAX_WARNINGS = 20
@@ -100,7 +104,8 @@ class StreamingSamples(IterableDataset):
     the trainer before iterating. ``split``: the ``strategy`` of ``split_dataset_by_node`` (``auto``: whole
     windows per rank when their count divides by the world size, else ``examples``; ``shards``: whole windows,
     refused with fewer windows than ranks; ``examples``: every ``world_size``-th position, so the ranks' counts
-    differ by at most one).
+    differ by at most one). ``collator``: the run's :class:`dvsft.data.collator.VisionCollator`; each sample is
+    checked with it, and carries its encoding for the batch.
     """
 
     def __init__(
@@ -111,8 +116,10 @@ class StreamingSamples(IterableDataset):
         qa_per_image: int | None = 1,
         check_images: bool = True,
         split: str = "auto",
+        collator: Any = None,
     ):
         super().__init__()
+        self.collator = collator
         self.units: list[Unit] = []
         for src in sources:
             path, qa = src if isinstance(src, tuple) else (src, qa_per_image)
@@ -220,8 +227,9 @@ class StreamingSamples(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         start_batch = (offset + done.first_missing()) // self.batch_size
+        skipped: list[list[Any]] = []  # skipped positions not yet passed on: they ride with the next sample
         while True:
-            yield from self._epoch(epoch, offset, done, start_batch, worker, workers)
+            yield from self._epoch(epoch, offset, done, start_batch, worker, workers, skipped)
             if not self.endless:
                 return
             count = self.rows_per_rank(epoch)
@@ -233,7 +241,7 @@ class StreamingSamples(IterableDataset):
             epoch, done = epoch + 1, Ranges()
 
     def _epoch(
-        self, epoch: int, offset: int, done: Ranges, start_batch: int, worker: int, workers: int
+        self, epoch: int, offset: int, done: Ranges, start_batch: int, worker: int, workers: int, skipped: list
     ) -> Iterator[dict[str, Any]]:
         windows = self.windows(epoch)
 
@@ -257,12 +265,17 @@ class StreamingSamples(IterableDataset):
                     if warned < MAX_WARNINGS:
                         log.warning("skipping %s", problem)
                         warned += 1
+                    skipped.append([epoch, j, offset + j, problem.row()])
                     continue
                 sample[POSITION] = (epoch, j, offset + j)
+                if skipped:
+                    sample[SKIPPED] = skipped[:]
+                    skipped.clear()
                 yield sample
 
     def _sample(self, record: dict[str, Any], unit: Unit, number: int) -> tuple[dict[str, Any] | None, Any]:
         from dvsft.core.records import Problem, check_record
+        from dvsft.data.collator import ENCODED, SampleError
         from dvsft.data.dataset import _check, _id_of, absolute_image, answered_pairs, expand_record
 
         found = check_record(record, unit.file, number, image=False)
@@ -278,8 +291,35 @@ class StreamingSamples(IterableDataset):
         chosen = list(range(len(pairs)))
         if unit.qa_per_image is not None and len(chosen) > unit.qa_per_image:
             chosen = random.Random(f"{self.seed}:{record.get('image')}").sample(chosen, unit.qa_per_image)
-        samples = expand_record(record, chosen, keep_conversations=True)
-        return samples[0], None
+        sample = expand_record(record, chosen, keep_conversations=True)[0]
+        if self.collator is not None:
+            try:
+                sample[ENCODED] = self.collator.check(sample)
+            except SampleError as err:
+                return None, Problem(str(unit.file), number, str(sample["id"]), err.reason)
+        return sample, None
+
+    def find_labels(self, vision: bool) -> LabelCount:
+        """Read the records in file order, checked as for training (needs the collator), until a sample has text
+        labels and, with ``vision``, vision labels: the counts of what was read (all of it when none has them)."""
+        from dvsft.data.collator import ENCODED
+
+        if self.collator is None:
+            raise ValueError("find_labels checks samples with the run's collator: set StreamingSamples.collator")
+        count = LabelCount(text=0, vision=0)
+        for unit in self.units:
+            rows = _read_rows([unit], set(range(unit.rows)))
+            for _, number, record in (rows[k] for k in range(unit.rows)):
+                sample, problem = self._sample(record, unit, number)
+                if sample is None:
+                    count.skipped += 1
+                    count.first_problem = count.first_problem or problem
+                    continue
+                text, labels = sample[ENCODED].label_counts()
+                count.samples, count.text, count.vision = count.samples + 1, count.text + text, count.vision + labels
+                if count.text and (count.vision or not vision):
+                    return count
+        return count
 
     def window_ids(self, epoch: int) -> list[list[str]]:
         """Record ids of each window of ``epoch``, in its shuffled order (reads every record; for checks and
@@ -307,8 +347,8 @@ def _window_positions(windows: list[tuple[int, int]]) -> Iterator[tuple[str, dic
 
 
 def _image_reasons(record: dict[str, Any], file: Path) -> list[str]:
-    """What is wrong with a record's image (header and size; no full decode); checks of the same image file
-    and size are remembered, so records sharing an image read it once per worker."""
+    """What is wrong with a record's image, checked as the in-memory reader does (header, data, size); checks of
+    the same image file and size are remembered, so records sharing an image read it once per worker."""
     from dvsft.core.records import image_path
 
     data = record.get("image_bytes")
@@ -330,7 +370,7 @@ def _image_check(image: str | bytes, width: int | None, height: int | None) -> t
     probe: dict[str, Any] = {"image_bytes": image} if isinstance(image, bytes) else {"image": image}
     if width is not None or height is not None:
         probe.update(width=width, height=height)
-    reasons = [p.reason for p in check_record(probe, None, image=True, decode=False)]
+    reasons = [p.reason for p in check_record(probe, None, image=True)]
     return reasons, probe.get("width"), probe.get("height")
 
 
@@ -407,17 +447,21 @@ class Ranges:
 
 class PositionCollator:
     """Wrap a collator: strip each sample's stream position and return them as ``sample_positions`` [B, 3]
-    (and the samples' ids as ``sample_ids``), for the trainer to record."""
+    (and the samples' ids as ``sample_ids``), for the trainer to record; the records skipped before them as
+    ``skipped_samples`` (``[[epoch, local position, count, problem row], ...]``, only where there are some)."""
 
     def __init__(self, inner: Any):
         self.inner = inner
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         positions = [s.get(POSITION, (-1, -1, -1)) for s in samples]
-        clean = [{k: v for k, v in s.items() if k != POSITION} for s in samples]
+        skipped = [row for s in samples for row in s.get(SKIPPED, ())]
+        clean = [{k: v for k, v in s.items() if k not in (POSITION, SKIPPED)} for s in samples]
         batch = self.inner(clean)
         batch["sample_positions"] = torch.tensor(positions, dtype=torch.long).reshape(-1, 3)
         batch["sample_ids"] = [str(s.get("id")) for s in clean]
+        if skipped:
+            batch["skipped_samples"] = skipped
         return batch
 
 

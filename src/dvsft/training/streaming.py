@@ -4,17 +4,21 @@ positions recorded from each batch, saved with every checkpoint (``data_state.js
 The DataLoader is not handed to ``accelerate``: the dataset already splits itself across ranks, and
 ``accelerate`` would wrap an iterable dataset into its own sharding (or dispatch batches from rank 0).
 The Trainer's own fast-forward on resume (``ignore_data_skip=False`` re-reads and collates every skipped
-batch) is switched off; the dataset skips the trained positions without reading them.
+batch) is switched off; the dataset skips the trained positions without reading them. Records the stream skipped
+count as read too (a resume passes them), their reasons appended to ``output_dir/skipped_records.jsonl``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from dvsft.core.records import JsonlAppender, Problem, read_jsonl
+from dvsft.data.skips import REASONS_FILE, StrictError
 from dvsft.data.streaming import EpochDataLoader, PositionCollator, StreamingSamples
 
 DATA_STATE = "data_state.json"
@@ -24,6 +28,7 @@ class StreamingTrainerMixin:
     """``transformers.Trainer`` mixin; active only when ``train_dataset`` is a :class:`StreamingSamples`."""
 
     trained_samples: list[tuple[int, int, int, str]]  # (step, epoch, local position, id) trained by this process
+    _reported: set[tuple[str | None, int | None]]  # (file, line) of the skipped records in the reasons file
 
     def _streaming(self) -> StreamingSamples | None:
         ds = getattr(self, "train_dataset", None)
@@ -50,14 +55,35 @@ class StreamingTrainerMixin:
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         positions = inputs.pop("sample_positions", None)
         ids = inputs.pop("sample_ids", None)
+        skipped = inputs.pop("skipped_samples", [])
         ds = self._streaming()
         if ds is not None and positions is not None:
             positions = positions.cpu()
-            ds.mark_trained(positions)
+            self._report_skipped(skipped)
+            read = sorted(positions.tolist() + [row[:3] for row in skipped], key=lambda p: p[2])  # stream order
+            ds.mark_trained(torch.tensor(read, dtype=torch.long).reshape(-1, 3))
             step = self.state.global_step + 1  # type: ignore[attr-defined]
             rows = [(step, e, j, i) for (e, j, _), i in zip(positions.tolist(), ids or [], strict=False)]
             self.__dict__.setdefault("trained_samples", []).extend(rows)
         return super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
+
+    def _report_skipped(self, skipped: list[list[Any]]) -> None:
+        """Append the reasons of records the stream skipped to ``output_dir/skipped_records.jsonl``, once per
+        record (each epoch skips it again; every rank writes the records it skipped); ``--strict`` fails instead."""
+        if not skipped:
+            return
+        args = self.args  # type: ignore[attr-defined]
+        problems = [Problem(**row[3]) for row in skipped]
+        if getattr(args, "strict", False):
+            raise StrictError(f"--strict: a bad record in the stream: {problems[0]}")
+        path = Path(args.output_dir, REASONS_FILE)
+        if "_reported" not in self.__dict__:  # a resumed run goes on with the file it left
+            self._reported = {(r["file"], r["line"]) for r in read_jsonl(path, own=True)} if path.is_file() else set()
+        with JsonlAppender(path) as out:
+            for problem in problems:
+                if (problem.file, problem.line) not in self._reported:
+                    self._reported.add((problem.file, problem.line))
+                    out.write(problem.row())
 
     def save_data_state(self, folder: str) -> None:
         """Every rank's stream position into ``folder/data_state.json`` (called on all ranks)."""
@@ -83,6 +109,8 @@ class StreamingTrainerMixin:
             args.ignore_data_skip = True
             if resume_from_checkpoint:
                 load_data_state(ds, resume_from_checkpoint, args)
+            elif args.should_save:  # a new run: the reasons file lists this run's skips only
+                Path(args.output_dir, REASONS_FILE).unlink(missing_ok=True)
         return super().train(resume_from_checkpoint, *rest, **kwargs)  # type: ignore[misc]
 
 

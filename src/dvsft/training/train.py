@@ -15,7 +15,6 @@ DDP, DeepSpeed and FSDP. ``global_batch_size`` (when set) fixes ``gradient_accum
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +30,6 @@ from dvsft.training.config import (
     validate,
 )
 from dvsft.training.lock import output_dir_lock, resume_requested, saves_reported
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,39 +58,49 @@ def resume_checkpoint(cfg: DVSFTConfig) -> str | None:
     return str(path)
 
 
-def load_dataset(cfg: DVSFTConfig, files: list[str] | None = None) -> list[dict[str, Any]]:
-    """Samples of ``cfg.data`` (bad records skipped and reported), or of ``files`` (held-out: skips only logged)."""
-    from dvsft.data.dataset import load_records
-    from dvsft.data.skips import report_skips
+def load_dataset(cfg: DVSFTConfig, files: list[str] | None = None) -> Any:
+    """Samples of ``cfg.data``, or of ``files`` (``eval_data``), as a :class:`dvsft.data.dataset.RecordList`: bad
+    records skipped and reported (:func:`report_data_skips`), refused when none is left. The run's collator checks
+    the samples next (:func:`check_dataset`)."""
+    from dvsft.data.dataset import RecordList, load_records
+    from dvsft.data.skips import require_labels
 
-    held_out = files is not None
-    paths = list(files if held_out else cfg.data or [])
-    samples: list[dict[str, Any]] = []
-    problems, skipped = [], 0
+    paths = list(files if files is not None else cfg.data or [])
+    samples = RecordList()
     for p in paths:
-        loaded = load_records(
-            p,
-            seed=cfg.seed,
-            qa_per_image=qa_per_image_for(cfg.qa_per_image, p),
-            keep_conversations=cfg.keep_conversations,
-        )
-        samples.extend(loaded)
-        problems.extend(loaded.problems)
-        skipped += len(loaded.skipped)
-    if held_out:
-        reasons = None
-        if skipped:
-            log.warning("eval_data: skipped %d bad record(s) of %s", skipped, ", ".join(paths))
-    else:
-        reasons = report_skips(
-            problems, skipped, len(samples), cfg.output_dir, cfg.strict, os.environ.get("RANK", "0") == "0"
-        )
-    if cfg.max_samples is not None and not held_out:
-        samples = samples[: cfg.max_samples]
-    if not samples:
-        why = f": all {skipped} records were skipped, reasons in {reasons}" if skipped else ""
-        raise ValueError(f"no trainable samples in {', '.join(map(str, paths))}{why}")
+        qa = qa_per_image_for(cfg.qa_per_image, p)
+        samples.add(load_records(p, seed=cfg.seed, qa_per_image=qa, keep_conversations=cfg.keep_conversations))
+    reasons = report_data_skips(cfg, samples, files is not None)
+    if cfg.max_samples is not None and files is None:
+        samples = samples.head(cfg.max_samples)
+    require_labels(_names(paths), samples.count(), False, reasons)
     return samples
+
+
+def check_dataset(cfg: DVSFTConfig, samples: Any, collator: Any, files: list[str] | None = None) -> Any:
+    """The samples of :func:`load_dataset` that the run's ``collator`` can encode within ``max_length``
+    (:func:`dvsft.data.dataset.check_samples`), the others added to the reported skips; training data (not
+    ``files``, the ``eval_data``) without text labels, or without vision labels where the collator aligns words,
+    is refused with the counts."""
+    from dvsft.data.dataset import check_samples
+    from dvsft.data.skips import require_labels
+
+    checked = check_samples(samples, collator, cfg.dataloader_num_workers)
+    new_skips = len(checked.problems) > len(samples.problems)
+    reasons = report_data_skips(cfg, checked, files is not None) if new_skips else None
+    paths = files if files is not None else cfg.data or []
+    require_labels(_names(paths), checked.count(), collator.vision_labels and files is None, reasons)
+    return checked
+
+
+def report_data_skips(cfg: DVSFTConfig, samples: Any, held_out: bool) -> Path | None:
+    """Log the skipped records and write their reasons (``output_dir/skipped_records.jsonl``, or
+    ``skipped_eval_records.jsonl`` for ``eval_data``; ``--strict`` fails instead); the reasons file or None."""
+    from dvsft.data.skips import EVAL_REASONS_FILE, REASONS_FILE, report_skips
+
+    name = EVAL_REASONS_FILE if held_out else REASONS_FILE
+    main = os.environ.get("RANK", "0") == "0"
+    return report_skips(samples.problems, len(samples.skipped), len(samples), cfg.output_dir, cfg.strict, main, name)
 
 
 def streaming_samples(cfg: DVSFTConfig) -> Any:
@@ -102,15 +109,33 @@ def streaming_samples(cfg: DVSFTConfig) -> Any:
 
     if cfg.max_samples is not None:
         raise ValueError("max_samples does not apply to streaming input; convert a subset instead")
-    paths = cfg.data if isinstance(cfg.data, list) else [cfg.data]
-    sources = [(p, qa_per_image_for(cfg.qa_per_image, p)) for p in paths]
+    sources = [(p, qa_per_image_for(cfg.qa_per_image, p)) for p in _data_paths(cfg)]
     return StreamingSamples(
         sources, seed=cfg.seed, window_rows=cfg.stream_window, qa_per_image=None, split=cfg.stream_split
     )
 
 
+def check_stream(cfg: DVSFTConfig, stream: Any, collator: Any) -> None:
+    """Check the stream's samples with the run's ``collator`` as they are read (a bad one is skipped), and refuse
+    data without text labels, or without vision labels where the collator aligns words (records are read until
+    one has them)."""
+    from dvsft.data.skips import require_labels
+
+    stream.collator = collator
+    count = stream.find_labels(collator.vision_labels)
+    require_labels(_names(_data_paths(cfg)), count, collator.vision_labels)
+
+
+def _data_paths(cfg: DVSFTConfig) -> list[str]:
+    return cfg.data if isinstance(cfg.data, list) else [cfg.data]
+
+
+def _names(paths: list[str]) -> str:
+    return ", ".join(map(str, paths))
+
+
 def build(cfg: DVSFTConfig):
-    """(model, processor, trainable counts): the model set up for training (objectives attach in the trainer)."""
+    """(model, processor, trainable counts): the model set up for training (objectives attach in :func:`prepare`)."""
     import torch
     from transformers import set_seed
 
@@ -176,9 +201,11 @@ def as_config(config: DVSFTConfig | dict[str, Any] | str | Path) -> DVSFTConfig:
 
 
 def prepare(config: DVSFTConfig | dict[str, Any] | str | Path, callbacks: list[Any] | None = None) -> Run:
-    """Validate the config, load data and model, and build the Trainer (nothing is trained yet)."""
+    """Validate the config, load data and model, and build the Trainer (nothing is trained yet). The records are
+    checked before the model loads, the samples after it, with the run's own collator (the model's processor)."""
+    from dvsft.objectives.registry import build_objectives
     from dvsft.training.model_setup import trainable_counts
-    from dvsft.training.trainer import DVSFTTrainer, JsonlLogCallback
+    from dvsft.training.trainer import DVSFTTrainer, JsonlLogCallback, attach_objectives, collator_for
 
     cfg = as_config(config)
     validate(cfg)
@@ -188,15 +215,26 @@ def prepare(config: DVSFTConfig | dict[str, Any] | str | Path, callbacks: list[A
     model, processor, trainable = build(cfg)
     if not any(v for k, v in trainable.items() if k.endswith("_trainable")):
         raise ValueError("nothing to train: every parameter is frozen (see train_* and lora*)")
+    objectives = build_objectives(cfg.method, cfg)
+    attach_objectives(model, objectives, cfg)
+    collator = collator_for(processor, cfg, objectives)
+    if cfg.streaming:
+        check_stream(cfg, samples, collator)
+    else:
+        samples = check_dataset(cfg, samples, collator)
+    if heldout is not None:
+        heldout = check_dataset(cfg, heldout, collator, cfg.eval_data)
     out = Path(cfg.output_dir)
     resume_step = int(Path(resume).name.rsplit("-", 1)[-1]) if resume else None
     log_cb = JsonlLogCallback(out / "log.jsonl", resume_step=resume_step)
     trainer = DVSFTTrainer(
         model=model,
         args=cfg,
+        data_collator=collator,
         train_dataset=samples,
         eval_dataset=heldout,
         processing_class=processor,
+        objectives=objectives,
         callbacks=[log_cb, *(callbacks or [])],
     )
     trainable = trainable_counts(model)  # with the objectives' heads
