@@ -117,7 +117,9 @@ def test_eval_runs_every_benchmark(tiny_dir, data, tmp_path):
         assert r["word_accuracy"] == pytest.approx(M.word_accuracy(r["prediction"], r["answers"][0]))
     assert set(json.loads((out / "ocr" / "scores.json").read_text())["metrics"]["scales"]) == {"0.5", "1.0"}
     sub = json.loads((out / "docvqa" / "submission.json").read_text())
-    assert sub == [{"questionId": int(r["id"]), "answer": r["prediction"]} for r in rows_of(out, "docvqa")]
+    assert sub == [
+        {"questionId": int(r["id"]), "answer": M.clean_prediction(r["prediction"])} for r in rows_of(out, "docvqa")
+    ]
 
 
 def test_private_test_split_writes_submission(tiny_dir, data, tmp_path):
@@ -128,6 +130,24 @@ def test_private_test_split_writes_submission(tiny_dir, data, tmp_path):
     assert scores["answers_private"] is True and scores["metrics"] == {"n_scored": 0}
     sub = json.loads((out / "docvqa" / "submission.json").read_text())
     assert [s["questionId"] for s in sub] == [57344, 57345] and all(isinstance(s["answer"], str) for s in sub)
+
+
+def test_submission_holds_the_scored_answer_without_reasoning(tiny_dir, data, tmp_path):
+    """lmms-eval submits the prediction after its reasoning cut; the submission must equal what was scored."""
+    out = tmp_path / "out"
+    assert run_eval(tiny_dir, out, {"docvqa": data["docvqa"]}).exit_code == 0
+    rows = rows_of(out, "docvqa")
+    for row in rows:
+        row["prediction"] = (
+            f"<think>Which word is it?\nThe page says {row['answers'][0]}.</think>\n{row['answers'][0]} "
+        )
+    (out / "docvqa" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_eval(tiny_dir, out, {"docvqa": data["docvqa"]})  # a resume: rescores and rewrites the submission
+    assert result.exit_code == 0, result.output
+    scores = json.loads((out / "docvqa" / "scores.json").read_text())
+    assert scores["generated_now"] == 0 and scores["metrics"]["anls"] == pytest.approx(100.0)
+    sub = json.loads((out / "docvqa" / "submission.json").read_text())
+    assert sub == [{"questionId": int(r["id"]), "answer": r["answers"][0]} for r in rows]
 
 
 def test_resume_skips_done_items_and_refuses_other_settings(tiny_dir, data, tmp_path):

@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image
 
 from dvsft.core.records import JsonlAppender, read_jsonl
+from dvsft.evaluation import metrics as M
 from dvsft.evaluation.benchmarks import Benchmark
 from dvsft.evaluation.items import EvalItem
 
@@ -193,7 +194,7 @@ def run_benchmark(
         scores["samples_per_s"] = generated / gen_seconds
     (out / SCORES).write_text(json.dumps(scores, indent=2))
     if bench.submission and rows and all("questionId" in row.get("meta", {}) for row in rows):
-        write_submission(out / SUBMISSION, rows)
+        write_submission(out / SUBMISSION, rows, rules)
         scores["submission"] = str(out / SUBMISSION)
         (out / SCORES).write_text(json.dumps(scores, indent=2))
     return scores
@@ -243,8 +244,9 @@ def score_summary(
     }
 
 
-def write_submission(path: Path, rows: list[dict[str, Any]]) -> None:
-    """DocVQA / InfographicVQA server format: ``[{"questionId": int, "answer": str}]``."""
+def write_submission(path: Path, rows: list[dict[str, Any]], rules: str = "lmms-eval") -> None:
+    """DocVQA / InfographicVQA server format: ``[{"questionId": int, "answer": str}]``; each answer is the prediction
+    the metrics score (``metrics.clean_prediction`` under ``rules``: reasoning blocks cut, stripped)."""
     sub = []
     for row in rows:
         qid = row["meta"]["questionId"]
@@ -252,5 +254,5 @@ def write_submission(path: Path, rows: list[dict[str, Any]]) -> None:
             qid = int(qid)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: item {row['id']}: questionId {qid!r} is not an integer") from err
-        sub.append({"questionId": qid, "answer": row["prediction"]})
+        sub.append({"questionId": qid, "answer": M.clean_prediction(row["prediction"], rules)})
     path.write_text(json.dumps(sub, ensure_ascii=False))
