@@ -139,18 +139,26 @@ def check_tokenizer(model_dir: str | Path) -> None:
         )
 
 
-def check_weights(model_dir: str | Path) -> None:
-    """A ValueError naming the first safetensors file of ``model_dir`` that safetensors cannot open
-    (truncated by a full disk or an interrupted copy, or not safetensors at all)."""
+def safetensors_problem(path: str | Path) -> str | None:
+    """Why safetensors cannot open the file ``path`` (truncated by a full disk, a kill or an interrupted copy, or
+    not safetensors at all), or None when it opens; safetensors itself checks the header and the data's length."""
     from safetensors import SafetensorError, safe_open
 
+    try:
+        with safe_open(str(path), "pt"):
+            return None
+    except (SafetensorError, OSError) as err:
+        size = Path(path).stat().st_size if Path(path).is_file() else 0
+        return f"truncated or not a safetensors file ({size} bytes; {err})"
+
+
+def check_weights(model_dir: str | Path) -> None:
+    """A ValueError naming the first safetensors file of ``model_dir`` that safetensors cannot open
+    (:func:`safetensors_problem`)."""
     for path in sorted(Path(model_dir).glob("*.safetensors")):
-        try:
-            with safe_open(str(path), "pt"):
-                pass
-        except (SafetensorError, OSError) as err:
-            size = path.stat().st_size
-            raise ValueError(f"{path}: truncated or not a safetensors file ({size} bytes; {err})") from err
+        problem = safetensors_problem(path)
+        if problem:
+            raise ValueError(f"{path}: {problem}")
 
 
 def model_type_of(model_dir: str | Path) -> str:

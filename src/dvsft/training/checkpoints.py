@@ -25,6 +25,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from dvsft.models.loading import safetensors_problem
+
 log = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
@@ -82,33 +84,13 @@ def check_checkpoint(folder: str | Path) -> str | None:
         if missing:
             return f"missing weight shard(s): {', '.join(missing)}"
     for path in sorted(folder.glob("*.safetensors")):
-        problem = _safetensors_problem(path)
+        problem = safetensors_problem(path)
         if problem:
             return f"{path.name}: {problem}"
     for name in TORCH_FILES:
         path = folder / name
         if path.is_file() and not zipfile.is_zipfile(path):
             return f"{name} is truncated or not a torch file"
-    return None
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    """Why a safetensors file cannot be read: a bad header, or data shorter than the header says."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return f"truncated ({size} bytes)"
-            n = int.from_bytes(head, "little")
-            if n > size - 8:
-                return f"truncated header ({size} bytes, header says {n})"
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as err:
-        return f"unreadable header: {err}"
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        return f"truncated: {size} bytes, the tensors need {8 + n + end}"
     return None
 
 
