@@ -147,6 +147,26 @@ def test_alignment_grids_use_load_images_size(inputs, tiny, tmp_path):
     assert rows["exif_rotated"]["grid"] == [5, 3]  # upright 96x160: 5 rows of 3 cells
 
 
+def test_alignment_overlays_are_drawn_on_load_images_pixels(inputs, tiny, tmp_path):
+    """No words: an overlay is the grid drawn over the image, so all else must be load_image's pixels (a 16-bit
+    PNG decoded naively comes out white, a transparent one black)."""
+    from dvsft.align.overlay import draw_overlay
+    from dvsft.align.run import align_file
+    from dvsft.models.geometry import grid_for
+
+    _, processor = tiny
+    words = tmp_path / "words.jsonl"
+    words.write_text("".join(json.dumps({"id": k, "image": str(p), "words": []}) + "\n" for k, p in inputs.items()))
+    counts = align_file(words, tmp_path / "aligned.jsonl", source=processor, overlay_dir=tmp_path / "overlays")
+    assert counts["overlays"] == len(inputs)
+    seen = {kind: np.asarray(Image.open(tmp_path / "overlays" / f"{kind}.png")) for kind in inputs}
+
+    def grid_drawn(image: Image.Image) -> np.ndarray:
+        return np.asarray(draw_overlay(image, grid_for(processor, *image.size), []))
+
+    assert differing(inputs, seen, grid_drawn) == []
+
+
 def test_the_training_collator_feeds_load_images_pixels(inputs, tiny):
     from dvsft.data.collator import VisionCollator
 

@@ -12,7 +12,6 @@ error naming the first problem; empty input gives an empty output. Outputs never
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 from collections import Counter
@@ -21,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from dvsft.align.aligner import AlignConfig, align_record, tiled_source
+from dvsft.core.images import ImageError, load_image
 from dvsft.core.outputs import check_file, claim_folder, install_folder, refuse_inputs, temp_sibling
 from dvsft.core.record_sources import iter_entries
 from dvsft.core.record_table import DEFAULT_ROWS_PER_SHARD, check_format, write_records
 from dvsft.core.records import Problem, check_record, image_path, write_jsonl
-from dvsft.models.geometry import Layout
+from dvsft.models.geometry import Grid, Layout
 
 
 def errors_path(out: Path) -> Path:
@@ -62,10 +62,6 @@ def align_file(
     (JSONL, or with ``fmt="parquet"`` a folder of shards); returns counts (records, aligned, errors = records
     that failed, error_rows, vision_labels, visual_tokens, overlays, dropped). Raises ``ValueError`` when
     records exist but none aligns (nothing is written but the errors file)."""
-    from PIL import Image, ImageOps
-
-    from dvsft.align.overlay import save_overlay, unique_name
-
     words_file, out = Path(words_file), Path(out)
     if not words_file.exists():
         raise ValueError(f"{words_file}: no such file or folder")
@@ -141,15 +137,7 @@ def align_file(
                 and (overlay_limit is None or overlays < overlay_limit)
                 and "image" in rec
             ):
-                img = rec["image_bytes"] if isinstance(rec.get("image_bytes"), bytes) else image_path(rec, file)
-                if isinstance(img, bytes) or img.is_file():
-                    with Image.open(io.BytesIO(img) if isinstance(img, bytes) else img) as im:
-                        im = ImageOps.exif_transpose(im)
-                        if im.size != (grid.width, grid.height):  # the record's size is authoritative
-                            im = im.resize((grid.width, grid.height))
-                        name = unique_name(rec.get("id"), n, used_names)
-                        save_overlay(staging / name, im, grid, alignment.labels, rec.get("words"))
-                    overlays += 1
+                overlays += write_overlay(staging, rec, file, n, grid, alignment.labels, used_names)
             yield row
         if summary["records"] and not summary["aligned"]:
             _write_errors(err_file, errors)
@@ -167,6 +155,24 @@ def align_file(
     failed = summary.pop("failed", 0)
     counts = {**summary, "errors": failed, "error_rows": len(errors), "overlays": overlays}
     return {**counts, "dropped": dict(sorted(dropped.items()))}
+
+
+def write_overlay(
+    staging: Path, rec: dict[str, Any], file: Path, line: int, grid: Grid, labels: list[dict[str, Any]], used: set[str]
+) -> bool:
+    """Save the overlay of an aligned record into ``staging``, drawn on :func:`dvsft.core.images.load_image`'s
+    upright RGB picture (transparency on white, 16-bit scaled); False when its image cannot be read."""
+    from dvsft.align.overlay import save_overlay, unique_name
+
+    source = rec["image_bytes"] if isinstance(rec.get("image_bytes"), bytes) else image_path(rec, file)
+    try:
+        image = load_image(source)
+    except ImageError:
+        return False
+    if image.size != (grid.width, grid.height):  # the record's size is authoritative
+        image = image.resize((grid.width, grid.height))
+    save_overlay(staging / unique_name(rec.get("id"), line, used), image, grid, labels, rec.get("words"))
+    return True
 
 
 def check_outputs(words_file: Path, out: Path, fmt: str, overlay_dir: str | Path | None, overwrite: bool) -> None:
