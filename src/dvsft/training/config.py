@@ -209,7 +209,14 @@ class DVSFTConfig(TrainingArguments):
             value = getattr(self, key)
             _need(not _is_file_arg(value) or Path(value).is_file(), key, f"{value} does not exist")
         if self.global_batch_size is not None:
-            self.gradient_accumulation_steps = accumulation_for(self)
+            steps = accumulation_for(self)
+            _need(
+                self.gradient_accumulation_steps in (1, steps),
+                "gradient_accumulation_steps",
+                f"gradient_accumulation_steps {self.gradient_accumulation_steps} disagrees with global_batch_size "
+                f"{self.global_batch_size} (which gives {steps}); set one of them",
+            )
+            self.gradient_accumulation_steps = steps
         if self.eval_data and str(self.eval_strategy) in ("no", "IntervalStrategy.NO"):
             self.eval_strategy = "steps"  # held-out data given: evaluate every eval_steps (default: logging_steps)
         if world_size() > 1 and not torch.cuda.is_available():
@@ -222,6 +229,7 @@ class DVSFTConfig(TrainingArguments):
             self.activation_checkpointing_kwargs = {"use_reentrant": False}
         super().__post_init__()
         check_report_to(self.report_to)
+        check_hf_keys(self)
 
 
 # integrations of report_to -> (modules that provide it, the package to install)
@@ -247,6 +255,15 @@ def check_report_to(report_to: list[str] | str | None) -> None:
         modules, package = REPORTERS.get(name, ((), ""))
         if modules and not any(find_spec(m) for m in modules):
             raise ConfigError("report_to", f"report_to {name} needs the {package} package: pip install {package}")
+
+
+def check_hf_keys(args: Any) -> None:
+    """Refuse ``TrainingArguments`` values that dvsft cannot honour (:mod:`dvsft.training.hf_keys`), naming the key."""
+    from dvsft.training.hf_keys import refusals
+
+    problems = refusals(args)
+    if problems:
+        raise ConfigError(problems[0].split("=", 1)[0], "; ".join(problems))
 
 
 def world_size() -> int:

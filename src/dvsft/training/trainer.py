@@ -89,10 +89,11 @@ class DVSFTTrainer(StreamingTrainerMixin, Trainer):
         objectives: list[Objective] | None = None,
         **kwargs: Any,
     ):
-        if args is None:
-            from dvsft.training.config import DVSFTConfig
+        from dvsft.training.config import DVSFTConfig, check_hf_keys
 
+        if args is None:
             args = DVSFTConfig()
+        check_hf_keys(args)  # plain TrainingArguments too (a DVSFTConfig checked itself)
         if objectives is None:
             objectives = build_objectives(getattr(args, "method", "dvsft"), args)
             attach_objectives(model, objectives, args)
