@@ -116,13 +116,14 @@ def sources(tmp_path: Path) -> dict[str, Path]:
 
 COMMANDS = {
     "convert": lambda s, out: ["convert", s["records"], out, "--to", "parquet"],
-    "convert-datasets": lambda s, out: ["convert", s["records"], out, "--to", "datasets"],
+    "convert:datasets": lambda s, out: ["convert", s["records"], out, "--to", "datasets"],
     "align": lambda s, out: ["align", s["records"], "--out", out, "--format", "parquet"],
-    "align-overlay": lambda s, out: ["align", s["records"], "--out", out.parent / "a.jsonl", "--overlay", out],
+    "align:overlay": lambda s, out: ["align", s["records"], "--out", out.parent / "a.jsonl", "--overlay", out],
     "merge": lambda s, out: ["merge", s["records"], "--out", out, "--format", "parquet"],
     "render": lambda s, out: ["render", s["text"], "--out", out],
     "prepare": lambda s, out: ["prepare", "squad", s["squad"], "--out", out],
     "codes": lambda s, out: ["codes", "fit", "--model", s["records"].parent, "--records", s["records"], "--out", out],
+    "ocr-set": lambda s, out: ["ocr-set", "contextual", "--corpus", s["text"], "--out", out],
 }
 
 
@@ -136,7 +137,7 @@ def test_every_folder_output_refuses_a_folder_of_other_files(tmp_path, capsys, c
     (out / "images" / "page.png").write_bytes(b"another")
     before = snapshot(out)
     code, err = run_cli(COMMANDS[command](src, out), capsys)
-    one_error(code, err, f"{out} exists and holds files dvsft {command.split('-')[0]} did not write")
+    one_error(code, err, f"{out} exists and holds files dvsft {command.split(':')[0]} did not write")
     assert snapshot(out) == before
 
 
@@ -168,6 +169,7 @@ def test_a_command_never_writes_over_its_input(tmp_path, capsys):
         ["tasks", "granvit", records, "--out", records, "--overwrite"],
         ["render", src["text"], "--out", tmp_path, "--overwrite"],
         ["prepare", "squad", src["squad"], "--out", tmp_path, "--overwrite"],
+        ["ocr-set", "contextual", "--corpus", src["text"], "--out", tmp_path, "--overwrite"],
         ["label", records.parent, "--out", records.parent, "--format", "parquet"],
     ):
         one_error(*run_cli(args, capsys), "the input")
@@ -181,6 +183,30 @@ def test_rerunning_a_folder_command_continues_its_own_output(tmp_path, capsys):
         code, err = run_cli(["convert", src, tmp_path / "ds", "--to", "datasets"], capsys)
         assert code == 0, err
     assert json.loads((tmp_path / "ds" / MARKER).read_text())["command"] == "convert"
+
+
+def test_ocr_set_replaces_only_what_it_wrote(tmp_path, capsys):
+    """`dvsft ocr-set --out` wrote into any folder; now a folder of other files needs --overwrite, which keeps them,
+    and a rerun replaces the set it wrote before (pages of a larger set included) through a temporary sibling."""
+    out = tmp_path / "set"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    small = ["--cols", "24", "--max-rows", "12", "--max-chars", "300"]
+    code, err = run_cli(["ocr-set", "contextual", "--out", out, "--n", "3", *small], capsys)
+    one_error(code, err, f"{out} exists and holds files dvsft ocr-set did not write", "--overwrite")
+    assert snapshot(out) == {"notes.txt": b"mine"}
+    code, err = run_cli(["ocr-set", "contextual", "--out", out, "--n", "3", *small, "--overwrite"], capsys)
+    assert code == 0, err
+    pages = [f"images/contextual-{i:05d}.png" for i in range(3)]
+    assert json.loads((out / MARKER).read_text()) == {
+        "command": "ocr-set",
+        "files": [*pages, "info.json", "words.jsonl"],
+    }
+    code, err = run_cli(["ocr-set", "contextual", "--out", out, "--n", "1", *small], capsys)  # its own: no --overwrite
+    assert code == 0, err
+    assert sorted(snapshot(out)) == [MARKER, pages[0], "info.json", "notes.txt", "words.jsonl"]
+    assert (out / "notes.txt").read_text() == "mine" and len(list(read_jsonl(out / "words.jsonl"))) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["set"]  # no temporary sibling left
 
 
 def imageless_parquet(folder: Path) -> Path:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from dvsft.cli.common import fail, split_list
+from dvsft.core.outputs import OVERWRITE_HELP
 
 POST_PROMPT_HELP = (
     "Text appended to each question (default: the prompt style's; the paper's is "
@@ -133,19 +134,22 @@ def ocr_set(
     font: Annotated[str, typer.Option(help="Font face (dvsft.sources.fonts) or 'random'.")] = "DejaVuSans",
     min_chars: Annotated[int | None, typer.Option(help="Shortest text (default 200).")] = None,
     max_chars: Annotated[int | None, typer.Option(help="Longest text (default 600 contextual, 500 non).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Render an OCR test set (paper section 5.4) as word records for `dvsft eval --bench ocr`."""
     from rich.console import Console
 
     from dvsft.core.progress import progress_bar
-    from dvsft.evaluation.ocr_tasks import build_ocr_set
+    from dvsft.evaluation.ocr_tasks import build_ocr_set, check_output
 
     console = Console()
     try:
+        check_output(out, corpus, overwrite)  # before the progress bar: a refusal is the only output
         with progress_bar(console, unit="pages") as bar:
             records = build_ocr_set(
                 kind, out, n, corpus, seed, family, cols, max_rows, font,
                 min_chars=min_chars, max_chars=max_chars, on_page=bar.counter(f"rendering {kind}", n),
+                overwrite=overwrite,
             )  # fmt: skip
     except (ValueError, FileNotFoundError) as err:
         fail(err)

@@ -2,7 +2,8 @@
 
 A test set is a word-records file: one rendered page per record, its words, and the transcription
 turn ("<image>Transcribe the text in the image." -> the page's words joined by spaces), so
-``dvsft eval --bench ocr --data DIR/words.jsonl`` scores it like any other set.
+``dvsft eval --bench ocr --data DIR/words.jsonl`` scores it like any other set. The folder is marked as
+ocr-set's output (:mod:`dvsft.core.outputs`): a folder of other files, or one holding the corpus, is refused.
 """
 
 from __future__ import annotations
@@ -10,14 +11,20 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from dvsft.core.outputs import claim_folder, install_folder, refuse_inputs, temp_sibling
 from dvsft.core.records import read_jsonl, write_jsonl
 
+if TYPE_CHECKING:
+    from dvsft.sources.render import Renderer
+
 KINDS = ("contextual", "noncontextual")
+COMMAND = "ocr-set"  # the name in the output folder's marker
 WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
 
 
@@ -121,6 +128,13 @@ def noncontextual_texts(
     return texts
 
 
+def check_output(out_dir: str | Path, corpus: str | Path | None = None, overwrite: bool = False) -> None:
+    """Refuse (:class:`dvsft.core.outputs.OutputError`) an output folder that is or holds the corpus, or that holds
+    files ``dvsft ocr-set`` did not write (unless ``overwrite``); nothing is written."""
+    refuse_inputs([out_dir], [corpus])
+    claim_folder(out_dir, COMMAND, overwrite)
+
+
 def build_ocr_set(
     kind: str,
     out_dir: str | Path,
@@ -135,12 +149,19 @@ def build_ocr_set(
     min_chars: int | None = None,
     max_chars: int | None = None,
     on_page: Callable[[int], None] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Render ``n`` pages of ``kind`` text into ``out_dir/images`` and write ``out_dir/words.jsonl``."""
+    """Render ``n`` pages of ``kind`` text into ``out_dir/images`` and write ``out_dir/words.jsonl`` and ``info.json``.
+
+    Outputs never destroy (:mod:`dvsft.core.outputs`): the set is built in a temporary sibling folder and moved in;
+    an existing ``out_dir`` must be empty or ocr-set's own (:func:`check_output`), and only the files ocr-set
+    wrote there before are replaced.
+    """
     from dvsft.sources.render import Renderer, RenderStyle
 
     if kind not in KINDS:
         raise ValueError(f"unknown OCR set kind {kind!r}; use one of {', '.join(KINDS)}")
+    check_output(out_dir, corpus, overwrite)
     rng = random.Random(seed)
     docs = read_corpus(corpus)
     if kind == "contextual":
@@ -148,29 +169,46 @@ def build_ocr_set(
     else:
         texts = noncontextual_texts(docs, n, rng, min_chars or 200, max_chars or 500)
     renderer = Renderer(family=family, cols=cols, max_rows=max_rows, style=RenderStyle(font=font, dark_text=dark_text))
-    out = Path(out_dir)
+    staging = temp_sibling(out_dir, folder=True)
+    try:
+        stats = write_pages(staging, kind, texts, renderer, rng, on_page)
+        info = {
+            "kind": kind,
+            "n": stats["n"],
+            "seed": seed,
+            "corpus": str(corpus) if corpus else "dvsft.sources.corpora.corpus_text (pydoc topics)",
+            "family": family,
+            "cols": cols,
+            "max_rows": max_rows,
+            "mean_reference_chars": stats["mean_reference_chars"],
+            "texts_cut_by_page": stats["texts_cut_by_page"],
+        }
+        (staging / "info.json").write_text(json.dumps(info, indent=2))
+        install_folder(staging, out_dir, COMMAND, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Path(out_dir) / "words.jsonl"
+
+
+def write_pages(
+    folder: Path,
+    kind: str,
+    texts: list[str],
+    renderer: Renderer,
+    rng: random.Random,
+    on_page: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Render each text's first page into ``folder/images`` and write ``folder/words.jsonl``; returns ``n``,
+    ``mean_reference_chars`` and ``texts_cut_by_page`` (texts longer than one page)."""
     records, ref_chars, cut = [], 0, 0
     for i, text in enumerate(texts):
         page = renderer.render_text(text, rng)[0]  # text beyond one page is not part of the reference
         cut += page.text != " ".join(text.split())
         rel = f"images/{kind}-{i:05d}.png"
-        page.save(out / rel)
+        page.save(folder / rel)
         records.append({**page.record(f"{kind}-{i:05d}", rel), "kind": kind})
         ref_chars += len(page.text)
         if on_page:
             on_page(1)
-    records_file = out / "words.jsonl"
-    write_jsonl(records_file, records)
-    info = {
-        "kind": kind,
-        "n": len(records),
-        "seed": seed,
-        "corpus": str(corpus) if corpus else "dvsft.sources.corpora.corpus_text (pydoc topics)",
-        "family": family,
-        "cols": cols,
-        "max_rows": max_rows,
-        "mean_reference_chars": ref_chars / max(1, len(records)),
-        "texts_cut_by_page": cut,
-    }
-    (out / "info.json").write_text(json.dumps(info, indent=2))
-    return records_file
+    write_jsonl(folder / "words.jsonl", records)
+    return {"n": len(records), "mean_reference_chars": ref_chars / max(1, len(records)), "texts_cut_by_page": cut}
