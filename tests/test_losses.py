@@ -399,6 +399,7 @@ def test_label_smoothing_factor_is_hf_label_smoother(factor, tiny):
     labels = torch.full((2, 8), -100)
     labels[0, 4:] = torch.tensor([3, 4, 5, 6])
     labels[1, 6:] = torch.tensor([9, 2])
+
     def reference():
         return LabelSmoother(epsilon=factor)({"logits": hidden @ weight.T}, labels, shift_labels=True)
 
