@@ -1,8 +1,9 @@
 """Load any image as an upright RGB picture, or fail with a typed reason.
 
 Every image dvsft reads goes through :func:`load_image` (``dvsft label`` and ``prepare``, the collator, LSD's
-crops, ASVR's codes, evaluation items, the lens; ``dvsft align`` reads the same upright size with
-:func:`image_size`); its failure reasons are the ones ``dvsft label`` writes to ``<out>.errors.jsonl``.
+crops, ASVR's codes, evaluation items, the lens, ``dvsft align``'s overlays; ``dvsft align`` reads the same
+upright size with :func:`image_size`); its failure reasons are the ones ``dvsft label`` writes to
+``<out>.errors.jsonl``.
 Handled modes: RGB, L, 1, P (with or without transparency), RGBA/LA/PA (composited on white),
 CMYK/YCbCr/LAB/HSV (converted), 16-bit ``I;16*`` (scaled by 1/257), 32-bit ``I`` and float ``F`` (kept when
 already in 0..255, else min-max stretched). EXIF orientation is applied, so sizes and boxes are in the
