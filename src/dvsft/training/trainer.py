@@ -53,23 +53,31 @@ def attach_objectives(model: torch.nn.Module, objectives: list[Objective], confi
         setattr(core, HEADS_ATTR, module_dict)
 
 
+def setting(args: Any, key: str) -> Any:
+    """``args.<key>``, or :class:`~dvsft.training.config.DVSFTConfig`'s default for a key ``args`` lacks (a plain
+    ``TrainingArguments`` has none of dvsft's keys)."""
+    from dvsft.training.config import DVSFTConfig
+
+    return getattr(args, key, getattr(DVSFTConfig, key))
+
+
 def collator_for(processor: Any, args: Any, objectives: list[Objective]) -> Any:
-    """The :class:`VisionCollator` of ``args``' label options (defaults where ``args`` lacks them)."""
+    """The :class:`VisionCollator` of ``args``' label options (DVSFTConfig's defaults where ``args`` lacks them)."""
     from dvsft.align.aligner import AlignConfig
     from dvsft.data.collator import VisionCollator
 
     return VisionCollator(
         processor,
         align_config=AlignConfig(
-            max_height_cells=getattr(args, "align_max_height_cells", 3.0),
-            max_subtokens=getattr(args, "align_max_subtokens", 3),
-            leading_space=getattr(args, "label_leading_space", True),
+            max_height_cells=setting(args, "align_max_height_cells"),
+            max_subtokens=setting(args, "align_max_subtokens"),
+            leading_space=setting(args, "label_leading_space"),
         ),
         vision_labels=any(o.needs_vision_labels for o in objectives),
         keep_records=any(getattr(o, "needs_records", False) for o in objectives),
-        max_length=getattr(args, "max_length", 8192),
-        min_pixels=getattr(args, "min_pixels", None),
-        max_pixels=getattr(args, "max_pixels", None),
+        max_length=setting(args, "max_length"),
+        min_pixels=setting(args, "min_pixels"),
+        max_pixels=setting(args, "max_pixels"),
     )
 
 
@@ -91,11 +99,15 @@ class DVSFTTrainer(StreamingTrainerMixin, Trainer):
     ):
         from dvsft.training.config import DVSFTConfig, check_hf_keys
 
+        if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+            # accelerate imports DeepSpeed where it is installed; name the CPU, which DeepSpeed would pick,
+            # so that it does not warn that it was "unable to detect" an accelerator
+            os.environ["DS_ACCELERATOR"] = "cpu"
         if args is None:
             args = DVSFTConfig()
         check_hf_keys(args)  # plain TrainingArguments too (a DVSFTConfig checked itself)
         if objectives is None:
-            objectives = build_objectives(getattr(args, "method", "dvsft"), args)
+            objectives = build_objectives(setting(args, "method"), args)
             attach_objectives(model, objectives, args)
         if data_collator is None:
             if processing_class is None:
