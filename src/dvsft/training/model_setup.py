@@ -1,10 +1,10 @@
 """Build the model to train: load a local HF dir, the tiny model, or graft a text LLM onto a vision tower;
 then choose what trains (freeze / LoRA).
 
-Parts of a Qwen-VL model (``dvsft.objectives.base`` finds them inside any wrapper):
-vision encoder = ``model.visual`` minus its mergers; projector = ``visual.merger`` (+ Qwen3-VL's
+Parts (the family module names them; ``dvsft.objectives.base`` finds them inside any wrapper), e.g. of a
+Qwen-VL model: vision encoder = ``model.visual`` minus its mergers; projector = ``visual.merger`` (+ Qwen3-VL's
 DeepStack mergers, which also map vision features to the LLM's hidden size); LLM =
-``model.language_model`` + ``lm_head``.
+``model.language_model`` + ``lm_head``. :func:`part_parameters` puts every parameter in one part.
 """
 
 from __future__ import annotations
@@ -13,7 +13,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dvsft.objectives.base import _spec, base_model, language_model_of, projector_of, vision_tower_of
+from dvsft.models.families.base import attr_path
+from dvsft.objectives.base import (
+    HEADS_ATTR,
+    _spec,
+    base_model,
+    language_model_of,
+    lm_head_of,
+    projector_of,
+    vision_tower_of,
+)
 from dvsft.training.config import DVSFTConfig
 
 log = logging.getLogger(__name__)
@@ -224,55 +233,69 @@ def graft(
 # --------------------------------------------------------------------------- what trains
 
 
-def _projector_modules(model: Any) -> list[Any]:
-    """The family's projector (+ Qwen3-VL's DeepStack mergers, which also map to the LLM's size)."""
-    mods = [projector_of(model)]
-    mods += list(getattr(vision_tower_of(model), "deepstack_merger_list", []) or [])
-    return mods
+def _projector_parameters(base: Any) -> list[Any]:
+    """The family's ``projector`` and its ``projector_extras`` (Qwen3-VL's DeepStack mergers, LLaVA-OneVision's
+    ``image_newline``): modules or single parameters."""
+    from torch import nn
+
+    spec = _spec(base)
+    parts = [projector_of(base), *(attr_path(path)(base) for path in (spec.projector_extras if spec else ()))]
+    return [p for part in parts for p in (part.parameters() if isinstance(part, nn.Module) else [part])]
+
+
+def part_parameters(model: Any) -> dict[str, list[Any]]:
+    """Every parameter of ``model`` in exactly one part, each claiming what the parts before it left:
+    ``projector`` (``train_projector``), ``vision`` (the vision tower less the projector: ``train_vision``),
+    ``llm`` (the decoder and the LM head, tied or not: ``train_llm``), ``heads`` (the objectives' heads) and
+    ``other`` (what no part holds, which no flag trains: empty for every family module)."""
+    base = base_model(model)
+    heads = getattr(base, HEADS_ATTR, None)
+    claims = {
+        "projector": _projector_parameters(base),
+        "vision": vision_tower_of(base).parameters(),
+        "llm": [*language_model_of(base).parameters(), *lm_head_of(base).parameters()],
+        "heads": heads.parameters() if heads is not None else [],
+        "other": base.parameters(),
+    }
+    seen: set[int] = set()
+    parts: dict[str, list[Any]] = {}
+    for part, params in claims.items():
+        parts[part] = []
+        for p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                parts[part].append(p)
+    return parts
 
 
 def set_trainable(model: Any, vision: bool, projector: bool, llm_mode: str) -> dict[str, int]:
-    """Set requires_grad per part (full fine-tuning). ``llm_mode``: all, first_layer, none."""
-    base = base_model(model)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    visual = vision_tower_of(base)
-    if vision:
-        for p in visual.parameters():
-            p.requires_grad_(True)
-    for mod in _projector_modules(base):
-        for p in mod.parameters():
-            p.requires_grad_(bool(projector))
-    lm = language_model_of(base)
-    if llm_mode == "all":
-        for p in lm.parameters():
-            p.requires_grad_(True)
-        for p in base.get_output_embeddings().parameters():
-            p.requires_grad_(True)
-    elif llm_mode == "first_layer":
-        for p in lm.layers[0].parameters():
-            p.requires_grad_(True)
-    elif llm_mode != "none":
+    """Set requires_grad per part of :func:`part_parameters` (full fine-tuning); the objectives' heads are left
+    as they are. ``llm_mode``: all, first_layer (the LLM's first decoder layer), none. Returns the counts."""
+    if llm_mode not in ("all", "first_layer", "none"):
         raise ValueError(f"train_llm must be all, first_layer or none; got {llm_mode!r}")
+    base = base_model(model)
+    parts = part_parameters(base)
+    on = {"vision": vision, "projector": projector, "llm": llm_mode == "all", "other": False}
+    for part, wanted in on.items():
+        for p in parts[part]:
+            p.requires_grad_(bool(wanted))
+    if llm_mode == "first_layer":
+        for p in language_model_of(base).layers[0].parameters():
+            p.requires_grad_(True)
+    if parts["other"]:
+        other = {id(p) for p in parts["other"]}
+        names = [n for n, p in base.named_parameters() if id(p) in other]
+        log.warning("%d parameters belong to no part (vision, projector, llm) and stay frozen: %s", len(names), names)
     return trainable_counts(base)
 
 
 def trainable_counts(model: Any) -> dict[str, int]:
-    """Trainable / total parameter counts per part (vision, projector, llm, other)."""
-    base = base_model(model)
-    proj = {id(p) for m in _projector_modules(base) for p in m.parameters()}
-    vis = {id(p) for p in vision_tower_of(base).parameters()} - proj
-    counts = {f"{k}_{s}": 0 for k in ("vision", "projector", "llm") for s in ("trainable", "total")}
-    seen: set[int] = set()
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        part = "projector" if id(p) in proj else "vision" if id(p) in vis else "llm"
-        n = getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 keeps a shard; ds_numel is the whole size
-        counts[f"{part}_total"] += n
-        if p.requires_grad:
-            counts[f"{part}_trainable"] += n
+    """``<part>_trainable`` / ``<part>_total`` parameter counts of each part of :func:`part_parameters`."""
+    counts: dict[str, int] = {}
+    for part, params in part_parameters(model).items():
+        sizes = [(getattr(p, "ds_numel", None) or p.numel(), p.requires_grad) for p in params]  # ZeRO-3: a shard
+        counts[f"{part}_trainable"] = sum(n for n, trainable in sizes if trainable)
+        counts[f"{part}_total"] = sum(n for n, _ in sizes)
     return counts
 
 

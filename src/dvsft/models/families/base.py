@@ -61,6 +61,8 @@ class FamilySpec:
     released checkpoints' settings. Model parts are accessors on the ``...ForConditionalGeneration``
     (PEFT / DDP wrappers are unwrapped): ``language_model`` (the decoder stack with ``.layers``),
     ``vision_tower``, ``projector``; the LM head is ``get_output_embeddings()`` for every family.
+    ``projector_extras`` are the attribute paths of the projector's other parts (modules or parameters:
+    Qwen3-VL's DeepStack mergers, LLaVA-OneVision's ``image_newline``); ``train_projector`` trains them too.
     ``lora_targets`` are the suffixes of the LLM's ``nn.Linear`` layers that LoRA wraps.
     ``image_inputs`` are the processor outputs the model's forward needs besides ``input_ids`` /
     ``attention_mask``.
@@ -78,6 +80,7 @@ class FamilySpec:
     language_model: Callable[[Any], Any] = attr_path("model.language_model")
     vision_tower: Callable[[Any], Any] = attr_path("model.vision_tower")
     projector: Callable[[Any], Any] = attr_path("model.multi_modal_projector")
+    projector_extras: tuple[str, ...] = ()
     lora_targets: tuple[str, ...] = DENSE
     defaults: dict[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()

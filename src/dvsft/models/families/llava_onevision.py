@@ -189,6 +189,8 @@ SPEC = FamilySpec(
     layout=layout,
     settings_from=settings_from,
     image_inputs=("pixel_values", "image_sizes", "batch_num_images"),
+    # the learned embedding that ends each row of projected crop features (a visual token, in the LLM's width)
+    projector_extras=("model.image_newline",),
     defaults=dict(DEFAULTS),
     aliases=("llava-onevision", "llava_ov"),
     views="base image (27x27), then the unpadded crop grid (anyres_max_9 shrink) with a newline token per row",

@@ -18,6 +18,8 @@ from dvsft.models.geometry import Layout, grid_for, uniform_view
 IMAGE_TOKEN = "<|image_pad|>"
 # Qwen3.5's Gated DeltaNet (linear attention) layers
 DELTANET = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
+# Qwen3-VL's DeepStack mergers: like the merger, they map ViT features of inner blocks to the LLM's width
+DEEPSTACK = ("model.visual.deepstack_merger_list",)
 
 
 def qwen_layout(name: str):
@@ -51,7 +53,14 @@ def _projector(model: Any) -> Any:
     return attr_path("model.visual.merger")(model)
 
 
-def qwen_spec(name: str, model_type: str, lora: tuple[str, ...], processor: str, aliases: tuple[str, ...] = ()):
+def qwen_spec(
+    name: str,
+    model_type: str,
+    lora: tuple[str, ...],
+    processor: str,
+    aliases: tuple[str, ...] = (),
+    projector_extras: tuple[str, ...] = (),
+):
     fam = geometry.family(name)
     return FamilySpec(
         name=name,
@@ -64,6 +73,7 @@ def qwen_spec(name: str, model_type: str, lora: tuple[str, ...], processor: str,
         language_model=attr_path("model.language_model"),
         vision_tower=attr_path("model.visual"),
         projector=_projector,
+        projector_extras=projector_extras,
         lora_targets=lora,
         image_inputs=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
         defaults={
@@ -80,8 +90,8 @@ def qwen_spec(name: str, model_type: str, lora: tuple[str, ...], processor: str,
 SPECS = [
     qwen_spec("qwen2-vl", "qwen2_vl", DENSE, "Qwen2VLProcessor", ("qwen2_vl",)),
     qwen_spec("qwen2.5-vl", "qwen2_5_vl", DENSE, "Qwen2_5_VLProcessor", ("qwen2_5_vl", "qwen2.5_vl")),
-    qwen_spec("qwen3-vl", "qwen3_vl", DENSE, "Qwen3VLProcessor", ("qwen3_vl",)),
+    qwen_spec("qwen3-vl", "qwen3_vl", DENSE, "Qwen3VLProcessor", ("qwen3_vl",), DEEPSTACK),
     # experts are fused 3-D parameters and the router is no nn.Linear: LoRA wraps the attention
-    qwen_spec("qwen3-vl-moe", "qwen3_vl_moe", DENSE[:4], "Qwen3VLProcessor", ("qwen3_vl_moe",)),
+    qwen_spec("qwen3-vl-moe", "qwen3_vl_moe", DENSE[:4], "Qwen3VLProcessor", ("qwen3_vl_moe",), DEEPSTACK),
     qwen_spec("qwen3.5", "qwen3_5", DENSE + DELTANET, "Qwen3VLProcessor", ("qwen3_5", "qwen3-5")),
 ]
