@@ -18,8 +18,11 @@ from typing import Any
 from dvsft.models.geometry import Grid, Layout
 
 
-@dataclass
+@dataclass(frozen=True)
 class AlignConfig:
+    """The paper's alignment filters; ``AlignConfig()`` holds the defaults of every caller (``dvsft align``,
+    ``DVSFTConfig``'s ``align_*`` / ``label_leading_space`` keys, the collator, a plain ``TrainingArguments``)."""
+
     max_height_cells: float = 3.0  # drop words taller than this many token cells (resized pixels)
     max_subtokens: int = 3  # drop words whose tokenization is longer (needs a tokenizer)
     leading_space: bool = True  # tokenize labels as " word" (mid-sentence form; bare where that starts blank)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from dvsft.align.aligner import AlignConfig
 from dvsft.cli.common import fail, from_params
 from dvsft.core.outputs import OVERWRITE_HELP
 from dvsft.core.progress import progress_bar
@@ -87,9 +88,17 @@ def align(
     processor_pixels: bool = typer.Option(
         False, "--processor-pixels", help="Use the family's / model dir's own min and max pixels instead."
     ),
-    max_height_cells: float = typer.Option(3.0, help="Drop words taller than this many token cells."),
-    max_subtokens: int = typer.Option(3, help="Drop words longer than this many tokens (needs --tokenizer)."),
-    no_leading_space: bool = typer.Option(False, "--no-leading-space", help="Tokenize labels as 'word', not ' word'."),
+    max_height_cells: float = typer.Option(
+        AlignConfig.max_height_cells, help="Drop words taller than this many token cells."
+    ),
+    max_subtokens: int = typer.Option(
+        AlignConfig.max_subtokens, help="Drop words longer than this many tokens (needs --tokenizer)."
+    ),
+    leading_space: bool = typer.Option(
+        AlignConfig.leading_space,
+        "--leading-space/--no-leading-space",
+        help="Tokenize labels as ' word' (mid-sentence form), or as 'word'.",
+    ),
     overlay: Path = typer.Option(None, help="Write alignment overlay PNGs into this folder."),
     overlay_limit: int = typer.Option(20, help="At most this many overlays."),
     fmt: str = typer.Option("jsonl", "--format", help="jsonl, or parquet: --out is a folder of Parquet shards."),
@@ -99,12 +108,11 @@ def align(
     """Align word boxes to a model's visual tokens (bottom-right corner rule + the paper's filters)."""
     from rich.console import Console
 
-    from dvsft.align.aligner import AlignConfig
     from dvsft.align.run import align_file, check_outputs, errors_path, load_tokenizer
     from dvsft.core.record_sources import count_records
     from dvsft.models.geometry import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 
-    config = AlignConfig(max_height_cells, max_subtokens, not no_leading_space)
+    config = AlignConfig(max_height_cells, max_subtokens, leading_space)
     if not processor_pixels:  # the grid `dvsft train` sees (it sets these on every processor)
         min_pixels = TRAIN_MIN_PIXELS if min_pixels is None else min_pixels
         max_pixels = TRAIN_MAX_PIXELS if max_pixels is None else max_pixels

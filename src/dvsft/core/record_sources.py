@@ -72,11 +72,6 @@ def data_files(path: str | Path) -> list[tuple[Path, str]]:
     return [(p, PARQUET) for p in parquet] or [(p, JSONL) for p in jsonl]
 
 
-def source_kind(path: str | Path) -> str:
-    """``jsonl``, ``parquet`` or ``arrow``: the kind of the source's files."""
-    return data_files(path)[0][1]
-
-
 def iter_entries(path: str | Path, own: bool = False, columns: list[str] | None = None) -> Iterator[Entry]:
     """Every record of a source as an :class:`Entry` (unreadable JSONL lines carry their ``error``).
 

@@ -128,10 +128,6 @@ def from_row(row: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def to_table(records: Iterable[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist([to_row(r) for r in records], schema=SCHEMA)
-
-
 class ShardWriter:
     """Write records into ``folder/part-NNNNN.parquet``, ``rows_per_shard`` each (the last may hold fewer).
 

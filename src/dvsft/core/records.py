@@ -57,6 +57,12 @@ class Problem:
         return f"{where}: record {self.id}: {self.reason}" if self.id is not None else f"{where}: {self.reason}"
 
 
+def record_id(record: dict[str, Any]) -> str | None:
+    """The record's ``id`` as a string, None when it has none (missing, null or empty)."""
+    rid = record.get("id")
+    return None if rid is None or rid == "" else str(rid)
+
+
 class RecordError(ValueError):
     """A bad input line or record, with its :class:`Problem` (file, line, id, reason)."""
 
@@ -149,7 +155,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             for row in rows:
-                f.write(_dumps(row) + "\n")
+                f.write(json_row(row) + "\n")
                 n += 1
         os.replace(tmp, path)
     except BaseException:
@@ -158,7 +164,8 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     return n
 
 
-def _dumps(row: dict[str, Any]) -> str:
+def json_row(row: dict[str, Any]) -> str:
+    """``row`` as one line of strict JSON (no NaN / Infinity: a ValueError naming the row's id)."""
     try:
         return json.dumps(row, ensure_ascii=False, allow_nan=False)
     except ValueError as err:
@@ -175,7 +182,7 @@ class JsonlAppender:
         self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def write(self, row: dict[str, Any]) -> None:
-        self._f.write(_dumps(row) + "\n")
+        self._f.write(json_row(row) + "\n")
         self._f.flush()
 
     def close(self) -> None:

@@ -71,6 +71,7 @@ def to_processor_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]
     return out
 
 
+MAX_LENGTH = 8192  # tokens per sample: the collator's and DVSFTConfig's max_length default
 ENCODED = "_encoded"  # a sample's Encoded from VisionCollator.check, which its batch reuses (streaming input)
 
 
@@ -134,7 +135,7 @@ class VisionCollator:
         processor: Any,
         align_config: AlignConfig | None = None,
         vision_labels: bool = True,
-        max_length: int = 8192,
+        max_length: int = MAX_LENGTH,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         keep_records: bool = False,
@@ -217,7 +218,7 @@ class VisionCollator:
         self._check_image_tokens(out, image_pos, grid, layout, rid)
         n_img = int(image_pos.numel())
         grow = len(layout.prompt) - len(self.image_token) if layout.prompt else (n_img - 1) * len(self.image_token)
-        labels = self._text_labels(ids, out["offset_mapping"][0], text, spans, grow, rid)
+        labels = self.text_labels(ids, out["offset_mapping"][0], text, spans, grow, rid)
         alignment, vision_tokens, label_set = None, [], []
         if self.vision_labels:
             alignment = align_words(
@@ -335,7 +336,7 @@ class VisionCollator:
             vision_tokens=[(p, t) for p, t in enc.vision_tokens if p < cut],
         )
 
-    def _text_labels(
+    def text_labels(
         self, ids: torch.Tensor, offsets: torch.Tensor, text: str, spans: list[tuple[int, int]], grow: int, rid: str
     ) -> torch.Tensor:
         """-100 everywhere but the tokens overlapping an answer span (offsets are in the expanded text,

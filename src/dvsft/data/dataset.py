@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dvsft.core.record_sources import iter_entries
-from dvsft.core.records import IMAGE_PLACEHOLDER, Problem, check_record, image_path
+from dvsft.core.records import IMAGE_PLACEHOLDER, Problem, check_record, image_path, record_id
 from dvsft.data.skips import LabelCount
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def _placeholder_newline(template: dict[str, Any]) -> bool:
     return isinstance(content, str) and (IMAGE_PLACEHOLDER + "\n") in content
 
 
-def _check(record: dict[str, Any]) -> str | None:
+def training_problem(record: dict[str, Any]) -> str | None:
     """The training-specific reason a record that :func:`check_record` passed cannot be trained on, or None."""
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -260,9 +260,9 @@ def load_records(
         else:
             record = entry.record  # type: ignore[assignment]
             found = check_record(record, entry.file, entry.number, image=True)
-            if not found and (reason := _check(record)) is not None:
-                found = [Problem(str(entry.file), entry.number, _id_of(record), reason)]
-        rid = _id_of(record) or f"{entry.file.name}#{entry.number}"
+            if not found and (reason := training_problem(record)) is not None:
+                found = [Problem(str(entry.file), entry.number, record_id(record), reason)]
+        rid = record_id(record) or f"{entry.file.name}#{entry.number}"
         if found:
             for problem in found:
                 log.warning("skipping %s", problem)
@@ -336,8 +336,3 @@ def absolute_image(record: dict[str, Any], file: Path) -> dict[str, Any]:
     if isinstance(record.get("image_bytes"), bytes):
         return record
     return dict(record, image=str(image_path(record, file).resolve()))
-
-
-def _id_of(record: dict[str, Any]) -> str | None:
-    rid = record.get("id")
-    return None if rid is None or rid == "" else str(rid)

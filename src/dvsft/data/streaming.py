@@ -274,18 +274,18 @@ class StreamingSamples(IterableDataset):
                 yield sample
 
     def _sample(self, record: dict[str, Any], unit: Unit, number: int) -> tuple[dict[str, Any] | None, Any]:
-        from dvsft.core.records import Problem, check_record
+        from dvsft.core.records import Problem, check_record, record_id
         from dvsft.data.collator import ENCODED, SampleError
-        from dvsft.data.dataset import _check, _id_of, absolute_image, answered_pairs, expand_record
+        from dvsft.data.dataset import absolute_image, answered_pairs, expand_record, training_problem
 
         found = check_record(record, unit.file, number, image=False)
         if not found and self.check_images:
-            found = [Problem(str(unit.file), number, _id_of(record), r) for r in _image_reasons(record, unit.file)]
-        if not found and (reason := _check(record)) is not None:
-            found = [Problem(str(unit.file), number, _id_of(record), reason)]
+            found = [Problem(str(unit.file), number, record_id(record), r) for r in _image_reasons(record, unit.file)]
+        if not found and (reason := training_problem(record)) is not None:
+            found = [Problem(str(unit.file), number, record_id(record), reason)]
         if found:
             return None, found[0]
-        rid = _id_of(record) or f"{unit.file.name}#{number}"
+        rid = record_id(record) or f"{unit.file.name}#{number}"
         record = absolute_image(dict(record, id=rid), unit.file)
         pairs = answered_pairs(record)[1]
         chosen = list(range(len(pairs)))

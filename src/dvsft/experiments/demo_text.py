@@ -29,7 +29,8 @@ def oracle_encode(record: dict[str, Any], collator: VisionCollator) -> dict[str,
     processor, tok = collator.processor, collator.tokenizer
     grid = grid_for(processor, int(record["width"]), int(record["height"]))
     messages = to_processor_messages(record["messages"])
-    text, spans = collator.answer_spans(messages, str(record.get("id", "?")))
+    rid = str(record.get("id", "?"))
+    text, spans = collator.answer_spans(messages, rid)
     n = grid.num_tokens
     enc = tok(
         text.replace(collator.image_token, collator.image_token * n),
@@ -38,7 +39,7 @@ def oracle_encode(record: dict[str, Any], collator: VisionCollator) -> dict[str,
     )
     ids = enc["input_ids"][0]
     grow = (n - 1) * len(collator.image_token)  # characters the image placeholder grew by
-    labels = collator._text_labels(ids, enc["offset_mapping"][0], text, spans, grow)
+    labels = collator.text_labels(ids, enc["offset_mapping"][0], text, spans, grow, rid)
     cells = torch.full((n,), collator.image_token_id, dtype=torch.long)
     for lab in align_words(record.get("words") or [], grid, tokenizer=tok, config=collator.align_config).labels:
         cells[lab["token"]] = int(lab["token_id"])

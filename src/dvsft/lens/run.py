@@ -21,7 +21,7 @@ from PIL import Image
 
 from dvsft.core.images import ImageError, load_image
 from dvsft.core.record_sources import Entry, iter_entries
-from dvsft.core.records import Problem, check_record
+from dvsft.core.records import Problem, check_record, record_id
 from dvsft.data.skips import REASONS_FILE, report_skips
 from dvsft.lens.visual_logits import LabelHits, LensResult, lens_overlay, read_record, run_lens
 from dvsft.sources.label_to_image import safe_name
@@ -71,12 +71,12 @@ def lens_records(
             try:
                 image, result, labels = read_record(model, processor, record, entry.file, top_k=top_k)
             except ValueError as err:
-                found = [Problem(str(entry.file), entry.number, _id_of(record), str(err))]
+                found = [Problem(str(entry.file), entry.number, record_id(record), str(err))]
         if found:
             problems.extend(found)
         else:
             hits.add(result, labels)
-            rid = _id_of(record) or f"{entry.file.name}#{entry.number}"
+            rid = record_id(record) or f"{entry.file.name}#{entry.number}"
             overlay = out / "overlays" / f"{index:05d}_{safe_name(rid)[:100]}.png"
             readings.append(_reading(rid, record, image, result, labels, overlay, top_k, upscale))
         if advance:
@@ -99,11 +99,6 @@ def _problems(entry: Entry) -> list[Problem]:
     if entry.record is None:
         return [Problem(str(entry.file), entry.number, None, str(entry.error))]
     return check_record(entry.record, entry.file, entry.number, image=True)
-
-
-def _id_of(record: dict[str, Any] | None) -> str | None:
-    rid = (record or {}).get("id")
-    return None if rid is None else str(rid)
 
 
 def _reading(

@@ -165,7 +165,7 @@ class Grid:
         )
 
 
-def _processor_settings(source: Any) -> tuple[int, int, int, int]:
+def processor_settings(source: Any) -> tuple[int, int, int, int]:
     """(patch_size, merge_size, min_pixels, max_pixels) from a model dir, a processor or an image processor."""
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -213,7 +213,7 @@ def grid_for(
     elif isinstance(source, Family):
         patch, merge, min_px, max_px = source.patch_size, source.merge_size, source.min_pixels, source.max_pixels
     else:
-        patch, merge, min_px, max_px = _processor_settings(source)
+        patch, merge, min_px, max_px = processor_settings(source)
     min_px = min_pixels if min_pixels is not None else min_px
     max_px = max_pixels if max_pixels is not None else max_px
     if min_px > max_px:
@@ -442,16 +442,6 @@ class Layout:
     def token_at(self, x: int, y: int) -> list[int]:
         """Original pixel -> sequence positions of every token that sees it, one per view (view order)."""
         return [p for _, p in self.tokens_at(x, y)]
-
-    def view_of(self, position: int) -> tuple[View, int] | None:
-        """Sequence position -> ``(view, local token index)``, or None for a newline slot."""
-        if not 0 <= position < self.num_tokens:
-            raise ValueError(f"position {position} is outside the {self.num_tokens} image tokens")
-        for v in self.views:
-            k = v.local(position)
-            if k is not None:
-                return v, k
-        return None
 
 
 def layout_for(source: Any, width: int, height: int, **settings: Any) -> Layout:

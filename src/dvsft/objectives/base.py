@@ -30,11 +30,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from dvsft.models.families.base import base_model
+from dvsft.models.families.base import FamilySpec, base_model
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    from dvsft.objectives.losses import LossSettings
 
 HEADS_ATTR = "dvsft_heads"  # attribute of the model that holds the objectives' trainable heads
 
@@ -156,8 +158,8 @@ def register_objective(name: str, cls: type[Objective]) -> type[Objective]:
 # --------------------------------------------------------------------------- model helpers
 
 
-def _spec(model: nn.Module):
-    """The registered family of ``model`` (None for a model type no family module knows)."""
+def family_of(model: nn.Module) -> FamilySpec | None:
+    """The registered family of ``model``, wrappers unwrapped (None for a model type no family module knows)."""
     from dvsft.models.families import spec_for_model
 
     try:
@@ -175,7 +177,7 @@ def lm_head_of(model: nn.Module) -> nn.Module:
 
 def language_model_of(model: nn.Module) -> nn.Module:
     """The decoder stack (has ``.layers``, ``.norm``, ``.embed_tokens``): the family module's accessor."""
-    spec = _spec(model)
+    spec = family_of(model)
     if spec is not None:
         return spec.language_model(model)
     inner = base_model(model).model
@@ -183,13 +185,13 @@ def language_model_of(model: nn.Module) -> nn.Module:
 
 
 def vision_tower_of(model: nn.Module) -> nn.Module:
-    spec = _spec(model)
+    spec = family_of(model)
     return spec.vision_tower(model) if spec is not None else base_model(model).model.visual
 
 
 def projector_of(model: nn.Module) -> nn.Module:
     """The module that maps vision features to the LLM's hidden size (Qwen-VL: ``visual.merger``)."""
-    spec = _spec(model)
+    spec = family_of(model)
     return spec.projector(model) if spec is not None else vision_tower_of(model).merger
 
 
@@ -213,9 +215,17 @@ class DVSFTObjective(Objective):
     step_normalized = True
 
     @property
+    def settings(self) -> LossSettings:
+        """The config's ``vision_lambda``, ``vision_eps`` and ``loss_chunk_size`` (DVSFTConfig's defaults where
+        the config lacks them: a plain ``TrainingArguments``)."""
+        from dvsft.objectives.losses import LossSettings
+
+        return LossSettings.of(self.config)
+
+    @property
     def vision_weight(self) -> float:
         """lambda, the weight of ``L_vision``."""
-        return float(getattr(self.config, "vision_lambda", 0.1))
+        return float(self.settings.vision_lambda)
 
     @property
     def needs_vision_labels(self) -> bool:
@@ -227,7 +237,8 @@ class DVSFTObjective(Objective):
     def loss(self, model, batch, hidden):
         from dvsft.objectives.losses import dvsft_loss, text_loss
 
-        chunk = int(getattr(self.config, "loss_chunk_size", 1024) or 1024)
+        settings = self.settings
+        chunk = int(settings.loss_chunk_size)
         smoothing = float(getattr(self.config, "label_smoothing_factor", 0.0))  # TrainingArguments' key
         step_loss, head = f"{self.name}_step_loss", lm_head_of(model)
         new = hidden.last.new_tensor
@@ -247,7 +258,7 @@ class DVSFTObjective(Objective):
             batch.get("vision_targets"),
             batch.get("vision_label_sets"),
             vision_weight=self.vision_weight,
-            eps=float(getattr(self.config, "vision_eps", 0.0)),
+            eps=float(settings.vision_eps),
             chunk_size=chunk,
             tokens=hidden.tokens,
             label_smoothing=smoothing,

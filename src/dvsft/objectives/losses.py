@@ -26,7 +26,7 @@ the loss of the whole optimizer step, so accumulation 2 x b equals 1 x 2b and N 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 import torch
@@ -35,6 +35,21 @@ from torch import Tensor, nn
 
 IGNORE_INDEX = -100
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """DV-SFT's loss keys and their defaults, the one source of both: ``DVSFTConfig``'s fields and the loss
+    functions here default to these, and the objectives read them from any config with :meth:`of`."""
+
+    vision_lambda: float = 0.1  # lambda in L = L_text + lambda * L_vision
+    vision_eps: float = 0.1  # vision smoothing: mass spread over the image's label set
+    loss_chunk_size: int = 1024  # rows per LM-head chunk
+
+    @classmethod
+    def of(cls, config: Any) -> LossSettings:
+        """``config``'s values of these keys, the defaults for those it lacks (a plain ``TrainingArguments``, None)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)})
 
 
 @dataclass
@@ -211,7 +226,7 @@ def fused_linear_ce(
     label_sets: Tensor | None = None,
     eps: float | Tensor = 0.0,
     row_weights: Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = LossSettings.loss_chunk_size,
     bias: Tensor | None = None,
     vocab_eps: float | Tensor = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -274,7 +289,7 @@ def vision_loss(
     targets: Tensor,
     label_sets: Tensor | None = None,
     eps: float = 0.0,
-    chunk_size: int = 1024,
+    chunk_size: int = LossSettings.loss_chunk_size,
     bias: Tensor | None = None,
 ) -> VisionLossOutput:
     """Vision loss with vision smoothing on the hidden states of the labeled visual tokens (no shift).
@@ -312,7 +327,7 @@ def text_loss(
     hidden: Tensor,
     lm_head: nn.Module | Tensor,
     labels: Tensor,
-    chunk_size: int = 1024,
+    chunk_size: int = LossSettings.loss_chunk_size,
     use_liger: bool | None = None,
     bias: Tensor | None = None,
     tokens: StepTokens | None = None,
@@ -362,9 +377,9 @@ def dvsft_loss(
     vision_positions: Tensor | None = None,
     vision_targets: Tensor | None = None,
     vision_label_sets: Tensor | None = None,
-    vision_weight: float = 0.1,
-    eps: float = 0.0,
-    chunk_size: int = 1024,
+    vision_weight: float = LossSettings.vision_lambda,
+    eps: float = LossSettings.vision_eps,
+    chunk_size: int = LossSettings.loss_chunk_size,
     tokens: StepTokens | None = None,
     label_smoothing: float = 0.0,
 ) -> DVSFTLossOutput:
@@ -421,9 +436,9 @@ def dvsft_loss(
 def model_loss(
     model: nn.Module,
     batch: dict[str, Any],
-    vision_weight: float = 0.1,
-    eps: float = 0.0,
-    chunk_size: int = 1024,
+    vision_weight: float = LossSettings.vision_lambda,
+    eps: float = LossSettings.vision_eps,
+    chunk_size: int = LossSettings.loss_chunk_size,
     tokens: StepTokens | None = None,
 ) -> DVSFTLossOutput:
     """The whole DV-SFT loss of a model on a :class:`~dvsft.data.collator.VisionCollator` batch.

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dvsft.models.geometry import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 from dvsft.objectives.base import Objective
 
 log = logging.getLogger(__name__)
@@ -216,7 +217,8 @@ class LSDOptions:
 
 
 def crop_image_processor(config: Any) -> Any:
-    """A PIL image processor like the training one: crops reach the teacher the way images reach the model."""
+    """A PIL image processor like the training one: crops reach the teacher the way images reach the model
+    (``config``'s min / max pixels; the training defaults where it lacks them, as the collator's)."""
     from transformers import Qwen2VLImageProcessorPil
 
     path = getattr(config, "model_vision_from", None) or getattr(config, "model", None)
@@ -226,11 +228,8 @@ def crop_image_processor(config: Any) -> Any:
         )
     else:
         ip = Qwen2VLImageProcessorPil.from_pretrained(path)
-    lo, hi = getattr(config, "min_pixels", None), getattr(config, "max_pixels", None)
-    if lo is not None:
-        ip.size["shortest_edge"] = int(lo)
-    if hi is not None:
-        ip.size["longest_edge"] = int(hi)
+    ip.size["shortest_edge"] = int(getattr(config, "min_pixels", TRAIN_MIN_PIXELS))
+    ip.size["longest_edge"] = int(getattr(config, "max_pixels", TRAIN_MAX_PIXELS))
     return ip
 
 

@@ -20,8 +20,11 @@ from typing import Any, Literal
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from dvsft.align.aligner import AlignConfig
+from dvsft.data.collator import MAX_LENGTH
 from dvsft.models.geometry import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 from dvsft.models.loading import model_builder
+from dvsft.objectives.losses import LossSettings
 
 COMMAND_LINE = "command line"
 LAST_CHECKPOINT = ("last", "latest", "true")  # resume_from_checkpoint values meaning "the newest in output_dir"
@@ -84,17 +87,25 @@ class DVSFTConfig(TrainingArguments):
 
     # ---------------------------------------------------------------- DV-SFT
     method: str = opt("dvsft", "objectives joined by '+': sft, dvsft, basic, and registered ones (dvsft+asvr)")
-    vision_lambda: float = opt(0.1, "weight of the vision loss: L = L_text + lambda * L_vision (>= 0)")
-    vision_eps: float = opt(0.1, "vision smoothing eps in [0, 1): mass spread over the image's label set")
-    label_leading_space: bool = opt(True, "tokenize vision labels as ' word' (mid-sentence form)")
-    align_max_height_cells: float = opt(
-        3.0, "drop words taller than this many visual-token cells", alias="align.max_height_cells"
+    vision_lambda: float = opt(
+        LossSettings.vision_lambda, "weight of the vision loss: L = L_text + lambda * L_vision (>= 0)"
     )
-    align_max_subtokens: int = opt(3, "drop words whose tokenization is longer than this", alias="align.max_subtokens")
+    vision_eps: float = opt(
+        LossSettings.vision_eps, "vision smoothing eps in [0, 1): mass spread over the image's label set"
+    )
+    label_leading_space: bool = opt(AlignConfig.leading_space, "tokenize vision labels as ' word' (mid-sentence form)")
+    align_max_height_cells: float = opt(
+        AlignConfig.max_height_cells,
+        "drop words taller than this many visual-token cells",
+        alias="align.max_height_cells",
+    )
+    align_max_subtokens: int = opt(
+        AlignConfig.max_subtokens, "drop words whose tokenization is longer than this", alias="align.max_subtokens"
+    )
     min_pixels: int = opt(TRAIN_MIN_PIXELS, "image processor min pixels")
     max_pixels: int = opt(TRAIN_MAX_PIXELS, "image processor max pixels")
-    max_length: int = opt(8192, "max sequence length (longer samples are truncated by the collator)")
-    loss_chunk_size: int = opt(1024, "positions per lm_head chunk in the text / vision losses")
+    max_length: int = opt(MAX_LENGTH, "max sequence length (longer samples are truncated by the collator)")
+    loss_chunk_size: int = opt(LossSettings.loss_chunk_size, "positions per lm_head chunk in the text / vision losses")
     objectives: dict[str, Any] | str | None = opt(
         None, "per-objective options, e.g. objectives: {basic: {lambda2: 0.5}} or --objectives.basic.lambda2 0.5"
     )
@@ -267,6 +278,9 @@ def check_hf_keys(args: Any) -> None:
 
 
 def world_size() -> int:
+    """The launcher's process count. Read from ``WORLD_SIZE`` (torchrun / accelerate set it) because it is needed
+    inside :meth:`DVSFTConfig.__post_init__` (``global_batch_size`` -> ``gradient_accumulation_steps``, gloo on
+    CPU) before ``TrainingArguments`` sets up the process group that ``args.world_size`` reports."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -440,10 +454,6 @@ def flat_keys() -> dict[str, tuple[list[str], Any, str]]:
         aliases = [a.removeprefix("--") for a in f.metadata.get("aliases", [])]
         out[name] = (aliases, default, str(f.metadata.get("help", "")).strip())
     return out
-
-
-def help_text(key: str) -> str:
-    return flat_keys()[key][2]
 
 
 # --------------------------------------------------------------------------- loading

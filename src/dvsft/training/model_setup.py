@@ -16,8 +16,8 @@ from typing import Any
 from dvsft.models.families.base import attr_path
 from dvsft.objectives.base import (
     HEADS_ATTR,
-    _spec,
     base_model,
+    family_of,
     language_model_of,
     lm_head_of,
     projector_of,
@@ -238,7 +238,7 @@ def _projector_parameters(base: Any) -> list[Any]:
     ``image_newline``): modules or single parameters."""
     from torch import nn
 
-    spec = _spec(base)
+    spec = family_of(base)
     parts = [projector_of(base), *(attr_path(path)(base) for path in (spec.projector_extras if spec else ()))]
     return [p for part in parts for p in (part.parameters() if isinstance(part, nn.Module) else [part])]
 
@@ -306,7 +306,7 @@ def lora_targets(model: Any, wanted: list[str] | None = None) -> list[str]:
 
     base = base_model(model)
     if not wanted:
-        spec = _spec(base)
+        spec = family_of(base)
         wanted = list(spec.lora_targets) if spec is not None else None
     lm = language_model_of(base)
     lm_ids = {id(m) for m in lm.modules()}

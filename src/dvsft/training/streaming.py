@@ -72,9 +72,11 @@ class StreamingTrainerMixin:
         record (each epoch skips it again; every rank writes the records it skipped); ``--strict`` fails instead."""
         if not skipped:
             return
+        from dvsft.training.trainer import setting
+
         args = self.args  # type: ignore[attr-defined]
         problems = [Problem(**row[3]) for row in skipped]
-        if getattr(args, "strict", False):
+        if setting(args, "strict"):
             raise StrictError(f"--strict: a bad record in the stream: {problems[0]}")
         path = Path(args.output_dir, REASONS_FILE)
         if "_reported" not in self.__dict__:  # a resumed run goes on with the file it left

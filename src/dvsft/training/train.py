@@ -15,7 +15,6 @@ DDP, DeepSpeed and FSDP. ``global_batch_size`` (when set) fixes ``gradient_accum
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,13 +93,15 @@ def check_dataset(cfg: DVSFTConfig, samples: Any, collator: Any, files: list[str
 
 
 def report_data_skips(cfg: DVSFTConfig, samples: Any, held_out: bool) -> Path | None:
-    """Log the skipped records and write their reasons (``output_dir/skipped_records.jsonl``, or
-    ``skipped_eval_records.jsonl`` for ``eval_data``; ``--strict`` fails instead); the reasons file or None."""
+    """Log the skipped records and, on the process that saves (``cfg.should_save``), write their reasons
+    (``output_dir/skipped_records.jsonl``, or ``skipped_eval_records.jsonl`` for ``eval_data``; ``--strict`` fails
+    instead); the reasons file or None."""
     from dvsft.data.skips import EVAL_REASONS_FILE, REASONS_FILE, report_skips
 
     name = EVAL_REASONS_FILE if held_out else REASONS_FILE
-    main = os.environ.get("RANK", "0") == "0"
-    return report_skips(samples.problems, len(samples.skipped), len(samples), cfg.output_dir, cfg.strict, main, name)
+    return report_skips(
+        samples.problems, len(samples.skipped), len(samples), cfg.output_dir, cfg.strict, cfg.should_save, name
+    )
 
 
 def streaming_samples(cfg: DVSFTConfig) -> Any:

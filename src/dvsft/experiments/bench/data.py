@@ -65,7 +65,7 @@ def synthetic_records(n: int, words: int = 20, seed: int = 0) -> Any:
 def write_data(folder: Path, n: int, words: int = 20) -> tuple[Path, Path]:
     """``folder/words.jsonl`` and ``folder/shards/`` with the same ``n`` records, and the page images."""
     from dvsft.core.record_table import ShardWriter
-    from dvsft.core.records import _dumps
+    from dvsft.core.records import json_row
 
     done = folder / f"complete-{n}-{words}"
     if done.exists():  # a kept folder from an earlier run
@@ -84,7 +84,7 @@ def write_data(folder: Path, n: int, words: int = 20) -> tuple[Path, Path]:
     jsonl = folder / "words.jsonl"
     with open(jsonl, "w", encoding="utf-8") as f, ShardWriter(folder / "shards", rows_per_shard=10_000) as shards:
         for record in synthetic_records(n, words):
-            f.write(_dumps(record) + "\n")
+            f.write(json_row(record) + "\n")
             shards.write(record)
     done.touch()
     return jsonl, folder / "shards"

@@ -261,7 +261,8 @@ def measure_times(cfg: BenchConfig, data_dir: Path) -> dict[str, Any]:
     } | {"_info": sess.info()}
 
 
-def _worker_main() -> None:
+def worker_main() -> None:
+    """The measuring child process (started by `_spawn`): one job of ``sys.argv[1]``, printed as JSON."""
     args = json.loads(sys.argv[1])
     cfg = BenchConfig(**args["cfg"])
     data_dir = Path(args["data_dir"])
@@ -276,7 +277,7 @@ def _spawn(job: str, cfg: BenchConfig, data_dir: Path) -> dict[str, Any]:
         env["OMP_NUM_THREADS"] = str(cfg.threads)
     payload = json.dumps({"job": job, "cfg": asdict(cfg), "data_dir": str(data_dir)})
     proc = subprocess.run(
-        [sys.executable, "-c", "from dvsft.experiments.bench.training import _worker_main; _worker_main()", payload],
+        [sys.executable, "-c", "from dvsft.experiments.bench.training import worker_main; worker_main()", payload],
         env=env,
         capture_output=True,
         text=True,

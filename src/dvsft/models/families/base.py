@@ -86,12 +86,6 @@ class FamilySpec:
     aliases: tuple[str, ...] = ()
     views: str = ""
 
-    def lm_head(self, model: Any) -> Any:
-        head = base_model(model).get_output_embeddings()
-        if head is None:
-            raise ValueError(f"{type(base_model(model)).__name__} has no output embeddings (lm_head)")
-        return head
-
     def image_token_id(self, processor: Any) -> int:
         """The id of the family's image placeholder token in ``processor``'s tokenizer."""
         tok = getattr(processor, "tokenizer", processor)

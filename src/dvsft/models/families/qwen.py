@@ -45,7 +45,7 @@ def qwen_layout(name: str):
 
 
 def qwen_settings(source: Any) -> dict[str, Any]:
-    patch, merge, min_px, max_px = geometry._processor_settings(source)
+    patch, merge, min_px, max_px = geometry.processor_settings(source)
     return {"patch_size": patch, "merge_size": merge, "min_pixels": min_px, "max_pixels": max_px}
 
 
