@@ -58,7 +58,7 @@ def test_ranges_from_the_command_line(good, key, value, message):
 
 @pytest.mark.parametrize(("key", "value", "message"), RANGES[:4])
 def test_ranges_from_the_yaml_file_name_the_file(good, key, value, message):
-    path = _yaml_with(good, f"{key}: {value}")
+    path = _yaml_with(good, f"{key}: {'.nan' if value == 'nan' else value}")  # YAML's NaN
     with pytest.raises(ValueError, match=rf"^{path}: {message}"):
         load_config(path)
 
@@ -83,15 +83,116 @@ def test_ranges_hold_for_a_config_built_in_python():
 def test_type_errors_name_their_source(good):
     with pytest.raises(ValueError, match=r"^command line: argument --max_steps.*invalid int value: 'ten'"):
         load_config(good, ["--max_steps", "ten"])
+    with pytest.raises(ValueError, match=r"^command line: argument --lora_r.*invalid int value: 'many'"):
+        load_config(good, ["--lora.r", "many"])  # the section spelling is the flat key's option
     path = _yaml_with(good, "max_steps: ten")
-    with pytest.raises(ValueError, match=rf"^{path}: max_steps: invalid int value 'ten'"):
+    with pytest.raises(ValueError, match=rf"^{path}: max_steps: expected int, got 'ten'"):
         load_config(path)
     path.write_text(path.read_text().replace("max_steps: ten", "lora: {r: [1, 2]}"))
-    with pytest.raises(ValueError, match=rf"^{path}: lora.r: expected one value"):
+    with pytest.raises(ValueError, match=rf"^{path}: lora_r: expected int, got \[1, 2\]"):
         load_config(path)
     path.write_text(path.read_text().replace("lora: {r: [1, 2]}", "train: {llm: most}"))
-    with pytest.raises(ValueError, match=rf"^{path}: train.llm: 'most' is not one of auto, all, first_layer, none"):
+    with pytest.raises(
+        ValueError, match=rf"^{path}: train_llm: expected one of auto, all, first_layer, none, got 'most'"
+    ):
         load_config(path)
+
+
+def test_yaml_values_are_typed_by_yaml_and_checked_once(good):
+    """A YAML value is the type YAML gives it: a quoted number or a 'yes' string is not parsed again."""
+    for line, message in (
+        ('max_steps: "12"', r"max_steps: expected int, got '12'"),
+        ('train: {vision: "yes"}', r"train_vision: expected bool, got 'yes'"),
+        ("vision_lambda: true", r"vision_lambda: expected float, got True"),
+        ("data: {a: 1}", r"unknown config key 'data_a'"),
+    ):
+        path = good.with_name("typed.yaml")
+        path.write_text(good.read_text() + line + "\n")
+        with pytest.raises(ValueError, match=rf"^{path}: {message}"):
+            load_config(path)
+    path.write_text(good.read_text() + "learning_rate: 5e-6\nnum_train_epochs: 2\ndata: one.jsonl\n")
+    cfg = load_config(path, check=False)  # YAML 1.2 numbers; an int widens to float; one value is a list of one
+    assert cfg.learning_rate == 5e-6 and cfg.num_train_epochs == 2.0 and cfg.data == ["one.jsonl"]
+
+
+def test_one_spelling_per_key_sections_by_one_rule(tmp_path):
+    """``S: {k: v}`` in YAML and ``--S.k v`` are the key ``S_k``; the former aliases are unknown keys."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "model: {llm: a, vision_from: b, fresh_projector: true}\ntrain: {vision: true, llm: none}\n"
+        "align: {max_height_cells: 2}\nlora: {r: 16, alpha: 8}\n"
+    )
+    cfg = load_config(path, check=False)
+    assert (cfg.model_llm, cfg.model_vision_from, cfg.model_fresh_projector) == ("a", "b", True)
+    assert (cfg.train_vision, cfg.train_llm, cfg.align_max_height_cells) == (True, "none", 2.0)
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora) == (16, 8, False)
+    for args in (["--align.max_height_cells", "3"], ["--align_max_height_cells", "3"], ["--align.max-height-cells=3"]):
+        assert load_config(path, args, check=False).align_max_height_cells == 3.0
+    assert load_config(path, ["--lora"], check=False).lora is True
+    for old in ("model: {path: x}", "lora: {enabled: true}", "tiny: {layers: 2}", "model: {trust_remote_code: true}"):
+        path.write_text(old + "\n")
+        key = "_".join(part.strip("{ ") for part in old.split(":")[:2])
+        with pytest.raises(ValueError, match=rf"^{path}: unknown config key '{key}'"):
+            load_config(path, check=False)
+    with pytest.raises(ValueError, match=r"^command line: unknown config key 'tiny_layers'"):
+        load_config(None, ["--tiny.layers", "3"], check=False)
+
+
+def test_dict_valued_keys_by_one_mechanism(tmp_path):
+    """objectives, qa_per_image and model_options: a YAML mapping, ``--K value`` or ``--K.a.b value`` (YAML)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model: tiny\nobjectives: {basic: {lambda1: 1.0, lambda2: 0.5}}\nmodel: {options: {layers: 3}}\n")
+    cfg = load_config(path, ["--objectives.basic.lambda2", "1e-3", "--model_options.heads", "2"], check=False)
+    assert cfg.objectives == {"basic": {"lambda1": 1.0, "lambda2": 1e-3}}  # an entry: the rest of the mapping stays
+    assert cfg.model_options == {"layers": 3, "heads": 2} and cfg.config_sources["objectives"] == "command line"
+    cfg = load_config(
+        None, ["--objectives", "{basic: {lambda2: 0.5}}", "--qa_per_image={default: 1, infovqa: 2}"], check=False
+    )
+    assert cfg.objectives == {"basic": {"lambda2": 0.5}} and cfg.qa_per_image == {"default": 1, "infovqa": 2}
+    assert load_config(None, ["--qa_per_image", "null"], check=False).qa_per_image is None
+    assert load_config(None, ["--qa_per_image.infovqa", "2"], check=False).qa_per_image == {"infovqa": 2}
+    with pytest.raises(ValueError, match=r"^command line: qa_per_image: expected int or dict.*got 'many'"):
+        load_config(None, ["--qa_per_image", "many"], check=False)
+    with pytest.raises(ValueError, match=r"^command line: --objectives.basic needs a value"):
+        load_config(None, ["--objectives.basic", "--lora"], check=False)
+
+
+def test_model_options_are_checked_by_the_builder(good, capsys):
+    from dvsft.cli import app
+
+    cfg = load_config("configs/tiny_cpu.yaml", ["--data", str(good)])
+    assert cfg.model_options["layers"] == 2 and not hasattr(cfg, "tiny_layers")
+    bad = good.with_name("bad.yaml")
+    bad.write_text(good.read_text() + "model_options: {layer: 3}\n")
+    with pytest.raises(SystemExit) as info:
+        app(args=["train", str(bad)], prog_name="dvsft")
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2
+    assert line.startswith(f"error: {bad}: model_options: unknown field(s) layer; valid: vocab_size, hidden_size, ")
+    assert "min_pixels" not in line  # the config's own keys, not options
+    for args, message in (
+        (["--model_options.layers", "many"], r"model_options.layers: expected int, got 'many'"),
+        (["--model_options.family", "gpt"], r"model_options: family must be one of qwen3-vl, "),
+    ):
+        with pytest.raises(ValueError, match=rf"^command line: {message}"):
+            load_config(good, args)
+    with pytest.raises(ValueError, match=r"^command line: model_options: only a model built by code .* not /"):
+        load_config(good, ["--model", str(good.parent), "--model_options.layers", "3"])
+
+
+def test_model_options_size_the_built_model(good):
+    from dvsft.training.model_setup import load_base
+
+    options = "{vocab_size: 600, hidden_size: 32, layers: 1, heads: 2, kv_heads: 1, seed: 3}"
+    model, _ = load_base(load_config(good, ["--model_options", options]))
+    text = model.config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (
+        32,
+        1,
+        2,
+        1,
+    )
+    assert model.config.dvsft_tiny["seed"] == 3
 
 
 def test_paths_that_must_exist(good, tmp_path):

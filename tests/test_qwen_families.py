@@ -168,7 +168,7 @@ def test_family_trains_and_resumes(family_dir, tmp_path):
 def test_family_lora_trains_its_targets(family_dir, tmp_path):
     fam, path = family_dir
     data = make_records(tmp_path / "data", n=2, seed=4)
-    args = overrides(path, data, tmp_path / "lora", max_steps=1, **{"lora.enabled": True, "lora.r": 4})
+    args = overrides(path, data, tmp_path / "lora", max_steps=1, **{"lora": True, "lora.r": 4})
     run = prepare(load_config(None, args))
     trained = {n for n, p in run.model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n for n in trained)

@@ -23,7 +23,7 @@ from dvsft.objectives.base import (
 )
 from dvsft.objectives.registry import method_names, objective_class
 from dvsft.testing.tiny import TinyConfig
-from dvsft.training.config import CONFIGS_DIR, _dict_fields, _flatten, flat_keys, load_config, parser, validate
+from dvsft.training.config import CONFIGS_DIR, _sections, flat_keys, load_config, validate
 from dvsft.training.train import prepare, train
 
 # ----------------------------------------------------------------------------- config
@@ -46,7 +46,7 @@ def test_config_sections_aliases_and_any_training_arguments_key(tmp_path):
     yaml_file.write_text("model: tiny\nlora: {r: 16}\nlearning_rate: 5e-6\nadam_beta2: 0.98\noptim: adamw_torch\n")
     cfg = load_config(
         yaml_file,
-        ["--lora.r", "8", "--lora.enabled", "--learning_rate=1e-5", "--align.max_subtokens", "2"],
+        ["--lora.r", "8", "--lora", "--learning_rate=1e-5", "--align.max_subtokens", "2"],
         check=False,
     )
     assert cfg.lora_r == 8 and cfg.lora is True and cfg.learning_rate == 1e-5
@@ -82,16 +82,14 @@ def test_presets_parse(name):
     assert cfg.gradient_accumulation_steps == cfg.global_batch_size // cfg.per_device_train_batch_size
     first = objective_class(method_names(cfg.method)[0])  # registered objectives, the text loss first
     assert "sft" in first.provides
-    # every key of the file reached the config with the file's value (sections as dotted keys)
-    tree = _flatten(yaml.safe_load((CONFIGS_DIR / f"{name}.yaml").read_text()), _dict_fields())
+    # every key of the file reached the config with the file's value (a section S: {k: v} is the key S_k)
+    tree = dict(_sections(yaml.safe_load((CONFIGS_DIR / f"{name}.yaml").read_text())))
     assert len(tree) >= 15
-    options = parser()._option_string_actions  # YAML keys are the command-line options (aliases included)
     for key, value in tree.items():
-        field = options[f"--{key}"].dest
-        got = getattr(cfg, field)
-        if field == "bf16":
+        got = getattr(cfg, key)
+        if key == "bf16":
             continue  # overridden above
-        if field == "data" and isinstance(value, str):
+        if key == "data" and isinstance(value, str):
             value = [value]
         assert got == pytest.approx(value) if isinstance(value, float) else got == value, (key, got, value)
 

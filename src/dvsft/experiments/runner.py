@@ -75,7 +75,7 @@ def train_config(
     """The `dvsft train` keys of a demo-style run: a tiny model learning to read from scratch."""
     pixels = page_pixels(preset)
     return {
-        "model": {"path": model_path},
+        "model": model_path,
         "train": {"vision": True, "projector": True, "llm": "all"},  # from scratch: every part learns
         "data": data,
         "output_dir": output_dir,

@@ -8,11 +8,11 @@ sizes of `dvsft compare`. Each file maps a preset name to its fields (``tiny:`` 
 
 from __future__ import annotations
 
-import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
+from dvsft.core.typed import typed
 from dvsft.testing.tiny import TinyConfig
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
@@ -75,27 +75,6 @@ def page_pixels(preset: DemoPreset) -> int:
 
 
 T = TypeVar("T")
-
-
-def typed(cls: type[T], values: dict[str, Any], where: str) -> T:
-    """``cls(**values)`` with every value checked against its field's type (ints widen to float, lists to tuples)."""
-    hints = typing.get_type_hints(cls)
-    unknown = set(values) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-    kwargs = {}
-    for key, value in values.items():
-        kind = hints[key]
-        if is_dataclass(kind):
-            value = typed(kind, value, f"{where}.{key}")
-        elif typing.get_origin(kind) is tuple and isinstance(value, list):
-            value = tuple(value)
-        elif kind is float and type(value) is int:
-            value = float(value)
-        if not isinstance(value, typing.get_origin(kind) or kind) or isinstance(value, bool) != (kind is bool):
-            raise ValueError(f"{where}.{key}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
-        kwargs[key] = value
-    return cls(**kwargs)
 
 
 def load_presets(kind: str, cls: type[T]) -> dict[str, T]:

@@ -33,7 +33,11 @@ MODEL_BUILDERS = "dvsft.models"
 
 
 def model_builder(name: str | None) -> Any:
-    """The builder registered as ``name`` (``builder(cfg) -> (model, processor)``), or None."""
+    """The builder registered as ``name`` (``builder(cfg) -> (model, processor)``), or None.
+
+    A builder reads its options from the config's ``model_options`` mapping; its ``check_options(mapping)``
+    attribute, where it has one, raises ``ValueError`` for a bad mapping when the config is loaded.
+    """
     from importlib.metadata import entry_points
 
     found = [ep for ep in entry_points(group=MODEL_BUILDERS) if ep.name == name] if name else []

@@ -12,7 +12,7 @@ directory (model, tokenizer, processor, chat template) that every dvsft command 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,12 @@ class TinyConfig:
     family: str = "qwen3-vl"  # qwen3-vl, qwen3.5, qwen3-vl-moe, internvl, llava_onevision, idefics3, smolvlm
     experts: int = 4  # qwen3-vl-moe: experts per MoE layer (2 active per token)
     tokenizer: str = "corpus"  # corpus (trained on pydoc topics, Qwen's splitting) or qwen (Qwen's real vocabulary)
+
+    def __post_init__(self) -> None:
+        if self.family not in TINY_FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(TINY_FAMILIES)}; got {self.family!r}")
+        if self.tokenizer not in ("corpus", "qwen"):
+            raise ValueError(f"tokenizer must be corpus or qwen; got {self.tokenizer!r}")
 
 
 def train_tokenizer(
@@ -107,8 +113,6 @@ def tiny_tokenizer(cfg: TinyConfig, extra_text: list[str] | None = None):
     """
     if cfg.tokenizer == "corpus":
         return train_tokenizer(cfg.vocab_size, extra_text)
-    if cfg.tokenizer != "qwen":
-        raise ValueError(f"tiny.tokenizer must be corpus or qwen; got {cfg.tokenizer!r}")
     from dvsft.testing.qwen_vocab import qwen_tokenizer
 
     tok = qwen_tokenizer("qwen3.5" if cfg.family == "qwen3.5" else "qwen3-vl")
@@ -187,7 +191,7 @@ def build_model_config(cfg: TinyConfig, tokenizer):
     from transformers import Qwen3_5Config, Qwen3VLConfig, Qwen3VLMoeConfig
 
     if cfg.family not in QWEN_TINY:
-        raise ValueError(f"tiny.family must be one of {', '.join(QWEN_TINY)}; got {cfg.family!r}")
+        raise ValueError(f"family must be one of {', '.join(QWEN_TINY)}; got {cfg.family!r}")
     config_class = {"qwen3-vl": Qwen3VLConfig, "qwen3.5": Qwen3_5Config, "qwen3-vl-moe": Qwen3VLMoeConfig}
     vision_extra = {} if cfg.family == "qwen3.5" else {"deepstack_visual_indexes": []}
     return config_class[cfg.family](
@@ -212,10 +216,23 @@ def build_model_config(cfg: TinyConfig, tokenizer):
     )
 
 
+def tiny_options(options: dict[str, Any] | None) -> TinyConfig:
+    """The :class:`TinyConfig` of a training config's ``model_options`` (``model: tiny``), every option checked.
+
+    Raises ``ValueError`` naming a bad option (the valid ones for an unknown one); the pixel bounds are the
+    config's own ``min_pixels`` / ``max_pixels``, not options.
+    """
+    from dvsft.core.typed import typed
+
+    return typed(TinyConfig, dict(options or {}), "model_options", skip=("min_pixels", "max_pixels"))
+
+
 def build_from_options(cfg: Any) -> tuple[Any, Any]:
-    """``model: tiny`` in a training config: the tiny model sized by its ``tiny_*`` keys."""
-    sizes = {f.name: getattr(cfg, f"tiny_{f.name}") for f in fields(TinyConfig) if "pixels" not in f.name}
-    return build_tiny(TinyConfig(**sizes))
+    """``model: tiny`` in a training config: the tiny model sized by its ``model_options``."""
+    return build_tiny(tiny_options(cfg.model_options))
+
+
+build_from_options.check_options = tiny_options  # the config checks model_options with it when loaded
 
 
 def build_tiny(cfg: TinyConfig | None = None, extra_text: list[str] | None = None):
@@ -224,8 +241,6 @@ def build_tiny(cfg: TinyConfig | None = None, extra_text: list[str] | None = Non
     from transformers import AutoModelForImageTextToText
 
     cfg = cfg or TinyConfig()
-    if cfg.family not in TINY_FAMILIES:
-        raise ValueError(f"tiny.family must be one of {', '.join(TINY_FAMILIES)}; got {cfg.family!r}")
     if cfg.family not in QWEN_TINY:
         from dvsft.testing.tiny_tiled import build_tiled
 

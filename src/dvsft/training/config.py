@@ -1,26 +1,36 @@
 """The training configuration: :class:`DVSFTConfig`, every ``TrainingArguments`` field plus DV-SFT's own.
 
-YAML files and command-line overrides go through ``transformers.HfArgumentParser``: any
-``TrainingArguments`` key (``adam_beta2``, ``optim``, ``torch_compile``, ``eval_strategy``, ...) works
-in the YAML file and as ``--key value``. DV-SFT's grouped keys (``lora_r``, ``train_llm``, ...) may
-also be written as YAML sections (``lora: {r: 16}``) or dotted (``--lora.r 16``): those are the
-fields' aliases. Defaults are the paper's Table 4 (Qwen3-VL-2B, full fine-tune).
+Every key has one spelling, the field's name; any ``TrainingArguments`` key (``adam_beta2``, ``optim``,
+...) works in the YAML file and as ``--key value``. One rule reads sections: ``S: {k: v}`` in YAML and
+``--S.k v`` on the command line are the key ``S_k`` (``lora: {r: 16}`` is ``lora_r``, ``model: {llm: X}``
+is ``model_llm``), except under a dict-valued key (``objectives``, ``qa_per_image``, ``model_options``, ...),
+whose mapping is its value and whose ``--K.a.b v`` sets entry ``a.b``. Values are parsed once: YAML values
+as YAML types them, checked against the field's type (:mod:`dvsft.core.typed`); command-line strings by
+the field's type (``transformers.HfArgumentParser``), those of dict-valued keys as YAML. Defaults are the
+paper's Table 4 (Qwen3-VL-2B, full fine-tune).
 
 Values are checked when the config is loaded (ranges, paths that must exist, an output dir that is a
 folder); an error names the key and where its value came from (the YAML file or the command line).
 ``dvsft train --keys`` lists every key with its help.
 """
 
-import json
+import copy
 import math
 import os
-from dataclasses import dataclass, field, fields
+import re
+import typing
+from argparse import SUPPRESS
+from collections.abc import Iterator
+from dataclasses import MISSING, dataclass, field, fields
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from dvsft.align.aligner import AlignConfig
+from dvsft.core.typed import fit, type_name
 from dvsft.data.collator import MAX_LENGTH
 from dvsft.models.geometry import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 from dvsft.models.loading import model_builder
@@ -43,11 +53,9 @@ def config_file(path: str | Path) -> Path:
     return path
 
 
-def opt(default: Any, help: str, alias: str | None = None, **extra: Any) -> Any:
-    """A dataclass field with a default, a help string and an optional dotted alias (``--lora.r``)."""
+def opt(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field with a default, a help string and extra ``HfArgumentParser`` settings."""
     metadata: dict[str, Any] = {"help": help, **extra}
-    if alias:
-        metadata["aliases"] = [f"--{alias}"]
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -80,7 +88,7 @@ class DVSFTConfig(TrainingArguments):
     resume_from_checkpoint: str | None = opt(
         None,
         "continue from a checkpoint dir, or `last` (also `--resume` alone): the newest intact one in output_dir",
-        alias="resume",
+        aliases=["--resume"],  # the command line's shorthand
         nargs="?",
         const="last",
     )
@@ -95,18 +103,14 @@ class DVSFTConfig(TrainingArguments):
     )
     label_leading_space: bool = opt(AlignConfig.leading_space, "tokenize vision labels as ' word' (mid-sentence form)")
     align_max_height_cells: float = opt(
-        AlignConfig.max_height_cells,
-        "drop words taller than this many visual-token cells",
-        alias="align.max_height_cells",
+        AlignConfig.max_height_cells, "drop words taller than this many visual-token cells"
     )
-    align_max_subtokens: int = opt(
-        AlignConfig.max_subtokens, "drop words whose tokenization is longer than this", alias="align.max_subtokens"
-    )
+    align_max_subtokens: int = opt(AlignConfig.max_subtokens, "drop words whose tokenization is longer than this")
     min_pixels: int = opt(TRAIN_MIN_PIXELS, "image processor min pixels")
     max_pixels: int = opt(TRAIN_MAX_PIXELS, "image processor max pixels")
     max_length: int = opt(MAX_LENGTH, "max sequence length (longer samples are truncated by the collator)")
     loss_chunk_size: int = opt(LossSettings.loss_chunk_size, "positions per lm_head chunk in the text / vision losses")
-    objectives: dict[str, Any] | str | None = opt(
+    objectives: dict[str, Any] | None = opt(
         None, "per-objective options, e.g. objectives: {basic: {lambda2: 0.5}} or --objectives.basic.lambda2 0.5"
     )
     global_batch_size: int | None = opt(
@@ -118,7 +122,7 @@ class DVSFTConfig(TrainingArguments):
     eval_data: list[str] | None = opt(
         None, "held-out word-record JSONL file(s): eval loss / vision top-1 at eval_steps"
     )
-    qa_per_image: dict[str, Any] | str | None = opt(
+    qa_per_image: int | dict[str, int | None] | None = opt(
         None,
         "QA pairs drawn per image (null = all); a mapping sets it per data file by name or stem, "
         "e.g. {default: 1, infovqa: 2} (the paper's Qwen3-VL setting)",
@@ -141,60 +145,29 @@ class DVSFTConfig(TrainingArguments):
     )
 
     # ---------------------------------------------------------------- model
-    model: str | None = opt(None, "local HF model dir (Qwen3-VL, Qwen2-VL, Qwen2.5-VL) or `tiny`", alias="model.path")
-    model_llm: str | None = opt(
-        None, "graft: dir of a text LLM (Qwen3ForCausalLM); needs model_vision_from", alias="model.llm"
+    model: str | None = opt(None, "local HF model dir (Qwen3-VL, Qwen2-VL, Qwen2.5-VL) or a builder's name: `tiny`")
+    model_options: dict[str, Any] | None = opt(
+        None, "options of a built model, checked by its builder, e.g. model_options: {layers: 4} for `model: tiny`"
     )
+    model_llm: str | None = opt(None, "graft: dir of a text LLM (Qwen3ForCausalLM); needs model_vision_from")
     model_vision_from: str | None = opt(
-        None,
-        "graft: dir of a Qwen3-VL model whose vision tower is copied (ViT, merger, DeepStack mergers)",
-        alias="model.vision_from",
+        None, "graft: dir of a Qwen3-VL model whose vision tower is copied (ViT, merger, DeepStack mergers)"
     )
     model_fresh_projector: bool = opt(
-        False,
-        "graft: re-initialise the merger and DeepStack mergers instead of copying them",
-        alias="model.fresh_projector",
+        False, "graft: re-initialise the merger and DeepStack mergers instead of copying them"
     )
-    trust_remote_code: bool = opt(
-        False,
-        "pass trust_remote_code=True to transformers (only if you trust the dir)",
-        alias="model.trust_remote_code",
-    )
-    attn_implementation: str | None = opt(
-        None, "attention kernel: sdpa, eager, flash_attention_2; None = default", alias="model.attn_implementation"
-    )
-    train_vision: bool = opt(False, "train the vision encoder (ViT blocks); frozen in the paper", alias="train.vision")
-    train_projector: bool = opt(True, "train the projector (the vision tower's merger)", alias="train.projector")
+    trust_remote_code: bool = opt(False, "pass trust_remote_code=True to transformers (only if you trust the dir)")
+    attn_implementation: str | None = opt(None, "attention kernel: sdpa, eager, flash_attention_2; None = default")
+    train_vision: bool = opt(False, "train the vision encoder (ViT blocks); frozen in the paper")
+    train_projector: bool = opt(True, "train the projector (the vision tower's merger)")
     train_llm: Literal["auto", "all", "first_layer", "none"] = opt(
-        "auto", "LLM layers to train; auto = the method's choice (BASIC: first_layer, else all)", alias="train.llm"
+        "auto", "LLM layers to train; auto = the method's choice (BASIC: first_layer, else all)"
     )
-    lora: bool = opt(False, "LoRA instead of full fine-tuning: only the adapters train", alias="lora.enabled")
-    lora_r: int = opt(64, "LoRA rank (paper, Qwen3-VL-8B)", alias="lora.r")
-    lora_alpha: int = opt(128, "LoRA alpha", alias="lora.alpha")
-    lora_dropout: float = opt(0.0, "LoRA dropout", alias="lora.dropout")
-    lora_target_modules: list[str] | None = opt(
-        None, "module name suffixes; None = the family's LoRA targets", alias="lora.target_modules"
-    )
-    tiny_vocab_size: int = opt(2048, "`model: tiny`: BPE vocabulary size (trained on pydoc)", alias="tiny.vocab_size")
-    tiny_hidden_size: int = opt(64, "`model: tiny`: LLM hidden size", alias="tiny.hidden_size")
-    tiny_layers: int = opt(2, "`model: tiny`: LLM decoder layers", alias="tiny.layers")
-    tiny_heads: int = opt(4, "`model: tiny`: LLM attention heads", alias="tiny.heads")
-    tiny_kv_heads: int = opt(2, "`model: tiny`: LLM key/value heads", alias="tiny.kv_heads")
-    tiny_vision_hidden_size: int = opt(64, "`model: tiny`: ViT hidden size", alias="tiny.vision_hidden_size")
-    tiny_vision_depth: int = opt(1, "`model: tiny`: ViT blocks", alias="tiny.vision_depth")
-    tiny_vision_heads: int = opt(4, "`model: tiny`: ViT attention heads", alias="tiny.vision_heads")
-    tiny_seed: int = opt(0, "`model: tiny`: initialisation seed", alias="tiny.seed")
-    tiny_family: str = opt(
-        "qwen3-vl",
-        "`model: tiny`: architecture: qwen3-vl, qwen3.5, qwen3-vl-moe, internvl, llava_onevision, idefics3, smolvlm",
-        alias="tiny.family",
-    )
-    tiny_experts: int = opt(4, "`model: tiny`: qwen3-vl-moe experts per MoE layer (2 active)", alias="tiny.experts")
-    tiny_tokenizer: str = opt(
-        "corpus",
-        "`model: tiny`: corpus (trained on pydoc, Qwen's splitting) or qwen (Qwen's real one)",
-        alias="tiny.tokenizer",
-    )
+    lora: bool = opt(False, "LoRA instead of full fine-tuning: only the adapters train (lora_* keys)")
+    lora_r: int = opt(64, "LoRA rank (paper, Qwen3-VL-8B)")
+    lora_alpha: int = opt(128, "LoRA alpha")
+    lora_dropout: float = opt(0.0, "LoRA dropout")
+    lora_target_modules: list[str] | None = opt(None, "module name suffixes; None = the family's LoRA targets")
 
     def __post_init__(self) -> None:
         import torch
@@ -203,18 +176,8 @@ class DVSFTConfig(TrainingArguments):
             value = getattr(self, name)
             if isinstance(value, str):
                 setattr(self, name, [value])
-        if isinstance(self.objectives, str):
-            try:
-                self.objectives = json.loads(self.objectives)
-            except json.JSONDecodeError as err:
-                raise ConfigError("objectives", f"objectives: not a JSON mapping: {err}") from err
         self.objectives = dict(self.objectives or {})
-        if isinstance(self.qa_per_image, str):  # from the command line: a count, null, or a JSON mapping
-            text = self.qa_per_image.strip()
-            try:
-                self.qa_per_image = None if text.lower() in ("null", "none", "") else json.loads(text)
-            except json.JSONDecodeError as err:
-                raise ConfigError("qa_per_image", f"qa_per_image: {text!r} is not a count, null or a mapping") from err
+        self.model_options = dict(self.model_options or {})
         check_ranges(self)
         for key in ("deepspeed", "fsdp_config"):  # before TrainingArguments reads them
             value = getattr(self, key)
@@ -387,8 +350,21 @@ def validate(cfg: DVSFTConfig, paths: bool = True) -> None:
             "streaming makes one sample of each record (keep_conversations: true); for one QA pair per sample, "
             "write one record per pair (dvsft prepare --separate)",
         )
+    check_model_options(cfg)
     if paths:
         check_paths(cfg)
+
+
+def check_model_options(cfg: DVSFTConfig) -> None:
+    """``model_options`` only for a built model (``model: tiny``), checked by its builder's ``check_options``."""
+    builder = model_builder(cfg.model)
+    if builder is None and cfg.model_options:
+        message = f"only a model built by code (model: tiny, ...) takes options, not {cfg.model or 'the graft'}"
+        raise ConfigError("model_options", f"model_options: {message}")
+    try:
+        getattr(builder, "check_options", lambda options: None)(cfg.model_options)
+    except ValueError as err:
+        raise ConfigError("model_options", str(err)) from err
 
 
 def qa_per_image_for(setting: int | dict[str, int | None] | None, path: str | Path) -> int | None:
@@ -418,116 +394,143 @@ def check_qa_per_image(setting: int | dict[str, int | None] | None, data: list[s
 # --------------------------------------------------------------------------- keys and help
 
 
+@cache
+def field_types() -> dict[str, Any]:
+    """``key -> type`` of every config key (the annotations: HfArgumentParser rewrites ``Field.type``)."""
+    return typing.get_type_hints(DVSFTConfig)
+
+
+@cache
+def dict_keys() -> frozenset[str]:
+    """The keys whose value may be a mapping: ``objectives``, ``qa_per_image``, ``model_options``, ``fsdp_config``..."""
+    return frozenset(key for key, tp in field_types().items() if fit({}, tp)[0])
+
+
 class _Parser(HfArgumentParser):
-    """``HfArgumentParser`` whose errors are exceptions naming the command line (not a usage dump + exit)."""
+    """The command line's parser: only the keys given are set, dict-valued keys are left to
+    :func:`_command_line`, and an error is an exception naming the command line (not a usage dump + exit)."""
+
+    def __init__(self) -> None:
+        super().__init__(DVSFTConfig, allow_abbrev=False)
+        for action in self._actions:
+            action.default = SUPPRESS
+
+    @staticmethod
+    def _parse_dataclass_field(parser: Any, field: Any) -> None:
+        if field.name not in dict_keys():
+            HfArgumentParser._parse_dataclass_field(parser, field)
 
     def error(self, message: str):  # argparse calls this on a bad command line
         raise ConfigError(None, f"{COMMAND_LINE}: {message}")
 
 
-def parser() -> _Parser:
-    return _Parser(DVSFTConfig, allow_abbrev=False)
-
-
-def _dict_fields() -> set[str]:
-    import typing
-
-    hints = typing.get_type_hints(DVSFTConfig)
-    out = set()
-    for f in fields(DVSFTConfig):
-        tp = hints[f.name]
-        if (
-            tp is dict
-            or typing.get_origin(tp) is dict
-            or any(a is dict or typing.get_origin(a) is dict for a in typing.get_args(tp))
-        ):
-            out.add(f.name)
-    return out
-
-
 def flat_keys() -> dict[str, tuple[list[str], Any, str]]:
-    """``key -> (aliases, default, help)`` for every config key (field order)."""
-    defaults = {f.name: f for f in fields(DVSFTConfig) if f.init}
+    """``key -> (command-line shorthands, default, help)`` for every config key (field order)."""
     out: dict[str, tuple[list[str], Any, str]] = {}
-    for name, f in defaults.items():
-        default = f.default_factory() if f.default_factory is not __import__("dataclasses").MISSING else f.default
-        aliases = [a.removeprefix("--") for a in f.metadata.get("aliases", [])]
-        out[name] = (aliases, default, str(f.metadata.get("help", "")).strip())
+    for f in fields(DVSFTConfig):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        shorthands = [a.removeprefix("--") for a in f.metadata.get("aliases", [])]
+        out[f.name] = (shorthands, default, str(f.metadata.get("help", "")).strip())
     return out
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def _unknown(key: str, where: str, valid: list[str]) -> ConfigError:
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's numbers: ``5e-6`` is a float (PyYAML's YAML 1.1 reads it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
+)
+
+
+def _yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader
+    except yaml.YAMLError as err:
+        raise ConfigError(None, f"{where}: invalid YAML: {' '.join(str(err).split())}") from err
+
+
+def _unknown(key: str, where: str) -> ConfigError:
     import difflib
 
-    close = difflib.get_close_matches(key, valid, n=3)
+    close = difflib.get_close_matches(key, list(field_types()), n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return ConfigError(None, f"{where}: unknown config key {key!r}{hint}; `dvsft train --keys` lists them")
 
 
-def _flatten(tree: dict[str, Any], dict_fields: set[str], prefix: str = "") -> dict[str, Any]:
-    """YAML sections -> dotted keys (``lora: {r: 8}`` -> ``lora.r``); mappings of dict-valued keys stay whole."""
-    out: dict[str, Any] = {}
+def _key(parts: list[str]) -> tuple[str, list[str]]:
+    """The key that section parts name (``[lora, r]`` -> ``lora_r``) and the entry path inside a dict-valued key
+    (``[objectives, basic, lambda2]`` -> ``objectives``, ``[basic, lambda2]``)."""
+    name = parts[0].replace("-", "_")
+    for i, part in enumerate(parts[1:], 1):
+        if name in dict_keys():
+            return name, parts[i:]
+        name = f"{name}_{part.replace('-', '_')}"
+    return name, []
+
+
+def _sections(tree: dict[str, Any], parts: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]:
+    """``(key, value)`` of a YAML mapping, its sections read by :func:`_key` (``lora: {r: 16}`` -> ``lora_r``)."""
     for k, v in tree.items():
-        key = prefix + str(k)
-        if isinstance(v, dict) and key.replace("-", "_") not in dict_fields:
-            out.update(_flatten(v, dict_fields, key + "."))
+        name, _ = _key([*parts, str(k)])
+        if isinstance(v, dict) and name not in dict_keys():
+            yield from _sections(v, (*parts, str(k)))
         else:
-            out[key] = v
-    return out
+            yield name, v
 
 
-def _convert(action: Any, value: Any, key: str, where: str, dict_field: bool) -> Any:
-    """A YAML value checked and converted the way argparse converts the same value on the command line."""
-    from argparse import ArgumentTypeError
-
-    if value is None or (dict_field and isinstance(value, dict)):
-        return value
-    if action.nargs == "+":
-        return [_convert_one(action, v, key, where) for v in (value if isinstance(value, list) else [value])]
-    if isinstance(value, list | dict):
-        raise ConfigError(key, f"{where}: {key}: expected one value, got {value!r}")
-    try:
-        return _convert_one(action, value, key, where)
-    except (ArgumentTypeError, TypeError) as err:
-        raise ConfigError(key, f"{where}: {key}: invalid value {value!r}: {err}") from err
-
-
-def _convert_one(action: Any, value: Any, key: str, where: str) -> Any:
-    kind = action.type
-    if isinstance(value, bool) and kind is not None and getattr(kind, "__name__", "") == "string_to_bool":
-        out: Any = value
-    elif kind is float and isinstance(value, int | float) and not isinstance(value, bool):
-        out = float(value)
-    elif kind is int and isinstance(value, bool):
-        raise ConfigError(key, f"{where}: {key}: expected an integer, got {value!r}")
-    elif kind is None:
-        out = value
+def _set(given: dict[str, Any], sources: dict[str, str], key: str, entry: list[str], value: Any, where: str) -> None:
+    """``given[key] = value`` checked against the key's type, or ``value`` at the ``entry`` path of a dict key."""
+    if key not in field_types():
+        raise _unknown(key, where)
+    if entry:
+        tree = given[key] = copy.deepcopy(given[key]) if isinstance(given.get(key), dict) else {}
+        for part in entry[:-1]:
+            if not isinstance(tree.get(part), dict):
+                tree[part] = {}
+            tree = tree[part]
+        tree[entry[-1]] = value
     else:
-        try:
-            out = kind(value if isinstance(value, str) else str(value))
-        except ValueError as err:
-            name = getattr(kind, "__name__", "value")
-            raise ConfigError(key, f"{where}: {key}: invalid {name} value {value!r}") from err
-    if action.choices is not None and out not in action.choices:
-        choices = ", ".join(map(str, action.choices))
-        raise ConfigError(key, f"{where}: {key}: {value!r} is not one of {choices}")
-    return out
+        ok, given[key] = fit(value, field_types()[key])
+        if not ok:
+            raise ConfigError(key, f"{where}: {key}: expected {type_name(field_types()[key])}, got {value!r}")
+    sources[key] = where
 
 
-def _set_nested(tree: dict[str, Any], parts: list[str], value: Any) -> None:
-    for part in parts[:-1]:
-        tree = tree.setdefault(part, {})
-    tree[parts[-1]] = value
+def _command_line(args: list[str], given: dict[str, Any], sources: dict[str, str]) -> list[str]:
+    """Read the dict-valued keys of ``args`` (``--K value``, ``--K.a.b value``, values as YAML) into ``given``;
+    the other arguments are returned for argparse, keys spelled by the rule (``--lora.r`` -> ``--lora_r``)."""
+    rest: list[str] = []
+    words = iter(args)
+    for arg in words:
+        if not arg.startswith("--"):
+            rest.append(arg)
+            continue
+        key, eq, text = arg[2:].partition("=")
+        name, entry = _key(key.split("."))
+        if name not in dict_keys():
+            rest.append(f"--{name}{eq}{text}")
+            continue
+        if not eq:
+            text = next(words, "--")
+            if text.startswith("--"):
+                raise ConfigError(name, f"{COMMAND_LINE}: --{key} needs a value")
+        _set(given, sources, name, entry, _yaml(text, COMMAND_LINE), COMMAND_LINE)
+    return rest
 
 
-def _resolve(key: str, actions: dict[str, Any]) -> Any:
-    action = actions.get(f"--{key}")
-    if action is None or action.dest == "help" or getattr(action, "const", None) is False:
-        return None
-    return action
+def _read(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """(the file's name for messages, its mapping) of a YAML config file or packaged preset."""
+    path = config_file(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    tree = _yaml(path.read_text(), str(path)) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(None, f"{path}: the top level must be a mapping of config keys")
+    return str(path), tree
 
 
 def load_config(
@@ -544,49 +547,24 @@ def load_config(
     sources win: YAML file, then ``values``, then ``overrides``. ``check``: also validate that a model
     and data are set and that paths exist (ranges are always checked).
     """
-    import yaml
-
-    p = parser()
-    actions = p._option_string_actions
-    dict_fields = _dict_fields()
+    layers = [_read(path)] if path is not None else []
+    layers += [("config", tree) for tree in (values, overrides) if isinstance(tree, dict)]
+    given: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    defaults: dict[str, Any] = {}
-    layers: list[tuple[str, dict[str, Any]]] = []
-    if path is not None:
-        path = config_file(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(None, f"{path}: invalid YAML: {' '.join(str(err).split())}") from err
-        if not isinstance(tree, dict):
-            raise ConfigError(None, f"{path}: the top level must be a mapping of config keys")
-        layers.append((str(path), tree))
-    if values:
-        layers.append(("config", values))
-    if isinstance(overrides, dict):
-        layers.append(("config", overrides))
-        overrides = None
     for where, tree in layers:
-        for key, value in _flatten(tree, dict_fields).items():
-            _apply(key, value, where, p, actions, dict_fields, defaults, sources)
-    cli = list(overrides or [])
-    cli = _take_dict_overrides(cli, actions, dict_fields, defaults, sources)
-    for arg in cli:
-        if arg.startswith("--") and len(arg) > 2:
-            action = _resolve(arg[2:].split("=", 1)[0], actions)
-            if action is not None:
-                sources[action.dest] = COMMAND_LINE
-    p.set_defaults(**defaults)
-    namespace, rest = p.parse_known_args(cli)
+        for key, value in _sections(tree):
+            _set(given, sources, key, [], value, where)
+    args = _command_line(list(overrides or []) if isinstance(overrides, list) else [], given, sources)
+    namespace, rest = _Parser().parse_known_args(args)
     if rest:
         bad = next((a for a in rest if a.startswith("--")), rest[0])
         if not bad.startswith("--"):
             raise ConfigError(None, f"{COMMAND_LINE}: expected --key value, got {bad!r}")
-        raise _unknown(bad[2:].split("=", 1)[0], COMMAND_LINE, sorted(flat_keys()))
+        raise _unknown(bad[2:].split("=", 1)[0], COMMAND_LINE)
+    given.update(vars(namespace))
+    sources.update(dict.fromkeys(vars(namespace), COMMAND_LINE))
     try:
-        cfg = DVSFTConfig(**vars(namespace))
+        cfg = DVSFTConfig(**given)
         if check:
             validate(cfg)
     except ConfigError as err:
@@ -597,55 +575,6 @@ def load_config(
         raise ConfigError(None, f"{where}: {' '.join(str(err).split())}") from err
     cfg.config_sources = sources
     return cfg
-
-
-def _apply(key, value, where, p, actions, dict_fields, defaults, sources) -> None:
-    action = _resolve(key, actions)
-    if action is not None:
-        defaults[action.dest] = _convert(action, value, key, where, action.dest in dict_fields)
-        sources[action.dest] = where
-        return
-    parts = key.replace("-", "_").split(".")
-    if len(parts) > 1 and parts[0] in dict_fields:
-        current = defaults.get(parts[0])
-        current = dict(current) if isinstance(current, dict) else {}
-        _set_nested(current, parts[1:], value)
-        defaults[parts[0]] = current
-        sources[parts[0]] = where
-        return
-    raise _unknown(key, where, sorted(flat_keys()))
-
-
-def _take_dict_overrides(cli, actions, dict_fields, defaults, sources) -> list[str]:
-    """Pull ``--objectives.basic.lambda2 0.5`` (keys inside a dict-valued field) out of the command line."""
-    import yaml
-
-    rest: list[str] = []
-    i = 0
-    while i < len(cli):
-        arg = cli[i]
-        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
-        head = key.replace("-", "_").split(".")[0]
-        if "." in key and head in dict_fields and _resolve(key, actions) is None:
-            if "=" in arg:
-                raw, i = arg.split("=", 1)[1], i + 1
-            elif i + 1 < len(cli) and not cli[i + 1].startswith("--"):
-                raw, i = cli[i + 1], i + 2
-            else:
-                raise ConfigError(head, f"{COMMAND_LINE}: {key} needs a value")
-            try:
-                value = yaml.safe_load(raw)
-            except yaml.YAMLError:
-                value = raw
-            current = defaults.get(head)
-            current = dict(current) if isinstance(current, dict) else {}
-            _set_nested(current, key.replace("-", "_").split(".")[1:], value)
-            defaults[head] = current
-            sources[head] = COMMAND_LINE
-            continue
-        rest.append(arg)
-        i += 1
-    return rest
 
 
 def config_from_dict(values: dict[str, Any], check: bool = True) -> DVSFTConfig:
