@@ -1,6 +1,6 @@
 """dvsft.data.collator and dvsft.data.dataset on the real tiny Qwen3-VL processor and PIL-rendered pages.
 
-The tiny model carries Qwen's real tokenizer (``tiny.tokenizer: qwen``): every label id, the
+The tiny model carries Qwen's real tokenizer (``model_options: {tokenizer: qwen}``): every label id, the
 sub-token filter and the prompt masking run on Qwen's vocabulary and splitting.
 """
 
