@@ -7,7 +7,8 @@ One JSON object per image (JSONL), boxes in original-image pixels::
      "messages": [{"role": "user", "content": "<image>..."}, {"role": "assistant", "content": "..."}]}
 
 Aligned records (``dvsft align``) add ``grid: [rows, cols]`` and
-``vision_labels: [{"token": k, "text": w, "token_id": id}]``.
+``vision_labels: [{"token": k, "text": w, "token_id": id}]``. A record without ``image`` is text-only:
+``{"id": "...", "messages": [...]}``, no image placeholder, no ``words``.
 """
 
 from __future__ import annotations
@@ -247,20 +248,49 @@ def check_record(
     text / image parts, a user turn before each answer and no image in one) and, with
     ``image=True``, that the image (resolved relative to ``file``) exists, its header (and, with ``decode``,
     its data) reads, and its upright size equals ``width``/``height``. Missing ``width``/``height`` are
-    filled in from the image, in place.
+    filled in from the image, in place. With ``image=True``, a record without an image must be a valid text-only
+    record (:func:`text_only_reasons`); ``image=False`` (readers that need no image, or check it themselves)
+    leaves that out.
     """
     rid = record.get("id")
     rid = str(rid) if rid is not None else None
     fname = None if file is None else str(file)
     reasons = _schema_reasons(record, image)
     fields_ok = not any(r.startswith(("no image", "image ", "width", "height")) for r in reasons)
-    if image and fields_ok:
+    if image and fields_ok and has_image(record):
         reasons.extend(_image_reasons(record, file, decode))
     return [Problem(fname, line, rid, r) for r in reasons]
 
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def has_image(record: dict[str, Any]) -> bool:
+    """True when the record names an image (``image``) or holds one (``image_bytes``); else it is text-only."""
+    return record.get("image") is not None or isinstance(record.get("image_bytes"), bytes)
+
+
+def text_only_reasons(record: dict[str, Any]) -> list[str]:
+    """Why a record without an image is no valid text-only record: it needs ``messages``, and neither an image
+    (``<image>`` or an image part) in them, nor ``words`` or ``width``/``height`` (which belong to an image)."""
+    messages = record.get("messages")
+    if messages is None:
+        return ["no image field and no messages (a text-only record needs messages)"]
+    reasons = []
+    if isinstance(messages, list):
+        for i, m in enumerate(messages):
+            if isinstance(m, dict) and isinstance(m.get("content"), str | list) and _holds_image(m["content"]):
+                reasons.append(
+                    f"messages[{i}] holds an image ({IMAGE_PLACEHOLDER} or an image part) but the record has no "
+                    "image field"
+                )
+                break
+    if record.get("words"):
+        reasons.append("words without an image field (a text-only record has no word boxes)")
+    if record.get("width") is not None or record.get("height") is not None:
+        reasons.append("width/height without an image field")
+    return reasons
 
 
 def _schema_reasons(record: dict[str, Any], need_image: bool) -> list[str]:
@@ -271,8 +301,8 @@ def _schema_reasons(record: dict[str, Any], need_image: bool) -> list[str]:
     img = record.get("image")
     if img is not None and not (isinstance(img, str) and img):
         reasons.append(f"image must be a path string, got {img!r}")
-    elif need_image and img is None and not isinstance(record.get("image_bytes"), bytes):
-        reasons.append("no image field")
+    elif need_image and not has_image(record):
+        reasons.extend(text_only_reasons(record))
     w, h = record.get("width"), record.get("height")
     for name, v in (("width", w), ("height", h)):
         if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
@@ -365,7 +395,7 @@ def _parts_reason(parts: list[Any]) -> str | None:
 def _holds_image(content: str | list[Any]) -> bool:
     if isinstance(content, str):
         return IMAGE_PLACEHOLDER in content
-    return any(part["type"] == "image" for part in content)
+    return any(isinstance(part, dict) and part.get("type") == "image" for part in content)
 
 
 def _image_reasons(record: dict[str, Any], file: str | Path | None, decode: bool) -> list[str]:

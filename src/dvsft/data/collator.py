@@ -21,8 +21,12 @@ Everything the model sees comes from its OWN processor and chat template; dvsft 
 ``max_length`` (image, turns, the model's special tokens written as text, template, token counts): the dataset
 readers (:mod:`dvsft.data.dataset`, :mod:`dvsft.data.streaming`) skip such records before training.
 
-Sequences are padded on the right; one image per record. The family's pixel inputs are batched
-as its model expects (tiles / crops per image padded with zero images where counts differ).
+Sequences are padded on the right; one image per record, or none: a record without an image
+(:func:`dvsft.core.records.has_image`) is encoded as text alone (no pixel inputs, no vision labels) and batches
+with image records. The family's pixel inputs are batched as its model expects (tiles / crops per image padded
+with zero images where counts differ), from the samples that have an image. A batch with no image at all carries
+``dummy_image_inputs`` instead, the family's smallest image (:meth:`FamilySpec.dummy_image_inputs`), for the
+dummy vision pass of :func:`dvsft.objectives.base.forward_hidden`.
 """
 
 from __future__ import annotations
@@ -36,17 +40,18 @@ import torch
 
 from dvsft.align.aligner import AlignConfig, Alignment, align_words
 from dvsft.core.images import ImageError, load_image
-from dvsft.core.records import IMAGE_PLACEHOLDER
+from dvsft.core.records import IMAGE_PLACEHOLDER, has_image
 from dvsft.data.dataset import has_image_placeholder
 from dvsft.models.families import spec_for_processor
 from dvsft.models.geometry import Grid, Layout, grid_for, layout_for
 from dvsft.models.loading import set_pixels
 
 
-def to_processor_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def to_processor_messages(messages: list[dict[str, Any]], image: bool = True) -> list[dict[str, Any]]:
     """Messages in the form the Qwen-VL chat templates expect: ``<image>`` becomes an image part.
 
-    A conversation with no image placeholder gets the image at the start of its first user turn.
+    A conversation with no image placeholder gets the image at the start of its first user turn (with ``image``;
+    a text-only conversation, ``image=False``, gets none).
     """
     out = []
     for m in messages:
@@ -62,7 +67,7 @@ def to_processor_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]
         elif isinstance(content, list):
             content = [{"type": "image"} if p.get("type") == "image" else dict(p) for p in content]
         out.append({"role": m["role"], "content": content})
-    if not any(has_image_placeholder(m) for m in out):
+    if image and not any(has_image_placeholder(m) for m in out):
         user = next((m for m in out if m["role"] == "user"), None)
         if user is None:
             raise ValueError("no user turn to put the image in")
@@ -73,6 +78,7 @@ def to_processor_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]
 
 MAX_LENGTH = 8192  # tokens per sample: the collator's and DVSFTConfig's max_length default
 ENCODED = "_encoded"  # a sample's Encoded from VisionCollator.check, which its batch reuses (streaming input)
+DUMMY_IMAGE = "dummy_image_inputs"  # a batch without images: the family's smallest image (the dummy vision pass)
 
 
 class SampleError(ValueError):
@@ -91,7 +97,7 @@ class Encoded:
     attention_mask: torch.Tensor
     labels: torch.Tensor
     mm_token_type_ids: torch.Tensor | None
-    pixel_values: torch.Tensor
+    pixel_values: torch.Tensor | None  # None: a text-only record
     image_grid_thw: torch.Tensor | None
     vision_tokens: list[tuple[int, int]]  # (sequence position, first-token id)
     label_set: list[int]
@@ -157,6 +163,7 @@ class VisionCollator:
         self.special_tokens = sorted((special_tokens(self.tokenizer) | {self.image_token}) - {IMAGE_PLACEHOLDER})
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
+        self._dummy: dict[str, torch.Tensor] | None = None  # the family's smallest image, made once
 
     # -- one record -------------------------------------------------------------------------
     def render(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:
@@ -208,8 +215,12 @@ class VisionCollator:
 
     def _encode(self, record: dict[str, Any], rid: str) -> Encoded:
         image = self._image(record, rid)
+        if image is None and self.keep_records:
+            raise SampleError(rid, "a text-only record, and the method's objectives read each sample's image")
+        text, spans = self._text(record, rid, image is not None)
+        if image is None:
+            return self._encode_text(text, spans, rid)
         w, h = image.size
-        text, spans = self._text(record, rid)
         out = self.processor(text=[text], images=[image], return_tensors="pt", return_offsets_mapping=True)
         ids = out["input_ids"][0]
         layout = layout_for(self.processor, w, h)
@@ -242,11 +253,30 @@ class VisionCollator:
             image_inputs={k: out[k] for k in self.family.image_inputs if k not in SEQUENCE_INPUTS and k in out},
         )
 
+    def _encode_text(self, text: str, spans: list[tuple[int, int]], rid: str) -> Encoded:
+        """A text-only record: the conversation's tokens and answer labels, no pixel inputs, no vision labels."""
+        out = self.processor(text=[text], return_tensors="pt", return_offsets_mapping=True)
+        ids = out["input_ids"][0]
+        mm = out.get("mm_token_type_ids")
+        return Encoded(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            labels=self.text_labels(ids, out["offset_mapping"][0], text, spans, 0, rid),
+            mm_token_type_ids=mm[0] if mm is not None else None,
+            pixel_values=None,
+            image_grid_thw=None,
+            vision_tokens=[],
+            label_set=[],
+            grid=None,
+            alignment=None,
+        )
+
     def _image(self, record: dict[str, Any], rid: str) -> Any:
-        """The record's image, decoded upright, its size checked against the record's."""
+        """The record's image, decoded upright, its size checked against the record's; None for a text-only
+        record."""
         data = record.get("image_bytes")
-        if "image" not in record and not isinstance(data, bytes):
-            raise SampleError(rid, "no image")
+        if not has_image(record):
+            return None
         try:
             image = load_image(data if isinstance(data, bytes) else record["image"])
         except ImageError as err:
@@ -261,20 +291,22 @@ class VisionCollator:
             )
         return image
 
-    def _text(self, record: dict[str, Any], rid: str) -> tuple[str, list[tuple[int, int]]]:
-        """The conversation rendered by the chat template, with its answer spans (see :meth:`answer_spans`)."""
+    def _text(self, record: dict[str, Any], rid: str, image: bool = True) -> tuple[str, list[tuple[int, int]]]:
+        """The conversation rendered by the chat template, with its answer spans (see :meth:`answer_spans`): one
+        image in it, or none (``image=False``)."""
         if "messages" not in record or not record["messages"]:
             raise SampleError(rid, "no messages")
         reason = self.special_token_reason(record["messages"])
         if reason is not None:
             raise SampleError(rid, reason)
         try:
-            messages = to_processor_messages(record["messages"])
+            messages = to_processor_messages(record["messages"], image)
         except ValueError as err:
             raise SampleError(rid, str(err)) from err
         text, spans = self.answer_spans(messages, rid)
-        if text.count(self.image_token) != 1:
-            raise SampleError(rid, f"expected one image in the conversation, found {text.count(self.image_token)}")
+        if text.count(self.image_token) != int(image):
+            want = "one image" if image else "no image (a text-only record)"
+            raise SampleError(rid, f"expected {want} in the conversation, found {text.count(self.image_token)}")
         return text, spans
 
     def special_token_reason(self, messages: list[dict[str, Any]]) -> str | None:
@@ -340,14 +372,14 @@ class VisionCollator:
         self, ids: torch.Tensor, offsets: torch.Tensor, text: str, spans: list[tuple[int, int]], grow: int, rid: str
     ) -> torch.Tensor:
         """-100 everywhere but the tokens overlapping an answer span (offsets are in the expanded text,
-        where the image placeholder grew by ``grow`` characters)."""
-        at = text.index(self.image_token)
+        where the image placeholder, if any, grew by ``grow`` characters)."""
+        at = text.find(self.image_token)
         labels = torch.full_like(ids, -100)
         starts, ends = offsets[:, 0], offsets[:, 1]
         for a, b in spans:
-            if a <= at < b:
+            if at >= 0 and a <= at < b:
                 raise SampleError(rid, "an image placeholder inside an assistant answer is not supported")
-            if a > at:
+            if 0 <= at < a:
                 a, b = a + grow, b + grow
             inside = (ends > a) & (starts < b) & (ends > starts)
             labels[inside] = ids[inside]
@@ -372,11 +404,7 @@ class VisionCollator:
         }
         if all(e.mm_token_type_ids is not None for e in enc):
             batch["mm_token_type_ids"] = pad([e.mm_token_type_ids for e in enc], 0)
-        batch["pixel_values"] = stack_images([e.pixel_values for e in enc])
-        if all(e.image_grid_thw is not None for e in enc):
-            batch["image_grid_thw"] = torch.cat([e.image_grid_thw for e in enc])
-        for key in enc[0].image_inputs or {}:
-            batch[key] = stack_images([e.image_inputs[key] for e in enc])
+        batch.update(self._image_batch([e for e in enc if e.pixel_values is not None]))
         batch["labels"] = pad([e.labels for e in enc], -100)
         if self.vision_labels:
             positions = [(b, p) for b, e in enumerate(enc) for p, _ in e.vision_tokens]
@@ -395,3 +423,17 @@ class VisionCollator:
             keep = ("id", "image", "width", "height", "words")
             batch["records"] = [{k: r[k] for k in keep if k in r} for r in records]  # type: ignore[assignment]
         return batch
+
+    def _image_batch(self, shown: list[Encoded]) -> dict[str, Any]:
+        """The pixel inputs of the samples that have an image (text-only samples add none); with none, the
+        family's smallest image under ``DUMMY_IMAGE`` (for the dummy vision pass)."""
+        if not shown:
+            if self._dummy is None:
+                self._dummy = self.family.dummy_image_inputs(self.processor)
+            return {DUMMY_IMAGE: self._dummy}
+        out: dict[str, Any] = {"pixel_values": stack_images([e.pixel_values for e in shown])}
+        if all(e.image_grid_thw is not None for e in shown):
+            out["image_grid_thw"] = torch.cat([e.image_grid_thw for e in shown])
+        for key in shown[0].image_inputs or {}:
+            out[key] = stack_images([e.image_inputs[key] for e in shown])
+        return out

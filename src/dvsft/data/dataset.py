@@ -11,9 +11,11 @@ user turn, ...). Two options choose the samples:
   own sample (``False``; the image and its vision labels repeat in each).
 
 Every sample keeps the record's system turns, and the image placeholder ``<image>`` goes with the
-sample's first user turn. Bad lines and records (unreadable JSON, anything
-:func:`dvsft.core.records.check_record` finds: missing or undecodable image, a size that differs from the image's,
-non-numeric / non-finite / inverted boxes; no assistant answer, malformed messages) are skipped, logged with
+sample's first user turn. A record without an image is text-only: its samples train the text loss alone (no
+visual tokens, no vision labels), ``qa_per_image`` counting its pairs as those of an image of its own. Bad lines
+and records (unreadable JSON, anything :func:`dvsft.core.records.check_record` finds: missing or undecodable
+image, a size that differs from the image's, non-numeric / non-finite / inverted boxes, an image placeholder or
+word boxes in a record without an image; no assistant answer, malformed messages) are skipped, logged with
 their file, line, id and reason, and listed in the result's ``skipped`` and ``problems``. Given the run's collator,
 :func:`check_samples` then skips the samples it cannot encode or that exceed its ``max_length``, the same way.
 """
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dvsft.core.record_sources import iter_entries
-from dvsft.core.records import IMAGE_PLACEHOLDER, Problem, check_record, image_path, record_id
+from dvsft.core.records import IMAGE_PLACEHOLDER, Problem, check_record, has_image, image_path, record_id
 from dvsft.data.skips import LabelCount
 
 log = logging.getLogger(__name__)
@@ -167,7 +169,7 @@ def expand_record(
 
     def sample_of(ks: list[int], sid: str) -> dict[str, Any]:
         turns = [m for k in ks for m in copy.deepcopy(pairs[k])]
-        if not image_in_system:
+        if has_image(record) and not image_in_system:
             turns = _move_image_to(turns, image_turn)
         return dict(record, messages=copy.deepcopy(system) + turns, id=sid, source_id=rid)
 
@@ -193,7 +195,8 @@ def select_samples(
 
     The pairs of an image are pooled over all its records (same ``image`` path) and drawn with a
     generator seeded by ``seed`` and the image's file name, so the draw depends neither on file order
-    nor on where the data folder lies.
+    nor on where the data folder lies. A text-only record (or one holding its image bytes) is a pool of its
+    own, seeded by its id.
     """
     return [sample for _, sample in _samples_of(records, qa_per_image, keep_conversations, seed)]
 
@@ -206,13 +209,13 @@ def _samples_of(
         raise ValueError(f"qa_per_image must be >= 1 (or None for all pairs), got {qa_per_image}")
     chosen: dict[int, list[int] | None] = {}
     if qa_per_image is not None:
-        by_image: dict[str, list[tuple[int, int]]] = {}
+        by_image: dict[tuple[str, str], list[tuple[int, int]]] = {}
         for r, record in enumerate(records):
-            pool = by_image.setdefault(str(record.get("image")), [])
+            pool = by_image.setdefault(_pool_of(record, r), [])
             pool.extend((r, k) for k in range(len(answered_pairs(record)[1])))
-        for image, pool in by_image.items():
+        for (_, name), pool in by_image.items():
             if len(pool) > qa_per_image:
-                pool = random.Random(f"{seed}:{Path(image).name}").sample(pool, qa_per_image)
+                pool = random.Random(f"{seed}:{name}").sample(pool, qa_per_image)
             for r, k in pool:
                 chosen.setdefault(r, []).append(k)  # type: ignore[union-attr]
     samples: list[tuple[int, dict[str, Any]]] = []
@@ -221,6 +224,15 @@ def _samples_of(
             continue
         samples.extend((r, sample) for sample in expand_record(record, chosen.get(r), keep_conversations))
     return samples
+
+
+def _pool_of(record: dict[str, Any], index: int) -> tuple[str, str]:
+    """(pool key, seed name) of a record's QA pairs: its image file (path; file name), or, for a text-only record
+    or one holding its image bytes, the record itself (index; id)."""
+    image = record.get("image")
+    if image is not None:
+        return str(image), Path(str(image)).name
+    return f"#{index}", str(record.get("id", index))
 
 
 def load_records(
@@ -332,7 +344,8 @@ def _identity(x: Any) -> Any:
 
 
 def absolute_image(record: dict[str, Any], file: Path) -> dict[str, Any]:
-    """The record with its image path made absolute (kept as is when the image bytes are in the record)."""
-    if isinstance(record.get("image_bytes"), bytes):
+    """The record with its image path made absolute (kept as is when the image bytes are in the record, or
+    when it has no image)."""
+    if isinstance(record.get("image_bytes"), bytes) or not has_image(record):
         return record
     return dict(record, image=str(image_path(record, file).resolve()))

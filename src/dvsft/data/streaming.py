@@ -274,7 +274,7 @@ class StreamingSamples(IterableDataset):
                 yield sample
 
     def _sample(self, record: dict[str, Any], unit: Unit, number: int) -> tuple[dict[str, Any] | None, Any]:
-        from dvsft.core.records import Problem, check_record, record_id
+        from dvsft.core.records import Problem, check_record, has_image, record_id
         from dvsft.data.collator import ENCODED, SampleError
         from dvsft.data.dataset import absolute_image, answered_pairs, expand_record, training_problem
 
@@ -290,7 +290,8 @@ class StreamingSamples(IterableDataset):
         pairs = answered_pairs(record)[1]
         chosen = list(range(len(pairs)))
         if unit.qa_per_image is not None and len(chosen) > unit.qa_per_image:
-            chosen = random.Random(f"{self.seed}:{record.get('image')}").sample(chosen, unit.qa_per_image)
+            name = record.get("image") if has_image(record) else rid  # a text-only record: drawn by its id
+            chosen = random.Random(f"{self.seed}:{name}").sample(chosen, unit.qa_per_image)
         sample = expand_record(record, chosen, keep_conversations=True)[0]
         if self.collator is not None:
             try:
@@ -348,9 +349,12 @@ def _window_positions(windows: list[tuple[int, int]]) -> Iterator[tuple[str, dic
 
 def _image_reasons(record: dict[str, Any], file: Path) -> list[str]:
     """What is wrong with a record's image, checked as the in-memory reader does (header, data, size); checks of
-    the same image file and size are remembered, so records sharing an image read it once per worker."""
-    from dvsft.core.records import image_path
+    the same image file and size are remembered, so records sharing an image read it once per worker. A record
+    without an image is checked as a text-only record (:func:`dvsft.core.records.text_only_reasons`)."""
+    from dvsft.core.records import has_image, image_path, text_only_reasons
 
+    if not has_image(record):
+        return text_only_reasons(record)
     data = record.get("image_bytes")
     w, h = record.get("width"), record.get("height")
     if isinstance(data, bytes):  # not remembered: the cache would hold the bytes

@@ -27,6 +27,8 @@ your own with ``register_objective("name", cls)``; options specific to it go in 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -80,8 +82,13 @@ def forward_hidden(model: nn.Module, batch: dict[str, Any], layers: bool = False
 
     The LM head runs on one position only (``logits_to_keep=1``); the losses project the rows they
     need. ``hidden_states[-1]`` is the final hidden state after the last norm (what ``lm_head`` reads).
+    A training batch without an image whose model trains a vision parameter runs the dummy vision pass
+    (:func:`dummy_vision_pass`).
     """
-    out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1, use_cache=False, return_dict=True)
+    with dummy_vision_pass(model, batch):
+        out = model(
+            **model_inputs(batch), output_hidden_states=True, logits_to_keep=1, use_cache=False, return_dict=True
+        )
     states = tuple(out.hidden_states)
     config = base_model(model).config
     image_id = getattr(config, "image_token_id", None)
@@ -90,6 +97,52 @@ def forward_hidden(model: nn.Module, batch: dict[str, Any], layers: bool = False
     ids = batch["input_ids"]
     mask = ids == image_id if image_id is not None else ids.new_zeros(ids.shape, dtype=bool)
     return HiddenStates(last=states[-1], image_mask=mask, layers=states if layers else None)
+
+
+@contextmanager
+def dummy_vision_pass(model: nn.Module, batch: dict[str, Any]) -> Iterator[None]:
+    """Inside it, the model's call on a batch without ``pixel_values`` (the collator's ``dummy_image_inputs``
+    instead) also runs the vision tower and projector on that dummy image, when gradients are on and a vision or
+    projector parameter trains: a hook on the input embeddings adds ``0.0 * sum(features)`` to them. The loss is
+    unchanged to the bit and every trainable vision parameter gets a zero gradient inside the wrapper's call, so
+    DDP (with or without ``find_unused_parameters``), DeepSpeed and FSDP reduce the same parameters on every
+    process: a process whose batch is text-only neither hangs the others nor skips the vision gradients' sync."""
+    import torch
+
+    from dvsft.data.collator import DUMMY_IMAGE
+
+    dummy, core = batch.get(DUMMY_IMAGE), base_model(model)
+    spec = family_of(core)
+    if dummy is None or "pixel_values" in batch or spec is None or not torch.is_grad_enabled():
+        yield
+        return
+    vision = [*vision_tower_of(core).parameters(), *projector_of(core).parameters()]
+    if not any(p.requires_grad for p in vision):
+        yield
+        return
+    done: list[bool] = []
+
+    def add_zero(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if done:  # the embeddings' first call is the model's input
+            return None
+        done.append(True)
+        return output + 0.0 * _float_sum(spec.vision_features(core, dummy))
+
+    handle = core.get_input_embeddings().register_forward_hook(add_zero)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _float_sum(value: Any) -> torch.Tensor:
+    """The sum, in float32, of every floating-point tensor in ``value`` (a model output, tuple, list or dict)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.float().sum() if value.is_floating_point() else torch.zeros((), device=value.device)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else ()
+    return sum((_float_sum(v) for v in items if v is not None), torch.zeros(()))
 
 
 @dataclass

@@ -65,7 +65,8 @@ class FamilySpec:
     Qwen3-VL's DeepStack mergers, LLaVA-OneVision's ``image_newline``); ``train_projector`` trains them too.
     ``lora_targets`` are the suffixes of the LLM's ``nn.Linear`` layers that LoRA wraps.
     ``image_inputs`` are the processor outputs the model's forward needs besides ``input_ids`` /
-    ``attention_mask``.
+    ``attention_mask``. ``dummy_options`` are the image processor's options that make the fewest views of an
+    image (:meth:`dummy_image_inputs`).
     """
 
     name: str
@@ -85,6 +86,25 @@ class FamilySpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     views: str = ""
+    dummy_options: dict[str, Any] = field(default_factory=dict)
+
+    def dummy_image_inputs(self, processor: Any) -> dict[str, Any]:
+        """The vision inputs of the smallest image ``processor`` makes (a blank 8 x 8 picture, scaled up to the
+        processor's minimum): what a batch without an image runs the vision tower on, so that a trainable tower
+        still takes part in every step (:func:`dvsft.objectives.base.forward_hidden`)."""
+        from PIL import Image
+
+        image_processor = getattr(processor, "image_processor", processor)
+        blank = Image.new("RGB", (8, 8), "white")
+        out = image_processor(images=[blank], return_tensors="pt", **self.dummy_options)
+        return {k: out[k] for k in self.image_inputs if k in out}
+
+    def vision_features(self, model: Any, inputs: dict[str, Any]) -> list[Any]:
+        """The vision tower and projector run on ``inputs`` (the image processor's outputs) by the model's own
+        ``get_image_features``: the features its forward puts into the sequence, the projector's output
+        (``pooler_output``) and Qwen3-VL's DeepStack features (None where the family has none)."""
+        out = base_model(model).get_image_features(**inputs)
+        return [out.pooler_output, getattr(out, "deepstack_features", None)]
 
     def image_token_id(self, processor: Any) -> int:
         """The id of the family's image placeholder token in ``processor``'s tokenizer."""

@@ -175,6 +175,7 @@ def make_spec(name: str, model_type: str, defaults: dict[str, Any], ip: str, pro
         image_inputs=("pixel_values", "pixel_attention_mask"),
         defaults=dict(defaults),
         views="tiles (row-major) then the global image; row/col tag tokens and newlines between them in the prompt",
+        dummy_options={"do_image_splitting": False},  # the global image alone
     )
 
 
