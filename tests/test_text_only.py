@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from dvsft.core.convert import convert
 from dvsft.core.records import check_record, read_jsonl
-from dvsft.data.collator import DUMMY_IMAGE, ENCODED, VisionCollator
+from dvsft.data.collator import DUMMY_IMAGE, ENCODED, SampleError, VisionCollator
 from dvsft.data.dataset import load_records
 from dvsft.data.streaming import StreamingSamples
 from dvsft.models.loading import load_processor, set_pixels
@@ -123,6 +123,13 @@ def test_collator_mixed_batch_equals_the_two_kinds_alone(tiny):
     text_sum = img.text_loss * img.n_text + txt.text_loss * txt.n_text
     torch.testing.assert_close(both.text_loss * both.n_text, text_sum, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(both.vision_loss, img.vision_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_objectives_that_read_images_skip_text_only_samples(tiny_dir):
+    """asvr and lsd read each sample's image (keep_records): a text-only sample is a skip with that reason."""
+    with pytest.raises(SampleError, match="record chat: a text-only record, and the method's objectives read each"):
+        VisionCollator(load_processor(tiny_dir), keep_records=True).check(text_record())
+    assert VisionCollator(load_processor(tiny_dir)).check(text_record()).pixel_values is None
 
 
 # ------------------------------------------------------------------------------------------------ the dummy pass
