@@ -163,6 +163,44 @@ def test_resized_images_use_original_coordinates():
     assert a.labels[0]["token"] == g.num_tokens - 1
 
 
+@pytest.mark.parametrize("name", ["qwen2.5-vl", "qwen3-vl", "qwen3.5"])
+def test_a_qwen_layout_is_one_view_whose_grid_aligns_as_the_grid(name, tokenizer):
+    """One alignment path: a Qwen-VL image is a layout of one view, its grid. Each word labels the grid token of
+    its bottom-right corner, labels name no view, and a word too tall for the grid is dropped as too_tall before
+    the tokenizer's filters see it (the paper's order)."""
+    from dvsft.models.geometry import layout_for
+
+    rng = random.Random(name)
+    for w, h in [(645, 333), (1000, 700), (2000, 1000), (31, 977)]:
+        layout, grid = layout_for(name, w, h), grid_for(name, w, h)
+        assert layout.grid == grid and len(layout.views) == 1
+        boxes = {}
+        for i in range(60):
+            x, y = rng.choice([rng.uniform(0, w - 2), float(rng.randrange(w - 1))]), rng.uniform(0, h - 2)
+            boxes[f"w{i}"] = (x, y, min(w, x + rng.choice([8.5, 1.0, 13.0])), min(h, y + 5.5))
+        a = align_words([word(t, b) for t, b in boxes.items()], layout)
+        assert a.labels and "view" not in str(a.labels) and not set(a.dropped) - {"token_conflict"}
+        for lab in a.labels:
+            x0, y0, x1, y1 = boxes[lab["text"]]
+            assert lab["token"] == grid.token_at_point(max(x0, x1 - 0.5), max(y0, y1 - 0.5))
+        tall = 3 * grid.cell / grid.scale_y + 1  # over 3 cells high, in original pixels
+        words = [word("tall", (0, 0, 10, tall)), word("10:45", (20, 0, 30, tall)), word("10:45", (0, h - 9, 9, h))]
+        assert align_words(words, layout, tokenizer).dropped == {"too_tall": 2, "too_many_subtokens": 1}
+
+
+def test_view_filters_come_before_the_tokenizer_in_every_view(tokenizer):
+    """A word refused by the tokenizer counts once, where a view would label it; a view that finds it too tall
+    counts that too (InternVL: 28-pixel rows in the tiles, 84-pixel rows in the thumbnail of a 448 x 1344 image)."""
+    from dvsft.models.geometry import layout_for
+
+    layout = layout_for("internvl", 448, 1344)
+    words = [word("10:45", (10, 10, 60, 110)), word("the", (100, 10, 130, 30))]  # 100 px: 3.6 tile rows, 1.2 thumb
+    a = align_words(words, layout, tokenizer)
+    assert a.dropped == {"too_tall": 1, "too_many_subtokens": 1}
+    assert a.per_view["tile"] == {"too_tall": 1, "labels": 1} and a.per_view["thumbnail"] == {"labels": 1}
+    assert [(lab["text"], lab["view"]) for lab in a.labels] == [("the", "tile"), ("the", "thumbnail")]
+
+
 def make_records(tmp_path):
     """Two rendered pages + three bad records, as word records next to their images."""
     words = corpus_words()

@@ -129,6 +129,23 @@ def internvl_processor(tile: int, max_tiles: int, seq: int, min_tiles: int = 1):
     )
 
 
+def test_a_model_directory_gives_its_processors_layout(tmp_path):
+    """A tiled family's model directory is a layout source like its loaded processor (its settings read once)."""
+    import json
+
+    from dvsft.models.families import family_source
+    from dvsft.models.loading import save_processor
+
+    proc = internvl_processor(28, 6, seq=4)
+    save_processor(proc, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl"}))
+    found = family_source(tmp_path)
+    assert found.spec.name == "internvl" and found.settings == family_source(proc).settings
+    assert found.settings["tile_size"] == 28
+    for w, h in [(100, 60), (30, 200), (28, 28)]:
+        assert layout_for(tmp_path, w, h) == layout_for(str(tmp_path), w, h) == layout_for(proc, w, h)
+
+
 def test_internvl_views_match_processor_500_sizes():
     s = INTERNVL_SMALL
     proc = internvl_processor(s["tile_size"], s["max_tiles"], seq=4)

@@ -8,7 +8,10 @@ import pytest
 from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 
-from dvsft.models.geometry import FAMILIES, family, grid_for, smart_resize
+from dvsft.models.families import families, family_spec
+from dvsft.models.geometry import grid_for, grid_rule, smart_resize
+
+GRID_FAMILIES = [name for name in families() if family_spec(name).grid is not None]  # the Qwen-VL families
 
 SETTINGS = [  # (min_pixels, max_pixels) overrides; None = the family's default
     (None, None),
@@ -20,7 +23,7 @@ SETTINGS = [  # (min_pixels, max_pixels) overrides; None = the family's default
 
 
 def processor_for(fam_name: str, min_pixels=None, max_pixels=None) -> Qwen2VLImageProcessorPil:
-    fam = family(fam_name)
+    fam = grid_rule(fam_name)
     return Qwen2VLImageProcessorPil(
         patch_size=fam.patch_size,
         merge_size=fam.merge_size,
@@ -48,10 +51,10 @@ def random_sizes(rng: random.Random, n: int) -> list[tuple[int, int]]:
     return sizes
 
 
-@pytest.mark.parametrize("fam_name", list(FAMILIES))
+@pytest.mark.parametrize("fam_name", GRID_FAMILIES)
 def test_grid_matches_processor_for_500_sizes(fam_name):
     rng = random.Random(fam_name)
-    fam = family(fam_name)
+    fam = grid_rule(fam_name)
     processors = {s: processor_for(fam_name, *s) for s in SETTINGS}
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
@@ -67,7 +70,7 @@ def test_grid_matches_processor_for_500_sizes(fam_name):
         assert g.rows * g.cols == g.num_tokens and g.resized_width % g.cell == 0
 
 
-@pytest.mark.parametrize("fam_name", list(FAMILIES))
+@pytest.mark.parametrize("fam_name", GRID_FAMILIES)
 def test_grid_matches_processor_output_on_real_images(fam_name):
     rng = random.Random(1 + len(fam_name))
     for _ in range(15):
@@ -90,7 +93,7 @@ def changed_tokens(proc, g, before: Image.Image, after: Image.Image) -> set[int]
     return set(np.flatnonzero(per_token > 1e-6).tolist())
 
 
-@pytest.mark.parametrize("fam_name", list(FAMILIES))
+@pytest.mark.parametrize("fam_name", GRID_FAMILIES)
 def test_pixel_probe_lands_in_token_at(fam_name):
     rng = random.Random(7)
     checked = 0
@@ -145,7 +148,7 @@ def test_pixel_probe_through_the_real_model_patch_embedding():
         ),
     )
     model = Qwen3VLForConditionalGeneration(config).eval()
-    fam = family("qwen3-vl")
+    fam = grid_rule("qwen3-vl")
     proc = processor_for("qwen3-vl", 256 * 256, 512 * 512)
     w, h = 700, 420
     g = grid_for("qwen3-vl", w, h, 256 * 256, 512 * 512)
@@ -186,9 +189,47 @@ def test_bad_sizes_raise_clear_errors(w, h, match):
     assert f"{w}x{h}" in str(err.value)
 
 
-def test_unknown_family():
-    with pytest.raises(ValueError, match="unknown model family|neither a known family"):
-        grid_for("llava-1.5", 100, 100)
+SUPPORTED = r"(known|supported): qwen2-vl, qwen2.5-vl, qwen3-vl, qwen3-vl-moe, qwen3.5, internvl, llava_onevision"
+
+
+def test_unknown_models_are_errors_naming_the_families(tmp_path):
+    """No silent Qwen default: a model no family module knows is a ValueError naming the supported families, even
+    a model directory whose preprocessor_config.json reads like a Qwen one (the grid used to come from it)."""
+    from transformers import SiglipImageProcessor
+
+    from dvsft.align.aligner import align_record
+    from dvsft.models.families import family_source
+    from dvsft.models.geometry import layout_for
+
+    qwen_like = {"patch_size": 14, "merge_size": 2, "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 256}}
+    glm = tmp_path / "glm"
+    glm.mkdir()
+    (glm / "config.json").write_text(json.dumps({"model_type": "glm4v"}))
+    (glm / "preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "Glm4vImageProcessor", **qwen_like})
+    )
+    bare = tmp_path / "bare"  # the image processor's files alone, of an unknown image processor
+    bare.mkdir()
+    (bare / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "SiglipImageProcessor"}))
+    record = {"id": "r", "width": 100, "height": 80, "words": []}
+    calls = [
+        family_source,
+        lambda s: layout_for(s, 100, 80),
+        lambda s: grid_for(s, 100, 80),
+        grid_rule,
+        lambda s: align_record(record, s),
+    ]
+    for source in ["llava-1.5", glm, str(glm), bare, SiglipImageProcessor()]:
+        for call in calls:
+            with pytest.raises(ValueError, match=SUPPORTED):
+                call(source)
+
+
+def test_a_tiled_family_has_no_grid():
+    with pytest.raises(ValueError, match="internvl cuts an image into views, not one grid of tokens: use layout_for"):
+        grid_for("internvl", 1000, 700)
+    with pytest.raises(ValueError, match="idefics3 cuts an image into views"):
+        grid_rule("idefics3")
 
 
 def test_out_of_image_pixel():

@@ -10,7 +10,7 @@ from transformers import Qwen2VLImageProcessorPil
 
 from dvsft.align.aligner import align_words
 from dvsft.core.records import image_path, read_jsonl
-from dvsft.models.geometry import family, grid_for
+from dvsft.models.geometry import grid_for, grid_rule
 from dvsft.sources import fonts
 from dvsft.sources.corpora import corpus_words
 from dvsft.sources.instructions import FORMAT_INSTRUCTIONS, TRANSCRIBE_INSTRUCTION
@@ -40,7 +40,7 @@ def coverage(page):
     [("qwen3-vl", "DejaVuSans", 20, 32), ("qwen2-vl", "DejaVuSerif-Bold", 24, 20), ("qwen3-vl", "random", 30, 24)],
 )
 def test_every_word_on_its_token_per_the_real_processor(words, fam_name, font, size, cols):
-    fam = family(fam_name)
+    fam = grid_rule(fam_name)
     r = Renderer(fam_name, cols=cols, max_rows=12, style=RenderStyle(font=font, font_size=size))
     pages = r.render_text(text_of(words, 1000, 500), random.Random(3))
     assert len(pages) >= 2

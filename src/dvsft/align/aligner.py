@@ -2,7 +2,9 @@
 
 Paper section 4.1: each word labels the visual token that contains its bottom-right corner;
 words taller than ``max_height_cells`` token cells or longer than ``max_subtokens`` tokens are
-dropped; a token that receives more than one word loses all its labels.
+dropped; a token that receives more than one word loses all its labels. Every family aligns
+through its :class:`~dvsft.models.geometry.Layout`, each view on its own; a Qwen-VL image is a
+layout of one view, its token grid.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ import math
 import unicodedata
 import weakref
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dvsft.models.geometry import Grid, Layout
+from dvsft.models.families import FamilySource, family_source
+from dvsft.models.geometry import Grid, Layout, View, grid_layout
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class AlignConfig:
 class Alignment:
     labels: list[dict[str, Any]]  # [{"token": k, "text": w, "token_id": id?, "view": kind?}] sorted by token
     dropped: Counter = field(default_factory=Counter)  # filter name -> words dropped
-    per_view: dict[str, Counter] = field(default_factory=dict)  # view kind -> labels and drops (layouts only)
+    per_view: dict[str, Counter] = field(default_factory=dict)  # view kind -> labels and drops
 
     @property
     def label_set(self) -> list[int]:
@@ -106,11 +108,10 @@ def _candidates(
     tokenizer: Any,
     config: AlignConfig,
     dropped: Counter,
-    too_tall: Callable[[float], bool] | None = None,
-) -> list[tuple[str, tuple[float, float, float, float], int | None]]:
-    """Words that pass the word-level filters: (text, box clipped to the image, first token id).
-
-    ``too_tall(height in original pixels)`` applies the height filter here (one-view grids)."""
+) -> list[tuple[str, tuple[float, float, float, float], int | None, str | None]]:
+    """Words whose text and box pass the word filters: (text, box clipped to the image, first token id, the
+    tokenizer filter that refuses the word or None). The tokenizer's verdict counts only for a word some view
+    would label (:func:`align_words`), so that a word too tall for the grid is dropped as ``too_tall``."""
     texts = [str(w.get("text", "")).strip() for w in words]
     ids = first_token_ids(texts, tokenizer, config.leading_space) if tokenizer is not None else [None] * len(words)
     out = []
@@ -135,23 +136,23 @@ def _candidates(
             if x1 <= x0 or y1 <= y0:
                 dropped["outside_image"] += 1
                 continue
-        if too_tall is not None and too_tall(y1 - y0):
-            dropped["too_tall"] += 1
-            continue
-        first = None
-        if tok_ids is not None:
-            if not tok_ids:
-                dropped["untokenizable"] += 1
-                continue
-            if len(tok_ids) > config.max_subtokens:
-                dropped["too_many_subtokens"] += 1
-                continue
-            if is_blank_token(tok_ids[0], tokenizer):  # never teach a visual token a bare space
-                dropped["untokenizable"] += 1
-                continue
-            first = int(tok_ids[0])
-        out.append((text, (x0, y0, x1, y1), first))
+        first, refused = _first_token(tok_ids, tokenizer, config)
+        out.append((text, (x0, y0, x1, y1), first, refused))
     return out
+
+
+def _first_token(tok_ids: list[int] | None, tokenizer: Any, config: AlignConfig) -> tuple[int | None, str | None]:
+    """(the label id, None), or (None, the tokenizer filter that refuses the word); (None, None) without a
+    tokenizer."""
+    if tok_ids is None:
+        return None, None
+    if not tok_ids:
+        return None, "untokenizable"
+    if len(tok_ids) > config.max_subtokens:
+        return None, "too_many_subtokens"
+    if is_blank_token(tok_ids[0], tokenizer):  # never teach a visual token a bare space
+        return None, "untokenizable"
+    return int(tok_ids[0]), None
 
 
 def _resolve_conflicts(kept: list[tuple[int, dict[str, Any]]], dropped: Counter) -> list[dict[str, Any]]:
@@ -168,87 +169,79 @@ def _resolve_conflicts(kept: list[tuple[int, dict[str, Any]]], dropped: Counter)
 
 def align_words(
     words: list[dict[str, Any]],
-    grid: Grid | Layout,
+    layout: Layout | Grid,
     tokenizer: Any = None,
     config: AlignConfig | None = None,
 ) -> Alignment:
-    """Assign each word to the token that holds its bottom-right corner and apply the paper's filters.
+    """Assign each word to the token that holds its bottom-right corner, in every view of ``layout`` (a
+    :class:`~dvsft.models.geometry.Grid` is the one view of a Qwen-VL image), and apply the paper's filters.
 
-    ``grid`` may be a :class:`~dvsft.models.geometry.Layout` (a family's view list): see :func:`align_layout`.
+    In each view (the Qwen-VL grid, a tile, thumbnail, base image, crop grid, global image) a word labels the
+    token that sees its bottom-right corner; the height filter counts that token's cell height (a word can be too
+    tall for a tile yet fit the coarser thumbnail); a token of the view that receives two words loses both.
+    ``token`` is the position in the image-token sequence; in a list of views labels also carry ``view`` (kind)
+    and ``view_index``. A word's filters run in the order: text and box (``empty``, ``bad_box``,
+    ``non_finite_box``, ``inverted_box``, ``outside_image``, once per word), the view's (``unseen``: the corner
+    lies in the view's region but no token sees it; ``too_tall``; once per word and view, a view that does not
+    show the corner does not count), the tokenizer's (``untokenizable``, ``too_many_subtokens``: once per word
+    that a view would label), then ``token_conflict`` per view. :attr:`Alignment.per_view` breaks labels and the
+    view-level drops down by view kind.
     """
-    if isinstance(grid, Layout):
-        return align_layout(words, grid, tokenizer, config)
-    config = config or AlignConfig()
-    dropped: Counter = Counter()
-    kept: list[tuple[int, dict[str, Any]]] = []
-
-    def too_tall(height: float) -> bool:
-        return height * grid.scale_y > config.max_height_cells * grid.cell
-
-    for text, (x0, y0, x1, y1), first in _candidates(
-        words, grid.width, grid.height, tokenizer, config, dropped, too_tall
-    ):
-        # the last pixel inside the box: its bottom-right corner
-        token = grid.token_at_point(max(x0, x1 - 0.5), max(y0, y1 - 0.5))
-        label: dict[str, Any] = {"token": token, "text": text}
-        if first is not None:
-            label["token_id"] = first
-        kept.append((token, label))
-    labels = _resolve_conflicts(kept, dropped)
-    labels.sort(key=lambda lab: lab["token"])
-    return Alignment(labels, dropped)
-
-
-def align_layout(
-    words: list[dict[str, Any]],
-    layout: Layout,
-    tokenizer: Any = None,
-    config: AlignConfig | None = None,
-) -> Alignment:
-    """Align words to every view of a family's view list, each view on its own.
-
-    In each view (tile, thumbnail, base image, crop grid, global image) a word labels the token
-    that sees its bottom-right corner; the height filter counts that token's cell height in
-    original pixels (a word can be too tall for a tile yet fit the coarser thumbnail); a token
-    of the view that receives two words loses both. Labels carry ``view`` (kind) and
-    ``view_index``; ``token`` is the position in the image-token sequence. ``dropped`` holds
-    the word-level filters once per word and the view-level ones (``too_tall``, ``unseen``:
-    the corner lies in the view's region but no token sees it, ``token_conflict``) once per
-    word and view (a tile that does not show the corner does not count);
-    :attr:`Alignment.per_view` breaks labels and drops down by view kind.
-    """
+    if isinstance(layout, Grid):
+        layout = grid_layout(layout)
     config = config or AlignConfig()
     dropped: Counter = Counter()
     per_view: dict[str, Counter] = {}
     candidates = _candidates(words, layout.width, layout.height, tokenizer, config, dropped)
+    refused: dict[int, str] = {}  # candidate -> the tokenizer filter that drops it (counted once)
     labels: list[dict[str, Any]] = []
     for view in layout.views:
         stats = per_view.setdefault(view.kind, Counter())
-        kept: list[tuple[int, dict[str, Any]]] = []
-        for text, (x0, y0, x1, y1), first in candidates:
-            x, y = max(x0, x1 - 0.5), max(y0, y1 - 0.5)
-            k = view.local_at_point(x, y)
-            if k is None:
-                rx0, ry0, rx1, ry1 = view.region
-                if rx0 <= x < rx1 and ry0 <= y < ry1:  # inside the view, in a strip no token sees
-                    stats["unseen"] += 1
-                continue
-            _, cy0, _, cy1 = view.token_box(k)
-            if y1 - y0 > config.max_height_cells * (cy1 - cy0):
-                stats["too_tall"] += 1
-                continue
-            pos = view.position(k)
-            label: dict[str, Any] = {"token": pos, "text": text, "view": view.kind, "view_index": view.index}
-            if first is not None:
-                label["token_id"] = first
-            kept.append((pos, label))
-        got = _resolve_conflicts(kept, stats)
+        named = layout.grid is None  # in a list of views each label names its view
+        got = _resolve_conflicts(_view_labels(view, candidates, config, named, stats, refused), stats)
         stats["labels"] += len(got)
         labels += got
+    dropped.update(refused.values())
     for stats in per_view.values():
         dropped.update({k: v for k, v in stats.items() if k != "labels"})
     labels.sort(key=lambda lab: lab["token"])
     return Alignment(labels, dropped, {k: Counter(v) for k, v in per_view.items()})
+
+
+def _view_labels(
+    view: View,
+    candidates: list[tuple[str, tuple[float, float, float, float], int | None, str | None]],
+    config: AlignConfig,
+    named: bool,
+    stats: Counter,
+    refused: dict[int, str],
+) -> list[tuple[int, dict[str, Any]]]:
+    """(sequence position, label) of each candidate ``view`` labels, before the conflict rule (``named``: labels
+    carry ``view`` and ``view_index``); the view's drops go to ``stats``, the tokenizer's refusals of words the
+    view would label to ``refused``."""
+    kept = []
+    for i, (text, (x0, y0, x1, y1), first, reason) in enumerate(candidates):
+        x, y = max(x0, x1 - 0.5), max(y0, y1 - 0.5)  # the last pixel inside the box: its bottom-right corner
+        k = view.local_at_point(x, y)
+        if k is None:
+            rx0, ry0, rx1, ry1 = view.region
+            if rx0 <= x < rx1 and ry0 <= y < ry1:  # inside the view, in a strip no token sees
+                stats["unseen"] += 1
+            continue
+        if view.taller_than(k, y1 - y0, config.max_height_cells):
+            stats["too_tall"] += 1
+            continue
+        if reason is not None:
+            refused[i] = reason
+            continue
+        pos = view.position(k)
+        label: dict[str, Any] = {"token": pos, "text": text}
+        if named:
+            label.update(view=view.kind, view_index=view.index)
+        if first is not None:
+            label["token_id"] = first
+        kept.append((pos, label))
+    return kept
 
 
 def _is_number(v: Any) -> bool:
@@ -271,28 +264,11 @@ def record_size(record: dict[str, Any], records_file: Any = None) -> tuple[int, 
     return w, h
 
 
-def tiled_source(source: Any) -> Any:
-    """The processor or family name to take a view list from when ``source`` is a tiled family (a
-    non-Qwen family name, model directory or processor), else None (the Qwen grid applies)."""
-    from pathlib import Path
-
-    from dvsft.models.families import family_spec, spec_for_processor
-
-    if isinstance(source, str | Path) and Path(source).is_dir():
-        from dvsft.models.loading import load_processor, model_type_of
-
-        if family_spec(model_type_of(source) or "qwen3-vl").name.startswith("qwen"):
-            return None
-        return load_processor(source)
-    if isinstance(source, str):
-        try:
-            return None if family_spec(source).name.startswith("qwen") else source
-        except ValueError:
-            return None
-    try:
-        return None if spec_for_processor(source).name.startswith("qwen") else source
-    except ValueError:
-        return None
+def pixel_settings(source: FamilySource, min_pixels: int | None, max_pixels: int | None) -> dict[str, int]:
+    """The ``min_pixels`` / ``max_pixels`` overrides that apply to ``source``'s family (those it has as settings:
+    a tiled family cuts tiles and has none)."""
+    given = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+    return {k: int(v) for k, v in given.items() if v is not None and k in source.spec.defaults}
 
 
 def align_record(
@@ -303,21 +279,15 @@ def align_record(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     records_file: Any = None,
-) -> tuple[Grid | Layout, Alignment]:
-    """Grid (Qwen-VL) or view list (tiled families) and alignment of one word record for a family /
-    model dir / processor."""
-    from dvsft.models.geometry import grid_for, layout_for
-
+) -> tuple[Layout, Alignment]:
+    """The layout and alignment of one word record for a family name, model directory, processor or
+    :class:`~dvsft.models.families.FamilySource` (read once: what :func:`dvsft.align.run.align_file` passes)."""
     width, height = record_size(record, records_file)
-    tiled = tiled_source(source)
-    grid = (
-        layout_for(tiled, width, height)
-        if tiled is not None
-        else grid_for(source, width, height, min_pixels, max_pixels)
-    )
+    found = family_source(source)
+    layout = found.layout(width, height, **pixel_settings(found, min_pixels, max_pixels))
     words = record.get("words") or []
     for i, w in enumerate(words):
         box = w.get("box") if isinstance(w, dict) else None
         if not isinstance(box, (list, tuple)) or len(box) != 4:
             raise ValueError(f"words[{i}] has no [x0, y0, x1, y1] box")
-    return grid, align_words(words, grid, tokenizer, config)
+    return layout, align_words(words, layout, tokenizer, config)

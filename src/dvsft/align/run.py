@@ -19,13 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dvsft.align.aligner import AlignConfig, align_record, tiled_source
+from dvsft.align.aligner import AlignConfig, align_record
 from dvsft.core.images import ImageError, load_image
 from dvsft.core.outputs import check_file, claim_folder, install_folder, refuse_inputs, temp_sibling
 from dvsft.core.record_sources import iter_entries
 from dvsft.core.record_table import DEFAULT_ROWS_PER_SHARD, check_format, write_records
 from dvsft.core.records import Problem, check_record, image_path, write_jsonl
-from dvsft.models.geometry import Grid, Layout
+from dvsft.models.families import family_source
+from dvsft.models.geometry import Grid
 
 
 def errors_path(out: Path) -> Path:
@@ -84,9 +85,7 @@ def align_file(
     dropped: Counter = Counter()
     summary = Counter(dict.fromkeys(("records", "aligned", "vision_labels", "visual_tokens", "failed"), 0))
     overlays = 0
-    tiled = tiled_source(source)
-    if tiled is not None and not isinstance(tiled, str):
-        source = tiled  # a tiled family's model dir: its processor, loaded once
+    source = family_source(source)  # the family and a model directory's settings, read once
 
     def rows():
         nonlocal overlays
@@ -104,7 +103,7 @@ def align_file(
             problems = check_record(rec, file, n)
             if not problems:
                 try:
-                    grid, alignment = align_record(rec, source, tokenizer, config, min_pixels, max_pixels, file)
+                    layout, alignment = align_record(rec, source, tokenizer, config, min_pixels, max_pixels, file)
                 except (ValueError, KeyError, TypeError) as err:
                     rid = None if rec.get("id") is None else str(rec["id"])
                     problems = [Problem(str(file), n, rid, str(err))]
@@ -116,11 +115,13 @@ def align_file(
             if "image" in rec and not isinstance(rec.get("image_bytes"), bytes):
                 img = image_path(rec, file)
                 row["image"] = Path(os.path.relpath(img, out_dir)).as_posix()
-            if isinstance(grid, Layout):  # a tiled family: its view list instead of one grid
+            grid = layout.grid
+            if grid is None:  # a tiled family: its view list instead of one grid
                 row["views"] = [
-                    {"kind": v.kind, "index": v.index, "grid": [v.rows, v.cols], "offset": v.offset} for v in grid.views
+                    {"kind": v.kind, "index": v.index, "grid": [v.rows, v.cols], "offset": v.offset}
+                    for v in layout.views
                 ]
-                row["visual_tokens"] = sum(v.num_tokens for v in grid.views)
+                row["visual_tokens"] = sum(v.num_tokens for v in layout.views)
                 row["dropped_per_view"] = {k: dict(sorted(c.items())) for k, c in alignment.per_view.items()}
             else:
                 row["grid"] = [grid.rows, grid.cols]
@@ -129,11 +130,11 @@ def align_file(
             row["align"] = settings
             summary["aligned"] += 1
             summary["vision_labels"] += len(alignment.labels)
-            summary["visual_tokens"] += grid.num_tokens if not isinstance(grid, Layout) else row["visual_tokens"]
+            summary["visual_tokens"] += grid.num_tokens if grid is not None else row["visual_tokens"]
             dropped.update(alignment.dropped)
             if (
                 staging is not None
-                and not isinstance(grid, Layout)
+                and grid is not None
                 and (overlay_limit is None or overlays < overlay_limit)
                 and "image" in rec
             ):

@@ -9,8 +9,8 @@ Everything the model sees comes from its OWN processor and chat template; dvsft 
 * ``vision_positions`` [N, 2] (batch index, sequence position), ``vision_targets`` [N] and
   ``vision_label_sets`` [N, S] (-1 padded): the words aligned to visual tokens by
   :func:`dvsft.align.aligner.align_words` on the view list :func:`dvsft.models.geometry.layout_for`
-  computes from the same processor (Qwen-VL: the grid of :func:`dvsft.models.geometry.grid_for`; tiled
-  families: every tile / thumbnail / crop grid / global view, each aligned on its own). The
+  computes from the same processor (Qwen-VL: one view, its token grid; tiled families: every tile /
+  thumbnail / crop grid / global view, each aligned on its own). The
   image tokens are found by the family's own image-token id (:mod:`dvsft.models.families`); the k-th
   of them is position k of the view list. The collator checks the processor's token count
   (and Qwen's ``image_grid_thw``) against the geometry and raises, naming the record, rather
@@ -43,7 +43,7 @@ from dvsft.core.images import ImageError, load_image
 from dvsft.core.records import IMAGE_PLACEHOLDER, has_image
 from dvsft.data.dataset import has_image_placeholder
 from dvsft.models.families import spec_for_processor
-from dvsft.models.geometry import Grid, Layout, grid_for, layout_for
+from dvsft.models.geometry import Grid, Layout, layout_for
 from dvsft.models.loading import set_pixels
 
 
@@ -157,7 +157,6 @@ class VisionCollator:
         self.vision_labels = vision_labels
         self.max_length = int(max_length)
         self.family = spec_for_processor(processor)
-        self.qwen = self.family.name.startswith("qwen")
         self.image_token = getattr(processor, "image_token", None) or self.family.image_token  # in the template
         self.image_token_id = self.family.image_token_id(processor)  # what the model fills with features
         self.special_tokens = sorted((special_tokens(self.tokenizer) | {self.image_token}) - {IMAGE_PLACEHOLDER})
@@ -224,7 +223,7 @@ class VisionCollator:
         out = self.processor(text=[text], images=[image], return_tensors="pt", return_offsets_mapping=True)
         ids = out["input_ids"][0]
         layout = layout_for(self.processor, w, h)
-        grid = grid_for(self.processor, w, h) if self.qwen else None
+        grid = layout.grid  # Qwen-VL: one grid; tiled families: a list of views
         image_pos = torch.nonzero(ids == self.image_token_id).flatten()
         self._check_image_tokens(out, image_pos, grid, layout, rid)
         n_img = int(image_pos.numel())
@@ -233,7 +232,7 @@ class VisionCollator:
         alignment, vision_tokens, label_set = None, [], []
         if self.vision_labels:
             alignment = align_words(
-                record.get("words") or [], grid or layout, tokenizer=self.tokenizer, config=self.align_config
+                record.get("words") or [], layout, tokenizer=self.tokenizer, config=self.align_config
             )
             vision_tokens = [(int(image_pos[lab["token"]]), int(lab["token_id"])) for lab in alignment.labels]
             label_set = alignment.label_set

@@ -21,13 +21,11 @@ SUMMARY = "scores.json"
 
 
 def model_family(model_dir: str | Path) -> str:
-    """The geometry family name of a model directory (for rendering SQuAD contexts)."""
-    from dvsft.models.geometry import ALIASES, FAMILIES
-    from dvsft.models.loading import model_type_of
+    """The family name of a model directory (for rendering SQuAD contexts); a ``ValueError`` naming the supported
+    families for a model type none knows."""
+    from dvsft.models.families import spec_for_model_dir
 
-    mt = model_type_of(model_dir)
-    name = ALIASES.get(mt, mt)
-    return name if name in FAMILIES else "qwen3-vl"
+    return spec_for_model_dir(model_dir).name
 
 
 def run_benchmarks(

@@ -24,7 +24,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from dvsft.core.images import load_image
-from dvsft.models.geometry import Grid, Layout, grid_for, layout_for
+from dvsft.models.geometry import Grid, Layout, layout_for
 from dvsft.sources.instructions import TRANSCRIBE_INSTRUCTION
 
 LENS_PROMPT = TRANSCRIBE_INSTRUCTION  # text after the image cannot change causal visual logits
@@ -147,7 +147,6 @@ def run_lens(model: Any, processor: Any, image: Image.Image, top_k: int = 5, pro
     """The visual logit lens of one image (made upright RGB by :func:`dvsft.core.images.load_image` first)."""
     image = load_image(image)
     layout = layout_for(processor, image.width, image.height)
-    grid = grid_for(processor, image.width, image.height) if layout.family.startswith("qwen") else None
     hidden = visual_hidden_states(model, processor, image, prompt)
     if hidden.shape[0] != layout.num_tokens:
         raise RuntimeError(
@@ -157,7 +156,7 @@ def run_lens(model: Any, processor: Any, image: Image.Image, top_k: int = 5, pro
     tok = processor.tokenizer
     ids_l, probs_l = ids.tolist(), probs.tolist()
     texts = [[token_text(tok, i) for i in row] for row in ids_l]
-    return LensResult(grid, ids_l, probs_l, texts, layout)
+    return LensResult(layout.grid, ids_l, probs_l, texts, layout)
 
 
 # ------------------------------------------------------------------------------------ overlay

@@ -1,13 +1,14 @@
 """Which image region each visual token sees, exactly as the model families' processors cut it.
 
-Two levels. :func:`grid_for` / :class:`Grid` is the single-view Qwen-VL grid (unchanged API).
-:func:`layout_for` / :class:`Layout` is the per-family *view list*: every family, tiled or not,
-as a list of :class:`View` (tile, crop grid, thumbnail, global image), each with the region of
-the original image its tokens see and the offset of its tokens in the model's image-token
-sequence (including newline slots that see nothing). The rules of each family live in
-:mod:`dvsft.models.families`.
+The geometry only: the facts of each family (patch sizes, default resolutions, tile rules, names) live in
+its module under :mod:`dvsft.models.families`, which these functions ask. Every family's image is a
+:class:`Layout`, a list of :class:`View` (the whole image, a tile, a crop grid, a thumbnail, a global
+image), each with the region of the original image its tokens see and the offset of its tokens in the
+model's image-token sequence (including newline slots that see nothing): :func:`layout_for`. A Qwen-VL
+image is a layout of one :class:`GridView`, whose :class:`Grid` (:attr:`Layout.grid`, :func:`grid_for`)
+is the smart-resized image cut into token cells.
 
-Qwen-VL rule:
+Qwen-VL rule (:class:`GridRule`):
 
 The processors resize an image with ``smart_resize`` to a multiple of the token cell
 (``patch_size * merge_size`` pixels), cut it into patches, and merge ``merge_size²``
@@ -22,11 +23,12 @@ patches into one visual token. Tokens are row-major over the merged grid.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dvsft.models.families import FamilySource
 
 MAX_ASPECT_RATIO = 200
 
@@ -34,47 +36,6 @@ MAX_ASPECT_RATIO = 200
 # `dvsft align` uses the same unless told otherwise, so inspection and training see one grid.
 TRAIN_MIN_PIXELS = 32 * 32 * 64
 TRAIN_MAX_PIXELS = 32 * 32 * 2048
-
-
-@dataclass(frozen=True)
-class Family:
-    """Resolution rules of one model family (values of the released checkpoints)."""
-
-    name: str
-    patch_size: int
-    merge_size: int
-    min_pixels: int
-    max_pixels: int
-
-    @property
-    def cell(self) -> int:
-        return self.patch_size * self.merge_size
-
-
-FAMILIES: dict[str, Family] = {
-    "qwen2-vl": Family("qwen2-vl", 14, 2, 56 * 56, 28 * 28 * 16384),
-    "qwen2.5-vl": Family("qwen2.5-vl", 14, 2, 56 * 56, 28 * 28 * 16384),
-    "qwen3-vl": Family("qwen3-vl", 16, 2, 32 * 32 * 64, 32 * 32 * 16384),
-    "qwen3-vl-moe": Family("qwen3-vl-moe", 16, 2, 32 * 32 * 64, 32 * 32 * 16384),
-    "qwen3.5": Family("qwen3.5", 16, 2, 32 * 32 * 64, 32 * 32 * 16384),
-}
-ALIASES = {
-    "qwen2_vl": "qwen2-vl",
-    "qwen2_5_vl": "qwen2.5-vl",
-    "qwen2.5_vl": "qwen2.5-vl",
-    "qwen3_vl": "qwen3-vl",
-    "qwen3_vl_moe": "qwen3-vl-moe",
-    "qwen3_5": "qwen3.5",
-    "qwen3-5": "qwen3.5",
-}
-
-
-def family(name: str) -> Family:
-    """Look up a family by name (``qwen2-vl``, ``qwen2.5-vl``, ``qwen3-vl``)."""
-    key = ALIASES.get(name.lower(), name.lower())
-    if key not in FAMILIES:
-        raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
-    return FAMILIES[key]
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -98,6 +59,28 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
+
+
+@dataclass(frozen=True)
+class GridRule:
+    """The Qwen-VL resize rule with one setting: patch and merge size, the area bounds of ``smart_resize``."""
+
+    patch_size: int
+    merge_size: int
+    min_pixels: int
+    max_pixels: int
+
+    @property
+    def cell(self) -> int:
+        """One token's side in resized pixels."""
+        return self.patch_size * self.merge_size
+
+    def grid(self, width: int, height: int) -> Grid:
+        """The token grid of a ``width`` x ``height`` image."""
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} exceeds max_pixels {self.max_pixels}")
+        rh, rw = smart_resize(int(height), int(width), self.cell, self.min_pixels, self.max_pixels)
+        return Grid(int(width), int(height), rw, rh, self.cell, self.patch_size, self.merge_size)
 
 
 @dataclass(frozen=True)
@@ -163,64 +146,6 @@ class Grid:
             (col + 1) * c / self.scale_x,
             (row + 1) * c / self.scale_y,
         )
-
-
-def processor_settings(source: Any) -> tuple[int, int, int, int]:
-    """(patch_size, merge_size, min_pixels, max_pixels) from a model dir, a processor or an image processor."""
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        config_file = path / "preprocessor_config.json" if path.is_dir() else path
-        if not config_file.is_file():
-            raise ValueError(
-                f"{source!r} is neither a known family ({', '.join(FAMILIES)}) nor a model directory "
-                "with a preprocessor_config.json"
-            )
-        cfg = json.loads(config_file.read_text())
-        size = cfg.get("size") or {}
-        min_px = cfg.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels")
-        max_px = cfg.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels")
-        patch, merge = cfg.get("patch_size"), cfg.get("merge_size")
-    else:
-        proc = getattr(source, "image_processor", source)
-        size = getattr(proc, "size", None) or {}
-        if hasattr(size, "get"):
-            min_px, max_px = size.get("shortest_edge"), size.get("longest_edge")
-        else:
-            min_px, max_px = getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None)
-        min_px = min_px or getattr(proc, "min_pixels", None)
-        max_px = max_px or getattr(proc, "max_pixels", None)
-        patch, merge = getattr(proc, "patch_size", None), getattr(proc, "merge_size", None)
-    if not all((patch, merge, min_px, max_px)):
-        raise ValueError(f"could not read patch_size, merge_size, min and max pixels from {source!r}")
-    return int(patch), int(merge), int(min_px), int(max_px)
-
-
-def grid_for(
-    source: str | Path | Any,
-    width: int,
-    height: int,
-    min_pixels: int | None = None,
-    max_pixels: int | None = None,
-) -> Grid:
-    """The token grid of a ``width`` x ``height`` image.
-
-    ``source`` is a family name (``qwen3-vl``), a local HF model directory, or a loaded
-    processor / image processor; explicit ``min_pixels`` / ``max_pixels`` override it.
-    """
-    if isinstance(source, str) and (source.lower() in FAMILIES or source.lower() in ALIASES):
-        fam = family(source)
-        patch, merge, min_px, max_px = fam.patch_size, fam.merge_size, fam.min_pixels, fam.max_pixels
-    elif isinstance(source, Family):
-        patch, merge, min_px, max_px = source.patch_size, source.merge_size, source.min_pixels, source.max_pixels
-    else:
-        patch, merge, min_px, max_px = processor_settings(source)
-    min_px = min_pixels if min_pixels is not None else min_px
-    max_px = max_pixels if max_pixels is not None else max_px
-    if min_px > max_px:
-        raise ValueError(f"min_pixels {min_px} exceeds max_pixels {max_px}")
-    cell = patch * merge
-    rh, rw = smart_resize(int(height), int(width), cell, min_px, max_px)
-    return Grid(int(width), int(height), rw, rh, cell, patch, merge)
 
 
 # --------------------------------------------------------------------------- per-family view lists
@@ -362,6 +287,48 @@ class View:
         (x0, x1), (y0, y1) = self.col_spans[c], self.row_spans[r]
         return x0, y0, x1, y1
 
+    def taller_than(self, k: int, height: float, cells: float) -> bool:
+        """Whether ``height`` original pixels exceed ``cells`` times the height local token ``k`` sees."""
+        _, y0, _, y1 = self.token_box(k)
+        return height > cells * (y1 - y0)
+
+
+@dataclass(frozen=True)
+class GridView(View):
+    """The one view of a Qwen-VL image: its :class:`Grid`, whose own arithmetic finds tokens and boxes."""
+
+    grid: Grid = field(kw_only=True)
+
+    @classmethod
+    def of(cls, grid: Grid) -> GridView:
+        """The view of ``grid``'s tokens over the whole image (row-major, from sequence position 0)."""
+        w, h, rows, cols = grid.width, grid.height, grid.rows, grid.cols
+        return cls(
+            kind="image",
+            index=0,
+            region=(0.0, 0.0, float(w), float(h)),
+            rows=rows,
+            cols=cols,
+            x_cuts=uniform_cuts(cols, 0.0, w / cols, float(w)),
+            y_cuts=uniform_cuts(rows, 0.0, h / rows, float(h)),
+            offset=0,
+            row_stride=cols,
+            image_width=w,
+            image_height=h,
+            grid=grid,
+        )
+
+    def local_at_point(self, x: float, y: float) -> int | None:
+        if not (0 <= x <= self.image_width and 0 <= y <= self.image_height):
+            return None
+        return self.grid.token_at_point(x, y)
+
+    def token_box(self, k: int) -> tuple[float, float, float, float]:
+        return self.grid.token_box(k)
+
+    def taller_than(self, k: int, height: float, cells: float) -> bool:
+        return height * self.grid.scale_y > cells * self.grid.cell
+
 
 def _hulls(cuts: tuple[Cut, ...], n: int) -> tuple[Span, ...]:
     lo: list[float | None] = [None] * n
@@ -424,6 +391,13 @@ class Layout:
     prompt: str = ""
 
     @property
+    def grid(self) -> Grid | None:
+        """The :class:`Grid` of a one-grid layout (Qwen-VL), None for a list of views."""
+        if len(self.views) == 1 and isinstance(self.views[0], GridView):
+            return self.views[0].grid
+        return None
+
+    @property
     def separators(self) -> tuple[int, ...]:
         """Sequence positions that see nothing (newline slots)."""
         return tuple(p for v in self.views for p in v.separators)
@@ -444,17 +418,57 @@ class Layout:
         return [p for _, p in self.tokens_at(x, y)]
 
 
+def grid_layout(grid: Grid, family: str = "", prompt: str = "") -> Layout:
+    """The layout of one :class:`GridView`: a Qwen-VL image (``prompt``: its processor's expansion)."""
+    return Layout(family, grid.width, grid.height, (GridView.of(grid),), grid.num_tokens, prompt)
+
+
 def layout_for(source: Any, width: int, height: int, **settings: Any) -> Layout:
     """The view list of a ``width`` x ``height`` image.
 
     ``source`` is a family name (``qwen3-vl``, ``internvl``, ``llava_onevision``, ``idefics3``,
-    ``smolvlm`` …, see :mod:`dvsft.models.families`) or a loaded processor / image processor;
-    ``settings`` override the family's defaults (``min_pixels``, ``max_tiles``, …).
+    ``smolvlm`` …, see :mod:`dvsft.models.families`), a local model directory, a loaded processor / image
+    processor, or a :class:`~dvsft.models.families.FamilySource` (read once); ``settings`` override the
+    family's defaults and the source's own (``min_pixels``, ``max_tiles``, …). A model no family knows is a
+    ``ValueError`` naming the supported families.
     """
-    from dvsft.models.families import family_spec, spec_for_processor
+    from dvsft.models.families import family_source
 
-    if isinstance(source, str):
-        spec = family_spec(source)
-        return spec.layout(int(width), int(height), **settings)
-    spec = spec_for_processor(source)
-    return spec.layout(int(width), int(height), **{**spec.settings_from(source), **settings})
+    return family_source(source).layout(width, height, **settings)
+
+
+def grid_for(
+    source: Any,
+    width: int,
+    height: int,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> Grid:
+    """The token grid of a ``width`` x ``height`` image: :attr:`Layout.grid` of :func:`layout_for`.
+
+    ``source`` is a one-grid family's name (``qwen3-vl``), a local HF model directory, or a loaded
+    processor / image processor; explicit ``min_pixels`` / ``max_pixels`` override it. A tiled family is a
+    ``ValueError`` (its image is a list of views: :func:`layout_for`).
+    """
+    pixels = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+    layout = _grid_source(source).layout(width, height, **{k: v for k, v in pixels.items() if v is not None})
+    assert layout.grid is not None  # a one-grid family's layout
+    return layout.grid
+
+
+def grid_rule(source: Any) -> GridRule:
+    """The resize rule of a one-grid family (Qwen-VL), with the settings ``source`` carries (a family name: the
+    released checkpoints'; a model directory or processor: its own). A tiled family is a ``ValueError``."""
+    found = _grid_source(source)
+    assert found.spec.grid is not None
+    return replace(found.spec.grid, **found.settings)
+
+
+def _grid_source(source: Any) -> FamilySource:
+    """The :class:`~dvsft.models.families.FamilySource` of a one-grid family; a ``ValueError`` for a tiled one."""
+    from dvsft.models.families import family_source
+
+    found = family_source(source)
+    if found.spec.grid is None:
+        raise ValueError(f"{found.spec.name} cuts an image into views, not one grid of tokens: use layout_for")
+    return found

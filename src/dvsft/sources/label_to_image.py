@@ -198,7 +198,7 @@ def render_document(doc: Document, options: RenderOptions, out_dir: Path) -> tup
                 for qa in qas
             ]
         record["render"] = {
-            "family": renderer.family.name,
+            "family": renderer.family,
             "font": page.font,
             "font_size": page.font_size,
             "background": list(page.background),

@@ -40,8 +40,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from dvsft.models import geometry
-from dvsft.models.geometry import Family, smart_resize
+from dvsft.models.families import family_spec
+from dvsft.models.geometry import grid_rule, smart_resize
 from dvsft.sources import fonts
 
 WORD_RE = re.compile(r"\S+")
@@ -250,15 +250,15 @@ class Renderer:
 
     def __init__(
         self,
-        family: str | Family = "qwen3-vl",
+        family: str = "qwen3-vl",
         cols: int = 32,
         max_rows: int = 32,
         style: RenderStyle | None = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
     ):
-        fam = family if isinstance(family, Family) else geometry.family(family)
-        self.family = fam
+        self.family = family_spec(family).name
+        fam = grid_rule(self.family)
         self.style = style or RenderStyle()
         self.cell = fam.cell
         self.cols, self.max_rows = int(cols), int(max_rows)

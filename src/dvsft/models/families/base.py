@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from dvsft.models.geometry import Layout
+from dvsft.models.geometry import GridRule, Layout
 
 # The linear layers of a Qwen2 / Qwen3 / Llama decoder layer: LoRA's default targets.
 DENSE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -64,6 +65,7 @@ class FamilySpec:
     ``projector_extras`` are the attribute paths of the projector's other parts (modules or parameters:
     Qwen3-VL's DeepStack mergers, LLaVA-OneVision's ``image_newline``); ``train_projector`` trains them too.
     ``lora_targets`` are the suffixes of the LLM's ``nn.Linear`` layers that LoRA wraps.
+    ``grid`` is the resize rule of a family whose image is one grid of tokens (Qwen-VL; None for tiled families).
     ``image_inputs`` are the processor outputs the model's forward needs besides ``input_ids`` /
     ``attention_mask``. ``dummy_options`` are the image processor's options that make the fewest views of an
     image (:meth:`dummy_image_inputs`).
@@ -86,6 +88,7 @@ class FamilySpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     views: str = ""
+    grid: GridRule | None = None
     dummy_options: dict[str, Any] = field(default_factory=dict)
 
     def dummy_image_inputs(self, processor: Any) -> dict[str, Any]:
@@ -116,6 +119,15 @@ class FamilySpec:
         if tid is None or tid == getattr(tok, "unk_token_id", None):
             raise ValueError(f"the tokenizer has no {self.image_token!r} token, which {self.name} needs")
         return int(tid)
+
+
+def processor_of(source: Any) -> Any:
+    """``source``, or for a model directory its loaded processor (what a tiled family's ``settings_from`` reads)."""
+    if isinstance(source, str | Path):
+        from dvsft.models.loading import load_processor
+
+        return load_processor(source)
+    return source
 
 
 def get_setting(source: Any, *names: str) -> Any:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dvsft.models.families.base import FamilySpec, attr_path, get_setting, size_dict
+from dvsft.models.families.base import FamilySpec, attr_path, get_setting, processor_of, size_dict
 from dvsft.models.geometry import Layout, View, uniform_view
 
 IMAGE_TOKEN = "<image>"
@@ -131,7 +131,8 @@ def make_layout(family: str, defaults: dict[str, Any]):
 
 def make_settings_from(defaults: dict[str, Any]):
     def settings_from(source: Any) -> dict[str, Any]:
-        """Resize, tile and split settings of a loaded processor (or image processor)."""
+        """Resize, tile and split settings of a loaded processor, image processor or model directory."""
+        source = processor_of(source)
         ip = getattr(source, "image_processor", source)
         out: dict[str, Any] = {}
         size = size_dict(get_setting(ip, "size"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dvsft.models.families.base import FamilySpec, get_setting, size_dict
+from dvsft.models.families.base import FamilySpec, get_setting, processor_of, size_dict
 from dvsft.models.geometry import Layout, View, uniform_view
 
 IMAGE_TOKEN = "<IMG_CONTEXT>"
@@ -101,7 +101,9 @@ def layout(
 
 
 def settings_from(source: Any) -> dict[str, Any]:
-    """Tile size, tile limits and tokens per tile of a loaded ``InternVLProcessor`` (or its image processor)."""
+    """Tile size, tile limits and tokens per tile of a loaded ``InternVLProcessor``, its image processor or a model
+    directory."""
+    source = processor_of(source)
     ip = getattr(source, "image_processor", source)
     size = size_dict(get_setting(ip, "size"))
     if size.get("height") != size.get("width"):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dvsft.models.families.base import FamilySpec, get_setting, size_dict
+from dvsft.models.families.base import FamilySpec, get_setting, processor_of, size_dict
 from dvsft.models.geometry import Layout, View, axis_cuts, uniform_view
 
 IMAGE_TOKEN = "<image>"
@@ -159,7 +159,9 @@ def layout(
 
 
 def settings_from(source: Any) -> dict[str, Any]:
-    """Crop size, pinpoints and anyres setting of a loaded ``LlavaOnevisionProcessor`` (or image processor)."""
+    """Crop size, pinpoints and anyres setting of a loaded ``LlavaOnevisionProcessor``, image processor or model
+    directory."""
+    source = processor_of(source)
     ip = getattr(source, "image_processor", source)
     size = size_dict(get_setting(ip, "size"))
     crop = size.get("height") or size.get("shortest_edge")

@@ -9,20 +9,27 @@ image processor and ``Qwen3VLProcessor`` with patch 16, merge 2 (32-px cells).
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
-from dvsft.models import geometry
 from dvsft.models.families.base import DENSE, FamilySpec, attr_path
-from dvsft.models.geometry import Layout, grid_for, uniform_view
+from dvsft.models.geometry import GridRule, Layout, grid_layout
 
 IMAGE_TOKEN = "<|image_pad|>"
 # Qwen3.5's Gated DeltaNet (linear attention) layers
 DELTANET = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 # Qwen3-VL's DeepStack mergers: like the merger, they map ViT features of inner blocks to the LLM's width
 DEEPSTACK = ("model.visual.deepstack_merger_list",)
+# the released checkpoints' resize rules
+QWEN2_GRID = GridRule(patch_size=14, merge_size=2, min_pixels=56 * 56, max_pixels=28 * 28 * 16384)
+QWEN3_GRID = GridRule(patch_size=16, merge_size=2, min_pixels=32 * 32 * 64, max_pixels=32 * 32 * 16384)
 
 
-def qwen_layout(name: str):
+def qwen_layout(name: str, rule: GridRule):
+    """The layout function of family ``name``: one :class:`GridView` of ``rule``'s grid (settings override it)."""
+
     def layout(
         width: int,
         height: int,
@@ -31,22 +38,38 @@ def qwen_layout(name: str):
         patch_size: int | None = None,
         merge_size: int | None = None,
     ) -> Layout:
-        fam = geometry.family(name)
-        if patch_size or merge_size:
-            fam = geometry.Family(
-                name, patch_size or fam.patch_size, merge_size or fam.merge_size, fam.min_pixels, fam.max_pixels
-            )
-        g = grid_for(fam, width, height, min_pixels, max_pixels)
-        view = uniform_view("image", 0, (0.0, 0.0, float(width), float(height)), g.rows, g.cols, 0, width, height)
-        # the view's spans are the grid's cells (cell / scale original pixels each)
-        return Layout(name, width, height, (view,), g.num_tokens, IMAGE_TOKEN * g.num_tokens)
+        given = {"min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": patch_size, "merge_size": merge_size}
+        grid = replace(rule, **{k: int(v) for k, v in given.items() if v is not None}).grid(width, height)
+        return grid_layout(grid, name, IMAGE_TOKEN * grid.num_tokens)
 
     return layout
 
 
 def qwen_settings(source: Any) -> dict[str, Any]:
-    patch, merge, min_px, max_px = geometry.processor_settings(source)
-    return {"patch_size": patch, "merge_size": merge, "min_pixels": min_px, "max_pixels": max_px}
+    """patch_size, merge_size, min_pixels and max_pixels of a model directory (its preprocessor_config.json), a
+    loaded processor or an image processor."""
+    if isinstance(source, str | Path):
+        config_file = Path(source) / "preprocessor_config.json"
+        if not config_file.is_file():
+            raise ValueError(f"{source}: no preprocessor_config.json to read the image processor's settings from")
+        cfg = json.loads(config_file.read_text())
+        size = cfg.get("size") or {}
+        min_px = cfg.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels")
+        max_px = cfg.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels")
+        patch, merge = cfg.get("patch_size"), cfg.get("merge_size")
+    else:
+        proc = getattr(source, "image_processor", source)
+        size = getattr(proc, "size", None) or {}
+        if hasattr(size, "get"):
+            min_px, max_px = size.get("shortest_edge"), size.get("longest_edge")
+        else:
+            min_px, max_px = getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None)
+        min_px = min_px or getattr(proc, "min_pixels", None)
+        max_px = max_px or getattr(proc, "max_pixels", None)
+        patch, merge = getattr(proc, "patch_size", None), getattr(proc, "merge_size", None)
+    if not all((patch, merge, min_px, max_px)):
+        raise ValueError(f"could not read patch_size, merge_size, min and max pixels from {source!r}")
+    return {"patch_size": int(patch), "merge_size": int(merge), "min_pixels": int(min_px), "max_pixels": int(max_px)}
 
 
 def _projector(model: Any) -> Any:
@@ -56,19 +79,19 @@ def _projector(model: Any) -> Any:
 def qwen_spec(
     name: str,
     model_type: str,
+    rule: GridRule,
     lora: tuple[str, ...],
     processor: str,
     aliases: tuple[str, ...] = (),
     projector_extras: tuple[str, ...] = (),
-):
-    fam = geometry.family(name)
+) -> FamilySpec:
     return FamilySpec(
         name=name,
         model_types=(model_type,),
         image_processor="Qwen2VLImageProcessorPil",
         processor=processor,
         image_token=IMAGE_TOKEN,
-        layout=qwen_layout(name),
+        layout=qwen_layout(name, rule),
         settings_from=qwen_settings,
         language_model=attr_path("model.language_model"),
         vision_tower=attr_path("model.visual"),
@@ -76,22 +99,18 @@ def qwen_spec(
         projector_extras=projector_extras,
         lora_targets=lora,
         image_inputs=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
-        defaults={
-            "patch_size": fam.patch_size,
-            "merge_size": fam.merge_size,
-            "min_pixels": fam.min_pixels,
-            "max_pixels": fam.max_pixels,
-        },
+        defaults=asdict(rule),
+        grid=rule,
         aliases=aliases,
         views="one view: the smart-resized image, row-major merged cells",
     )
 
 
 SPECS = [
-    qwen_spec("qwen2-vl", "qwen2_vl", DENSE, "Qwen2VLProcessor", ("qwen2_vl",)),
-    qwen_spec("qwen2.5-vl", "qwen2_5_vl", DENSE, "Qwen2_5_VLProcessor", ("qwen2_5_vl", "qwen2.5_vl")),
-    qwen_spec("qwen3-vl", "qwen3_vl", DENSE, "Qwen3VLProcessor", ("qwen3_vl",), DEEPSTACK),
+    qwen_spec("qwen2-vl", "qwen2_vl", QWEN2_GRID, DENSE, "Qwen2VLProcessor", ("qwen2_vl",)),
+    qwen_spec("qwen2.5-vl", "qwen2_5_vl", QWEN2_GRID, DENSE, "Qwen2_5_VLProcessor", ("qwen2_5_vl", "qwen2.5_vl")),
+    qwen_spec("qwen3-vl", "qwen3_vl", QWEN3_GRID, DENSE, "Qwen3VLProcessor", ("qwen3_vl",), DEEPSTACK),
     # experts are fused 3-D parameters and the router is no nn.Linear: LoRA wraps the attention
-    qwen_spec("qwen3-vl-moe", "qwen3_vl_moe", DENSE[:4], "Qwen3VLProcessor", ("qwen3_vl_moe",), DEEPSTACK),
-    qwen_spec("qwen3.5", "qwen3_5", DENSE + DELTANET, "Qwen3VLProcessor", ("qwen3_5", "qwen3-5")),
+    qwen_spec("qwen3-vl-moe", "qwen3_vl_moe", QWEN3_GRID, DENSE[:4], "Qwen3VLProcessor", ("qwen3_vl_moe",), DEEPSTACK),
+    qwen_spec("qwen3.5", "qwen3_5", QWEN3_GRID, DENSE + DELTANET, "Qwen3VLProcessor", ("qwen3_5", "qwen3-5")),
 ]
