@@ -13,7 +13,7 @@ from dvsft.data.dataset import load_records
 from dvsft.models.geometry import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 from dvsft.models.loading import load_model, load_processor
 from dvsft.objectives.losses import LossSettings
-from dvsft.objectives.lsd import crop_image_processor
+from dvsft.objectives.lsd import crop_processor
 from dvsft.training.config import DVSFTConfig
 from dvsft.training.train import report_data_skips
 from dvsft.training.trainer import DVSFTTrainer
@@ -53,9 +53,10 @@ def test_the_config_defaults_are_their_owners_defaults(tiny_dir, tmp_path):
     assert VisionCollator(load_processor(tiny_dir)).max_length == cfg.max_length
 
 
-def test_lsd_crops_use_the_training_pixels_without_a_dvsft_config(tmp_path):
-    plain = crop_image_processor(TrainingArguments(str(tmp_path), remove_unused_columns=False))
-    assert plain.size == crop_image_processor(DVSFTConfig(output_dir=str(tmp_path))).size
+def test_lsd_crops_use_the_training_pixels_without_a_dvsft_config(tiny_dir, tmp_path):
+    processor = load_processor(tiny_dir)
+    plain = crop_processor(processor, TrainingArguments(str(tmp_path), remove_unused_columns=False)).image_processor
+    assert plain.size == crop_processor(processor, DVSFTConfig(output_dir=str(tmp_path))).image_processor.size
     assert (plain.size["shortest_edge"], plain.size["longest_edge"]) == (TRAIN_MIN_PIXELS, TRAIN_MAX_PIXELS)
 
 

@@ -9,6 +9,7 @@ import typer
 
 from dvsft.cli.common import fail, split_list
 from dvsft.core.outputs import OVERWRITE_HELP
+from dvsft.models.families import DEFAULT_FAMILY
 
 POST_PROMPT_HELP = (
     "Text appended to each question (default: the prompt style's; the paper's is "
@@ -128,7 +129,7 @@ def ocr_set(
     n: Annotated[int, typer.Option(help="Number of test images.")] = 500,
     corpus: Annotated[Path | None, typer.Option(help=CORPUS_HELP)] = None,
     seed: Annotated[int, typer.Option()] = 0,
-    family: Annotated[str, typer.Option(help="Token grid the pages are drawn on.")] = "qwen3-vl",
+    family: Annotated[str, typer.Option(help="Token grid the pages are drawn on.")] = DEFAULT_FAMILY,
     cols: Annotated[int, typer.Option(help="Token cells per row.")] = 32,
     max_rows: Annotated[int, typer.Option(help="Rows per page.")] = 32,
     font: Annotated[str, typer.Option(help="Font face (dvsft.sources.fonts) or 'random'.")] = "DejaVuSans",

@@ -10,6 +10,7 @@ import typer
 from dvsft.cli.common import fail, split_list
 from dvsft.experiments.compare import METHODS
 from dvsft.experiments.settings import COMPARE_PRESETS, DEMO_PRESETS
+from dvsft.testing.tiny import TINY_FAMILIES
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -37,7 +38,7 @@ def demo(
     split: Annotated[
         str, typer.Option(help="pages to evaluate on: heldout (the report) or val (for tuning)")
     ] = "heldout",
-    family: Annotated[str | None, typer.Option(help="tiny model family (qwen3-vl, qwen3.5, internvl, …)")] = None,
+    family: Annotated[str | None, typer.Option(help=f"tiny model family: {', '.join(TINY_FAMILIES)}")] = None,
 ) -> None:
     """Train SFT and DV-SFT on rendered text with a tiny Qwen3-VL and compare how fast they learn to read."""
     from dvsft.experiments.demo import demo_preset, parse_methods, run_demo

@@ -11,6 +11,7 @@ from dvsft.align.aligner import AlignConfig
 from dvsft.cli.common import fail, from_params
 from dvsft.core.outputs import OVERWRITE_HELP
 from dvsft.core.progress import progress_bar
+from dvsft.models.families import DEFAULT_FAMILY
 
 
 def _table(title: str, rows: list[tuple[str, str]]):
@@ -28,7 +29,7 @@ def render(
     ctx: typer.Context,
     source: Path = typer.Argument(..., help="SQuAD JSON (v1.1/v2.0), plain text (blank-line separated) or JSONL."),
     out: Path = typer.Option(..., "--out", help="Output folder: images/, words.jsonl, render_stats.json."),
-    family: str = typer.Option("qwen3-vl", help="Model family whose token grid pages align to."),
+    family: str = typer.Option(DEFAULT_FAMILY, help="Model family whose token grid pages align to."),
     cols: int = typer.Option(32, help="Token cells per line (page width = cols x cell)."),
     max_rows: int = typer.Option(32, help="Token rows per page at most."),
     font: str = typer.Option("random", help="DejaVu face (e.g. DejaVuSans, DejaVuSerif-Bold) or 'random'."),
@@ -81,7 +82,7 @@ def render(
 def align(
     words: Path = typer.Argument(..., help="Word records: JSONL, Parquet, a folder of shards or a datasets folder."),
     out: Path = typer.Option(..., "--out", help="Aligned records (JSONL; a folder of shards with --format parquet)."),
-    family: str = typer.Option("qwen3-vl", help="Model family or a local model directory (its processor config)."),
+    family: str = typer.Option(DEFAULT_FAMILY, help="Model family or a local model directory (its processor config)."),
     tokenizer: Path = typer.Option(None, help="Model directory whose tokenizer gives label token ids."),
     min_pixels: int = typer.Option(None, help="Min pixels [default: dvsft train's, 65536 = 64 tokens of 32 px]."),
     max_pixels: int = typer.Option(None, help="Max pixels [default: dvsft train's, 2097152 = 2048 tokens of 32 px]."),

@@ -19,6 +19,7 @@ from typing import Any
 from PIL import Image
 
 from dvsft.evaluation.items import EvalItem, ImageSource
+from dvsft.models.families import DEFAULT_FAMILY
 from dvsft.sources.qa_json import SquadParagraph, VQAEntry
 
 
@@ -30,7 +31,7 @@ class Ctx:
     split: str
     images: bool = True  # False: metadata pass, no image lookups
     image_roots: list[Path] = field(default_factory=list)  # where official-JSON images are searched
-    family: str = "qwen3-vl"  # token grid the SQuAD renderer aligns to
+    family: str = DEFAULT_FAMILY  # token grid the SQuAD renderer aligns to
     index: int = 0  # running row number over all files of the split
     pairs: Counter = field(default_factory=Counter)  # MME: questions seen per image
 

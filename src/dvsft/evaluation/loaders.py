@@ -14,6 +14,7 @@ from dvsft.core.records import IMAGE_PLACEHOLDER, Problem, check_record, image_p
 from dvsft.evaluation import layouts
 from dvsft.evaluation.items import EvalItem
 from dvsft.evaluation.layouts import Ctx
+from dvsft.models.families import DEFAULT_FAMILY
 from dvsft.sources.qa_json import read_json, squad_paragraphs, vqa_entries
 
 DEFAULT_SPLITS = {
@@ -36,7 +37,7 @@ def iter_items(
     bench: str,
     path: str | Path,
     split: str | None = None,
-    family: str = "qwen3-vl",
+    family: str = DEFAULT_FAMILY,
     images: bool = True,
     only_ids: set[str] | None = None,
 ) -> Iterator[EvalItem]:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from dvsft.core.outputs import claim_folder, install_folder, refuse_inputs, temp_sibling
 from dvsft.core.records import read_jsonl, write_jsonl
+from dvsft.models.families import DEFAULT_FAMILY
 
 if TYPE_CHECKING:
     from dvsft.sources.render import Renderer
@@ -141,7 +142,7 @@ def build_ocr_set(
     n: int = 500,
     corpus: str | Path | None = None,
     seed: int = 0,
-    family: str = "qwen3-vl",
+    family: str = DEFAULT_FAMILY,
     cols: int = 32,
     max_rows: int = 32,
     font: str = "DejaVuSans",

@@ -20,12 +20,14 @@ from dvsft.evaluation.visible import read_selection, select_visible, write_selec
 SUMMARY = "scores.json"
 
 
-def model_family(model_dir: str | Path) -> str:
-    """The family name of a model directory (for rendering SQuAD contexts); a ``ValueError`` naming the supported
-    families for a model type none knows."""
-    from dvsft.models.families import spec_for_model_dir
+def render_family(model_dir: str | Path) -> str:
+    """The family whose token grid SQuAD contexts are drawn on for the model in ``model_dir``: its own where its
+    image is one grid of tokens (Qwen-VL), else :data:`~dvsft.models.families.DEFAULT_FAMILY`'s (the SQuAD run's
+    settings say which); a model no family module knows is a ``ValueError`` naming the supported families."""
+    from dvsft.models.families import DEFAULT_FAMILY, spec_for_model_dir
 
-    return spec_for_model_dir(model_dir).name
+    spec = spec_for_model_dir(model_dir)
+    return spec.name if spec.grid is not None else DEFAULT_FAMILY
 
 
 def run_benchmarks(
@@ -75,12 +77,12 @@ def run_benchmarks(
     for path in data:
         if not Path(path).exists():
             raise FileNotFoundError(f"--data {path} does not exist")
+    family = render_family(model_dir)  # before loading: an unknown model stops here
     out = Path(out_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     processor = load_processor(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)  # no tokenizer: stop now
     model_sha256 = content_sha256(model_dir, WEIGHT_FILES)  # before loading: a later change regenerates
     model = load_model(model_dir).to(device).eval()
-    family = model_family(model_dir)
     results: dict[str, Any] = {}
     for bench, path in zip(specs, data, strict=True):
         bench_split = split or DEFAULT_SPLITS[bench.name]
@@ -108,6 +110,7 @@ def run_benchmarks(
             "metric_rules": rules_label(rules),
             "scales": scales if bench.name == "ocr" else None,
             "selection": sorted(only_ids) if only_ids is not None else None,
+            "render_family": family if bench.name == "squad" else None,  # the token grid SQuAD pages are drawn on
             "model_sha256": model_sha256,
             "data_sha256": content_sha256(path),
         }

@@ -29,6 +29,7 @@ from typing import Any
 
 from dvsft.experiments.runner import Job, TrainStage, final_dir, pool_size, quiet_transformers, run_jobs
 from dvsft.experiments.settings import DEMO_PRESETS, DemoPreset, page_pixels
+from dvsft.models.families import DEFAULT_FAMILY
 
 METHODS = ("sft", "dvsft")
 PRESETS: dict[str, DemoPreset] = DEMO_PRESETS  # presets/demo.yaml
@@ -66,7 +67,7 @@ def render_split(
 
     pixels = page_pixels(preset)
     renderer = Renderer(
-        family="qwen3-vl",
+        family=DEFAULT_FAMILY,
         cols=preset.cols,
         max_rows=preset.rows,
         style=RenderStyle(font_size=preset.font_size, full_height=True, words_per_row=preset.words_per_row or None),
@@ -361,9 +362,9 @@ def run_demo(
         raise ValueError(f"split must be heldout or val, got {split!r}")
     quiet_transformers()
     console = Console()
-    if preset.text_steps and preset.tiny.family != "qwen3-vl":
+    if preset.text_steps and preset.tiny.family != DEFAULT_FAMILY:
         # oracle visual tokens go in through Qwen3-VL's mm_encoder_outputs; other families start from scratch
-        console.print(f"[yellow]![/] no text stage for family {preset.tiny.family} (qwen3-vl only)")
+        console.print(f"[yellow]![/] no text stage for family {preset.tiny.family} ({DEFAULT_FAMILY} only)")
         preset = replace(preset, text_steps=0)
     n_seeds = seeds if seeds is not None else preset.seeds
     out = Path(out)

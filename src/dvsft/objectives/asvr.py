@@ -18,7 +18,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dvsft.objectives.base import HiddenStates, Objective, base_model, vision_tower_of
+from dvsft.objectives.base import (
+    HiddenStates,
+    Objective,
+    base_model,
+    family_of,
+    image_token_mask,
+    processor_callback,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +107,7 @@ class ASVROptions:
     weight: float = 1.0  # ASVR adds its loss unweighted (1.0)
     head_dim: int | None = None  # width of the head (default: the LLM hidden size, at most 1024)
     depth_layers: int = 1  # depth-transformer layers when the codebook has several levels
-    frozen_tokenizer: bool = True  # codes from a frozen copy of the initial vision tower (else the live one)
+    frozen_tokenizer: bool = True  # codes from a frozen copy of the initial vision parts (else the live ones)
 
 
 class ASVRObjective(Objective):
@@ -121,7 +128,6 @@ class ASVRObjective(Objective):
             )
         self.codebook = Codebook.load(opts.codes)
         base = base_model(model)
-        tower = vision_tower_of(base)
         fp = model_fingerprint(base)
         expected = self.codebook.meta.get("model_fingerprint")
         if expected and expected != fp:
@@ -134,10 +140,23 @@ class ASVRObjective(Objective):
             )
         hidden_size = base.config.get_text_config().hidden_size
         self.head = ASVRHead(hidden_size, self.codebook.k, self.codebook.levels, opts.head_dim, opts.depth_layers)
-        self.tokenizer = copy.deepcopy(tower).requires_grad_(False).eval() if opts.frozen_tokenizer else None
+        # the frozen tokenizer: a copy of the initial vision parts (tower, projector) that codes are computed with
+        parts = family_of(base).vision_parts(base)
+        self.tokenizer = copy.deepcopy(parts).requires_grad_(False).eval() if opts.frozen_tokenizer else None
         self._centroids = None
-        # the cache of `dvsft codes fit/encode`, valid while codes come from the fitted (initial) tower
+        # the cache of `dvsft codes fit/encode`, valid while codes come from the fitted (initial) tower; read once
+        # the run's processor tells the resolution (:meth:`callbacks`)
         self.cache = CodeCache(opts.codes, fp, self.codebook.id) if opts.frozen_tokenizer else None
+        self.resolution: dict[str, Any] | None = None
+
+    def callbacks(self) -> list[Any]:
+        """The run's processor gives the resolution that keys the code cache."""
+        from dvsft.objectives.codes import resolution
+
+        def receive(processor: Any) -> None:
+            self.resolution = resolution(processor) if processor is not None else None
+
+        return [processor_callback(receive)]
 
     def modules(self) -> dict[str, nn.Module]:
         return {"asvr_head": self.head}
@@ -146,16 +165,17 @@ class ASVRObjective(Objective):
         return {"asvr_loss": float(self.options.weight)}
 
     @torch.no_grad()
-    def computed_codes(self, model: nn.Module, pixel_values: torch.Tensor, thw: torch.Tensor) -> list[torch.Tensor]:
-        """Codes per image from the frozen tokenizer tower's features (or the live tower's)."""
-        from dvsft.objectives.codes import tower_features
+    def computed_codes(self, model: nn.Module, batch: dict[str, Any], counts: list[int]) -> list[torch.Tensor]:
+        """Codes per sample (``counts`` visual tokens each) from the frozen tokenizer's features (or the live
+        vision parts')."""
+        from dvsft.objectives.codes import image_features
 
-        tower = self.tokenizer if self.tokenizer is not None else vision_tower_of(model)
+        device = batch["input_ids"].device
         if self.tokenizer is not None:
-            self.tokenizer.to(pixel_values.device)
-        feats = tower_features(tower, pixel_values, thw)
-        if self._centroids is None or self._centroids[0].device != pixel_values.device:
-            self._centroids = [c.to(pixel_values.device) for c in self.codebook.centroids]
+            self.tokenizer.to(device)
+        feats = image_features(model, batch, counts, self.tokenizer)
+        if self._centroids is None or self._centroids[0].device != device:
+            self._centroids = [c.to(device) for c in self.codebook.centroids]
         out = []
         for f in feats:
             residual, levels = f.float(), []
@@ -170,29 +190,29 @@ class ASVRObjective(Objective):
     @torch.no_grad()
     def batch_codes(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """Codes (visual tokens of the batch, levels): from the code cache when the batch carries its records
-        (image paths), otherwise (and for cache misses) computed from ``pixel_values``."""
-        pv, thw = batch["pixel_values"], batch["image_grid_thw"]
-        records = batch.get("records")
-        if records is None or self.cache is None:
-            return torch.cat(self.computed_codes(model, pv, thw))
-        patch = int(vision_tower_of(model).patch_size)
-        sizes = [(int(t[2]) * patch, int(t[1]) * patch) for t in thw.tolist()]
-        cached = [self.cache.get(r["image"], s) for r, s in zip(records, sizes, strict=True)]
-        if any(c is None for c in cached):
-            computed = self.computed_codes(model, pv, thw)
-            for i, (rec, size) in enumerate(zip(records, sizes, strict=True)):
-                if cached[i] is None:
+        (image paths) and the run's resolution is known, otherwise (and for cache misses) computed from the
+        batch's pixel inputs."""
+        counts = image_token_mask(model, batch["input_ids"]).sum(1).tolist()
+        records, settings = batch.get("records"), self.resolution
+        if records is None or self.cache is None or settings is None:
+            return torch.cat(self.computed_codes(model, batch, counts))
+        cached = [self.cache.get(r["image"], settings) for r in records]
+        if any(c is None or len(c) != n for c, n in zip(cached, counts, strict=True)):
+            computed = self.computed_codes(model, batch, counts)
+            for i, rec in enumerate(records):
+                if cached[i] is None or len(cached[i]) != counts[i]:
                     cached[i] = computed[i].cpu().numpy()
-                    self.cache.put(rec["image"], size, cached[i])
-        return torch.cat([torch.as_tensor(c, dtype=torch.long) for c in cached]).to(pv.device)
+                    self.cache.put(rec["image"], settings, cached[i])
+        device = batch["input_ids"].device
+        return torch.cat([torch.as_tensor(c, dtype=torch.long) for c in cached]).to(device)
 
     def loss(self, model, batch, hidden: HiddenStates):
         codes = self.batch_codes(model, batch)
         vis = hidden.last[hidden.image_mask]
         if vis.shape[0] != codes.shape[0]:
             raise ValueError(
-                f"ASVR: {vis.shape[0]} visual positions in the sequences but {codes.shape[0]} visual tokens in "
-                "pixel_values (a truncated image?)"
+                f"ASVR: {vis.shape[0]} visual positions in the sequences but {codes.shape[0]} codes of the images' "
+                "visual tokens"
             )
         head_dtype = next(self.head.parameters()).dtype
         value, acc = asvr_terms(self.head, vis.to(head_dtype), codes)

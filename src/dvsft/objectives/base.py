@@ -27,7 +27,7 @@ your own with ``register_objective("name", cls)``; options specific to it go in 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -90,12 +90,7 @@ def forward_hidden(model: nn.Module, batch: dict[str, Any], layers: bool = False
             **model_inputs(batch), output_hidden_states=True, logits_to_keep=1, use_cache=False, return_dict=True
         )
     states = tuple(out.hidden_states)
-    config = base_model(model).config
-    image_id = getattr(config, "image_token_id", None)
-    if image_id is None:
-        image_id = getattr(config, "image_token_index", None)
-    ids = batch["input_ids"]
-    mask = ids == image_id if image_id is not None else ids.new_zeros(ids.shape, dtype=bool)
+    mask = image_token_mask(model, batch["input_ids"])
     return HiddenStates(last=states[-1], image_mask=mask, layers=states if layers else None)
 
 
@@ -112,12 +107,11 @@ def dummy_vision_pass(model: nn.Module, batch: dict[str, Any]) -> Iterator[None]
     from dvsft.data.collator import DUMMY_IMAGE
 
     dummy, core = batch.get(DUMMY_IMAGE), base_model(model)
-    spec = family_of(core)
-    if dummy is None or "pixel_values" in batch or spec is None or not torch.is_grad_enabled():
+    if dummy is None or "pixel_values" in batch or not torch.is_grad_enabled():
         yield
         return
-    vision = [*vision_tower_of(core).parameters(), *projector_of(core).parameters()]
-    if not any(p.requires_grad for p in vision):
+    spec = family_of(core)
+    if not any(p.requires_grad for p in spec.vision_parts(core).parameters()):
         yield
         return
     done: list[bool] = []
@@ -143,6 +137,18 @@ def _float_sum(value: Any) -> torch.Tensor:
         return value.float().sum() if value.is_floating_point() else torch.zeros((), device=value.device)
     items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else ()
     return sum((_float_sum(v) for v in items if v is not None), torch.zeros(()))
+
+
+def processor_callback(receive: Callable[[Any], None]) -> Any:
+    """A ``TrainerCallback`` that hands the run's processor (the Trainer's ``processing_class``; None without one)
+    to ``receive`` when training begins: how an objective reads the model's own processor."""
+    from transformers import TrainerCallback
+
+    class ReceiveProcessor(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            receive(kwargs.get("processing_class"))
+
+    return ReceiveProcessor()
 
 
 @dataclass
@@ -211,17 +217,16 @@ def register_objective(name: str, cls: type[Objective]) -> type[Objective]:
 # --------------------------------------------------------------------------- model helpers
 
 
-def family_of(model: nn.Module) -> FamilySpec | None:
-    """The registered family of ``model``, wrappers unwrapped (None for a model type no family module knows)."""
+def family_of(model: nn.Module) -> FamilySpec:
+    """The family module of ``model`` (wrappers unwrapped), which owns its parts; a ``ValueError`` naming the
+    supported families for a model type none knows."""
     from dvsft.models.families import spec_for_model
 
-    try:
-        return spec_for_model(base_model(model))
-    except ValueError:
-        return None
+    return spec_for_model(base_model(model))
 
 
 def lm_head_of(model: nn.Module) -> nn.Module:
+    """The LM head: ``get_output_embeddings()`` for every family."""
     head = base_model(model).get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(base_model(model)).__name__} has no output embeddings (lm_head)")
@@ -230,22 +235,26 @@ def lm_head_of(model: nn.Module) -> nn.Module:
 
 def language_model_of(model: nn.Module) -> nn.Module:
     """The decoder stack (has ``.layers``, ``.norm``, ``.embed_tokens``): the family module's accessor."""
-    spec = family_of(model)
-    if spec is not None:
-        return spec.language_model(model)
-    inner = base_model(model).model
-    return getattr(inner, "language_model", inner)
+    return family_of(model).language_model(model)
 
 
 def vision_tower_of(model: nn.Module) -> nn.Module:
-    spec = family_of(model)
-    return spec.vision_tower(model) if spec is not None else base_model(model).model.visual
+    """The vision tower (Qwen-VL's holds the projector): the family module's accessor."""
+    return family_of(model).vision_tower(model)
 
 
 def projector_of(model: nn.Module) -> nn.Module:
     """The module that maps vision features to the LLM's hidden size (Qwen-VL: ``visual.merger``)."""
-    spec = family_of(model)
-    return spec.projector(model) if spec is not None else vision_tower_of(model).merger
+    return family_of(model).projector(model)
+
+
+def image_token_mask(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, L]``: the positions of ``input_ids`` that hold the model's image placeholder (its visual tokens)."""
+    config = base_model(model).config
+    image_id = getattr(config, "image_token_id", None)
+    if image_id is None:
+        image_id = getattr(config, "image_token_index", None)
+    return input_ids == image_id if image_id is not None else input_ids.new_zeros(input_ids.shape, dtype=bool)
 
 
 # --------------------------------------------------------------------------- built-in objectives

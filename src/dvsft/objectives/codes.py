@@ -2,10 +2,11 @@
 
 ASVR supervises each visual position with the code a semantic visual tokenizer gives it (paper:
 DualToken VQ-SigLIP). With no such tokenizer here, the codebook is k-means (optionally residual, one
-codebook per level) over the model's post-projector visual features
-(``model.model.get_image_features(...).pooler_output``, one vector per visual token) on the training
-images. Codes are cached per image under the codebook directory, keyed by the image path, its mtime,
-the resized size, the model's vision fingerprint and the codebook id, so a second encode is a read.
+codebook per level) over the model's post-projector visual features (the model's own
+``get_image_features(...).pooler_output`` through its family module, one vector per visual token, tiles and
+newline slots included, in sequence order) on the training images: every family. Codes are cached per image
+under the codebook directory, keyed by the image path, its mtime, the processor's resolution settings, the
+model's vision fingerprint and the codebook id, so a second encode is a read.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dvsft.objectives.base import family_of
 
 CODEBOOK_FILE = "codebook.safetensors"
 META_FILE = "codebook.json"
@@ -164,48 +167,55 @@ def fit_codebook(features, k: int, levels: int = 1, seed: int = 0, iters: int = 
 
 
 def model_fingerprint(model: Any, samples: int = 4096) -> str:
-    """A hash of the vision tower (config, parameter names, shapes and sampled values)."""
+    """A hash of the model's vision parts (:meth:`~dvsft.models.families.FamilySpec.vision_parts`): the vision
+    tower's config, then the parameter names, shapes and sampled values of the tower (names as the tower gives
+    them) and of the other parts (names prefixed by their path)."""
     import torch
 
-    visual = vision_tower(model)
+    spec = family_of(model)
+    parts = spec.vision_parts(model)
     h = hashlib.sha256()
-    cfg = getattr(visual, "config", None)
+    cfg = getattr(spec.vision_tower(model), "config", None)
     if cfg is not None:
         h.update(cfg.to_json_string(use_diff=False).encode())
+    items = [(key, part.state_dict()) for key, part in parts.named_children()]
+    items += [(key, {"": part}) for key, part in parts.named_parameters(recurse=False)]
     with torch.no_grad():
-        for name, p in sorted(visual.state_dict().items()):
-            flat = p.detach().reshape(-1)
-            step = max(1, flat.numel() // samples)
-            h.update(f"{name}{tuple(p.shape)}".encode())
-            h.update(flat[::step].float().cpu().numpy().tobytes())
-            h.update(np.float64(flat.double().sum().item()).tobytes())
+        for i, (key, state) in enumerate(items):
+            for name, p in sorted(state.items()):
+                flat = p.detach().reshape(-1)
+                step = max(1, flat.numel() // samples)
+                h.update(f"{f'{key}.{name}' if i else name}{tuple(p.shape)}".encode())
+                h.update(flat[::step].float().cpu().numpy().tobytes())
+                h.update(np.float64(flat.double().sum().item()).tobytes())
     return h.hexdigest()[:16]
 
 
-def vision_tower(model: Any):
-    """The vision tower (with its merger/projector) of a Qwen-VL model."""
-    inner = getattr(model, "model", model)
-    visual = getattr(inner, "visual", None)
-    if visual is None:
-        raise ValueError(f"{type(model).__name__} has no vision tower at .model.visual")
-    return visual
-
-
-def tower_features(tower: Any, pixel_values, image_grid_thw) -> list[Any]:
-    """Post-projector features of a vision tower (``model.model.visual`` or a copy), one tensor per image."""
+def feature_rows(features: Any) -> Any:
+    """``get_image_features``' ``pooler_output`` (a tensor, or a tuple / list of them) as one ``(tokens, dim)``
+    tensor, its rows in the order the model puts them into the image-token positions of the sequence."""
     import torch
 
-    dtype = next(tower.parameters()).dtype
-    out = tower(pixel_values.to(dtype), grid_thw=image_grid_thw)
-    feats = getattr(out, "pooler_output", out)
-    if isinstance(feats, torch.Tensor):
-        feats = torch.split(feats, (image_grid_thw.prod(-1) // tower.spatial_merge_size**2).tolist())
-    return list(feats)
+    parts = [features] if isinstance(features, torch.Tensor) else list(features)
+    return torch.cat([f.reshape(-1, f.shape[-1]) for f in parts])
 
 
-def image_features(model: Any, pixel_values, image_grid_thw) -> list[Any]:
-    """Post-projector visual features, one (tokens, dim) tensor per image (what the LLM receives)."""
-    return tower_features(vision_tower(model), pixel_values, image_grid_thw)
+def image_features(model: Any, inputs: dict[str, Any], counts: Sequence[int], parts: Any = None) -> list[Any]:
+    """Post-projector visual features (what the LLM receives), one ``(tokens, dim)`` tensor per image:
+    :meth:`~dvsft.models.families.FamilySpec.vision_features` of the batch's image ``inputs`` (with ``parts``
+    in the model's place), split into ``counts`` rows per image."""
+    spec = family_of(model)
+    rows = feature_rows(spec.vision_features(model, spec.vision_inputs(model, inputs), parts)[0])
+    if rows.shape[0] != sum(counts):
+        raise ValueError(f"the vision features have {rows.shape[0]} rows, the images {sum(counts)} visual tokens")
+    return list(rows.split(list(counts)))
+
+
+def token_counts(processor: Any, images: Sequence[Any]) -> list[int]:
+    """Image-token positions of each PIL image in ``processor``'s sequences (its layout's ``num_tokens``)."""
+    from dvsft.models.geometry import layout_for
+
+    return [layout_for(processor, *im.size).num_tokens for im in images]
 
 
 def process_images(processor: Any, images: Sequence[Any]) -> dict[str, Any]:
@@ -219,12 +229,13 @@ def features_of_images(model: Any, processor: Any, images: Sequence[Any]) -> lis
 
     batch = process_images(processor, images)
     device = next(model.parameters()).device
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)  # bitwise-reproducible CPU reductions: the same image gives the same codes
     try:
         with torch.no_grad():
-            feats = image_features(model, batch["pixel_values"].to(device), batch["image_grid_thw"].to(device))
+            feats = image_features(model, inputs, token_counts(processor, images))
     finally:
         torch.set_num_threads(threads)
     return [f.float().cpu() for f in feats]
@@ -241,36 +252,37 @@ class CodeCache:
         self.model_fp, self.codebook_id = model_fp, codebook_id
         self.hits = self.misses = 0
 
-    def key(self, image: str | Path, resized: tuple[int, int]) -> str:
+    def key(self, image: str | Path, resolution: dict[str, Any]) -> str:
         p = Path(image).resolve()
         mtime = p.stat().st_mtime_ns
-        raw = json.dumps([str(p), mtime, list(resized), self.model_fp, self.codebook_id])
+        raw = json.dumps([str(p), mtime, resolution, self.model_fp, self.codebook_id], sort_keys=True, default=str)
         return hashlib.sha256(raw.encode()).hexdigest()
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.npy"
 
-    def get(self, image: str | Path, resized: tuple[int, int]) -> np.ndarray | None:
-        path = self._path(self.key(image, resized))
+    def get(self, image: str | Path, resolution: dict[str, Any]) -> np.ndarray | None:
+        path = self._path(self.key(image, resolution))
         if path.is_file():
             self.hits += 1
             return np.load(path)
         self.misses += 1
         return None
 
-    def put(self, image: str | Path, resized: tuple[int, int], codes: np.ndarray) -> None:
-        path = self._path(self.key(image, resized))
+    def put(self, image: str | Path, resolution: dict[str, Any], codes: np.ndarray) -> None:
+        path = self._path(self.key(image, resolution))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
         np.save(tmp, codes.astype(np.int32))
         os.replace(tmp, path)
 
 
-def resized_size(processor: Any, width: int, height: int) -> tuple[int, int]:
-    from dvsft.models.geometry import grid_for
+def resolution(processor: Any) -> dict[str, Any]:
+    """The settings with which ``processor`` turns an image into visual tokens (its family's ``settings_from``:
+    Qwen-VL's patch, merge and pixel bounds, a tiled family's tile rules): part of each cached image's key."""
+    from dvsft.models.families import spec_for_processor
 
-    g = grid_for(processor, width, height)
-    return g.resized_width, g.resized_height
+    return spec_for_processor(processor).settings_from(processor)
 
 
 class Encoder:
@@ -287,25 +299,25 @@ class Encoder:
         self, paths: Sequence[str | Path], batch_size: int = 8, progress: Callable[[int], None] | None = None
     ) -> list[np.ndarray]:
         """Codes (tokens, levels) per image file; cached ones are read, the rest computed and stored."""
-        from dvsft.core.images import image_size, load_image
+        from dvsft.core.images import load_image
 
         out: list[np.ndarray | None] = [None] * len(paths)
-        todo: list[tuple[int, tuple[int, int]]] = []
+        todo: list[int] = []
+        settings = resolution(self.processor)
         for i, p in enumerate(paths):
             if not Path(p).is_file():
                 raise ValueError(f"{p}: image file not found")
-            size = resized_size(self.processor, *image_size(p, decode=False))
-            out[i] = self.cache.get(p, size)
+            out[i] = self.cache.get(p, settings)
             if out[i] is None:
-                todo.append((i, size))
+                todo.append(i)
             elif progress:
                 progress(1)
         for s in range(0, len(todo), batch_size):
             chunk = todo[s : s + batch_size]
-            images = [load_image(paths[i]) for i, _ in chunk]
-            for (i, size), feats in zip(chunk, features_of_images(self.model, self.processor, images), strict=True):
+            images = [load_image(paths[i]) for i in chunk]
+            for i, feats in zip(chunk, features_of_images(self.model, self.processor, images), strict=True):
                 codes = self.codebook.encode(feats).numpy().astype(np.int32)
-                self.cache.put(paths[i], size, codes)
+                self.cache.put(paths[i], settings, codes)
                 out[i] = codes
             if progress:
                 progress(len(chunk))
@@ -361,7 +373,7 @@ def fit_from_files(
 
     if not paths:
         raise ValueError("no images to fit codes on")
-    feats_per_image, sizes = [], []
+    feats_per_image = []
     for s in range(0, len(paths), batch_size):
         chunk = paths[s : s + batch_size]
         images = []
@@ -369,7 +381,6 @@ def fit_from_files(
             if not Path(p).is_file():
                 raise ValueError(f"{p}: image file not found")
             images.append(load_image(p))
-            sizes.append(resized_size(processor, *images[-1].size))
         feats_per_image.extend(features_of_images(model, processor, images))
         if progress:
             progress(len(chunk))
@@ -379,17 +390,19 @@ def fit_from_files(
         allf = allf[torch.randperm(allf.shape[0], generator=g)[:max_features].sort().values]
     codebook = fit_codebook(allf, k, levels, seed, iters)
     fp = model_fingerprint(model)
+    settings = resolution(processor)
     codebook.meta.update(
         model_fingerprint=fp,
         n_images=len(paths),
-        min_pixels=int(processor.image_processor.size["shortest_edge"]),
-        max_pixels=int(processor.image_processor.size["longest_edge"]),
+        resolution=settings,
+        min_pixels=settings.get("min_pixels"),
+        max_pixels=settings.get("max_pixels"),
     )
     codebook.save(out_dir)
     cache = CodeCache(out_dir, fp, codebook.id)
     codes = []
-    for p, size, feats in zip(paths, sizes, feats_per_image, strict=True):
+    for p, feats in zip(paths, feats_per_image, strict=True):
         c = codebook.encode(feats).numpy().astype(np.int32)
-        cache.put(p, size, c)
+        cache.put(p, settings, c)
         codes.append(c)
     return codebook, codes

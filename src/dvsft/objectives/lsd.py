@@ -3,7 +3,11 @@ what an EMA teacher vision tower sees in the crop of that region.
 
 L_distill = MSE(teacher(crop) pooled, ROIAlign(student features, box)); teacher = alpha * teacher +
 (1 - alpha) * student after every optimizer step (alpha 0.9, lambda 1 in the paper). The teacher never
-receives gradients. ROIAlign (:func:`roi_align`) is ``torchvision.ops.roi_align`` where torchvision is
+receives gradients. Every family: the student's features are the LLM's input embeddings at the image tokens (the
+projector's output), the teacher an EMA copy of the model's vision parts (tower, projector) that runs through the
+model's own ``get_image_features`` (:meth:`~dvsft.models.families.FamilySpec.vision_features`); both are read on
+the view that sees the whole image (:func:`whole_view`), and crops reach the teacher through the run's own
+processor (:func:`crop_processor`). ROIAlign (:func:`roi_align`) is ``torchvision.ops.roi_align`` where torchvision is
 importable, elsewhere (or with ``use_torchvision=False``) plain torch with torchvision's semantics
 (``aligned=True``: pixel centres sit at half-integers; bins are averaged over a regular grid of bilinear
 samples; samples beyond the map count zero, as in torchvision's kernel); tests/test_lsd.py compares it
@@ -216,69 +220,89 @@ class LSDOptions:
     seed: int = 0
 
 
-def crop_image_processor(config: Any) -> Any:
-    """A PIL image processor like the training one: crops reach the teacher the way images reach the model
-    (``config``'s min / max pixels; the training defaults where it lacks them, as the collator's)."""
-    from transformers import Qwen2VLImageProcessorPil
+def crop_processor(processor: Any, config: Any) -> Any:
+    """The processor that takes LSD's crops (and gives the student's layout): a copy of the run's own, with
+    ``config``'s min / max pixels (the training defaults where it lacks them) set as the collator sets them, so
+    crops reach the teacher the way images reach the model."""
+    from dvsft.models.loading import set_pixels
 
-    path = getattr(config, "model_vision_from", None) or getattr(config, "model", None)
-    if path == "tiny" or path is None:
-        ip = Qwen2VLImageProcessorPil(
-            patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3
-        )
-    else:
-        ip = Qwen2VLImageProcessorPil.from_pretrained(path)
-    ip.size["shortest_edge"] = int(getattr(config, "min_pixels", TRAIN_MIN_PIXELS))
-    ip.size["longest_edge"] = int(getattr(config, "max_pixels", TRAIN_MAX_PIXELS))
-    return ip
+    out = copy.copy(processor)
+    out.image_processor = copy.deepcopy(processor.image_processor)
+    min_pixels = int(getattr(config, "min_pixels", TRAIN_MIN_PIXELS))
+    set_pixels(out, min_pixels, int(getattr(config, "max_pixels", TRAIN_MAX_PIXELS)))
+    return out
+
+
+def whole_view(layout: Any) -> Any:
+    """The view of ``layout`` that sees the whole image, the one with the most tokens where several do (Qwen-VL's
+    one view, InternVL's thumbnail or single tile, LLaVA-OneVision's crop grid, Idefics3's global image)."""
+    w, h, eps = layout.width, layout.height, 1e-6
+    whole = [v for v in layout.views if max(v.region[:2]) <= eps and v.region[2] >= w - eps and v.region[3] >= h - eps]
+    if not whole:
+        raise ValueError(f"no view of the {layout.family} layout sees the whole {w}x{h} image")
+    return max(whole, key=lambda v: v.num_tokens)
+
+
+def view_rows(features: torch.Tensor, view: Any) -> torch.Tensor:
+    """``view``'s tokens, row-major, from one image's ``(image tokens, C)`` features (newline slots left out)."""
+    return features[[view.position(k) for k in range(view.num_tokens)]]
+
+
+def region_boxes(view: Any, boxes: Sequence[Sequence[float]]) -> tuple[tuple[float, float], list[list[float]]]:
+    """(size, boxes) of ``boxes`` (original pixels) relative to ``view``'s region, for :func:`distill_loss`."""
+    x0, y0, x1, y1 = view.region
+    return (x1 - x0, y1 - y0), [[b[0] - x0, b[1] - y0, b[2] - x0, b[3] - y0] for b in boxes]
 
 
 class LSDObjective(Objective):
-    """GranViT's localized self-distillation on word/phrase boxes of each training image."""
+    """GranViT's localized self-distillation on word/phrase boxes of each training image, on every family: the
+    student's features are the LLM's input embeddings at the image's tokens (the projector's output), the teacher
+    an EMA copy of the model's vision parts, both read on the view that sees the whole image."""
 
     requires = ("sft",)
     needs_records = True  # the batch must carry the records (image path, size, words)
+    needs_hidden_states = True  # layers[0]: the student's features
     Options = LSDOptions
 
     def setup(self, model: nn.Module, config: Any) -> None:
-        from dvsft.objectives.base import base_model, vision_tower_of
+        from dvsft.objectives.base import base_model, family_of
 
         opts = self.options
         if opts.level not in ("word", "phrase"):
             raise ValueError(f"objectives.lsd.level must be word or phrase, got {opts.level!r}")
-        student = vision_tower_of(base_model(model))
-        encoder = [p for n, p in student.named_parameters() if "merger" not in n]  # the ViT without projector
+        base = base_model(model)
+        spec = family_of(base)
+        student = spec.vision_parts(base)
+        projector = {id(p) for p in spec.projector(base).parameters()}
+        encoder = [p for p in spec.vision_tower(base).parameters() if id(p) not in projector]
         if not any(p.requires_grad for p in encoder):
             # LSD exists to train the vision encoder; frozen, it would only move the projector
             log.warning("lsd: the vision encoder was frozen; making it trainable (set train.vision: true to silence)")
             for p in encoder:
                 p.requires_grad_(True)
+        self.config = config  # its min / max pixels size the crops
         self.student = student
         self.teacher = EMATeacher(student, opts.alpha)
-        self.image_processor = crop_image_processor(config)
+        self.processor: Any = None  # the run's, with the training pixels (:meth:`callbacks`)
         self.rng = random.Random(opts.seed)
-        self._captured: Any = None
-        self._hook = student.register_forward_hook(self._capture)
 
     def callbacks(self) -> list[Any]:
-        """The EMA teacher follows the student after every optimizer step (a ``TrainerCallback``)."""
+        """The run's processor takes the crops to the teacher; the EMA teacher follows the student after every
+        optimizer step."""
         from transformers import TrainerCallback
 
+        from dvsft.objectives.base import processor_callback
+
         objective = self
+
+        def receive(processor: Any) -> None:
+            objective.processor = crop_processor(processor, objective.config) if processor is not None else None
 
         class EMAUpdate(TrainerCallback):
             def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 objective.teacher.update(objective.student)
 
-        return [EMAUpdate()]
-
-    def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
-        if module.training and torch.is_grad_enabled():
-            self._captured = getattr(output, "pooler_output", output)
-
-    def close(self) -> None:
-        """Remove the forward hook (the objective stops reading the student's features)."""
-        self._hook.remove()
+        return [processor_callback(receive), EMAUpdate()]
 
     def weights(self) -> dict[str, float]:
         return {"lsd_loss": float(self.options.weight)}
@@ -298,44 +322,46 @@ class LSDObjective(Objective):
         return [r.box for r in regs]
 
     def teacher_features(
-        self, crops: list[Any], device: torch.device
+        self, model: nn.Module, crops: list[Any], device: torch.device
     ) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
-        from dvsft.objectives.codes import tower_features
+        """The teacher's features of each crop on the view that sees the whole crop: (its tokens' features,
+        row-major, and its (rows, cols)) per crop."""
+        from dvsft.models.geometry import layout_for
+        from dvsft.objectives.codes import image_features, process_images, token_counts
 
-        out = self.image_processor(images=crops, return_tensors="pt")
-        thw = out["image_grid_thw"]
+        inputs = {k: v.to(device) for k, v in process_images(self.processor, crops).items() if torch.is_tensor(v)}
         self.teacher.module.to(device)
-        feats = tower_features(self.teacher.module, out["pixel_values"].to(device), thw.to(device))
-        merge = self.image_processor.merge_size
-        return feats, [(int(t[1]) // merge, int(t[2]) // merge) for t in thw]
+        with torch.no_grad():
+            feats = image_features(model, inputs, token_counts(self.processor, crops), self.teacher.module)
+        views = [whole_view(layout_for(self.processor, *c.size)) for c in crops]
+        return [view_rows(f, v) for f, v in zip(feats, views, strict=True)], [(v.rows, v.cols) for v in views]
 
     def loss(self, model, batch, hidden):
         from dvsft.core.images import load_image
+        from dvsft.models.geometry import layout_for
 
         records = batch.get("records")
         if records is None:
             raise ValueError("the lsd objective needs the batch records (VisionCollator(keep_records=True))")
-        captured, self._captured = self._captured, None
+        if hidden.layers is None:
+            raise ValueError("the lsd objective needs all hidden states (needs_hidden_states)")
         zero = hidden.last.sum() * 0.0
-        if captured is None:
+        if not (model.training and torch.is_grad_enabled()):  # distillation trains; evaluation reports nothing
             return {"lsd_loss": zero, "lsd_regions": zero.detach()}
-        thw = batch["image_grid_thw"]
-        merge = self.student.spatial_merge_size
-        sizes = (thw.prod(-1) // merge**2).tolist()
-        per_image = torch.split(captured, sizes)
+        if self.processor is None:
+            raise ValueError("the lsd objective needs the run's processor (DVSFTTrainer(processing_class=...))")
         total, n = zero, 0
-        for rec, feats, grid in zip(records, per_image, thw.tolist(), strict=True):
+        for b, rec in enumerate(records):
             boxes = self.regions(rec)
             if not boxes:
                 continue
             image = load_image(rec["image"])
+            view = whole_view(layout_for(self.processor, *image.size))
+            student = feature_grid(view_rows(hidden.layers[0][b][hidden.image_mask[b]], view), view.rows, view.cols)
             crops = crop_regions(image, boxes, self.options.pad)
-            t_feats, t_grids = self.teacher_features(crops, feats.device)
-            rows, cols = grid[1] // merge, grid[2] // merge
-            student = feature_grid(feats, rows, cols)
-            total = total + distill_loss(student, image.size, boxes, t_feats, t_grids, self.options.output_size) * len(
-                boxes
-            )
-            n += len(boxes)
+            t_feats, t_grids = self.teacher_features(model, crops, student.device)
+            size, in_view = region_boxes(view, boxes)
+            value = distill_loss(student, size, in_view, t_feats, t_grids, self.options.output_size)
+            total, n = total + value * len(boxes), n + len(boxes)
         value = total / n if n else zero
         return {"lsd_loss": value, "lsd_regions": hidden.last.new_tensor(float(n))}

@@ -33,6 +33,7 @@ from typing import Any
 from dvsft.core.outputs import add_to_marker, refuse_inputs, replace_with, start_folder
 from dvsft.core.record_table import check_format
 from dvsft.core.records import IMAGE_PLACEHOLDER, JsonlAppender, read_jsonl, write_jsonl
+from dvsft.models.families import DEFAULT_FAMILY
 from dvsft.sources.corpora import QA, Document, load_documents
 from dvsft.sources.instructions import TRANSCRIBE_INSTRUCTION, qa_prompt
 from dvsft.sources.render import PageLayout, Renderer, RenderStyle
@@ -44,7 +45,7 @@ ANSWER_REASONS = ("answer_not_in_text", "answer_not_drawn", "answer_across_pages
 class RenderOptions:
     """What `dvsft render` draws and writes (its options, same names); a value it cannot use raises ``ValueError``."""
 
-    family: str = "qwen3-vl"
+    family: str = DEFAULT_FAMILY
     cols: int = 32
     max_rows: int = 32
     font: str = "random"

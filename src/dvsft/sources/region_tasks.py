@@ -27,6 +27,7 @@ from typing import Any
 
 from dvsft.core.outputs import check_file, refuse_inputs
 from dvsft.core.records import IMAGE_PLACEHOLDER
+from dvsft.models.families import families, family_spec
 from dvsft.models.geometry import grid_for
 
 # GranViT (section 3, "Data Reformatting"), verbatim; the bracketed placeholders are filled in.
@@ -164,7 +165,8 @@ def unique_regions(regions: Sequence[Region]) -> tuple[list[Region], int]:
 
 # ---------------------------------------------------------------- coordinate formats
 
-COORD_KINDS = ("relative", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+# GranViT's relative boxes, and the box format of each family whose module declares one (FamilySpec.box_format)
+COORD_KINDS = ("relative", *(name for name in families() if family_spec(name).box_format))
 _NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)")
 
 
@@ -172,11 +174,14 @@ _NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)")
 class BoxCodec:
     """Writes boxes into prompts/answers and parses them back (to original-image pixels).
 
-    - ``relative`` (GranViT): ``[x0, y0, x1, y1]`` as fractions of the image size, 3 decimals.
-    - ``qwen2-vl``: ``<|box_start|>(x0,y0),(x1,y1)<|box_end|>`` with integers in 0..1000.
-    - ``qwen2.5-vl``: ``[x0, y0, x1, y1]`` integer pixels of the *resized* image (``source`` and
-      ``min_pixels`` / ``max_pixels`` pick the resize, as for :func:`dvsft.models.geometry.grid_for`).
-    - ``qwen3-vl``: ``[x0, y0, x1, y1]`` integers in 0..1000 relative to the image.
+    ``kind`` is ``relative`` (GranViT: ``[x0, y0, x1, y1]`` as fractions of the image size, 3 decimals) or a
+    family, whose module's ``box_format`` says how its checkpoints write a box:
+
+    - ``tagged-thousandths`` (Qwen2-VL): ``<|box_start|>(x0,y0),(x1,y1)<|box_end|>`` with integers in 0..1000.
+    - ``resized-pixels`` (Qwen2.5-VL): ``[x0, y0, x1, y1]`` integer pixels of the *resized* image (``source``
+      (default: the family) and ``min_pixels`` / ``max_pixels`` pick the resize, as for
+      :func:`dvsft.models.geometry.grid_for`).
+    - ``thousandths`` (Qwen3-VL): ``[x0, y0, x1, y1]`` integers in 0..1000 relative to the image.
     """
 
     kind: str = "relative"
@@ -185,20 +190,22 @@ class BoxCodec:
     max_pixels: int | None = None
     decimals: int = 3
     _scales: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict, repr=False)
+    style: str = field(init=False, default="relative")  # relative, or the family's box_format
 
     def __post_init__(self) -> None:
         if self.kind not in COORD_KINDS:
             raise ValueError(f"unknown coordinate format {self.kind!r}; known: {', '.join(COORD_KINDS)}")
+        self.style = self.kind if self.kind == "relative" else family_spec(self.kind).box_format
 
     def _scale(self, width: float, height: float) -> tuple[float, float]:
         """Multipliers from original pixels to the numbers written."""
-        if self.kind == "relative":
+        if self.style == "relative":
             return 1.0 / width, 1.0 / height
-        if self.kind in ("qwen2-vl", "qwen3-vl"):
+        if self.style in ("thousandths", "tagged-thousandths"):
             return 1000.0 / width, 1000.0 / height
         key = (int(width), int(height))
         if key not in self._scales:
-            g = grid_for(self.source or "qwen2.5-vl", key[0], key[1], self.min_pixels, self.max_pixels)
+            g = grid_for(self.source or self.kind, key[0], key[1], self.min_pixels, self.max_pixels)
             self._scales[key] = (g.scale_x, g.scale_y)
         return self._scales[key]
 
@@ -206,14 +213,14 @@ class BoxCodec:
         """The four numbers ``format`` writes for ``box``."""
         sx, sy = self._scale(width, height)
         raw = [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
-        if self.kind == "relative":
+        if self.style == "relative":
             return [round(min(1.0, max(0.0, v)), self.decimals) for v in raw]
-        hi = [1000, 1000] if self.kind != "qwen2.5-vl" else [round(width * sx), round(height * sy)]
+        hi = [1000, 1000] if self.style != "resized-pixels" else [round(width * sx), round(height * sy)]
         return [min(hi[i % 2], max(0, round(v))) for i, v in enumerate(raw)]
 
     def format(self, box: Sequence[float], width: float, height: float) -> str:
         q = self.quantize(box, width, height)
-        if self.kind == "qwen2-vl":
+        if self.style == "tagged-thousandths":
             return f"<|box_start|>({q[0]},{q[1]}),({q[2]},{q[3]})<|box_end|>"
         return "[" + ", ".join(str(v) for v in q) + "]"
 
@@ -237,9 +244,10 @@ class BoxCodec:
 def box_codec(
     coords: str, model: str | Path | None = None, min_pixels: int | None = None, max_pixels: int | None = None
 ) -> BoxCodec:
-    """The codec of ``coords``; qwen2.5-vl boxes follow ``model``'s resize rule (default: the family's)."""
-    source = str(model) if model is not None else (coords if coords == "qwen2.5-vl" else None)
-    return BoxCodec(coords, source=source, min_pixels=min_pixels, max_pixels=max_pixels)
+    """The codec of ``coords``; resized-pixel boxes follow ``model``'s resize rule (default: the family's)."""
+    return BoxCodec(
+        coords, source=str(model) if model is not None else None, min_pixels=min_pixels, max_pixels=max_pixels
+    )
 
 
 @dataclass

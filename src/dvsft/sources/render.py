@@ -40,7 +40,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from dvsft.models.families import family_spec
+from dvsft.models.families import DEFAULT_FAMILY, family_spec
 from dvsft.models.geometry import grid_rule, smart_resize
 from dvsft.sources import fonts
 
@@ -250,7 +250,7 @@ class Renderer:
 
     def __init__(
         self,
-        family: str = "qwen3-vl",
+        family: str = DEFAULT_FAMILY,
         cols: int = 32,
         max_rows: int = 32,
         style: RenderStyle | None = None,

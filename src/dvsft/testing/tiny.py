@@ -1,9 +1,11 @@
-"""`--model tiny`: a real Qwen3-VL (or Qwen3.5 / Qwen3-VL-MoE) architecture at toy size, with a
+"""`--model tiny`: a real Qwen3-VL (or Qwen2.5-VL / Qwen3.5 / Qwen3-VL-MoE) architecture at toy size, with a
 tokenizer trained offline.
 
 ``TinyConfig.family`` picks the architecture: ``qwen3-vl`` (default), ``qwen3.5`` (hybrid Gated
-DeltaNet + attention decoder: one linear-attention layer, then full attention) or
-``qwen3-vl-moe`` (sparse-expert MLPs); all three use the Qwen3-VL processor (patch 16, merge 2).
+DeltaNet + attention decoder: one linear-attention layer, then full attention),
+``qwen3-vl-moe`` (sparse-expert MLPs), all three with the Qwen3-VL processor (patch 16, merge 2), or
+``qwen2.5-vl`` (windowed vision attention, Qwen2.5-VL's processor: patch 14, merge 2); the tiled families
+are in :mod:`dvsft.testing.tiny_tiled`.
 
 Everything is built from configs and text that installs with Python (``pydoc_data.topics``),
 so tests, the demo and CI run with no hub access. The result is an ordinary HF model
@@ -16,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dvsft.models.families import DEFAULT_FAMILY, family_spec
 from dvsft.models.loading import CHAT_TEMPLATE
 from dvsft.sources.corpora import corpus_text
 
@@ -45,7 +48,7 @@ class TinyConfig:
     min_pixels: int = 32 * 32 * 4
     max_pixels: int = 32 * 32 * 256
     seed: int = 0
-    family: str = "qwen3-vl"  # qwen3-vl, qwen3.5, qwen3-vl-moe, internvl, llava_onevision, idefics3, smolvlm
+    family: str = DEFAULT_FAMILY  # one of TINY_FAMILIES
     experts: int = 4  # qwen3-vl-moe: experts per MoE layer (2 active per token)
     tokenizer: str = "corpus"  # corpus (trained on pydoc topics, Qwen's splitting) or qwen (Qwen's real vocabulary)
 
@@ -115,29 +118,31 @@ def tiny_tokenizer(cfg: TinyConfig, extra_text: list[str] | None = None):
         return train_tokenizer(cfg.vocab_size, extra_text)
     from dvsft.testing.qwen_vocab import qwen_tokenizer
 
-    tok = qwen_tokenizer("qwen3.5" if cfg.family == "qwen3.5" else "qwen3-vl")
+    tok = qwen_tokenizer(cfg.family)
     tok.padding_side = "left"
     return tok
 
 
-def tiny_processor(tokenizer, min_pixels: int, max_pixels: int):
-    """The real Qwen3-VL processor around the PIL image processor (no torchvision needed)."""
-    from transformers import Qwen2VLImageProcessorPil
+def tiny_processor(tokenizer, min_pixels: int, max_pixels: int, family: str = DEFAULT_FAMILY):
+    """The family's real processor around its PIL image processor (no torchvision needed), with the family's
+    patch and merge size."""
+    from dvsft.models.loading import build_processor, image_processor_class
 
-    from dvsft.models.loading import build_processor as family_processor
-
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=16,
-        merge_size=2,
+    spec = family_spec(family)
+    image_processor = image_processor_class(spec.name)(
+        patch_size=spec.defaults["patch_size"],
+        merge_size=spec.defaults["merge_size"],
         temporal_patch_size=2,
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
         size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
     )
-    return family_processor(image_processor, tokenizer, "qwen3_vl", CHAT_TEMPLATE)
+    return build_processor(image_processor, tokenizer, spec.model_types[0], CHAT_TEMPLATE)
 
 
-QWEN_TINY = ("qwen3-vl", "qwen3.5", "qwen3-vl-moe")
+# the Qwen architectures built here, by HF model type (their family names: QWEN_TINY)
+QWEN_TINY_TYPES = ("qwen3_vl", "qwen3_5", "qwen3_vl_moe", "qwen2_5_vl")
+QWEN_TINY = tuple(family_spec(t).name for t in QWEN_TINY_TYPES)
 TINY_FAMILIES = (*QWEN_TINY, "internvl", "llava_onevision", "idefics3", "smolvlm")
 
 
@@ -177,6 +182,10 @@ def _text_config(cfg: TinyConfig, tokenizer) -> dict:
             linear_key_head_dim=head_dim,
             linear_value_head_dim=head_dim,
         )
+    elif cfg.family == "qwen2.5-vl":  # multimodal rope in sections, not interleaved
+        text.pop("rope_scaling")
+        text["rope_parameters"] = {"rope_type": "default", "mrope_section": _sections(head_dim)}
+        text.update(bos_token_id=None, eos_token_id=None)  # its defaults are Qwen's ids, outside a tiny vocabulary
     elif cfg.family == "qwen3-vl-moe":
         text.update(
             num_experts=cfg.experts,
@@ -187,14 +196,23 @@ def _text_config(cfg: TinyConfig, tokenizer) -> dict:
     return text
 
 
+def _vision_extra(family: str) -> dict:
+    """The vision settings of one Qwen tiny family beyond the shared ones."""
+    if family == "qwen2.5-vl":  # window attention in 4 x 4-cell windows, the one block attends globally
+        return {"window_size": 112, "fullatt_block_indexes": [0]}
+    if family == "qwen3.5":
+        return {"num_position_embeddings": 256}
+    return {"num_position_embeddings": 256, "deepstack_visual_indexes": []}
+
+
 def build_model_config(cfg: TinyConfig, tokenizer):
-    from transformers import Qwen3_5Config, Qwen3VLConfig, Qwen3VLMoeConfig
+    from transformers import CONFIG_MAPPING
 
     if cfg.family not in QWEN_TINY:
         raise ValueError(f"family must be one of {', '.join(QWEN_TINY)}; got {cfg.family!r}")
-    config_class = {"qwen3-vl": Qwen3VLConfig, "qwen3.5": Qwen3_5Config, "qwen3-vl-moe": Qwen3VLMoeConfig}
-    vision_extra = {} if cfg.family == "qwen3.5" else {"deepstack_visual_indexes": []}
-    return config_class[cfg.family](
+    spec = family_spec(cfg.family)
+    grid = spec.defaults
+    return CONFIG_MAPPING[spec.model_types[0]](
         text_config=_text_config(cfg, tokenizer),
         vision_config=dict(
             depth=cfg.vision_depth,
@@ -202,11 +220,10 @@ def build_model_config(cfg: TinyConfig, tokenizer):
             intermediate_size=cfg.vision_hidden_size * 3,
             num_heads=cfg.vision_heads,
             out_hidden_size=cfg.hidden_size,
-            patch_size=16,
-            spatial_merge_size=2,
+            patch_size=grid["patch_size"],
+            spatial_merge_size=grid["merge_size"],
             temporal_patch_size=2,
-            num_position_embeddings=256,
-            **vision_extra,
+            **_vision_extra(cfg.family),
         ),
         image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
@@ -248,7 +265,7 @@ def build_tiny(cfg: TinyConfig | None = None, extra_text: list[str] | None = Non
         model.config.dvsft_tiny = asdict(cfg)
         return model, processor
     tokenizer = tiny_tokenizer(cfg, extra_text)
-    processor = tiny_processor(tokenizer, cfg.min_pixels, cfg.max_pixels)
+    processor = tiny_processor(tokenizer, cfg.min_pixels, cfg.max_pixels, cfg.family)
     torch.manual_seed(cfg.seed)
     config = build_model_config(cfg, tokenizer)
     model = AutoModelForImageTextToText.from_config(config)

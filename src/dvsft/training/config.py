@@ -147,7 +147,9 @@ class DVSFTConfig(TrainingArguments):
     # ---------------------------------------------------------------- model
     model: str | None = opt(None, "local HF model dir (Qwen3-VL, Qwen2-VL, Qwen2.5-VL) or a builder's name: `tiny`")
     model_options: dict[str, Any] | None = opt(
-        None, "options of a built model, checked by its builder, e.g. model_options: {layers: 4} for `model: tiny`"
+        None,
+        "options of a built model, checked by its builder, e.g. model_options: {family: internvl, layers: 4} for "
+        "`model: tiny` (any family of dvsft.testing.tiny.TINY_FAMILIES)",
     )
     model_llm: str | None = opt(None, "graft: dir of a text LLM (Qwen3ForCausalLM); needs model_vision_from")
     model_vision_from: str | None = opt(

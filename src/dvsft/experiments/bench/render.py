@@ -9,6 +9,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from dvsft.models.families import DEFAULT_FAMILY
 from dvsft.sources import fonts
 from dvsft.sources.render import PageLayout, Renderer, RenderStyle, pick_colours, word_glyph
 
@@ -34,7 +35,7 @@ def bench_render(pages: int = 50, words_per_page: int = 200, seed: int = 0) -> d
     from dvsft.sources.corpora import corpus_words
 
     words = corpus_words()
-    renderer = Renderer("qwen3-vl", 32, 32, RenderStyle(full_height=True))
+    renderer = Renderer(DEFAULT_FAMILY, 32, 32, RenderStyle(full_height=True))
     rng = random.Random(seed)
     texts = []
     for _ in range(pages):

@@ -21,6 +21,10 @@ from typing import Any
 from dvsft.models.families.base import FamilySpec
 from dvsft.models.geometry import Layout
 
+# The family a command or library call uses where neither a model nor ``--family`` names one (dvsft render /
+# align / ocr-set, the SQuAD pages of a tiled model, the tiny model): the paper's model. Every default names it.
+DEFAULT_FAMILY = "qwen3-vl"
+
 _REGISTRY: dict[str, FamilySpec] = {}
 _NAMES: dict[str, str] = {}
 
@@ -148,6 +152,7 @@ def _register_builtin() -> None:
 _register_builtin()
 
 __all__ = [
+    "DEFAULT_FAMILY",
     "FamilySource",
     "FamilySpec",
     "families",

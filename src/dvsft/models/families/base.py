@@ -6,7 +6,8 @@ Adding a family is one module that builds a :class:`FamilySpec` and registers it
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,10 @@ class FamilySpec:
     Qwen3-VL's DeepStack mergers, LLaVA-OneVision's ``image_newline``); ``train_projector`` trains them too.
     ``lora_targets`` are the suffixes of the LLM's ``nn.Linear`` layers that LoRA wraps.
     ``grid`` is the resize rule of a family whose image is one grid of tokens (Qwen-VL; None for tiled families).
+    ``box_format`` is how the family's checkpoints write a box in text, the coordinate format ``dvsft tasks
+    --coords <family>`` writes (:class:`dvsft.sources.region_tasks.BoxCodec`): ``thousandths`` (``[x0, y0, x1, y1]``
+    in 0..1000 of the image), ``tagged-thousandths`` (``<|box_start|>(x0,y0),(x1,y1)<|box_end|>``, 0..1000) or
+    ``resized-pixels`` (``[x0, y0, x1, y1]`` in pixels of the smart-resized image); None where it has none.
     ``image_inputs`` are the processor outputs the model's forward needs besides ``input_ids`` /
     ``attention_mask``. ``dummy_options`` are the image processor's options that make the fewest views of an
     image (:meth:`dummy_image_inputs`).
@@ -90,6 +95,7 @@ class FamilySpec:
     views: str = ""
     grid: GridRule | None = None
     dummy_options: dict[str, Any] = field(default_factory=dict)
+    box_format: str | None = None
 
     def dummy_image_inputs(self, processor: Any) -> dict[str, Any]:
         """The vision inputs of the smallest image ``processor`` makes (a blank 8 x 8 picture, scaled up to the
@@ -102,12 +108,46 @@ class FamilySpec:
         out = image_processor(images=[blank], return_tensors="pt", **self.dummy_options)
         return {k: out[k] for k in self.image_inputs if k in out}
 
-    def vision_features(self, model: Any, inputs: dict[str, Any]) -> list[Any]:
+    def vision_features(self, model: Any, inputs: dict[str, Any], parts: Any = None) -> list[Any]:
         """The vision tower and projector run on ``inputs`` (the image processor's outputs) by the model's own
         ``get_image_features``: the features its forward puts into the sequence, the projector's output
-        (``pooler_output``) and Qwen3-VL's DeepStack features (None where the family has none)."""
-        out = base_model(model).get_image_features(**inputs)
+        (``pooler_output``) and Qwen3-VL's DeepStack features (None where the family has none). ``parts``: a copy
+        of :meth:`vision_parts` (a frozen tokenizer, an EMA teacher) that runs in place of the model's own."""
+        base = base_model(model)
+        with _swapped(base, parts):
+            out = base.get_image_features(**inputs)
         return [out.pooler_output, getattr(out, "deepstack_features", None)]
+
+    def vision_inputs(self, model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+        """The image inputs of a collated batch (or of the image processor's output) that the model's
+        ``get_image_features`` takes (sequence inputs such as ``mm_token_type_ids`` left out)."""
+        import inspect
+
+        takes = inspect.signature(base_model(model).get_image_features).parameters
+        return {k: batch[k] for k in self.image_inputs if k in batch and k in takes}
+
+    def vision_parts(self, model: Any) -> Any:
+        """The modules and parameters that make :meth:`vision_features`, as one ``nn.Module`` holding the model's
+        own: the vision tower, the projector where it lies outside the tower, the ``projector_extras`` outside both,
+        each under its attribute path below the ``...ForConditionalGeneration`` with ``/`` for ``.``
+        (``model/visual``). A deep copy of it runs in the model's place with ``vision_features(..., parts=copy)``."""
+        from torch import nn
+
+        base = base_model(model)
+        paths = {id(m): name for name, m in base.named_modules()}
+        found = {paths[id(self.vision_tower(model))]: None, paths[id(self.projector(model))]: None}
+        found.update(dict.fromkeys(self.projector_extras))
+        holder, kept = nn.Module(), []
+        for path in found:
+            if any(path.startswith(k + ".") for k in kept):
+                continue
+            kept.append(path)
+            part = attr_path(path)(model)
+            if isinstance(part, nn.Parameter):
+                holder.register_parameter(path.replace(".", "/"), part)
+            else:
+                holder.add_module(path.replace(".", "/"), part)
+        return holder
 
     def image_token_id(self, processor: Any) -> int:
         """The id of the family's image placeholder token in ``processor``'s tokenizer."""
@@ -128,6 +168,26 @@ def processor_of(source: Any) -> Any:
 
         return load_processor(source)
     return source
+
+
+@contextmanager
+def _swapped(base: Any, parts: Any) -> Iterator[None]:
+    """Inside it, the modules and parameters of ``parts`` (a copy of :meth:`FamilySpec.vision_parts`) stand in
+    ``base`` at their paths; the model's own are put back on exit."""
+    if parts is None:
+        yield
+        return
+    saved = []
+    for key, part in [*parts.named_children(), *parts.named_parameters(recurse=False)]:
+        owner_path, _, leaf = key.replace("/", ".").rpartition(".")
+        owner = base.get_submodule(owner_path)
+        saved.append((owner, leaf, getattr(owner, leaf)))
+        setattr(owner, leaf, part)
+    try:
+        yield
+    finally:
+        for owner, leaf, part in reversed(saved):
+            setattr(owner, leaf, part)
 
 
 def get_setting(source: Any, *names: str) -> Any:

@@ -22,6 +22,8 @@ IMAGE_TOKEN = "<|image_pad|>"
 DELTANET = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 # Qwen3-VL's DeepStack mergers: like the merger, they map ViT features of inner blocks to the LLM's width
 DEEPSTACK = ("model.visual.deepstack_merger_list",)
+# how each release writes a box in text (FamilySpec.box_format): the formats its grounding data used
+BOX_FORMATS = {"qwen2-vl": "tagged-thousandths", "qwen2.5-vl": "resized-pixels", "qwen3-vl": "thousandths"}
 # the released checkpoints' resize rules
 QWEN2_GRID = GridRule(patch_size=14, merge_size=2, min_pixels=56 * 56, max_pixels=28 * 28 * 16384)
 QWEN3_GRID = GridRule(patch_size=16, merge_size=2, min_pixels=32 * 32 * 64, max_pixels=32 * 32 * 16384)
@@ -101,6 +103,7 @@ def qwen_spec(
         image_inputs=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
         defaults=asdict(rule),
         grid=rule,
+        box_format=BOX_FORMATS.get(name),
         aliases=aliases,
         views="one view: the smart-resized image, row-major merged cells",
     )
