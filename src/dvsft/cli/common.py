@@ -31,7 +31,7 @@ def fail(message: object, console: Any = None, code: int = 2) -> NoReturn:
         raise  # noqa: PLE0704 - --debug: the traceback of the error being handled
     text = one_line(message) if isinstance(message, BaseException) else str(message)
     console = console or Console(stderr=True, soft_wrap=True)
-    console.print(f"[red]error:[/red] {escape(text)}")
+    console.print(f"[red]error:[/red] {escape(text)}", soft_wrap=True)  # one line, however narrow the terminal
     raise typer.Exit(code)
 
 
