@@ -252,3 +252,18 @@ def test_two_processes_with_a_text_only_rank_match_one(tiny_dir, tmp_path):
         torch.testing.assert_close(p2[k], p1[k], atol=1e-4, rtol=1e-4)
     visual = [k for k in p1 if ".visual.blocks." in k]
     assert visual and all((p1[k] - base[k]).abs().max() > 1e-4 for k in visual)  # the vision tower trained
+
+
+def test_dvsft_align_keeps_text_only_records(tmp_path):
+    """`dvsft align` passes a text-only record through with no labels instead of failing it (a mixed dataset
+    keeps its text-only samples through alignment)."""
+    from dvsft.align.run import align_file
+
+    images = make_records(tmp_path / "data", n=1)
+    data = images.with_name("mixed.jsonl")  # beside the images its records name
+    data.write_text(images.read_text() + json.dumps(text_record()) + "\n")
+    counts = align_file(data, tmp_path / "aligned.jsonl")
+    rows = list(read_jsonl(tmp_path / "aligned.jsonl"))
+    assert counts["aligned"] == 2 and counts["errors"] == 0
+    chat = next(r for r in rows if r["id"] == "chat")
+    assert chat["vision_labels"] == [] and chat["messages"] == text_record()["messages"] and "grid" not in chat

@@ -24,8 +24,8 @@ from dvsft.core.images import ImageError, load_image
 from dvsft.core.outputs import check_file, claim_folder, install_folder, refuse_inputs, temp_sibling
 from dvsft.core.record_sources import iter_entries
 from dvsft.core.record_table import DEFAULT_ROWS_PER_SHARD, check_format, write_records
-from dvsft.core.records import Problem, check_record, image_path, write_jsonl
-from dvsft.models.families import family_source
+from dvsft.core.records import Problem, check_record, has_image, image_path, write_jsonl
+from dvsft.models.families import DEFAULT_FAMILY, family_source
 from dvsft.models.geometry import Grid
 
 
@@ -47,7 +47,7 @@ def load_tokenizer(model_dir: str | Path):
 def align_file(
     words_file: str | Path,
     out: str | Path,
-    source: Any = "qwen3-vl",
+    source: Any = DEFAULT_FAMILY,
     tokenizer: Any = None,
     config: AlignConfig | None = None,
     min_pixels: int | None = None,
@@ -101,6 +101,10 @@ def align_file(
             rec = entry.record
             assert rec is not None
             problems = check_record(rec, file, n)
+            if not problems and not has_image(rec):  # text-only: kept as it is, no token to label
+                summary["aligned"] += 1
+                yield {**rec, "vision_labels": [], "align": settings}
+                continue
             if not problems:
                 try:
                     layout, alignment = align_record(rec, source, tokenizer, config, min_pixels, max_pixels, file)

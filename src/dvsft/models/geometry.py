@@ -14,7 +14,8 @@ The processors resize an image with ``smart_resize`` to a multiple of the token 
 (``patch_size * merge_size`` pixels), cut it into patches, and merge ``merge_size²``
 patches into one visual token. Tokens are row-major over the merged grid.
 
->>> g = grid_for("qwen3-vl", width=640, height=480)
+>>> from dvsft.models.families import DEFAULT_FAMILY  # qwen3-vl
+>>> g = grid_for(DEFAULT_FAMILY, width=640, height=480)
 >>> (g.resized_width, g.resized_height, g.rows, g.cols)
 (640, 480, 15, 20)
 >>> g.token_at(639, 479)
