@@ -214,6 +214,11 @@ def register_objective(name: str, cls: type[Objective]) -> type[Objective]:
     return cls
 
 
+def registered_objectives() -> dict[str, type[Objective]]:
+    """Every objective a method may name: the built-in ones and those registered since."""
+    return dict(_REGISTRY)
+
+
 # --------------------------------------------------------------------------- model helpers
 
 

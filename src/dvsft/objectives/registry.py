@@ -14,7 +14,13 @@ from dataclasses import fields
 from typing import Any
 
 from dvsft.objectives.asvr import ASVRObjective
-from dvsft.objectives.base import _REGISTRY, DVSFTObjective, Objective, SFTObjective, register_objective
+from dvsft.objectives.base import (
+    DVSFTObjective,
+    Objective,
+    SFTObjective,
+    register_objective,
+    registered_objectives,
+)
 from dvsft.objectives.basic import BasicObjective
 from dvsft.objectives.lsd import LSDObjective
 
@@ -27,11 +33,6 @@ BUILT_IN: dict[str, type[Objective]] = {
 }
 for _name, _cls in BUILT_IN.items():
     register_objective(_name, _cls)
-
-
-def registered_objectives() -> dict[str, type[Objective]]:
-    """Every objective a method may name: the built-in ones and those registered since."""
-    return dict(_REGISTRY)
 
 
 def objective_class(name: str) -> type[Objective]:
