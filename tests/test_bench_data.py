@@ -3,25 +3,37 @@
 from __future__ import annotations
 
 import json
+import os
 import re
-import tempfile
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
-from dvsft.cli import app
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 ARGS = ["bench", "data", "--sizes", "30,60", "--repeats", "1", "--workers", "2", "--collate-samples", "8"]
 ARGS += ["--steps", "1", "--batch-size", "2"]
+
+
+def bench(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """`dvsft bench data` as a user runs it: a fresh process (its DataLoader workers fork from that process,
+    not from a pytest worker that has run many other tests)."""
+    full = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]), **env}
+    cmd = [sys.executable, "-m", "dvsft.cli", *ARGS, *args]
+    return subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=900)
+
+
 LINE = re.compile(r"^\s*(stream|memory)\s+([\d,]+) records: peak RSS\s+([\d.]+) MiB, wall\s+[\d.]+ s, CPU\s+[\d.]+ s$")
 
 
 @pytest.mark.slow
 def test_bench_data_reports_and_keeps_its_data(tmp_path):
     keep = tmp_path / "keep"
-    result = CliRunner().invoke(app, [*ARGS, "--keep", str(keep)])
-    assert result.exit_code == 0, result.output[-3000:]
+    result = bench("--keep", str(keep))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [m.groups() for line in result.stdout.splitlines() if (m := LINE.match(line))]
     assert [(kind, int(n)) for kind, n, _ in rows] == [("stream", 30), ("memory", 30), ("stream", 60), ("memory", 60)]
     rss = {(kind, int(n)): float(mib) for kind, n, mib in rows}
@@ -43,12 +55,11 @@ def test_bench_data_reports_and_keeps_its_data(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_data_json_and_no_data_left_without_keep(tmp_path, monkeypatch):
+def test_bench_data_json_and_no_data_left_without_keep(tmp_path):
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    result = CliRunner().invoke(app, [*ARGS, "--json"])
-    assert result.exit_code == 0, result.output[-3000:]
+    result = bench("--json", TMPDIR=str(scratch))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert not list(scratch.glob("dvsft-bench-data-*"))  # the generated data was removed
     assert {k: r["samples"] for k, r in report["rss"].items()} == {

@@ -13,6 +13,7 @@ from typing import Any
 import typer
 
 from dvsft import __version__
+from dvsft.core.accel import name_deepspeed_cpu
 
 USER_ERRORS = (ValueError, OSError)
 _state = {"debug": False}
@@ -23,6 +24,7 @@ class App(typer.Typer):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         _state["debug"] = False  # set by the --debug option (main)
+        name_deepspeed_cpu()  # in this process and the ones it starts, before any library imports DeepSpeed
         try:
             return super().__call__(*args, **kwargs)
         except USER_ERRORS as err:

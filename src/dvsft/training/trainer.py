@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from dvsft.core.accel import name_deepspeed_cpu
 from dvsft.core.records import JsonlAppender, read_jsonl, write_jsonl
 from dvsft.objectives.base import HEADS_ATTR, Objective, base_model, forward_hidden
 from dvsft.objectives.losses import StepTokens, step_tokens
@@ -99,10 +100,7 @@ class DVSFTTrainer(StreamingTrainerMixin, Trainer):
     ):
         from dvsft.training.config import DVSFTConfig, check_hf_keys
 
-        if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-            # accelerate imports DeepSpeed where it is installed; name the CPU, which DeepSpeed would pick,
-            # so that it does not warn that it was "unable to detect" an accelerator
-            os.environ["DS_ACCELERATOR"] = "cpu"
+        name_deepspeed_cpu()  # before the Trainer's accelerate imports DeepSpeed (library use; the CLI did it)
         if args is None:
             args = DVSFTConfig()
         check_hf_keys(args)  # plain TrainingArguments too (a DVSFTConfig checked itself)
