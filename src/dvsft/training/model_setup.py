@@ -238,8 +238,7 @@ def _projector_parameters(base: Any) -> list[Any]:
     ``image_newline``): modules or single parameters."""
     from torch import nn
 
-    spec = family_of(base)
-    parts = [projector_of(base), *(attr_path(path)(base) for path in (spec.projector_extras if spec else ()))]
+    parts = [projector_of(base), *(attr_path(path)(base) for path in family_of(base).projector_extras)]
     return [p for part in parts for p in (part.parameters() if isinstance(part, nn.Module) else [part])]
 
 
@@ -301,13 +300,12 @@ def trainable_counts(model: Any) -> dict[str, int]:
 
 def lora_targets(model: Any, wanted: list[str] | None = None) -> list[str]:
     """Full names of the LLM's linear layers whose name ends with one of ``wanted`` (default: the family
-    module's ``lora_targets``; every linear layer of the LLM for a model no family module knows)."""
+    module's ``lora_targets``; every linear layer of the LLM where those are empty)."""
     from torch import nn
 
     base = base_model(model)
     if not wanted:
-        spec = family_of(base)
-        wanted = list(spec.lora_targets) if spec is not None else None
+        wanted = list(family_of(base).lora_targets)
     lm = language_model_of(base)
     lm_ids = {id(m) for m in lm.modules()}
     names = []
