@@ -19,6 +19,23 @@ from typing import Any
 from dvsft.models.families import FamilySource, family_source
 from dvsft.models.geometry import Grid, Layout, View, grid_layout
 
+LABEL_POLICIES = ("bottom-right", "span", "fill")
+"""Label policies (docs/labeling.md#label-policies). An entry of a record's ``words`` is a word (``kind`` absent or
+``"word"``) or a region (``"kind": "object"`` or another name; ``box`` its bounding box, optional ``polygon`` in COCO's
+format: a list of rings, each a flat ``[x1, y1, x2, y2, ...]`` list in original-image pixels). Its label is the first
+sub-token of its ``text``:
+
+- ``bottom-right`` (the paper's rule, the default): the token holding the box's bottom-right corner;
+- ``span``: every cell the ink covers on the baseline row (the row of the bottom-right corner) gets the sub-token drawn
+  there (character positions from the word's ``advances``, else proportional to the font's character widths inside
+  the box); the sub-token filter does not apply;
+- ``fill``: every cell whose area lies at least half inside the polygon (else the box).
+
+The height and sub-token filters apply to words only; the conflict rule to every entry. With ``multi_label`` a cell
+that several entries claim keeps one label per distinct label (sorted by token, then in claim order) instead of
+losing them all.
+"""
+
 
 @dataclass(frozen=True)
 class AlignConfig:
@@ -28,11 +45,22 @@ class AlignConfig:
     max_height_cells: float = 3.0  # drop words taller than this many token cells (resized pixels)
     max_subtokens: int = 3  # drop words whose tokenization is longer (needs a tokenizer)
     leading_space: bool = True  # tokenize labels as " word" (mid-sentence form; bare where that starts blank)
+    label_policy: str = "bottom-right"  # which cells an entry labels: one of LABEL_POLICIES
+    multi_label: bool = False  # a cell several entries claim keeps all their labels (else all are dropped)
+
+    def __post_init__(self) -> None:
+        if self.label_policy not in LABEL_POLICIES:
+            raise ValueError(f"label policy {self.label_policy!r}: choose one of {', '.join(LABEL_POLICIES)}")
 
 
 @dataclass
 class Alignment:
-    labels: list[dict[str, Any]]  # [{"token": k, "text": w, "token_id": id?, "view": kind?}] sorted by token
+    """Labels of one image: ``[{"token": k, "text": w, "token_id": id?, "kind": kind?, "subtoken": i?, "view":
+    kind?, "view_index": i?}]`` sorted by token, then in claim order; ``kind`` only for a region (not a word),
+    ``subtoken`` (the index of the label's sub-token in the word) only under ``span``. Without ``multi_label`` a
+    token has at most one entry; with it one per distinct label (``token_id``, else ``text``)."""
+
+    labels: list[dict[str, Any]]
     dropped: Counter = field(default_factory=Counter)  # filter name -> words dropped
     per_view: dict[str, Counter] = field(default_factory=dict)  # view kind -> labels and drops
 
