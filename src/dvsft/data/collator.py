@@ -7,7 +7,8 @@ Everything the model sees comes from its OWN processor and chat template; dvsft 
   each answer with ``add_generation_prompt=True`` and up to the end of that answer, and the
   character span between the two is mapped to tokens through the tokenizer's offsets.
 * ``vision_positions`` [N, 2] (batch index, sequence position), ``vision_targets`` [N] and
-  ``vision_label_sets`` [N, S] (-1 padded): the words aligned to visual tokens by
+  ``vision_label_sets`` [N, S] (-1 padded), ``vision_weights`` [N] (1/k for each of the k labels of a token that
+  a multi-label alignment labels k times, its position repeated; 1.0 otherwise): the words aligned to visual tokens by
   :func:`dvsft.align.aligner.align_words` on the view list :func:`dvsft.models.geometry.layout_for`
   computes from the same processor (Qwen-VL: one view, its token grid; tiled families: every tile /
   thumbnail / crop grid / global view, each aligned on its own). The
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,11 +109,18 @@ class Encoded:
     image_inputs: dict[str, torch.Tensor] | None = None  # the family's other model inputs (image_sizes, masks)
 
     def label_counts(self) -> tuple[int, int]:
-        """(text labels, vision labels): the labeled answer tokens and visual tokens."""
-        return int((self.labels != -100).sum()), len(self.vision_tokens)
+        """(text labels, vision labels): the labeled answer tokens and visual tokens (a token with several labels
+        counts once)."""
+        return int((self.labels != -100).sum()), len({p for p, _ in self.vision_tokens})
 
 
 SEQUENCE_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")  # batched on their own
+
+
+def label_weights(vision_tokens: list[tuple[int, int]]) -> list[float]:
+    """1/k for each entry of a token that ``vision_tokens`` labels k times (multi-label); 1.0 each otherwise."""
+    claims = Counter(p for p, _ in vision_tokens)
+    return [1.0 / claims[p] for p, _ in vision_tokens]
 
 
 def special_tokens(tokenizer: Any) -> set[str]:
@@ -418,6 +427,7 @@ class VisionCollator:
             batch["vision_positions"] = torch.tensor(positions, dtype=torch.long).reshape(-1, 2)
             batch["vision_targets"] = torch.tensor(targets, dtype=torch.long)
             batch["vision_label_sets"] = sets
+            batch["vision_weights"] = torch.tensor([w for e in enc for w in label_weights(e.vision_tokens)])
         if self.keep_records:
             keep = ("id", "image", "width", "height", "words")
             batch["records"] = [{k: r[k] for k in keep if k in r} for r in records]  # type: ignore[assignment]

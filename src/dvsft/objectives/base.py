@@ -64,7 +64,16 @@ class HiddenStates:
 
 # Collator keys that are labels or metadata, not model inputs.
 NOT_MODEL_INPUTS = frozenset(
-    {"labels", "vision_positions", "vision_targets", "vision_label_sets", "records", "sample_positions", "sample_ids"}
+    {
+        "labels",
+        "vision_positions",
+        "vision_targets",
+        "vision_label_sets",
+        "vision_weights",
+        "records",
+        "sample_positions",
+        "sample_ids",
+    }
 )
 
 
@@ -329,6 +338,7 @@ class DVSFTObjective(Objective):
             chunk_size=chunk,
             tokens=hidden.tokens,
             label_smoothing=smoothing,
+            vision_weights=batch.get("vision_weights"),
         )
         return {
             step_loss: out.loss,

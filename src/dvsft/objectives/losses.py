@@ -14,7 +14,9 @@ Per labeled visual token j (paper Eq. 2-3, docs/design.md), with no shift::
     loss_j = -(1 - eps) log p_j(l_j) - (eps / |L|) sum_{l in L} log p_j(l)
 
 where ``L`` is the deduplicated set of first-token ids of all vision labels of j's image; the
-vision loss is the mean over labeled tokens and ``L = L_text + lambda * L_vision``.
+vision loss is the mean over labeled tokens and ``L = L_text + lambda * L_vision``. A token with
+several labels (multi-label alignment) replaces ``log p_j(l_j)`` by ``sum_k w_k log p_j(l_k)``, its
+labels' weights normalised to sum 1 (CE against the mixture), and still counts as one token.
 
 The LM head is applied through the head module's own call (:func:`through_head`), so a wrapper that
 shards it (DeepSpeed ZeRO-3, FSDP) gathers it for the loss and reduces its gradient, as it does for
@@ -56,7 +58,8 @@ class LossSettings:
 class StepTokens:
     """Labeled tokens of one optimizer step: every accumulated micro-batch on every process.
 
-    ``text`` answer tokens (after the causal shift), ``vision`` labeled visual tokens, ``processes``
+    ``text`` answer tokens (after the causal shift), ``vision`` labeled visual tokens (distinct: a token with
+    several labels counts once), ``processes``
     the data-parallel processes whose gradients are averaged (DDP / FSDP / DeepSpeed).
     """
 
@@ -72,7 +75,7 @@ def step_tokens(batches: Sequence[dict[str, Any]], accelerator: Any = None) -> S
     sums the counts over processes, else ``torch.distributed`` when it is initialised.
     """
     text = sum(int((b["labels"][..., 1:] != IGNORE_INDEX).sum()) for b in batches)
-    vision = sum(int(b["vision_positions"].shape[0]) for b in batches if b.get("vision_positions") is not None)
+    vision = sum(distinct_positions(b["vision_positions"]) for b in batches if b.get("vision_positions") is not None)
     counts = torch.tensor([float(text), float(vision)], dtype=torch.float64)
     processes = 1
     if accelerator is not None and accelerator.num_processes > 1:
@@ -148,7 +151,9 @@ class _FusedLinearCE(torch.autograd.Function):
     """``sum_i w_i * loss_i`` over rows, the head's logits built chunk by chunk; gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, label_sets, eps_rows, vocab_eps, row_weights, chunk_size, need):
+    def forward(
+        ctx, hidden, weight, bias, targets, target_mix, label_sets, eps_rows, vocab_eps, row_weights, chunk_size, need
+    ):
         n, acc = hidden.shape[0], torch.promote_types(hidden.dtype, torch.float32)
         smooth_vocab = bool(vocab_eps.any())
         cutoff = -600.0 if acc == torch.float64 else -60.0
@@ -159,13 +164,14 @@ class _FusedLinearCE(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need[2] else None
         for s in range(0, n, chunk_size):
             e = min(n, s + chunk_size)
-            h, t = hidden[s:e], targets[s:e, None]
+            h, t = hidden[s:e], targets[s:e]  # t [c, K]: K labels per row, mixed by target_mix (1.0 when K == 1)
+            mix = target_mix[s:e].to(acc)
             logits = F.linear(h, weight, bias).to(acc)  # [c, V]: the only vocabulary-sized tensor
             u = vocab_eps[s:e, None].to(acc)  # label smoothing over the whole vocabulary (text rows)
             mean_z = logits.mean(-1, keepdim=True) if smooth_vocab else torch.zeros_like(u)
             top, arg = logits.max(dim=-1, keepdim=True)
-            correct[s:e] = arg[:, 0] == t[:, 0]
-            z_t = logits.gather(1, t)
+            correct[s:e] = ((t == arg) & (mix > 0)).any(-1)
+            z_t = (logits.gather(1, t) * mix).sum(-1, keepdim=True)  # sum_k mix_k z_{t_k}: z_t itself when K == 1
             eps = eps_rows[s:e, None].to(acc)
             if label_sets is not None and label_sets.shape[1] > 0:
                 sets = label_sets[s:e]
@@ -188,10 +194,11 @@ class _FusedLinearCE(torch.autograd.Function):
             losses[s:e] = (lse - (1 - eps - u) * z_t - smooth - u * mean_z)[:, 0]
             if grad_h is None and grad_w is None and grad_b is None:
                 continue
-            # d loss_i / d logits = softmax - q_i, with q_i = (1 - eps - u) onehot(l_i) + eps / |L| onehot(L) + u / V
+            # d loss_i / d logits = softmax - q_i, with
+            # q_i = (1 - eps - u) sum_k mix_k onehot(t_k) + eps / |L| onehot(L) + u / V
             w = row_weights[s:e, None].to(acc)  # the row's weight in the total, folded into every term
             g.div_(total / w)
-            g.scatter_add_(1, t, -(1 - eps - u) * w)
+            g.scatter_add_(1, t, -(1 - eps - u) * w * mix)
             if smooth_vocab:
                 g.sub_(u * w / logits.shape[1])
             if set_w is not None:
@@ -216,7 +223,7 @@ class _FusedLinearCE(torch.autograd.Function):
         for g in grads:
             if g is not None:
                 g.mul_(grad_out.to(g.dtype))
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def fused_linear_ce(
@@ -229,10 +236,13 @@ def fused_linear_ce(
     chunk_size: int = LossSettings.loss_chunk_size,
     bias: Tensor | None = None,
     vocab_eps: float | Tensor = 0.0,
+    target_mix: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The engine of every loss here: ``(sum_i w_i loss_i, per-row losses (detached), per-row top-1 hits)``.
 
-    ``hidden`` [N, D] rows, ``targets`` [N], ``label_sets`` [N, S] (-1 padded) smoothing sets,
+    ``hidden`` [N, D] rows, ``targets`` [N], or [N, K] with ``target_mix`` [N, K] (each row's target is then the
+    mixture ``sum_k mix_k onehot(targets_k)``, padding entries weighted 0; a hit is an arg-max among them),
+    ``label_sets`` [N, S] (-1 padded) smoothing sets,
     ``eps`` scalar or [N] (smoothing over the row's set), ``vocab_eps`` scalar or [N] (label smoothing over
     the whole vocabulary, as ``torch.nn.functional.cross_entropy(label_smoothing=...)`` and the HF Trainer's
     ``LabelSmoother`` define it), ``row_weights`` [N] (default 1/N: the mean).
@@ -245,19 +255,34 @@ def fused_linear_ce(
 
         def run(head: nn.Module, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             params = _head_params(head, bias)
-            return _fused_linear_ce(rows, *params, targets, label_sets, eps, vocab_eps, row_weights, chunk_size)
+            return _fused_linear_ce(
+                rows, *params, targets, target_mix, label_sets, eps, vocab_eps, row_weights, chunk_size
+            )
 
         return through_head(lm_head, run, hidden)
     weight, bias = _head_params(lm_head, bias)
-    return _fused_linear_ce(hidden, weight, bias, targets, label_sets, eps, vocab_eps, row_weights, chunk_size)
+    return _fused_linear_ce(
+        hidden, weight, bias, targets, target_mix, label_sets, eps, vocab_eps, row_weights, chunk_size
+    )
 
 
-def _fused_linear_ce(hidden, weight, bias, targets, label_sets, eps, vocab_eps, row_weights, chunk_size):
+def _target_columns(targets: Tensor, target_mix: Tensor | None, n: int) -> tuple[Tensor, Tensor]:
+    """(targets [N, K], mix [N, K] float64): a 1-D ``targets`` is one column of weight 1.0."""
+    if targets.dim() == 1 and target_mix is None:
+        if targets.shape != (n,):
+            raise ValueError(f"targets must be [{n}], got shape {tuple(targets.shape)}")
+        return targets[:, None], torch.ones((n, 1), dtype=torch.float64, device=targets.device)
+    if targets.dim() != 2 or targets.shape[0] != n or target_mix is None or target_mix.shape != targets.shape:
+        shown = None if target_mix is None else tuple(target_mix.shape)
+        raise ValueError(f"targets [{n}, K] need target_mix of the same shape, got {tuple(targets.shape)} and {shown}")
+    return targets, target_mix.to(torch.float64)
+
+
+def _fused_linear_ce(hidden, weight, bias, targets, target_mix, label_sets, eps, vocab_eps, row_weights, chunk_size):
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise TypeError(f"lm_head weight must be a [V, D] tensor, got {type(weight)}")
     n = hidden.shape[0]
-    if targets.shape != (n,):
-        raise ValueError(f"targets must be [{n}], got shape {tuple(targets.shape)}")
+    targets, target_mix = _target_columns(targets, target_mix, n)
     if label_sets is not None and (label_sets.dim() != 2 or label_sets.shape[0] != n):
         raise ValueError(f"label_sets must be [{n}, S], got shape {tuple(label_sets.shape)}")
     if n and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
@@ -274,8 +299,9 @@ def _fused_linear_ce(hidden, weight, bias, targets, label_sets, eps, vocab_eps, 
         grad_on and bias is not None and bias.requires_grad,
     )
     return _FusedLinearCE.apply(
-        hidden, weight, bias, targets.long(), label_sets, eps_rows, vocab_eps_rows, row_weights, int(chunk_size), need
-    )
+        hidden, weight, bias, targets.long(), target_mix, label_sets, eps_rows, vocab_eps_rows, row_weights,
+        int(chunk_size), need,
+    )  # fmt: skip
 
 
 def check_smoothing(value: float, name: str) -> None:
@@ -291,16 +317,20 @@ def vision_loss(
     eps: float = 0.0,
     chunk_size: int = LossSettings.loss_chunk_size,
     bias: Tensor | None = None,
+    target_mix: Tensor | None = None,
 ) -> VisionLossOutput:
     """Vision loss with vision smoothing on the hidden states of the labeled visual tokens (no shift).
 
     ``hidden`` [N, D] at the labeled tokens' own positions; ``targets`` [N] first sub-token of each
-    token's word; ``label_sets`` [N, S] (-1 padded) row j = the smoothing set of j's image.
+    token's word; ``label_sets`` [N, S] (-1 padded) row j = the smoothing set of j's image. Multi-label:
+    ``targets`` [N, K] and ``target_mix`` [N, K] (see :func:`group_vision_labels`).
     """
     check_smoothing(eps, "vision smoothing eps")
     if eps > 0 and label_sets is None:
         raise ValueError("vision smoothing (eps > 0) needs label_sets")
-    loss, _, correct = fused_linear_ce(hidden, lm_head, targets, label_sets, eps, chunk_size=chunk_size, bias=bias)
+    loss, _, correct = fused_linear_ce(
+        hidden, lm_head, targets, label_sets, eps, chunk_size=chunk_size, bias=bias, target_mix=target_mix
+    )
     return VisionLossOutput(loss=loss, correct_top1=correct.sum(), n=int(hidden.shape[0]))
 
 
@@ -363,6 +393,57 @@ def text_loss(
     return loss, n
 
 
+@dataclass
+class VisionLabels:
+    """The labeled visual tokens of a batch, one row per distinct token (what :func:`group_vision_labels` gives)."""
+
+    positions: Tensor  # [M, 2] (batch index, sequence position), in the order of each token's first entry
+    targets: Tensor  # [M, K] label ids, 0 on padding
+    mix: Tensor | None  # [M, K] float64, each row summing to 1 (0 on padding); None: one label per token
+    label_sets: Tensor | None  # [M, S] smoothing sets (-1 padded)
+
+
+def distinct_positions(positions: Tensor) -> int:
+    """How many distinct tokens ``positions`` [N, 2] name (a multi-label token has several entries)."""
+    return int(torch.unique(positions, dim=0).shape[0]) if positions.shape[0] > 1 else int(positions.shape[0])
+
+
+def group_vision_labels(
+    positions: Tensor, targets: Tensor, label_sets: Tensor | None = None, weights: Tensor | None = None
+) -> VisionLabels:
+    """The collator's entries (one per (token, label): ``positions`` [N, 2], ``targets`` [N], ``label_sets``
+    [N, S], ``weights`` [N], default 1) as one row per distinct token: its labels side by side, mixed by their
+    weights normalised to sum 1 per token. Without a repeated position the entries are returned as they are
+    (``mix`` None): the single-label loss, unchanged."""
+    n = int(positions.shape[0])
+    uniq, inverse = torch.unique(positions, dim=0, return_inverse=True)
+    m = int(uniq.shape[0])
+    if m == n:
+        return VisionLabels(positions, targets, None, label_sets)
+    entries = torch.arange(n, device=positions.device)
+    first = torch.full((m,), n, dtype=torch.long, device=positions.device).scatter_reduce(0, inverse, entries, "amin")
+    first_sorted, order = first.sort()  # rows in the order of their first entry
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(m, device=positions.device)
+    row = rank[inverse]  # each entry's row
+    by_row = torch.sort(row, stable=True).indices
+    counts = torch.bincount(row, minlength=m)
+    start = counts.cumsum(0) - counts
+    slot = torch.empty_like(row)
+    slot[by_row] = entries - start[row[by_row]]
+    k = int(counts.max())
+    grouped = targets.new_zeros((m, k))
+    grouped[row, slot] = targets
+    w = torch.ones(n, dtype=torch.float64) if weights is None else weights.to(torch.float64)
+    if bool((w <= 0).any()):
+        raise ValueError("vision_weights must be > 0")
+    mix = torch.zeros((m, k), dtype=torch.float64, device=positions.device)
+    mix[row, slot] = w.to(positions.device)
+    mix /= mix.sum(-1, keepdim=True)
+    sets = None if label_sets is None else label_sets[first_sorted]
+    return VisionLabels(positions[first_sorted], grouped, mix, sets)
+
+
 def gather_vision_rows(hidden: Tensor, positions: Tensor) -> Tensor:
     """Hidden states [N, D] at ``positions`` [N, 2] = (batch index, sequence position)."""
     if positions.numel() == 0:
@@ -382,6 +463,7 @@ def dvsft_loss(
     chunk_size: int = LossSettings.loss_chunk_size,
     tokens: StepTokens | None = None,
     label_smoothing: float = 0.0,
+    vision_weights: Tensor | None = None,
 ) -> DVSFTLossOutput:
     """``L_text + vision_weight * L_vision`` in ONE pass over the LM head (text and vision rows share chunks).
 
@@ -392,35 +474,48 @@ def dvsft_loss(
     over this batch's rows divided by the step's count, times ``tokens.processes``); the logged
     ``text_loss`` / ``vision_loss`` stay this batch's means. ``label_smoothing`` smooths the text rows over
     the whole vocabulary (the HF Trainer's ``label_smoothing_factor``); ``eps`` smooths the vision rows.
+
+    Multi-label: a position repeated in ``vision_positions`` is one token with several labels; its row goes
+    through the LM head once, against the mixture of its labels weighted by ``vision_weights`` [N] (the
+    collator's 1/k; normalised per token), plus the smoothing; it counts once in ``N_vision``.
     """
     check_smoothing(eps, "vision smoothing eps")
     check_smoothing(label_smoothing, "label_smoothing_factor")
     t_rows, t_targets = shifted_text_rows(hidden, labels)
     n_t = int(t_rows.shape[0])
     use_vision = vision_positions is not None and vision_weight != 0 and vision_positions.numel() > 0
-    n_v = int(vision_positions.shape[0]) if use_vision else 0
     device = hidden.device
+    if use_vision:
+        sets_in = None if vision_label_sets is None else vision_label_sets.to(device)
+        grouped = group_vision_labels(vision_positions.to(device), vision_targets.to(device), sets_in, vision_weights)
+    n_v = int(grouped.positions.shape[0]) if use_vision else 0
     text_den = max(n_t, 1) if tokens is None else max(tokens.text, 1.0) / tokens.processes
     vision_den = n_v if tokens is None else max(tokens.vision, 1.0) / tokens.processes
     weights = [torch.full((n_t,), 1.0 / text_den, dtype=torch.float64, device=device)]
     eps_rows = [torch.zeros(n_t, dtype=torch.float64, device=device)]
-    rows, targets = [t_rows], [t_targets]
+    rows, targets, mix = [t_rows], [t_targets], None
     sets = None
     if use_vision:
-        rows.append(gather_vision_rows(hidden, vision_positions.to(device)))
-        targets.append(vision_targets.to(device))
+        rows.append(gather_vision_rows(hidden, grouped.positions))
+        targets.append(grouped.targets)
         weights.append(torch.full((n_v,), float(vision_weight) / vision_den, dtype=torch.float64, device=device))
         eps_rows.append(torch.full((n_v,), float(eps), dtype=torch.float64, device=device))
-        if vision_label_sets is not None and vision_label_sets.shape[1] > 0:
-            v_sets = vision_label_sets.to(device)
+        if grouped.label_sets is not None and grouped.label_sets.shape[1] > 0:
+            v_sets = grouped.label_sets
             sets = torch.cat([v_sets.new_full((n_t, v_sets.shape[1]), -1), v_sets])
         elif eps > 0:
             raise ValueError("vision smoothing (eps > 0) needs vision_label_sets")
+        if grouped.mix is not None:  # the text rows: their one target in column 0, weight 1
+            k = grouped.mix.shape[1]
+            targets[0] = torch.cat([t_targets[:, None], t_targets.new_zeros((n_t, k - 1))], 1)
+            text_mix = torch.zeros((n_t, k), dtype=torch.float64, device=device)
+            text_mix[:, 0] = 1.0
+            mix = torch.cat([text_mix, grouped.mix])
     vocab_eps = torch.zeros(n_t + n_v, dtype=torch.float64, device=device)
     vocab_eps[:n_t] = float(label_smoothing)
     loss, losses, correct = fused_linear_ce(
         torch.cat(rows), lm_head, torch.cat(targets), sets, torch.cat(eps_rows), torch.cat(weights), chunk_size,
-        vocab_eps=vocab_eps,
+        vocab_eps=vocab_eps, target_mix=mix,
     )  # fmt: skip
     zero = losses.new_zeros(())
     return DVSFTLossOutput(
@@ -462,4 +557,5 @@ def model_loss(
         eps=eps,
         chunk_size=chunk_size,
         tokens=tokens,
+        vision_weights=batch.get("vision_weights"),
     )
