@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -15,6 +16,7 @@ class DatasetName(StrEnum):
     docvqa = "docvqa"
     infovqa = "infovqa"
     squad = "squad"
+    coco = "coco"
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -84,8 +86,12 @@ def merge(
 
 def prepare(
     dataset: DatasetName = typer.Argument(..., help="Which dataset layout PATH holds."),
-    path: Path = typer.Argument(..., help="Parquet file/folder (lmms-lab), official JSON (+ images), or SQuAD JSON."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder: <dataset>[_<split>].jsonl (+ images/)."),
+    path: Path = typer.Argument(
+        ..., help="Parquet file/folder (lmms-lab), official JSON (+ images), SQuAD JSON, or COCO/LVIS instances JSON."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output folder: <dataset>[_<split>].jsonl (+ images/); coco: <instances stem>.jsonl."
+    ),
     qa_per_image: int | None = typer.Option(
         None, min=0, help="QA pairs kept per image/document, at random (default 1, 2 for infovqa; 0 = all)."
     ),
@@ -103,14 +109,28 @@ def prepare(
     fmt: str = typer.Option("jsonl", "--format", help="jsonl, or parquet: a folder <dataset>[_<split>]/ of shards."),
     rows_per_shard: int = typer.Option(10_000, min=1, help="Records per Parquet shard (--format parquet)."),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    images: Path | None = typer.Option(None, help="coco: the folder of the annotated images (required)."),
+    conversations: Path | None = typer.Option(
+        None, help="coco: LLaVA / ShareGPT conversations joined by image file name (else a listing question)."
+    ),
 ) -> None:
-    """Convert DocVQA / InfographicVQA / SQuAD downloads into records with conversations (no OCR yet)."""
+    """Convert DocVQA / InfographicVQA / SQuAD downloads into records with conversations (no OCR yet); COCO / LVIS
+    instances into region records."""
     from rich.console import Console
     from rich.markup import escape
 
     from dvsft.sources.prepare import prepare_dataset
 
     console = Console(stderr=True, soft_wrap=True)
+    if dataset is DatasetName.coco:
+        if qa_per_image is not None or split is not None or image_root is not None:
+            fail("--qa-per-image, --split and --image-root are not for prepare coco (it takes --images)", console)
+        if images is None:
+            fail("prepare coco needs --images DIR, the folder of the annotated images", console)
+        _prepare_coco(path, images, out, conversations, fmt, rows_per_shard, overwrite, console)
+        return
+    if images is not None or conversations is not None:
+        fail("--images and --conversations are for prepare coco", console)
     try:
         stats = prepare_dataset(
             dataset.value,
@@ -139,3 +159,41 @@ def prepare(
         console.print(f"[yellow]warning:[/yellow] {stats.missing_images} images not found (try --image-root)")
     nxt = "dvsft render" if dataset is DatasetName.squad else "dvsft label"
     console.print(f"next: {nxt} {escape(str(stats.out))} --out ...")
+
+
+def _prepare_coco(
+    instances: Path,
+    images: Path,
+    out: Path,
+    conversations: Path | None,
+    fmt: str,
+    rows_per_shard: int,
+    overwrite: bool,
+    console: Any,
+) -> None:
+    """`dvsft prepare coco`: what was written and joined, how many entries were left out and the first few."""
+    from rich.markup import escape
+
+    from dvsft.sources.coco import prepare_coco
+
+    try:
+        stats = prepare_coco(instances, images, out, conversations, fmt, rows_per_shard, overwrite)
+    except (OSError, ValueError) as err:
+        fail(err, console)
+    console.print(
+        f"{stats.records} records, {stats.regions} regions ({stats.polygons} with a polygon, {stats.box_only} "
+        f"box only) -> {escape(str(stats.out))}"
+    )
+    if conversations is not None:
+        console.print(
+            f"  joined {stats.conversations} conversation samples; {stats.unjoined} name images the annotations lack"
+        )
+    if stats.problems:
+        console.print(
+            f"[yellow]{len(stats.problems)} left out[/yellow], each with its reason in {escape(str(stats.errors))}:"
+        )
+        for problem in stats.problems[:5]:
+            console.print(
+                f"  {escape(Path(str(problem.file)).name)}: {escape(str(problem.id))}: {escape(problem.reason)}"
+            )
+    console.print(f"next: dvsft align {escape(str(stats.out))} --label-policy fill --out ...")
