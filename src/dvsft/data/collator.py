@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ from dvsft.align.aligner import AlignConfig, Alignment, align_words
 from dvsft.core.images import ImageError, load_image
 from dvsft.core.records import IMAGE_PLACEHOLDER, has_image
 from dvsft.data.dataset import has_image_placeholder
+from dvsft.data.encoded_cache import EncodedCache, cache_root
 from dvsft.models.families import spec_for_processor
 from dvsft.models.geometry import Grid, Layout, layout_for
 from dvsft.models.loading import set_pixels
@@ -154,6 +156,8 @@ class VisionCollator:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         keep_records: bool = False,
+        cache_dir: str | os.PathLike | None = None,
+        cache_max_gb: float = 20.0,
     ):
         self.keep_records = keep_records  # batch["records"]: id, image, size, words (objectives that need boxes)
         if min_pixels is not None or max_pixels is not None:
@@ -172,6 +176,10 @@ class VisionCollator:
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
         self._dummy: dict[str, torch.Tensor] | None = None  # the family's smallest image, made once
+        self.stats = Counter(encoded=0, from_cache=0)  # samples run through the processor / read from the cache
+        self.cache = None  # the encoded-sample cache (dvsft.data.encoded_cache), None: every sample is encoded
+        if cache_root(cache_dir) is not None:
+            self.cache = EncodedCache(cache_root(cache_dir), self, cache_max_gb)
 
     # -- one record -------------------------------------------------------------------------
     def render(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:
@@ -202,7 +210,7 @@ class VisionCollator:
         """One record as its batch holds it; longer than ``max_length``, cut there (never inside the image).
         Raises :class:`SampleError` naming the record (see :meth:`check`)."""
         rid = str(record.get("id", "?"))
-        enc = self._encode(record, rid)
+        enc = self._encoded(record, rid)
         return self._cut(enc, rid) if enc.input_ids.numel() > self.max_length else enc
 
     def check(self, record: dict[str, Any]) -> Encoded:
@@ -211,7 +219,7 @@ class VisionCollator:
         readers skip before training."""
         rid = str(record.get("id", "?"))
         try:
-            enc = self._encode(record, rid)
+            enc = self._encoded(record, rid)
         except SampleError:
             raise
         except Exception as err:  # noqa: BLE001 - the processor and the chat template raise what they like
@@ -221,10 +229,27 @@ class VisionCollator:
             raise SampleError(rid, f"{length} tokens > max_length {self.max_length}")
         return enc
 
-    def _encode(self, record: dict[str, Any], rid: str) -> Encoded:
-        image = self._image(record, rid)
-        if image is None and self.keep_records:
+    def _encoded(self, record: dict[str, Any], rid: str) -> Encoded:
+        """:meth:`_encode` through the encoded-sample cache where there is one (``stats`` counts encodings and
+        cache hits); the cache holds every sample with its word alignment, dropped here without vision labels."""
+        if self.keep_records and not has_image(record):
             raise SampleError(rid, "a text-only record, and the method's objectives read each sample's image")
+        if self.cache is None:
+            self.stats["encoded"] += 1
+            return self._encode(record, rid, self.vision_labels)
+        key = self.cache.key(record)
+        enc = self.cache.load(key) if key is not None else None
+        if enc is None:
+            enc = self._encode(record, rid, align=True)
+            self.stats["encoded"] += 1
+            if key is not None:
+                self.cache.save(key, enc)
+        else:
+            self.stats["from_cache"] += 1
+        return enc if self.vision_labels else dataclasses.replace(enc, vision_tokens=[], label_set=[], alignment=None)
+
+    def _encode(self, record: dict[str, Any], rid: str, align: bool) -> Encoded:
+        image = self._image(record, rid)
         text, spans = self._text(record, rid, image is not None)
         if image is None:
             return self._encode_text(text, spans, rid)
@@ -239,7 +264,7 @@ class VisionCollator:
         grow = len(layout.prompt) - len(self.image_token) if layout.prompt else (n_img - 1) * len(self.image_token)
         labels = self.text_labels(ids, out["offset_mapping"][0], text, spans, grow, rid)
         alignment, vision_tokens, label_set = None, [], []
-        if self.vision_labels:
+        if align:
             alignment = align_words(
                 record.get("words") or [], layout, tokenizer=self.tokenizer, config=self.align_config
             )

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from dvsft.align.aligner import AlignConfig
+from dvsft.align.aligner import LABEL_POLICIES, AlignConfig
 from dvsft.core.typed import fit, type_name
 from dvsft.data.collator import MAX_LENGTH
 from dvsft.models.geometry import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
@@ -106,6 +106,10 @@ class DVSFTConfig(TrainingArguments):
         AlignConfig.max_height_cells, "drop words taller than this many visual-token cells"
     )
     align_max_subtokens: int = opt(AlignConfig.max_subtokens, "drop words whose tokenization is longer than this")
+    align_label_policy: str = opt(
+        AlignConfig.label_policy, f"which cells an entry labels: {', '.join(LABEL_POLICIES)} (docs/labeling.md)"
+    )
+    align_multi_label: bool = opt(AlignConfig.multi_label, "a visual token several entries claim keeps all labels")
     min_pixels: int = opt(TRAIN_MIN_PIXELS, "image processor min pixels")
     max_pixels: int = opt(TRAIN_MAX_PIXELS, "image processor max pixels")
     max_length: int = opt(MAX_LENGTH, "max sequence length (longer samples are truncated by the collator)")
@@ -137,6 +141,17 @@ class DVSFTConfig(TrainingArguments):
         "auto",
         "streaming: split_dataset_by_node strategy across ranks: auto (whole windows when their count divides "
         "by the world size, else examples), shards (whole windows), examples (every world_size-th record)",
+    )
+    encoded_cache_dir: str = opt(
+        "auto",
+        "encoded-sample cache: each sample's processor output and alignment, reused by later epochs and runs; "
+        "auto = $DVSFT_CACHE_DIR/encoded or ~/.cache/dvsft/encoded, none = off",
+    )
+    encoded_cache_max_gb: float = opt(20.0, "the encoded-sample cache stops growing at this size (per settings)")
+    packing: bool = opt(
+        False,
+        "pack several samples, each with its image, into sequences of at most max_length tokens (best-fit decreasing); "
+        "per_device_train_batch_size then counts packed sequences",
     )
     strict: bool = opt(False, "fail on the first bad record instead of skipping it (reasons: skipped_records.jsonl)")
     save_final: bool = opt(True, "write the trained model + processor to output_dir/final")
@@ -282,7 +297,7 @@ def check_ranges(cfg: DVSFTConfig) -> None:
     for key in ("global_batch_size", "max_samples", "eval_steps", "per_device_eval_batch_size"):
         value = getattr(cfg, key)
         _need(value is None or value > 0, key, f"must be positive, got {value}")
-    for key in ("logging_steps", "save_steps", "align_max_height_cells"):
+    for key in ("logging_steps", "save_steps", "align_max_height_cells", "encoded_cache_max_gb"):
         _need(getattr(cfg, key) > 0, key, f"must be positive, got {getattr(cfg, key)}")
     _need(
         cfg.max_pixels >= cfg.min_pixels, "max_pixels", f"({cfg.max_pixels}) must be >= min_pixels ({cfg.min_pixels})"
@@ -296,6 +311,11 @@ def check_ranges(cfg: DVSFTConfig) -> None:
         cfg.max_steps > 0 or cfg.num_train_epochs > 0,
         "num_train_epochs",
         f"must be positive, got {cfg.num_train_epochs}",
+    )
+    _need(
+        cfg.align_label_policy in LABEL_POLICIES,
+        "align_label_policy",
+        f"must be one of {', '.join(LABEL_POLICIES)}, got {cfg.align_label_policy!r}",
     )
     _need(
         cfg.stream_split in ("auto", "shards", "examples"),
@@ -351,6 +371,10 @@ def validate(cfg: DVSFTConfig, paths: bool = True) -> None:
             "keep_conversations",
             "streaming makes one sample of each record (keep_conversations: true); for one QA pair per sample, "
             "write one record per pair (dvsft prepare --separate)",
+        )
+    if cfg.packing and cfg.streaming:
+        raise ConfigError(
+            "packing", "packing bins the samples by the lengths measured at load, which streaming input does not load"
         )
     check_model_options(cfg)
     if paths:

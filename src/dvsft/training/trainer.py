@@ -73,12 +73,16 @@ def collator_for(processor: Any, args: Any, objectives: list[Objective]) -> Any:
             max_height_cells=setting(args, "align_max_height_cells"),
             max_subtokens=setting(args, "align_max_subtokens"),
             leading_space=setting(args, "label_leading_space"),
+            label_policy=setting(args, "align_label_policy"),
+            multi_label=setting(args, "align_multi_label"),
         ),
         vision_labels=any(o.needs_vision_labels for o in objectives),
         keep_records=any(getattr(o, "needs_records", False) for o in objectives),
         max_length=setting(args, "max_length"),
         min_pixels=setting(args, "min_pixels"),
         max_pixels=setting(args, "max_pixels"),
+        cache_dir=setting(args, "encoded_cache_dir"),
+        cache_max_gb=setting(args, "encoded_cache_max_gb"),
     )
 
 
@@ -221,14 +225,22 @@ class DVSFTTrainer(StreamingTrainerMixin, Trainer):
                 continue
             self._sums[name] = self._sums.get(name, 0.0) + v * weight
             self._counts[name] = self._counts.get(name, 0.0) + weight
-        self._samples += int(inputs["input_ids"].shape[0])
+        packed = inputs.get("packed_lengths")  # a packed batch (dvsft.data.packing): its samples, not its rows
+        self._samples += int((packed > 0).sum()) if packed is not None else int(inputs["input_ids"].shape[0])
         mask = inputs.get("attention_mask")
         self._tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             logs.update(self._window_metrics())
+            logs.update(self._encodings())
         super().log(logs, start_time)
+
+    def _encodings(self) -> dict[str, int]:
+        """This process's samples so far: run through the processor (``samples_encoded``) and read from the
+        encoded-sample cache (``samples_from_cache``), by the collator's counter (checks and steps)."""
+        stats = getattr(self.data_collator, "stats", None)
+        return {f"samples_{k}": int(v) for k, v in stats.items()} if stats else {}
 
     def _window_metrics(self) -> dict[str, float]:
         names = sorted(self._counts)
