@@ -43,13 +43,14 @@ class RecordList(list):
     :class:`dvsft.core.records.Problem` found (file, line, id, reason), possibly several per record.
     ``where``: the file and line of each sample's record. ``labels``: ``(text labels, vision labels)`` of each
     sample (its labeled answer tokens and visual tokens) once a collator checked them (:func:`check_samples`),
-    else None.
+    else None; ``lengths``: each sample's tokens then (what packing bins, :mod:`dvsft.data.packing`), else None.
     """
 
     skipped: list[tuple[str, str]]
     problems: list[Problem]
     where: list[tuple[str, int]]
     labels: list[tuple[int, int]] | None
+    lengths: list[int] | None
 
     def __init__(
         self,
@@ -58,12 +59,14 @@ class RecordList(list):
         problems: list[Problem] | None = None,
         where: list[tuple[str, int]] | None = None,
         labels: list[tuple[int, int]] | None = None,
+        lengths: list[int] | None = None,
     ):
         super().__init__(items)
         self.skipped = list(skipped or [])
         self.problems = list(problems or [])
         self.where = list(where or [])
         self.labels = None if labels is None else list(labels)
+        self.lengths = None if lengths is None else list(lengths)
 
     def add(self, other: RecordList) -> None:
         """Append ``other``'s samples with their skips and problems (the samples of several sources)."""
@@ -73,6 +76,8 @@ class RecordList(list):
         self.where += other.where
         if self.labels is not None or other.labels is not None:
             self.labels = (self.labels or []) + (other.labels or [])
+        if self.lengths is not None or other.lengths is not None:
+            self.lengths = (self.lengths or []) + (other.lengths or [])
 
     def count(self) -> LabelCount:
         """The samples, their labels (where counted), the skipped records and the first problem."""
@@ -85,7 +90,8 @@ class RecordList(list):
     def head(self, n: int) -> RecordList:
         """The first ``n`` samples, with all the skips and problems."""
         labels = None if self.labels is None else self.labels[:n]
-        return RecordList(self[:n], self.skipped, self.problems, self.where[:n], labels)
+        lengths = None if self.lengths is None else self.lengths[:n]
+        return RecordList(self[:n], self.skipped, self.problems, self.where[:n], labels, lengths)
 
 
 def has_image_placeholder(message: dict[str, Any]) -> bool:
@@ -291,7 +297,7 @@ def load_records(
 def check_samples(samples: RecordList, collator: Any, workers: int = 0) -> RecordList:
     """The samples ``collator`` can encode within its ``max_length``, their text and vision labels counted; the
     others skipped with the reason (named by the file and line of their record)."""
-    kept = RecordList(skipped=samples.skipped, problems=samples.problems, labels=[])
+    kept = RecordList(skipped=samples.skipped, problems=samples.problems, labels=[], lengths=[])
     outcomes = _outcomes(samples, collator, workers)
     for sample, (file, line), outcome in zip(samples, samples.where, outcomes, strict=True):
         if isinstance(outcome, str):
@@ -302,12 +308,13 @@ def check_samples(samples: RecordList, collator: Any, workers: int = 0) -> Recor
             continue
         kept.append(sample)
         kept.where.append((file, line))
-        kept.labels.append(outcome)  # type: ignore[union-attr]
+        kept.labels.append(outcome[:2])  # type: ignore[union-attr]
+        kept.lengths.append(outcome[2])  # type: ignore[union-attr]
     return kept
 
 
-def _outcomes(samples: list[dict[str, Any]], collator: Any, workers: int) -> Iterator[str | tuple[int, int]]:
-    """Per sample, in order: why the collator cannot take it, or its (text labels, vision labels)."""
+def _outcomes(samples: list[dict[str, Any]], collator: Any, workers: int) -> Iterator[str | tuple[int, int, int]]:
+    """Per sample, in order: why the collator cannot take it, or its (text labels, vision labels, tokens)."""
     if workers <= 0:
         return (_outcome(collator, s) for s in samples)
     from torch.utils.data import DataLoader
@@ -316,14 +323,14 @@ def _outcomes(samples: list[dict[str, Any]], collator: Any, workers: int) -> Ite
     return iter(DataLoader(checks, batch_size=None, num_workers=workers, collate_fn=_identity))  # type: ignore[arg-type]
 
 
-def _outcome(collator: Any, sample: dict[str, Any]) -> str | tuple[int, int]:
+def _outcome(collator: Any, sample: dict[str, Any]) -> str | tuple[int, int, int]:
     from dvsft.data.collator import SampleError
 
     try:
         enc = collator.check(sample)
     except SampleError as err:
         return err.reason
-    return enc.label_counts()
+    return (*enc.label_counts(), int(enc.input_ids.numel()))
 
 
 class _Checks:
@@ -335,7 +342,7 @@ class _Checks:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> str | tuple[int, int]:
+    def __getitem__(self, i: int) -> str | tuple[int, int, int]:
         return _outcome(self.collator, self.samples[i])
 
 

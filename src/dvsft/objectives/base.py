@@ -73,6 +73,7 @@ NOT_MODEL_INPUTS = frozenset(
         "records",
         "sample_positions",
         "sample_ids",
+        "packed_lengths",
     }
 )
 
@@ -92,12 +93,15 @@ def forward_hidden(model: nn.Module, batch: dict[str, Any], layers: bool = False
     The LM head runs on one position only (``logits_to_keep=1``); the losses project the rows they
     need. ``hidden_states[-1]`` is the final hidden state after the last norm (what ``lm_head`` reads).
     A training batch without an image whose model trains a vision parameter runs the dummy vision pass
-    (:func:`dummy_vision_pass`).
+    (:func:`dummy_vision_pass`). A packed batch (:mod:`dvsft.data.packing`) runs with its samples' own position ids.
     """
+    from dvsft.data.packing import PACKED, packed_inputs
+
+    inputs = model_inputs(batch)
+    if PACKED in batch:
+        inputs = packed_inputs(model, batch, inputs)
     with dummy_vision_pass(model, batch):
-        out = model(
-            **model_inputs(batch), output_hidden_states=True, logits_to_keep=1, use_cache=False, return_dict=True
-        )
+        out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False, return_dict=True)
     states = tuple(out.hidden_states)
     mask = image_token_mask(model, batch["input_ids"])
     return HiddenStates(last=states[-1], image_mask=mask, layers=states if layers else None)

@@ -158,6 +158,18 @@ def build(cfg: DVSFTConfig):
     return model, processor, trainable_counts(model)
 
 
+def packed(cfg: DVSFTConfig, model: Any, objectives: list[Any], samples: Any, collator: Any) -> tuple[Any, Any]:
+    """(training samples, collator) of a packing run (:mod:`dvsft.data.packing`): the checked samples in bins of at
+    most ``max_length`` tokens, and the run's collator laying each bin's samples end to end (held-out batches are
+    not packed); a ``ValueError`` says why the run cannot pack."""
+    from dvsft.data.packing import PackedSamples, PackingCollator, packing_problem
+
+    problem = packing_problem(model, objectives, cfg.per_device_train_batch_size)
+    if problem is not None:
+        raise ValueError(f"packing: {problem}")
+    return PackedSamples(samples, samples.lengths, cfg.max_length), PackingCollator(collator)
+
+
 def save_final(trainer: Any, model: Any, processor: Any, cfg: DVSFTConfig, final_dir: Path) -> None:
     """Model (without objective heads; LoRA merged) + processor: from_pretrained / dvsft.models.loading load it."""
     from dvsft.models.loading import save_processor
@@ -223,6 +235,8 @@ def prepare(config: DVSFTConfig | dict[str, Any] | str | Path, callbacks: list[A
         check_stream(cfg, samples, collator)
     else:
         samples = check_dataset(cfg, samples, collator)
+    if cfg.packing:
+        samples, collator = packed(cfg, model, objectives, samples, collator)
     if heldout is not None:
         heldout = check_dataset(cfg, heldout, collator, cfg.eval_data)
     out = Path(cfg.output_dir)

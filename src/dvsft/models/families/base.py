@@ -71,6 +71,8 @@ class FamilySpec:
     --coords <family>`` writes (:class:`dvsft.sources.region_tasks.BoxCodec`): ``thousandths`` (``[x0, y0, x1, y1]``
     in 0..1000 of the image), ``tagged-thousandths`` (``<|box_start|>(x0,y0),(x1,y1)<|box_end|>``, 0..1000) or
     ``resized-pixels`` (``[x0, y0, x1, y1]`` in pixels of the smart-resized image); None where it has none.
+    ``segment_positions``, ``prepare_packing`` and ``packing_refusal`` say how the family's model takes packed
+    samples (:meth:`position_ids`, :mod:`dvsft.data.packing`).
     ``image_inputs`` are the processor outputs the model's forward needs besides ``input_ids`` /
     ``attention_mask``. ``dummy_options`` are the image processor's options that make the fewest views of an
     image (:meth:`dummy_image_inputs`).
@@ -96,6 +98,22 @@ class FamilySpec:
     grid: GridRule | None = None
     dummy_options: dict[str, Any] = field(default_factory=dict)
     box_format: str | None = None
+    # packing (dvsft.data.packing): one sample's position-id rule (None: 0 .. n-1), what a model needs to keep packed
+    # samples apart beyond the position ids (run once on it), or why it cannot take packed samples at all
+    segment_positions: Callable[[Any, dict[str, Any]], Any] | None = None
+    prepare_packing: Callable[[Any], None] | None = None
+    packing_refusal: str | None = None
+
+    def position_ids(self, model: Any, inputs: dict[str, Any]) -> Any:
+        """The position ids of one sample alone, ``[k, n]`` (k = 1 for 1-D positions; Qwen: 4, the text positions and
+        M-RoPE's three): ``inputs`` are its ``input_ids`` ``[1, n]`` and, for Qwen, ``mm_token_type_ids`` and its
+        image's ``image_grid_thw``. A packed row holds each sample's own (:mod:`dvsft.data.packing`)."""
+        import torch
+
+        if self.segment_positions is not None:
+            return self.segment_positions(model, inputs)
+        ids = inputs["input_ids"]
+        return torch.arange(ids.shape[-1], device=ids.device)[None]
 
     def dummy_image_inputs(self, processor: Any) -> dict[str, Any]:
         """The vision inputs of the smallest image ``processor`` makes (a blank 8 x 8 picture, scaled up to the

@@ -78,6 +78,53 @@ def _projector(model: Any) -> Any:
     return attr_path("model.visual.merger")(model)
 
 
+def mrope_positions(model: Any, inputs: dict[str, Any]) -> Any:
+    """One sample's position ids as the model computes them for it alone: the text positions 0 .. n-1 (which
+    transformers' packed-sequence mask reads), then M-RoPE's three rows from the model's own ``get_rope_index``
+    (:meth:`FamilySpec.position_ids`)."""
+    import torch
+
+    ids = inputs["input_ids"]
+    rope, _ = attr_path("model")(model).get_rope_index(
+        ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw")
+    )
+    return torch.cat([torch.arange(ids.shape[-1], device=ids.device)[None], rope[:, 0].to(ids.device)])
+
+
+def split_linear_attention(model: Any) -> None:
+    """Qwen3.5's Gated DeltaNet layers carry a recurrent state along the row, which transformers' torch path cannot
+    reset between packed samples (it refuses ``cu_seqlens`` without flash-linear-attention): each linear-attention
+    decoder layer runs each packed sample of a row on its own, found from the text position ids as transformers'
+    attention mask finds them. Run once per model; unpacked rows run as before."""
+    for layer in attr_path("model.language_model")(model).layers:
+        if getattr(layer, "block_type", None) == "linear_attention" and "forward" not in vars(layer):
+            layer.forward = _per_sample(layer.forward)
+
+
+def _per_sample(forward: Any) -> Any:
+    """A decoder layer's ``forward`` that runs each packed sample of a row (:func:`split_linear_attention`) alone."""
+
+    def run(hidden_states: Any, position_embeddings: Any = None, position_ids: Any = None, **kwargs: Any) -> Any:
+        import torch
+        from transformers.masking_utils import find_packed_sequence_indices
+
+        packed = position_ids is not None and position_ids.dim() == 2
+        samples = find_packed_sequence_indices(position_ids) if packed else None
+        if samples is None:
+            return forward(hidden_states, position_embeddings=position_embeddings, position_ids=position_ids, **kwargs)
+        parts = []
+        for r, ids in enumerate(samples.tolist()):
+            bounds = [0, *(i for i in range(1, len(ids)) if ids[i] != ids[i - 1]), len(ids)]
+            for start, end in zip(bounds, bounds[1:], strict=False):
+                cut = (slice(r, r + 1), slice(start, end))
+                rope = tuple(p[cut] for p in position_embeddings) if position_embeddings is not None else None
+                out = forward(hidden_states[cut], position_embeddings=rope, position_ids=position_ids[cut], **kwargs)
+                parts.append(out)
+        return torch.cat(parts, dim=1).reshape(hidden_states.shape)
+
+    return run
+
+
 def qwen_spec(
     name: str,
     model_type: str,
@@ -86,6 +133,7 @@ def qwen_spec(
     processor: str,
     aliases: tuple[str, ...] = (),
     projector_extras: tuple[str, ...] = (),
+    prepare_packing: Any = None,
 ) -> FamilySpec:
     return FamilySpec(
         name=name,
@@ -106,6 +154,8 @@ def qwen_spec(
         box_format=BOX_FORMATS.get(name),
         aliases=aliases,
         views="one view: the smart-resized image, row-major merged cells",
+        segment_positions=mrope_positions,
+        prepare_packing=prepare_packing,
     )
 
 
@@ -115,5 +165,13 @@ SPECS = [
     qwen_spec("qwen3-vl", "qwen3_vl", QWEN3_GRID, DENSE, "Qwen3VLProcessor", ("qwen3_vl",), DEEPSTACK),
     # experts are fused 3-D parameters and the router is no nn.Linear: LoRA wraps the attention
     qwen_spec("qwen3-vl-moe", "qwen3_vl_moe", QWEN3_GRID, DENSE[:4], "Qwen3VLProcessor", ("qwen3_vl_moe",), DEEPSTACK),
-    qwen_spec("qwen3.5", "qwen3_5", QWEN3_GRID, DENSE + DELTANET, "Qwen3VLProcessor", ("qwen3_5", "qwen3-5")),
+    qwen_spec(
+        "qwen3.5",
+        "qwen3_5",
+        QWEN3_GRID,
+        DENSE + DELTANET,
+        "Qwen3VLProcessor",
+        ("qwen3_5", "qwen3-5"),
+        prepare_packing=split_linear_attention,
+    ),
 ]
