@@ -14,8 +14,9 @@ import unicodedata
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
+from dvsft.align.cells import Box, Claim, Piece, Ring, char_edges, fill_cells, polygon_rings, row_cells, word_pieces
 from dvsft.models.families import FamilySource, family_source
 from dvsft.models.geometry import Grid, Layout, View, grid_layout
 
@@ -99,6 +100,16 @@ def is_blank_token(token_id: int, tokenizer: Any) -> bool:
     return cache[token_id]
 
 
+def label_forms(words: list[str], tokenizer: Any, leading_space: bool) -> list[str]:
+    """The text each word's label is tokenized from: ``" " + word`` with ``leading_space``, the bare word where
+    that form begins with a whitespace-only token (see :func:`first_token_ids`)."""
+    if not leading_space:
+        return list(words)
+    spaced = [" " + w for w in words]
+    cache = _tokenize(spaced, tokenizer)
+    return [w if cache[s] and is_blank_token(cache[s][0], tokenizer) else s for w, s in zip(words, spaced, strict=True)]
+
+
 def first_token_ids(words: list[str], tokenizer: Any, leading_space: bool) -> list[list[int]]:
     """Token ids of each word as its label is tokenized (memoised per tokenizer).
 
@@ -108,25 +119,60 @@ def first_token_ids(words: list[str], tokenizer: Any, leading_space: bool) -> li
     take their bare tokenization (``"12"`` is ``["1", "2"]``), so the label is the first token of the
     word's content and the sub-token filter counts that same form.
     """
-    if not leading_space:
-        cache = _tokenize(words, tokenizer)
-        return [cache[w] for w in words]
-    spaced = [" " + w for w in words]
-    cache = _tokenize(spaced, tokenizer)
-    bare = [w for w, s in zip(words, spaced, strict=True) if cache[s] and is_blank_token(cache[s][0], tokenizer)]
-    if bare:
-        cache = _tokenize(bare, tokenizer)
+    forms = label_forms(words, tokenizer, leading_space)
+    cache = _tokenize(forms, tokenizer)
+    return [cache[f] for f in forms]
+
+
+_OFFSETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {label form: char spans}
+
+
+def subtoken_spans(words: list[str], tokenizer: Any, leading_space: bool) -> list[list[tuple[int, int, int]]]:
+    """``(token id, first character, end character)`` of each sub-token of each word's label form, characters
+    counted in the word itself (a leading space belongs to no character). A tokenizer without offsets (a slow one)
+    splits the characters evenly between the sub-tokens."""
+    forms = label_forms(words, tokenizer, leading_space)
+    ids = _tokenize(forms, tokenizer)
+    offsets = _char_offsets(forms, tokenizer, ids)
     out = []
-    for w, s in zip(words, spaced, strict=True):
-        ids = cache[s]
-        out.append(cache[w] if ids and is_blank_token(ids[0], tokenizer) else ids)
+    for word, form in zip(words, forms, strict=True):
+        shift, n = len(form) - len(word), len(word)
+        spans = [(min(max(a - shift, 0), n), min(max(b - shift, 0), n)) for a, b in offsets[form]]
+        out.append([(int(t), a, b) for t, (a, b) in zip(ids[form], spans, strict=True)])
     return out
+
+
+def _char_offsets(forms: list[str], tokenizer: Any, ids: dict[str, list[int]]) -> dict[str, list[tuple[int, int]]]:
+    cache = _memo(_OFFSETS, tokenizer)
+    missing = sorted({f for f in forms if f not in cache})
+    if not missing:
+        return cache
+    try:
+        got = tokenizer(missing, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, ValueError, TypeError, KeyError):
+        got = [
+            [(len(f) * i // len(ids[f]), len(f) * (i + 1) // len(ids[f])) for i in range(len(ids[f]))] for f in missing
+        ]
+    cache.update({f: [tuple(o) for o in offs] for f, offs in zip(missing, got, strict=True)})
+    return cache
 
 
 def is_invisible(text: str) -> bool:
     """Whether nothing of ``text`` shows: only whitespace and format characters (Unicode category Cf: zero-width
     space U+200B, byte order mark U+FEFF, joiners, direction marks). Such a word labels nothing."""
     return all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text)
+
+
+class Candidate(NamedTuple):
+    """An entry that passed the text and box filters."""
+
+    text: str
+    box: Box  # clipped to the image
+    first: int | None  # the label id (first sub-token)
+    refused: str | None  # the tokenizer filter that refuses the entry, or None
+    kind: str = "word"
+    pieces: tuple[Piece, ...] = ()  # span: each sub-token's ink x range
+    rings: tuple[Ring, ...] = ()  # fill: the polygon, if given
 
 
 def _candidates(
@@ -136,55 +182,100 @@ def _candidates(
     tokenizer: Any,
     config: AlignConfig,
     dropped: Counter,
-) -> list[tuple[str, tuple[float, float, float, float], int | None, str | None]]:
-    """Words whose text and box pass the word filters: (text, box clipped to the image, first token id, the
-    tokenizer filter that refuses the word or None). The tokenizer's verdict counts only for a word some view
-    would label (:func:`align_words`), so that a word too tall for the grid is dropped as ``too_tall``."""
+) -> list[Candidate]:
+    """Entries whose text, box (and polygon, under ``fill``) pass the entry filters. The tokenizer's verdict counts
+    only for an entry some view would label (:func:`align_words`), so that a word too tall for the grid is dropped
+    as ``too_tall``."""
     texts = [str(w.get("text", "")).strip() for w in words]
     ids = first_token_ids(texts, tokenizer, config.leading_space) if tokenizer is not None else [None] * len(words)
+    spans = _subtokens(texts, tokenizer, config) if config.label_policy == "span" else None
     out = []
-    for word, text, tok_ids in zip(words, texts, ids, strict=True):
+    for i, (word, text, tok_ids) in enumerate(zip(words, texts, ids, strict=True)):
         if is_invisible(text):
             dropped["empty"] += 1
             continue
-        box = word.get("box")
-        if not isinstance(box, list | tuple) or len(box) != 4 or not all(_is_number(v) for v in box):
-            dropped["bad_box"] += 1
+        box = _clipped_box(word.get("box"), width, height, dropped)
+        if box is None:
             continue
-        x0, y0, x1, y1 = (float(v) for v in box)
-        if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-            dropped["non_finite_box"] += 1
+        kind = word.get("kind", "word")
+        if not isinstance(kind, str) or not kind:
+            dropped["bad_kind"] += 1
             continue
-        if x0 > x1 or y0 > y1:
-            dropped["inverted_box"] += 1
-            continue
-        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-            x0, y0 = max(0.0, x0), max(0.0, y0)
-            x1, y1 = min(float(width), x1), min(float(height), y1)
-            if x1 <= x0 or y1 <= y0:
-                dropped["outside_image"] += 1
+        rings: tuple[Ring, ...] = ()
+        if config.label_policy == "fill" and word.get("polygon") is not None:
+            rings = polygon_rings(word["polygon"]) or ()
+            if not rings:
+                dropped["bad_polygon"] += 1
                 continue
-        first, refused = _first_token(tok_ids, tokenizer, config)
-        out.append((text, (x0, y0, x1, y1), first, refused))
+        limit = config.max_subtokens if kind == "word" and config.label_policy != "span" else None
+        first, refused = _first_token(tok_ids, tokenizer, limit)
+        pieces = tuple(word_pieces(char_edges(word, text, box), spans[i], box)) if spans is not None else ()
+        out.append(Candidate(text, box, first, refused, kind, pieces, rings))
     return out
 
 
-def _first_token(tok_ids: list[int] | None, tokenizer: Any, config: AlignConfig) -> tuple[int | None, str | None]:
-    """(the label id, None), or (None, the tokenizer filter that refuses the word); (None, None) without a
-    tokenizer."""
+def _clipped_box(box: Any, width: int, height: int, dropped: Counter) -> Box | None:
+    """The box clipped to the image, or None with the filter that drops it counted."""
+    if not isinstance(box, list | tuple) or len(box) != 4 or not all(_is_number(v) for v in box):
+        dropped["bad_box"] += 1
+        return None
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        dropped["non_finite_box"] += 1
+        return None
+    if x0 > x1 or y0 > y1:
+        dropped["inverted_box"] += 1
+        return None
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        x0, y0 = max(0.0, x0), max(0.0, y0)
+        x1, y1 = min(float(width), x1), min(float(height), y1)
+        if x1 <= x0 or y1 <= y0:
+            dropped["outside_image"] += 1
+            return None
+    return x0, y0, x1, y1
+
+
+def _subtokens(
+    texts: list[str], tokenizer: Any, config: AlignConfig
+) -> list[list[tuple[int | None, int | None, int, int]]]:
+    """Per word, ``(token id, index, first char, end char)`` of its sub-tokens, whitespace-only ones left out;
+    without a tokenizer the whole word is one piece with no id."""
+    if tokenizer is None:
+        return [[(None, None, 0, len(t))] for t in texts]
+    return [
+        [(t, i, a, b) for i, (t, a, b) in enumerate(subs) if not is_blank_token(t, tokenizer)]
+        for subs in subtoken_spans(texts, tokenizer, config.leading_space)
+    ]
+
+
+def _first_token(tok_ids: list[int] | None, tokenizer: Any, limit: int | None) -> tuple[int | None, str | None]:
+    """(the label id, None), or (None, the tokenizer filter that refuses the entry: more than ``limit`` sub-tokens
+    when a limit applies); (None, None) without a tokenizer."""
     if tok_ids is None:
         return None, None
     if not tok_ids:
         return None, "untokenizable"
-    if len(tok_ids) > config.max_subtokens:
+    if limit is not None and len(tok_ids) > limit:
         return None, "too_many_subtokens"
     if is_blank_token(tok_ids[0], tokenizer):  # never teach a visual token a bare space
         return None, "untokenizable"
     return int(tok_ids[0]), None
 
 
-def _resolve_conflicts(kept: list[tuple[int, dict[str, Any]]], dropped: Counter) -> list[dict[str, Any]]:
-    """A token that receives more than one word loses all its labels."""
+def _resolve_conflicts(
+    kept: list[tuple[int, dict[str, Any]]], dropped: Counter, multi_label: bool = False
+) -> list[dict[str, Any]]:
+    """A token that receives more than one label loses them all; with ``multi_label`` it keeps one per distinct
+    label (``token_id``, else ``text``), in claim order."""
+    if multi_label:
+        seen: set[tuple[int, Any]] = set()
+        labels = []
+        for token, label in kept:
+            key = (token, label.get("token_id", label["text"]))
+            if key not in seen:
+                seen.add(key)
+                labels.append(label)
+        return labels
     per_token = Counter(token for token, _ in kept)
     labels = []
     for token, label in kept:
@@ -201,19 +292,24 @@ def align_words(
     tokenizer: Any = None,
     config: AlignConfig | None = None,
 ) -> Alignment:
-    """Assign each word to the token that holds its bottom-right corner, in every view of ``layout`` (a
-    :class:`~dvsft.models.geometry.Grid` is the one view of a Qwen-VL image), and apply the paper's filters.
+    """Label the tokens of every view of ``layout`` (a :class:`~dvsft.models.geometry.Grid` is the one view of a
+    Qwen-VL image) with the entries of ``words`` under ``config.label_policy`` (:data:`LABEL_POLICIES`), and apply
+    the paper's filters.
 
-    In each view (the Qwen-VL grid, a tile, thumbnail, base image, crop grid, global image) a word labels the
-    token that sees its bottom-right corner; the height filter counts that token's cell height (a word can be too
-    tall for a tile yet fit the coarser thumbnail); a token of the view that receives two words loses both.
+    In each view (the Qwen-VL grid, a tile, thumbnail, base image, crop grid, global image) an entry claims its
+    cells: ``bottom-right``, the token that sees its bottom-right corner; ``span``, every cell of that token's row
+    its box overlaps, each with the sub-token drawn there; ``fill``, every cell at least half inside it. The height
+    filter (words only) counts the cell height of the view (a word can be too tall for a tile yet fit the coarser
+    thumbnail); a token of the view that receives two labels loses both (``multi_label``: keeps both).
     ``token`` is the position in the image-token sequence; in a list of views labels also carry ``view`` (kind)
-    and ``view_index``. A word's filters run in the order: text and box (``empty``, ``bad_box``,
-    ``non_finite_box``, ``inverted_box``, ``outside_image``, once per word), the view's (``unseen``: the corner
-    lies in the view's region but no token sees it; ``too_tall``; once per word and view, a view that does not
-    show the corner does not count), the tokenizer's (``untokenizable``, ``too_many_subtokens``: once per word
-    that a view would label), then ``token_conflict`` per view. :attr:`Alignment.per_view` breaks labels and the
-    view-level drops down by view kind.
+    and ``view_index``. An entry's filters run in the order: text, box and kind (``empty``, ``bad_box``,
+    ``non_finite_box``, ``inverted_box``, ``outside_image``, ``bad_kind``, ``bad_polygon`` under fill, once per
+    entry), the view's (``unseen``: the corner lies in the view's region but no token sees it; ``too_small``
+    under fill: the region's centre lies in the view but no cell is half inside; ``too_tall``; once per entry and
+    view, a view that does not show the corner / centre does not count), the tokenizer's (``untokenizable``,
+    ``too_many_subtokens`` for words under bottom-right and fill: once per entry that a view would label), then
+    ``token_conflict`` per view (per label: under span and fill a word keeps its other cells).
+    :attr:`Alignment.per_view` breaks labels and the view-level drops down by view kind.
     """
     if isinstance(layout, Grid):
         layout = grid_layout(layout)
@@ -226,7 +322,8 @@ def align_words(
     for view in layout.views:
         stats = per_view.setdefault(view.kind, Counter())
         named = layout.grid is None  # in a list of views each label names its view
-        got = _resolve_conflicts(_view_labels(view, candidates, config, named, stats, refused), stats)
+        kept = _view_labels(view, candidates, config, named, stats, refused)
+        got = _resolve_conflicts(kept, stats, config.multi_label)
         stats["labels"] += len(got)
         labels += got
     dropped.update(refused.values())
@@ -238,38 +335,79 @@ def align_words(
 
 def _view_labels(
     view: View,
-    candidates: list[tuple[str, tuple[float, float, float, float], int | None, str | None]],
+    candidates: list[Candidate],
     config: AlignConfig,
     named: bool,
     stats: Counter,
     refused: dict[int, str],
 ) -> list[tuple[int, dict[str, Any]]]:
-    """(sequence position, label) of each candidate ``view`` labels, before the conflict rule (``named``: labels
-    carry ``view`` and ``view_index``); the view's drops go to ``stats``, the tokenizer's refusals of words the
-    view would label to ``refused``."""
+    """(sequence position, label) of each cell ``view`` labels, before the conflict rule (``named``: labels carry
+    ``view`` and ``view_index``); the view's drops go to ``stats``, the tokenizer's refusals of entries the view
+    would label to ``refused``."""
     kept = []
-    for i, (text, (x0, y0, x1, y1), first, reason) in enumerate(candidates):
-        x, y = max(x0, x1 - 0.5), max(y0, y1 - 0.5)  # the last pixel inside the box: its bottom-right corner
-        k = view.local_at_point(x, y)
-        if k is None:
-            rx0, ry0, rx1, ry1 = view.region
-            if rx0 <= x < rx1 and ry0 <= y < ry1:  # inside the view, in a strip no token sees
-                stats["unseen"] += 1
+    for i, cand in enumerate(candidates):
+        claims = _claims(view, cand, config, stats)
+        if not claims:
             continue
-        if view.taller_than(k, y1 - y0, config.max_height_cells):
-            stats["too_tall"] += 1
+        if cand.refused is not None:
+            refused[i] = cand.refused
             continue
-        if reason is not None:
-            refused[i] = reason
-            continue
-        pos = view.position(k)
-        label: dict[str, Any] = {"token": pos, "text": text}
-        if named:
-            label.update(view=view.kind, view_index=view.index)
-        if first is not None:
-            label["token_id"] = first
-        kept.append((pos, label))
+        for k, token_id, subtoken in claims:
+            pos = view.position(k)
+            label: dict[str, Any] = {"token": pos, "text": cand.text}
+            if named:
+                label.update(view=view.kind, view_index=view.index)
+            if token_id is not None:
+                label["token_id"] = token_id
+            if subtoken is not None:
+                label["subtoken"] = subtoken
+            if cand.kind != "word":
+                label["kind"] = cand.kind
+            kept.append((pos, label))
     return kept
+
+
+def _claims(view: View, cand: Candidate, config: AlignConfig, stats: Counter) -> list[Claim]:
+    """The cells of ``view`` the entry claims under the policy, ``[]`` when a view filter drops it (counted)."""
+    if config.label_policy == "fill":
+        return _fill_claims(view, cand, config, stats)
+    k = _corner(view, cand, config, stats)
+    if k is None:
+        return []
+    if config.label_policy == "span":
+        return row_cells(view, k // view.cols, cand.box, list(cand.pieces)) or [(k, cand.first, None)]
+    return [(k, cand.first, None)]
+
+
+def _corner(view: View, cand: Candidate, config: AlignConfig, stats: Counter) -> int | None:
+    """The local token that sees the entry's bottom-right corner, or None (``unseen``, or a word ``too_tall``)."""
+    x0, y0, x1, y1 = cand.box
+    x, y = max(x0, x1 - 0.5), max(y0, y1 - 0.5)  # the last pixel inside the box: its bottom-right corner
+    k = view.local_at_point(x, y)
+    if k is None:
+        rx0, ry0, rx1, ry1 = view.region
+        if rx0 <= x < rx1 and ry0 <= y < ry1:  # inside the view, in a strip no token sees
+            stats["unseen"] += 1
+        return None
+    if cand.kind == "word" and view.taller_than(k, y1 - y0, config.max_height_cells):
+        stats["too_tall"] += 1
+        return None
+    return k
+
+
+def _fill_claims(view: View, cand: Candidate, config: AlignConfig, stats: Counter) -> list[Claim]:
+    """Every cell at least half inside the entry (``too_small`` when none is and the view shows its centre)."""
+    x0, y0, x1, y1 = cand.box
+    cells = fill_cells(view, cand.box, cand.rings)
+    if not cells:
+        rx0, ry0, rx1, ry1 = view.region
+        if rx0 <= (x0 + x1) / 2 < rx1 and ry0 <= (y0 + y1) / 2 < ry1:
+            stats["too_small"] += 1
+        return []
+    if cand.kind == "word" and view.taller_than(cells[-1], y1 - y0, config.max_height_cells):
+        stats["too_tall"] += 1
+        return []
+    return [(k, cand.first, None) for k in cells]
 
 
 def _is_number(v: Any) -> bool:

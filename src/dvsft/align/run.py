@@ -2,9 +2,10 @@
 
 Each output record is the input record plus ``grid: [rows, cols]``, ``vision_labels`` (with
 ``token_id`` when a tokenizer is given), ``dropped`` (words removed per filter) and ``align``
-(the settings used). Image paths are rewritten relative to the output file. Lines and records that cannot
-be aligned (unreadable JSON, anything :func:`dvsft.core.records.check_record` finds, an image size the processors
-refuse...) go to ``<out stem>.errors.jsonl``, one row per problem: ``{"file", "line", "id", "reason"}``.
+(the settings used; ``label_policy`` / ``multi_label`` only where not the defaults). Image paths are
+rewritten relative to the output file. Lines and records that cannot be aligned (unreadable JSON, anything
+:func:`dvsft.core.records.check_record` finds, an image size the processors refuse...) go to
+``<out stem>.errors.jsonl``, one row per problem: ``{"file", "line", "id", "reason"}``.
 Input where records exist but none aligns (a compressed file, a JSON array, Parquet without images) is an
 error naming the first problem; empty input gives an empty output. Outputs never destroy
 (:mod:`dvsft.core.outputs`): an existing output or overlay folder of other files is refused unless ``overwrite``.
@@ -61,8 +62,8 @@ def align_file(
 ) -> dict[str, Any]:
     """Align ``words_file`` (any record source: JSONL, Parquet, shards, a ``datasets`` folder) into ``out``
     (JSONL, or with ``fmt="parquet"`` a folder of shards); returns counts (records, aligned, errors = records
-    that failed, error_rows, vision_labels, visual_tokens, overlays, dropped). Raises ``ValueError`` when
-    records exist but none aligns (nothing is written but the errors file)."""
+    that failed, error_rows, vision_labels, labeled_tokens, visual_tokens, overlays, dropped). Raises ``ValueError``
+    when records exist but none aligns (nothing is written but the errors file)."""
     words_file, out = Path(words_file), Path(out)
     if not words_file.exists():
         raise ValueError(f"{words_file}: no such file or folder")
@@ -80,10 +81,13 @@ def align_file(
         "max_height_cells": config.max_height_cells,
         "max_subtokens": config.max_subtokens,
         "leading_space": config.leading_space,
+        **policy_settings(config),
     }
     errors: list[dict[str, Any]] = []
     dropped: Counter = Counter()
-    summary = Counter(dict.fromkeys(("records", "aligned", "vision_labels", "visual_tokens", "failed"), 0))
+    summary = Counter(
+        dict.fromkeys(("records", "aligned", "vision_labels", "labeled_tokens", "visual_tokens", "failed"), 0)
+    )
     overlays = 0
     source = family_source(source)  # the family and a model directory's settings, read once
 
@@ -134,6 +138,7 @@ def align_file(
             row["align"] = settings
             summary["aligned"] += 1
             summary["vision_labels"] += len(alignment.labels)
+            summary["labeled_tokens"] += len({lab["token"] for lab in alignment.labels})
             summary["visual_tokens"] += grid.num_tokens if grid is not None else row["visual_tokens"]
             dropped.update(alignment.dropped)
             if (
@@ -160,6 +165,17 @@ def align_file(
     failed = summary.pop("failed", 0)
     counts = {**summary, "errors": failed, "error_rows": len(errors), "overlays": overlays}
     return {**counts, "dropped": dict(sorted(dropped.items()))}
+
+
+def policy_settings(config: AlignConfig) -> dict[str, Any]:
+    """The label policy and multi-label keys of an output's ``align`` settings, only where they differ from the
+    defaults (a bottom-right alignment writes the same bytes as before the policies existed)."""
+    out: dict[str, Any] = {}
+    if config.label_policy != AlignConfig.label_policy:
+        out["label_policy"] = config.label_policy
+    if config.multi_label != AlignConfig.multi_label:
+        out["multi_label"] = config.multi_label
+    return out
 
 
 def write_overlay(

@@ -9,7 +9,13 @@
   counts (DocVQA: 5.40 M labels over 39,463 samples at 6.97% coverage is ~1,960 visual tokens
   per sample, within the 2,048-token budget; per image it would be ~7,600).
 - visual tokens, vision coverage: all visual tokens (``grid`` rows x cols), per sample like the
-  labels; coverage = vision labels / visual tokens
+  labels; coverage = labeled tokens / visual tokens (labeled tokens: distinct tokens with a label, = vision
+  labels unless ``--multi-label`` gave a token several)
+- labels per labeled token: vision labels / labeled tokens (1 without multi-label)
+- per_kind: per entry kind (``word``, ``object``: a label's ``kind``, absent = word) the vision labels, labeled
+  tokens, coverage and labels per labeled token, per sample
+- per_policy: per label policy of the records' ``align`` settings (``bottom-right``, ``span``, ``fill``, with
+  `` +multi-label``) the records, the same figures and the drops per filter
 - per_image: the same three figures counting each distinct image once (its first record)
 - label_kinds: vision labels by kind (per sample): alphabetic (Latin letters), numeric (digits,
   with or without number punctuation), mixed (letters and digits), punctuation (no letter or
@@ -63,6 +69,9 @@ def compute_stats(records: Iterable[dict[str, Any]], tokenizer: Any = None, sour
     dropped: Counter = Counter()
     kinds: Counter = Counter(dict.fromkeys(LABEL_KINDS, 0))
     per_view: dict[str, Counter] = {}
+    per_kind: dict[str, Counter] = {}
+    per_policy: dict[str, Counter] = {}
+    labeled = 0
     for n, rec in enumerate(records, 1):
         where = f"{source}: record {n}" + (f" (id {rec['id']})" if "id" in rec else "")
         grid = rec.get("grid")
@@ -88,6 +97,9 @@ def compute_stats(records: Iterable[dict[str, Any]], tokenizer: Any = None, sour
             tokens = int(grid[0]) * int(grid[1])
         visual_tokens += weight * tokens
         vision_labels += weight * len(labels)
+        labeled += weight * len({lab.get("token") for lab in labels})
+        _count_kinds(per_kind, labels, weight)
+        _count_policy(per_policy, rec, labels, tokens, weight)
         image = str(rec.get("image", rec.get("id", n)))
         if image not in images:
             images.add(image)
@@ -111,7 +123,11 @@ def compute_stats(records: Iterable[dict[str, Any]], tokenizer: Any = None, sour
         "text_label_unit": "tokens" if tokenizer is not None else "words",
         "vision_labels": vision_labels,
         "visual_tokens": visual_tokens,
-        "vision_coverage": vision_labels / visual_tokens if visual_tokens else 0.0,
+        "labeled_tokens": labeled,
+        "vision_coverage": labeled / visual_tokens if visual_tokens else 0.0,
+        "labels_per_labeled_token": vision_labels / labeled if labeled else 0.0,
+        "per_kind": {k: _group_stats(c, visual_tokens) for k, c in sorted(per_kind.items())},
+        "per_policy": {k: _group_stats(c) for k, c in sorted(per_policy.items())},
         "per_image": {
             "vision_labels": image_labels,
             "visual_tokens": image_tokens,
@@ -122,6 +138,42 @@ def compute_stats(records: Iterable[dict[str, Any]], tokenizer: Any = None, sour
         "dropped": dict(sorted(dropped.items())),
         **({"per_view": {k: _view_stats(c) for k, c in per_view.items()}} if per_view else {}),
     }
+
+
+def _count_kinds(per_kind: dict[str, Counter], labels: list[dict[str, Any]], weight: int) -> None:
+    """Add one record's labels and labeled tokens per entry kind."""
+    by_kind: dict[str, set] = {}
+    for lab in labels:
+        kind = str(lab.get("kind", "word"))
+        by_kind.setdefault(kind, set()).add(lab.get("token"))
+        per_kind.setdefault(kind, Counter())["vision_labels"] += weight
+    for kind, tokens in by_kind.items():
+        per_kind[kind]["labeled_tokens"] += weight * len(tokens)
+
+
+def _count_policy(
+    per_policy: dict[str, Counter], rec: dict[str, Any], labels: list[dict[str, Any]], tokens: int, weight: int
+) -> None:
+    """Add one record to the figures of its label policy (``align`` settings; bottom-right when absent)."""
+    settings = rec.get("align") if isinstance(rec.get("align"), dict) else {}
+    name = str(settings.get("label_policy", "bottom-right")) + (" +multi-label" if settings.get("multi_label") else "")
+    c = per_policy.setdefault(name, Counter())
+    c["records"] += 1
+    c["vision_labels"] += weight * len(labels)
+    c["labeled_tokens"] += weight * len({lab.get("token") for lab in labels})
+    c["visual_tokens"] += weight * tokens
+    c.update({f"dropped_{k}": v for k, v in (rec.get("dropped") or {}).items()})
+
+
+def _group_stats(c: Counter, visual_tokens: int | None = None) -> dict[str, Any]:
+    """Labels, labeled tokens, coverage, labels per labeled token (and records, drops where counted) of a group;
+    coverage over ``visual_tokens`` (all of the file's, for a kind) or the group's own."""
+    out: dict[str, Any] = {k: c[k] for k in ("records", "vision_labels", "labeled_tokens", "visual_tokens") if k in c}
+    tokens = c["visual_tokens"] if visual_tokens is None else visual_tokens
+    out["vision_coverage"] = c["labeled_tokens"] / tokens if tokens else 0.0
+    out["labels_per_labeled_token"] = c["vision_labels"] / c["labeled_tokens"] if c["labeled_tokens"] else 0.0
+    dropped = {k.removeprefix("dropped_"): v for k, v in sorted(c.items()) if k.startswith("dropped_")}
+    return {**out, "dropped": dropped} if "records" in c else out
 
 
 def _view_stats(c: Counter) -> dict[str, Any]:
@@ -148,7 +200,11 @@ def stats_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("vision labels", f"{result['vision_labels']:,}"),
         ("visual tokens", f"{result['visual_tokens']:,}"),
         ("vision coverage", f"{100 * result['vision_coverage']:.2f}%"),
+        ("labeled tokens", f"{result['labeled_tokens']:,}"),
+        ("labels per labeled token", f"{result['labels_per_labeled_token']:.3f}"),
     ]
+    for group in ("per_kind", "per_policy"):
+        rows += [(f"{group.removeprefix('per_')} {k}", _group_row(g)) for k, g in result[group].items()]
     img = result["per_image"]
     rows += [
         ("vision labels, per image", f"{img['vision_labels']:,}"),
@@ -163,3 +219,11 @@ def stats_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append((f"view {kind}: labels / tokens", f"{view['vision_labels']:,} / {view['visual_tokens']:,}"))
         rows += [(f"view {kind}: dropped {k}", f"{v:,}") for k, v in view["dropped"].items()]
     return rows
+
+
+def _group_row(g: dict[str, Any]) -> str:
+    """One kind's or policy's figures on one line: coverage, labels per labeled token, labels."""
+    return (
+        f"{100 * g['vision_coverage']:.2f}% coverage, {g['labels_per_labeled_token']:.3f} labels per labeled token, "
+        f"{g['vision_labels']:,} labels"
+    )

@@ -100,24 +100,33 @@ def align(
         "--leading-space/--no-leading-space",
         help="Tokenize labels as ' word' (mid-sentence form), or as 'word'.",
     ),
+    label_policy: str = typer.Option(
+        AlignConfig.label_policy,
+        "--label-policy",
+        help="Which cells an entry labels: bottom-right (the paper's rule), span (every cell of a word's ink, "
+        "the sub-token drawn there) or fill (every cell half inside a region).",
+    ),
+    multi_label: bool = typer.Option(
+        AlignConfig.multi_label, "--multi-label", help="A cell several entries claim keeps all their labels."
+    ),
     overlay: Path = typer.Option(None, help="Write alignment overlay PNGs into this folder."),
     overlay_limit: int = typer.Option(20, help="At most this many overlays."),
     fmt: str = typer.Option("jsonl", "--format", help="jsonl, or parquet: --out is a folder of Parquet shards."),
     rows_per_shard: int = typer.Option(10_000, min=1, help="Records per Parquet shard (--format parquet)."),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
-    """Align word boxes to a model's visual tokens (bottom-right corner rule + the paper's filters)."""
+    """Align word boxes and regions to a model's visual tokens (a label policy + the paper's filters)."""
     from rich.console import Console
 
     from dvsft.align.run import align_file, check_outputs, errors_path, load_tokenizer
     from dvsft.core.record_sources import count_records
     from dvsft.models.geometry import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 
-    config = AlignConfig(max_height_cells, max_subtokens, leading_space)
     if not processor_pixels:  # the grid `dvsft train` sees (it sets these on every processor)
         min_pixels = TRAIN_MIN_PIXELS if min_pixels is None else min_pixels
         max_pixels = TRAIN_MAX_PIXELS if max_pixels is None else max_pixels
     try:
+        config = AlignConfig(max_height_cells, max_subtokens, leading_space, label_policy, multi_label)
         if words.exists():
             check_outputs(words, out, fmt, overlay, overwrite)
         tok = load_tokenizer(tokenizer) if tokenizer else None
@@ -143,7 +152,7 @@ def align(
     rows = [(k, str(v)) for k, v in summary.items() if k != "dropped"]
     rows += [(f"dropped: {k}", str(v)) for k, v in summary["dropped"].items()]
     if summary["visual_tokens"]:
-        rows.append(("vision coverage", f"{100 * summary['vision_labels'] / summary['visual_tokens']:.2f}%"))
+        rows.append(("vision coverage", f"{100 * summary['labeled_tokens'] / summary['visual_tokens']:.2f}%"))
     console = Console()
     console.print(_table(f"dvsft align -> {out}", rows))
     if summary["errors"]:

@@ -16,6 +16,8 @@ Layout rules (paper section 4.1):
   real ink), so splitting is linear in the word's length. Words longer than ``max_word_chars`` characters
   are skipped (``word_too_long``), as are words with characters the face has no glyph for
   (``unsupported_characters``); both are counted in ``Page.skipped``.
+- Each word record keeps ``advances``: where each character starts and the last ends (``len(text) + 1`` page x
+  positions from the face's advance widths, kerning ignored), which the ``span`` label policy reads.
 - One dark and one light colour per page, random from ``rng``: light text on a dark background
   (the paper's setting) or the reverse with ``dark_text=True``. Anti-aliased pixels are blends
   of the two, so a page is stored as an 8-bit palette image (fast, small PNGs).
@@ -70,6 +72,7 @@ class Placement:
     token: int
     span: tuple[int, int]
     glyph: Image.Image
+    advances: tuple[float, ...] = ()  # x where each character starts, then where the last ends (page pixels)
 
 
 @dataclass
@@ -330,7 +333,8 @@ class Renderer:
             last_cell = (col + n - 1) * cell
             x0 += max(0, last_cell + self.min_tail - (x0 + width))
             box = (x0, top, x0 + width, top + (iy1 - iy0))
-            current.placements.append(Placement(piece, box, row * cols + col + n - 1, span, image))
+            advances = tuple(x0 - ix0 + a for a in advance_prefix(face, size, piece))  # from the pen's origin
+            current.placements.append(Placement(piece, box, row * cols + col + n - 1, span, image, advances))
             current.rows = row + 1
             col += n
             on_row += 1
@@ -401,7 +405,10 @@ class Renderer:
             mask.paste(p.glyph, p.box[:2])
         background, foreground = pick_colours(rng, self.style.dark_text)
         mask.putpalette(blend_palette(background, foreground))
-        words = [{"text": p.text, "box": list(p.box), "score": 1.0} for p in layout.placements]
+        words = [
+            {"text": p.text, "box": list(p.box), "score": 1.0, "advances": [round(a, 2) for a in p.advances]}
+            for p in layout.placements
+        ]
         return Page(
             indexed=mask,
             words=words,
