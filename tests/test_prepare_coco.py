@@ -15,6 +15,7 @@ from dvsft.core.records import read_jsonl
 
 L_SHAPE = [[0, 0, 64, 0, 64, 32, 32, 32, 32, 64, 0, 64]]  # the cells (0, 0), (0, 1), (1, 0) of a 32-px grid
 RLE = {"counts": [4000, 2048, 6240], "size": [96, 128]}
+FILL = ["--label-policy", "fill"]
 
 
 def draw(path: Path, size: tuple[int, int], shapes: list[tuple[str, list[float]]]) -> None:
@@ -210,3 +211,21 @@ def test_join_with_conversations_by_image_file_name(tmp_path, capsys, layout):
     ]
     errors = {row["id"]: row for row in read_jsonl(out / "instances_val.errors.jsonl")}
     assert errors["q4"]["file"] == str(talks) and "no image" in errors["q4"]["reason"]
+
+
+@pytest.mark.slow
+def test_align_fill_labels_the_cells_of_each_region(tmp_path, capsys):
+    """The prepared records through `dvsft align --label-policy fill`: the dog's L-shaped polygon labels its three
+    cells (not the fourth cell of its box), the cat's RLE box its two cells; every label an object."""
+    instances = coco_set(tmp_path / "coco")
+    out = tmp_path / "out"
+    code, err = run_cli(prepare_args(instances, tmp_path / "coco/images", out), capsys)
+    assert code == 0, err
+    aligned = tmp_path / "aligned.jsonl"
+    pixels = ["--min-pixels", str(32 * 32), "--max-pixels", str(32 * 32 * 64)]  # 128x96 stays: 3 x 4 cells of 32 px
+    code, err = run_cli(["align", str(out / "instances_val.jsonl"), "--out", str(aligned), *pixels, *FILL], capsys)
+    assert code == 0, err
+    a = next(r for r in read_jsonl(aligned) if r["id"] == "coco-1")
+    assert a["grid"] == [3, 4]
+    got = {(lab["token"], lab["text"], lab.get("kind")) for lab in a["vision_labels"]}
+    assert got == {(k, "dog", "object") for k in (0, 1, 4)} | {(k, "cat", "object") for k in (7, 11)}
