@@ -264,12 +264,16 @@ def test_bottom_right_writes_the_bytes_it_wrote_before_the_policies(tmp_path, cl
     words = word_records(tmp_path / "data")
     args = ["align", str(words), "--family", family, "--tokenizer", str(tok_dir)]
     code = "import sys; from dvsft.cli import app; sys.argv[0] = 'dvsft'; app()"
-    old = subprocess.run([sys.executable, "-c", code, *args, "--out", str(tmp_path / "old.jsonl")], env=env)
-    assert old.returncode == 0
-    res = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "new.jsonl"), "--label-policy", "bottom-right"])
+    out = ["--out", str(tmp_path / "old.jsonl"), "--overlay", str(tmp_path / "ov_old")]
+    assert subprocess.run([sys.executable, "-c", code, *args, *out], env=env).returncode == 0
+    out = ["--out", str(tmp_path / "new.jsonl"), "--overlay", str(tmp_path / "ov_new")]
+    res = CliRunner().invoke(cli, [*args, *out, "--label-policy", "bottom-right"])
     assert res.exit_code == 0, res.output
-    new_bytes = (tmp_path / "new.jsonl").read_bytes()
-    assert new_bytes == (tmp_path / "old.jsonl").read_bytes()
+    assert (tmp_path / "new.jsonl").read_bytes() == (tmp_path / "old.jsonl").read_bytes()
+    drawn = sorted(p.name for p in (tmp_path / "ov_new").glob("*.png"))
+    assert drawn == sorted(p.name for p in (tmp_path / "ov_old").glob("*.png"))
+    assert len(drawn) == (4 if family == "qwen3-vl" else 0)  # overlays are drawn on one-grid layouts
+    assert all((tmp_path / "ov_new" / n).read_bytes() == (tmp_path / "ov_old" / n).read_bytes() for n in drawn)
     hand = [r for r in read_jsonl(tmp_path / "new.jsonl") if r["id"] == "hand"][0]
     assert {"too_tall", "too_many_subtokens", "token_conflict", "outside_image", "empty"} <= set(hand["dropped"])
 

@@ -1,8 +1,9 @@
 """Alignment overlays: the token grid, word boxes and each labeled token's word, drawn over the image.
 
-Legend: thin cyan lines = visual-token cells; green box = a word that became a label; red box = a
-word dropped by a filter; yellow cell = a labeled token, with its label word written on a dark
-strip at the top of the cell.
+Legend: thin cyan lines = visual-token cells; green box = a word (or region) that became a label (on its
+bottom-right token; under the span and fill policies on any cell it overlaps); red box = one dropped by a
+filter; yellow cell = a labeled token, with its label words (``|`` between the labels of a multi-label cell)
+written on a dark strip at the top of the cell.
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ def drawable_box(word: Any, width: int, height: int) -> tuple[float, float, floa
 
 
 def draw_overlay(
-    image: Image.Image, grid: Grid, labels: list[dict[str, Any]], words: list[dict[str, Any]] | None = None
+    image: Image.Image,
+    grid: Grid,
+    labels: list[dict[str, Any]],
+    words: list[dict[str, Any]] | None = None,
+    label_policy: str = "bottom-right",
 ) -> Image.Image:
     """An RGB copy of ``image`` (same size) with the alignment drawn on it."""
     if image.size != (grid.width, grid.height):
@@ -56,7 +61,9 @@ def draw_overlay(
     base = image.convert("RGBA")
     layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
-    labeled = {lab["token"]: lab["text"] for lab in labels}
+    labeled: dict[int, list[str]] = {}
+    for lab in labels:
+        labeled.setdefault(lab["token"], []).append(lab["text"])
     for token in labeled:
         x0, y0, x1, y1 = grid.token_box(token)
         draw.rectangle((round(x0), round(y0), round(x1) - 1, round(y1) - 1), fill=CELL)
@@ -71,20 +78,27 @@ def draw_overlay(
         if box is None:
             continue
         x0, y0, x1, y1 = box
-        token = grid.token_at_point(max(x0, x1 - 0.5), max(y0, y1 - 0.5))
-        colour = KEPT if labeled.get(token) == str(word.get("text", "")).strip() else DROPPED
+        cells = [grid.token_at_point(max(x0, x1 - 0.5), max(y0, y1 - 0.5))]
+        if label_policy != "bottom-right":
+            cells = [k for k in labeled if _overlaps(grid.token_box(k), box)]
+        text = str(word.get("text", "")).strip()
+        colour = KEPT if any(text in labeled.get(k, ()) for k in cells) else DROPPED
         draw.rectangle(
             (round(x0), round(y0), max(round(x0), round(x1) - 1), max(round(y0), round(y1) - 1)), outline=colour
         )
     cell_w, cell_h = grid.cell / grid.scale_x, grid.cell / grid.scale_y
     size = max(6, int(cell_h * 0.3))
-    for token, text in labeled.items():
+    for token, texts in labeled.items():
         x0, y0, _, _ = grid.token_box(token)
-        font, shown = _fit_label(text, size, cell_w - 2)
+        font, shown = _fit_label(" | ".join(texts), size, cell_w - 2)
         top, bottom = font.getbbox(shown)[1], font.getbbox(shown)[3]
         draw.rectangle((round(x0) + 1, round(y0) + 1, round(x0 + cell_w) - 2, round(y0) + bottom + 2), fill=STRIP)
         draw.text((round(x0) + 2, round(y0) + 1 - min(top, 0)), shown, font=font, fill=LABEL)
     return Image.alpha_composite(base, layer).convert("RGB")
+
+
+def _overlaps(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def unique_name(record_id: Any, line: int, used: set[str]) -> str:
@@ -108,8 +122,9 @@ def save_overlay(
     grid: Grid,
     labels: list[dict[str, Any]],
     words: list[dict[str, Any]] | None = None,
+    label_policy: str = "bottom-right",
 ) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    draw_overlay(image, grid, labels, words).save(path)
+    draw_overlay(image, grid, labels, words, label_policy).save(path)
     return path

@@ -147,7 +147,7 @@ def align_file(
                 and (overlay_limit is None or overlays < overlay_limit)
                 and "image" in rec
             ):
-                overlays += write_overlay(staging, rec, file, n, grid, alignment.labels, used_names)
+                overlays += write_overlay(staging, rec, file, n, grid, alignment.labels, used_names, config)
             yield row
         if summary["records"] and not summary["aligned"]:
             _write_errors(err_file, errors)
@@ -179,7 +179,14 @@ def policy_settings(config: AlignConfig) -> dict[str, Any]:
 
 
 def write_overlay(
-    staging: Path, rec: dict[str, Any], file: Path, line: int, grid: Grid, labels: list[dict[str, Any]], used: set[str]
+    staging: Path,
+    rec: dict[str, Any],
+    file: Path,
+    line: int,
+    grid: Grid,
+    labels: list[dict[str, Any]],
+    used: set[str],
+    config: AlignConfig | None = None,
 ) -> bool:
     """Save the overlay of an aligned record into ``staging``, drawn on :func:`dvsft.core.images.load_image`'s
     upright RGB picture (transparency on white, 16-bit scaled); False when its image cannot be read."""
@@ -192,7 +199,8 @@ def write_overlay(
         return False
     if image.size != (grid.width, grid.height):  # the record's size is authoritative
         image = image.resize((grid.width, grid.height))
-    save_overlay(staging / unique_name(rec.get("id"), line, used), image, grid, labels, rec.get("words"))
+    policy = (config or AlignConfig()).label_policy
+    save_overlay(staging / unique_name(rec.get("id"), line, used), image, grid, labels, rec.get("words"), policy)
     return True
 
 
