@@ -198,11 +198,11 @@ def corner(row: dict, lab: dict) -> tuple[float, float]:
     return box[2] - 0.5, box[3] - 0.5
 
 
-TRUE_SETTINGS = {  # what the tiny models really do (64-px tiles, 8-px patches)
+TRUE_SETTINGS = {  # what the tiny models really do (64-px tiles; 8-px patches, LLaVA-OneVision 16-px)
     "internvl": {"tile_size": 64, "patch_size": 8, "downsample_ratio": 0.5, "max_tiles": 6},
-    "llava_onevision": {"crop_size": 64, "patch_size": 8},
-    "idefics3": {"longest_edge": 256, "tile_size": 64, "patch_size": 8, "scale_factor": 2},
-    "smolvlm": {"longest_edge": 256, "tile_size": 64, "patch_size": 8, "scale_factor": 2},
+    "llava_onevision": {"crop_size": 64, "patch_size": 16},
+    "idefics3": {"longest_edge": 192, "tile_size": 64, "patch_size": 8, "scale_factor": 2},
+    "smolvlm": {"longest_edge": 192, "tile_size": 64, "patch_size": 8, "scale_factor": 2},
 }
 
 

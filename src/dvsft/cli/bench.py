@@ -1,4 +1,4 @@
-"""CLI: `dvsft bench train` (implementation in :mod:`dvsft.experiments.bench.training`)."""
+"""CLI: `dvsft bench train` and `dvsft bench families` (implementations in :mod:`dvsft.experiments.bench`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from dvsft.cli.common import fail, from_params, split_list
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    """Add `bench train` to the `dvsft bench` group."""
+    """Add `bench train` and `bench families` to the `dvsft bench` group."""
     bench_app.command("train")(bench_train_command)
+    bench_app.command("families")(bench_families_command)
 
 
 def bench_train_command(
@@ -58,6 +59,36 @@ def bench_train_command(
         f"{shape['text_tokens']} text label tokens, sequence {shape['sequence_length']}; "
         f"vocab {cfg.vocab_size:,}, hidden {cfg.hidden_size}, {cfg.layers} layers, chunk {cfg.chunk_size}"
     )
+    console.print(markdown_table(report), markup=False)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2))
+        console.print(f"report: {json_out}")
+
+
+def bench_families_command(
+    families: str = typer.Option("", help="tiny families, comma separated (default: every one)"),
+    preset: str = typer.Option("cpu", help="the demo preset whose page, tiny sizes and batch are used"),
+    steps: int = typer.Option(20, help="timed training steps per family (median reported)"),
+    warmup: int = typer.Option(5, help="untimed steps first"),
+    method: str = typer.Option("dvsft", help="training method of the timed steps"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the full report as JSON here"),
+) -> None:
+    """CPU time of the demo's training step per tiny family, with each family's image tokens per page."""
+    from rich.console import Console
+
+    from dvsft.experiments.bench.families import FamilyBenchConfig, bench_families, markdown_table
+
+    console = Console()
+    try:
+        chosen = split_list(families) if families else None
+        picked = {"families": chosen} if chosen else {}
+        cfg = FamilyBenchConfig(**picked, preset=preset, steps=steps, warmup=warmup, method=method)
+        with console.status("timing") as status:
+            report = bench_families(cfg, lambda family: status.update(f"timing {family}"))
+    except ValueError as err:
+        fail(err)
+    console.print(f"machine: {report['machine']}; preset {report['preset']}; process CPU time, 1 torch thread")
     console.print(markdown_table(report), markup=False)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,15 @@
 """Tiny tiled families for `--model tiny` (``tiny.family``): InternVL, LLaVA-OneVision, Idefics3, SmolVLM.
 
 Each is the real transformers architecture and the real processor at toy size: tiles / crops of
-64 px, 8-px patches, so a tile is 4 x 4 tokens (pixel shuffle 2 x 2) or 8 x 8 (LLaVA-OneVision,
-no merge). The text model is the family's (Qwen2 for InternVL and LLaVA-OneVision, Llama for
-Idefics3 / SmolVLM) with the sizes of :class:`~dvsft.testing.tiny.TinyConfig`; the tokenizer is
-the corpus-trained one with the family's special tokens and a ChatML template that writes the
-family's image placeholder.
+64 px, so a tile is 4 x 4 tokens: 8-px patches and pixel shuffle 2 x 2 (InternVL, Idefics3,
+SmolVLM), or 16-px patches and no merge (LLaVA-OneVision). The text model is the family's (Qwen2
+for InternVL and LLaVA-OneVision, Llama for Idefics3 / SmolVLM) with the sizes of
+:class:`~dvsft.testing.tiny.TinyConfig`; the tokenizer is the corpus-trained one with the family's
+special tokens and a ChatML template that writes the family's image placeholder.
+
+Sized so that a demo page (160 x 256 px) costs a training step within 2x of the tiny Qwen3-VL's
+(docs/families.md, `dvsft bench families`): 6 tiles + a thumbnail / global image (112 tokens) for
+InternVL, Idefics3 and SmolVLM, a 4 x 4 base + at most 3 x 3 crops of 4 x 4 for LLaVA-OneVision.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 TILE = 64  # tile / crop side in pixels
-PATCH = 8
-MAX_TILES = 6  # InternVL tiles; Idefics3 / SmolVLM: longest edge 4 tiles
+PATCH = 8  # InternVL, Idefics3, SmolVLM (pixel shuffle 2 x 2: 16 tile px per token)
+LLAVA_PATCH = 16  # LLaVA-OneVision has no merge: 16-px patches give its crops the same 4 x 4 tokens
+MAX_TILES = 6  # InternVL tiles
+LONGEST_EDGE = 3 * TILE  # Idefics3 / SmolVLM: a 160 x 256 page is 2 x 3 tiles + the global image
 PINPOINTS = [[h, w] for h in (64, 128, 192) for w in (64, 128, 192)]  # LLaVA-OneVision: up to 3x3 crops
 ROW_COL = [f"<row_{i + 1}_col_{j + 1}>" for i in range(8) for j in range(8)]
 
@@ -113,12 +119,12 @@ def _processor_and_config(family: str, cfg: Any, tok: Any) -> tuple[Any, Any]:
             tok,
             family,
             tok.chat_template,
-            num_image_tokens=(TILE // PATCH) ** 2,
+            num_image_tokens=(TILE // LLAVA_PATCH) ** 2,
             vision_feature_select_strategy="full",
             vision_aspect_ratio="anyres_max_9",
         )
         config = tf.LlavaOnevisionConfig(
-            vision_config=_vision(cfg, model_type="siglip_vision_model", image_size=TILE, patch_size=PATCH),
+            vision_config=_vision(cfg, model_type="siglip_vision_model", image_size=TILE, patch_size=LLAVA_PATCH),
             text_config=_text(cfg, vocab, "qwen2"),
             image_token_index=image_id,
             image_grid_pinpoints=PINPOINTS,
@@ -129,7 +135,7 @@ def _processor_and_config(family: str, cfg: Any, tok: Any) -> tuple[Any, Any]:
         )
     else:  # idefics3, smolvlm
         ip_cls = tf.Idefics3ImageProcessorPil if family == "idefics3" else tf.SmolVLMImageProcessorPil
-        ip = ip_cls(size={"longest_edge": 4 * TILE}, max_image_size={"longest_edge": TILE})
+        ip = ip_cls(size={"longest_edge": LONGEST_EDGE}, max_image_size={"longest_edge": TILE})
         side = TILE // PATCH // 2
         proc = build_processor(ip, tok, family, tok.chat_template, image_seq_len=side * side)
         cfg_cls = tf.Idefics3Config if family == "idefics3" else tf.SmolVLMConfig
