@@ -95,12 +95,14 @@ def tiny(tiny_dir):
     return load_model(tiny_dir, dtype=torch.float64), load_processor(tiny_dir)
 
 
+def shared_cell_pages() -> list[dict]:
+    """Two pages where "the" and "value" end in the same cell (one token, two labels) and "class" in another."""
+    return three_word_pages([(160, 96), (128, 128)], [[4, 4, 28, 28], [8, 8, 26, 26], [36, 36, 60, 60]])
+
+
 def multi_label_batch(processor) -> dict:
-    """Two pages where "the" and "value" end in the same cell (one token, two labels) and "class" in another (one
-    label), collated with multi-label alignment."""
-    boxes = [[4, 4, 28, 28], [8, 8, 26, 26], [36, 36, 60, 60]]
-    collator = VisionCollator(processor, AlignConfig(multi_label=True))
-    return collator(three_word_pages([(160, 96), (128, 128)], boxes))
+    """:func:`shared_cell_pages` collated with multi-label alignment."""
+    return VisionCollator(processor, AlignConfig(multi_label=True))(shared_cell_pages())
 
 
 @pytest.mark.slow
@@ -126,15 +128,21 @@ def test_soft_target_loss_and_gradients_match_full_logits_reference(tiny):
 
 @pytest.mark.slow
 def test_trainer_compute_loss_counts_each_token_once(tiny, tmp_path):
-    """DVSFTTrainer's training path: the step's vision count is distinct tokens, so one micro-batch's share of the
-    step's loss is the whole reference loss, and the logged terms are the reference's."""
+    """DVSFTTrainer's training path with ``align_multi_label``: its collator makes the multi-label batch, the step's
+    vision count is distinct tokens, so one micro-batch's share of the step's loss is the whole reference loss, and
+    the logged terms are the reference's."""
     from dvsft.training.config import DVSFTConfig
     from dvsft.training.trainer import DVSFTTrainer
 
     model, processor = tiny
-    batch = multi_label_batch(processor)
-    args = DVSFTConfig(output_dir=str(tmp_path), vision_lambda=0.5, vision_eps=0.2, loss_chunk_size=3, report_to=[])
+    pixels = {"min_pixels": 32 * 32 * 4, "max_pixels": 32 * 32 * 256}  # the tiny processor's own: pages as they are
+    args = DVSFTConfig(
+        output_dir=str(tmp_path), vision_lambda=0.5, vision_eps=0.2, loss_chunk_size=3, align_multi_label=True, **pixels
+    )
     trainer = DVSFTTrainer(model=model, args=args, processing_class=processor)
+    batch = trainer.data_collator(shared_cell_pages())
+    for key, value in multi_label_batch(processor).items():
+        assert torch.equal(batch[key], value), key
     tokens = step_tokens([batch])
     assert tokens.vision == 4
     with torch.no_grad():
