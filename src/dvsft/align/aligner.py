@@ -1,10 +1,11 @@
 """Align word boxes to visual tokens: the one implementation used by `dvsft align` and the collator.
 
-Paper section 4.1: each word labels the visual token that contains its bottom-right corner;
-words taller than ``max_height_cells`` token cells or longer than ``max_subtokens`` tokens are
-dropped; a token that receives more than one word loses all its labels. Every family aligns
-through its :class:`~dvsft.models.geometry.Layout`, each view on its own; a Qwen-VL image is a
-layout of one view, its token grid.
+Paper section 4.1 (the default ``bottom-right`` policy): each word labels the visual token that contains its
+bottom-right corner; words taller than ``max_height_cells`` token cells or longer than ``max_subtokens`` tokens are
+dropped; a token that receives more than one word loses all its labels. The ``span`` and ``fill`` policies and
+``multi_label`` (:data:`LABEL_POLICIES`) label more cells per entry, and regions beyond text. Every family aligns
+through its :class:`~dvsft.models.geometry.Layout`, each view on its own; a Qwen-VL image is a layout of one view,
+its token grid.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class Alignment:
     token has at most one entry; with it one per distinct label (``token_id``, else ``text``)."""
 
     labels: list[dict[str, Any]]
-    dropped: Counter = field(default_factory=Counter)  # filter name -> words dropped
+    dropped: Counter = field(default_factory=Counter)  # filter name -> entries dropped (span/fill conflicts: labels)
     per_view: dict[str, Counter] = field(default_factory=dict)  # view kind -> labels and drops
 
     @property
