@@ -104,6 +104,20 @@ def test_a_torn_file_is_encoded_again_and_a_full_cache_stops_growing(processor, 
     assert sum("no more samples are added" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_opening_a_cache_removes_the_settings_opened_least_recently(processor, samples, tmp_path):
+    from dvsft.data.encoded_cache import folder_size
+
+    cache = tmp_path / "cache"
+    old = collator(processor, cache)
+    old(samples)
+    os.utime(old.cache.dir / "settings.json", (1, 1))
+    new = collator(processor, cache, max_pixels=32 * 32 * 36)
+    new(samples)
+    budget = (folder_size(new.cache.dir) + 1) / 2**30  # both are over it, the newer one alone is not
+    third = collator(processor, cache, max_pixels=32 * 32 * 25, cache_max_gb=budget)
+    assert not old.cache.dir.exists() and new.cache.dir.exists() and third.cache.dir.exists()
+
+
 def test_no_cache_with_none(processor):
     assert collator(processor, "none").cache is None and collator(processor, None).cache is None
 

@@ -19,10 +19,10 @@ Layout: ``DIR/<settings>/<kk>/<sample>.safetensors``, where
 
 The encoding always carries the word alignment (an SFT collator drops it on reading), so SFT and DV-SFT runs share
 one cache. Writers write a temporary file and rename it into place (atomic on POSIX), so several processes can fill
-one cache; a file that cannot be read is encoded again. A cache stops growing (one warning) once its settings folder
-holds ``max_gb`` (counted at open and by this process's own writes) or when a write fails (a full disk): reading
-goes on, training never stops for the cache. Failed encodings (:class:`~dvsft.data.collator.SampleError`) are not
-cached.
+one cache; a file that cannot be read is encoded again. Opening a cache removes the settings folders opened least
+recently while all of them hold more than ``max_gb``; it stops growing (one warning) at ``max_gb`` (counted at open and
+by this process's own writes) or when a write fails (a full disk): reading goes on, training never stops for the
+cache. Failed encodings (:class:`~dvsft.data.collator.SampleError`) are not cached.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -146,6 +147,26 @@ def encoding_settings(collator: Any) -> dict[str, Any]:
     }
 
 
+def folder_size(folder: Path) -> int:
+    """Bytes of the sample files in one settings folder."""
+    return sum(f.stat().st_size for f in folder.glob("*/*.safetensors"))
+
+
+def evict(root: Path, keep: Path, budget: int) -> int:
+    """Remove the settings folders of ``root`` opened least recently (their ``settings.json``'s time) while all of
+    them hold more than ``budget`` bytes, never ``keep``; returns the bytes left."""
+    folders = [f for f in root.iterdir() if (f / "settings.json").is_file()]
+    sizes = {f: folder_size(f) for f in folders}
+    total = sum(sizes.values())
+    for folder in sorted(folders, key=lambda f: (f / "settings.json").stat().st_mtime):
+        if total <= budget:
+            break
+        if folder != keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            total -= sizes[folder]
+    return total
+
+
 class EncodedCache:
     """The encodings of one collator's settings: ``load(record)`` and ``save(record, encoded)``."""
 
@@ -157,7 +178,7 @@ class EncodedCache:
         self.writable = True
         self.dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.dir / "settings.json", json.dumps(settings, indent=2, default=str).encode())
-        self.size = sum(f.stat().st_size for f in self.dir.glob("*/*.safetensors"))
+        self.size = evict(Path(root), self.dir, self.budget)
 
     def key(self, record: dict[str, Any]) -> str | None:
         """The sample's key (:func:`sample_key`), None where its image cannot be read (the encoding says why)."""
@@ -194,7 +215,7 @@ class EncodedCache:
         tensors, meta = _tensors(enc), _meta(enc)
         data = save(tensors, metadata={"dvsft": json.dumps(meta)})
         if self.size + len(data) > self.budget:
-            self._stop(f"it holds {self.size / 2**30:.1f} GB, its limit (encoded_cache_max_gb)")
+            self._stop(f"{self.dir.parent} holds {self.size / 2**30:.1f} GB, its limit (encoded_cache_max_gb)")
             return
         path = self.path(key)
         try:
