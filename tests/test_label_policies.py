@@ -315,6 +315,7 @@ def test_align_writes_the_policy_kinds_and_multi_labels_and_stats_count_them(tmp
     assert fill["records"] == 1 and fill["labels_per_labeled_token"] == pytest.approx(8 / 6)
     assert fill["vision_coverage"] == pytest.approx(6 / 300) and fill["dropped"] == {"too_small": 1}
     assert s["per_policy"]["bottom-right"]["labels_per_labeled_token"] == 1.0
+    assert compute_stats([out["fill"]])["per_image"]["vision_coverage"] == pytest.approx(6 / 300)  # tokens, not labels
 
 
 @pytest.mark.slow

@@ -65,7 +65,7 @@ def compute_stats(records: Iterable[dict[str, Any]], tokenizer: Any = None, sour
 
     samples = text_labels = vision_labels = visual_tokens = n = blank = 0
     images: set[str] = set()
-    image_labels = image_tokens = 0
+    image_labels = image_tokens = image_labeled = 0
     dropped: Counter = Counter()
     kinds: Counter = Counter(dict.fromkeys(LABEL_KINDS, 0))
     per_view: dict[str, Counter] = {}
@@ -97,13 +97,15 @@ def compute_stats(records: Iterable[dict[str, Any]], tokenizer: Any = None, sour
             tokens = int(grid[0]) * int(grid[1])
         visual_tokens += weight * tokens
         vision_labels += weight * len(labels)
-        labeled += weight * len({lab.get("token") for lab in labels})
+        n_labeled = len({lab.get("token") for lab in labels})  # = len(labels) unless multi-label
+        labeled += weight * n_labeled
         _count_kinds(per_kind, labels, weight)
         _count_policy(per_policy, rec, labels, tokens, weight)
         image = str(rec.get("image", rec.get("id", n)))
         if image not in images:
             images.add(image)
             image_labels += len(labels)
+            image_labeled += n_labeled
             image_tokens += tokens
         for lab in labels:
             text, tid = str(lab.get("text", "")), lab.get("token_id")
@@ -131,7 +133,7 @@ def compute_stats(records: Iterable[dict[str, Any]], tokenizer: Any = None, sour
         "per_image": {
             "vision_labels": image_labels,
             "visual_tokens": image_tokens,
-            "vision_coverage": image_labels / image_tokens if image_tokens else 0.0,
+            "vision_coverage": image_labeled / image_tokens if image_tokens else 0.0,
         },
         "label_kinds": dict(kinds),
         "blank_labels": blank,
