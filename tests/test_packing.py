@@ -169,3 +169,15 @@ def test_packed_samples_fill_their_bins():
     packed = PackedSamples(samples, [5, 3, 7, 2, 4], 10)
     assert len(packed) == 3 and [s["id"] for s in packed[0]] == ["1", "2"]
     assert packed.fill() == pytest.approx(21 / 30)
+
+
+@pytest.mark.slow
+def test_bench_packing_runs_the_same_tokens_with_less_padding():
+    from dvsft.experiments.bench.packing import PackingBenchConfig, bench_packing, markdown_table
+
+    report = bench_packing(PackingBenchConfig(samples=8, hidden_size=32, layers=1, repeats=1, max_lengths=(768,)))
+    padded, packed = report["results"]["padded"], report["results"]["packed 768"]
+    assert padded["real_tokens"] == packed["real_tokens"] and packed["model_tokens"] < padded["model_tokens"]
+    assert packed["padding_share"] == 0 < padded["padding_share"]  # one packed row per batch: nothing to pad
+    assert all(r["cpu_s"] > 0 and r["tokens_per_s_cpu"] > 0 for r in (padded, packed))
+    assert "| packed 768 |" in markdown_table(report)

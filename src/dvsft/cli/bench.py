@@ -34,6 +34,12 @@ def bench_train_command(
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     variants: str = typer.Option(",".join(("sft", "dvsft", "dvsft_separate", "naive", "hf_sft"))),
     json_out: Path | None = typer.Option(None, "--json", help="write the full report as JSON here"),
+    packing: bool = typer.Option(
+        False,
+        "--packing",
+        help="instead: tokens/s and padding share of packed vs padded batches of mixed page sizes (uses --hidden-size, "
+        "--layers, --steps as repeats, --threads, --json)",
+    ),
 ) -> None:
     """Step time and peak memory of SFT vs DV-SFT vs the naive full-logits vision loss, one run, ratios to SFT."""
     from rich.console import Console
@@ -41,6 +47,9 @@ def bench_train_command(
     from dvsft.core.progress import progress_bar
     from dvsft.experiments.bench.training import BenchConfig, bench_train, markdown_table
 
+    if packing:
+        bench_packing_command(hidden_size, layers, steps, threads, json_out)
+        return
     cfg = from_params(BenchConfig, ctx.params, variants=split_list(variants))
     console = Console()
     try:
@@ -58,6 +67,32 @@ def bench_train_command(
         f"batch: {shape['visual_tokens']} visual tokens, {shape['labeled_tokens']} labeled, "
         f"{shape['text_tokens']} text label tokens, sequence {shape['sequence_length']}; "
         f"vocab {cfg.vocab_size:,}, hidden {cfg.hidden_size}, {cfg.layers} layers, chunk {cfg.chunk_size}"
+    )
+    console.print(markdown_table(report), markup=False)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2))
+        console.print(f"report: {json_out}")
+
+
+def bench_packing_command(hidden_size: int, layers: int, repeats: int, threads: int, json_out: Path | None) -> None:
+    """`dvsft bench train --packing`: packed against padded batches (:mod:`dvsft.experiments.bench.packing`)."""
+    from rich.console import Console
+
+    from dvsft.experiments.bench.packing import PackingBenchConfig, bench_packing, markdown_table
+
+    console = Console()
+    cfg = PackingBenchConfig(hidden_size=hidden_size, layers=layers, repeats=repeats, threads=threads)
+    try:
+        with console.status("timing") as status:
+            report = bench_packing(cfg, status.update)
+    except ValueError as err:
+        fail(err)
+    c = report["config"]
+    console.print(
+        f"machine: {report['machine']}; {c['samples']} pages of mixed sizes, padded {c['batch_size']} per batch vs "
+        f"packed into {c['rows']} row(s) of {' or '.join(map(str, c['max_lengths']))} tokens; one epoch of forward + "
+        f"backward, median of {c['repeats']}, {c['threads'] or 'default'} torch thread(s)"
     )
     console.print(markdown_table(report), markup=False)
     if json_out is not None:
