@@ -51,5 +51,5 @@ def test_wheel_contains_every_config(tmp_path):
     assert len(configs) >= 13
     assert configs <= names, sorted(configs - names)
     presets = {f"dvsft/experiments/presets/{p.name}" for p in PRESETS_DIR.glob("*.yaml")}
-    assert presets == {"dvsft/experiments/presets/demo.yaml", "dvsft/experiments/presets/compare.yaml"}
+    assert presets == {f"dvsft/experiments/presets/{k}.yaml" for k in ("demo", "compare", "scenes")}
     assert presets <= names, sorted(presets - names)

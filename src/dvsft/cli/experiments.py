@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from dvsft.align.aligner import LABEL_POLICIES
 from dvsft.cli.common import fail, split_list
 from dvsft.experiments.compare import METHODS
 from dvsft.experiments.settings import COMPARE_PRESETS, DEMO_PRESETS
@@ -39,18 +40,26 @@ def demo(
         str, typer.Option(help="pages to evaluate on: heldout (the report) or val (for tuning)")
     ] = "heldout",
     family: Annotated[str | None, typer.Option(help=f"tiny model family: {', '.join(TINY_FAMILIES)}")] = None,
+    task: Annotated[
+        str, typer.Option(help="text (read rendered text) or scenes (what is where among coloured shapes)")
+    ] = "text",
+    label_policy: Annotated[
+        str | None,
+        typer.Option(help=f"DV-SFT's label policy: {', '.join(LABEL_POLICIES)} (default: the preset's)"),
+    ] = None,
 ) -> None:
-    """Train SFT and DV-SFT on rendered text with a tiny Qwen3-VL and compare how fast they learn to read."""
+    """Train SFT and DV-SFT on rendered text (or scenes) with a tiny Qwen3-VL and compare how fast they learn."""
     from dvsft.experiments.demo import demo_preset, parse_methods, run_demo
+    from dvsft.experiments.demo_scenes import run_scenes
 
     try:
         chosen = parse_methods(methods)
-        sizes = demo_preset(preset, set_, steps, vision_lambda, vision_eps, family)
+        sizes = demo_preset(preset, set_, steps, vision_lambda, vision_eps, family, task, label_policy)
         if split not in ("heldout", "val"):
             raise ValueError(f"split must be heldout or val, got {split!r}")
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
-    run_demo(sizes, seeds, out, workers, chosen, threads, split)
+    (run_scenes if task == "scenes" else run_demo)(sizes, seeds, out, workers, chosen, threads, split)
 
 
 def compare(

@@ -27,11 +27,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from dvsft.align.aligner import AlignConfig
 from dvsft.experiments.runner import Job, TrainStage, final_dir, pool_size, quiet_transformers, run_jobs
-from dvsft.experiments.settings import DEMO_PRESETS, DemoPreset, page_pixels
+from dvsft.experiments.settings import DEMO_PRESETS, SCENE_PRESETS, DemoPreset, page_pixels
 from dvsft.models.families import DEFAULT_FAMILY
 
 METHODS = ("sft", "dvsft")
+TASKS = ("text", "scenes")  # rendered text (this module), coloured shapes (demo_scenes)
 PRESETS: dict[str, DemoPreset] = DEMO_PRESETS  # presets/demo.yaml
 
 
@@ -84,13 +86,25 @@ def render_split(
         else:
             start = rng.randrange(0, max(1, len(stream) - window))
             words = stream[start : start + window]
-        page = renderer.render_text(" ".join(words), rng=rng)[0]
+        page = first_page(renderer, " ".join(words), rng)
         rel = f"images/{name}_{i:05d}.png"
         page.save(out_dir / rel)
         rows.append(page.record(f"{name}_{i:05d}", rel))
     path = out_dir / f"{name}.jsonl"
     write_jsonl(path, rows)
     return path
+
+
+def first_page(renderer: Any, text: str, rng: random.Random) -> Any:
+    """``renderer.render_text(text, rng)[0]``, leaving ``rng`` as that call does, without drawing the later pages
+    (drawing a page takes only its colours from ``rng``; the demo keeps the first page of each window)."""
+    from dvsft.sources.render import pick_colours
+
+    first, *rest = renderer.layout(text, rng)
+    page = renderer.draw(first, rng)
+    for _ in rest:
+        pick_colours(rng, renderer.style.dark_text)
+    return page
 
 
 # the evaluation sets: held-out running text, and the same vocabulary in random order
@@ -220,7 +234,8 @@ def setup_line(preset: DemoPreset, seeds: int, probes: dict | None) -> str:
         f"{preset.train_pages} training pages of {preset.cols}x{preset.rows} visual tokens "
         f"({100 * preset.noncontextual:.0f}% of them random words); {text}"
         f"{preset.steps} steps of batch {preset.batch_size} per run, lr {preset.learning_rate} "
-        f"{preset.lr_scheduler}, lambda {preset.vision_lambda}, eps {preset.vision_eps}, {seeds} seed(s)"
+        f"{preset.lr_scheduler}, lambda {preset.vision_lambda}, eps {preset.vision_eps}, "
+        f"label policy {preset.label_policy}{' (multi-label)' if preset.multi_label else ''}, {seeds} seed(s)"
     )
 
 
@@ -261,15 +276,22 @@ def demo_preset(
     vision_lambda: float | None = None,
     vision_eps: float | None = None,
     family: str | None = None,
+    task: str = "text",
+    label_policy: str | None = None,
 ) -> DemoPreset:
-    """The preset ``name`` with the ``--set`` items, then the options given (not None); ``ValueError`` if bad."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    preset = apply_overrides(PRESETS[name], list(settings or []))
-    overrides = {"steps": steps, "vision_lambda": vision_lambda, "vision_eps": vision_eps}
+    """The preset ``name`` of ``task`` (``text``: presets/demo.yaml, ``scenes``: presets/scenes.yaml) with the
+    ``--set`` items, then the options given (not None); ``ValueError`` if bad."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    presets = SCENE_PRESETS if task == "scenes" else PRESETS
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(presets)}")
+    preset = apply_overrides(presets[name], list(settings or []))
+    overrides = {"steps": steps, "vision_lambda": vision_lambda, "vision_eps": vision_eps, "label_policy": label_policy}
     preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
     if family is not None:
         preset = replace(preset, tiny=replace(preset.tiny, family=family))
+    AlignConfig(label_policy=preset.label_policy)  # ValueError naming the choices
     return preset
 
 
@@ -281,8 +303,11 @@ def parse_methods(methods: str) -> tuple[str, ...]:
     return chosen
 
 
-def base_model(preset: DemoPreset, seed: int, out: Path, text_dir: Path | None) -> Path:
-    """The seed's starting model: a fresh tiny Qwen3-VL, with the text-trained LLM grafted in if any."""
+def base_model(
+    preset: DemoPreset, seed: int, out: Path, text_dir: Path | None, extra_text: list[str] | None = None
+) -> Path:
+    """The seed's starting model: a fresh tiny Qwen3-VL, with the text-trained LLM grafted in if any
+    (``extra_text``: more lines for its tokenizer, e.g. the scene vocabulary)."""
     from dvsft.experiments.demo_text import graft
     from dvsft.testing.tiny import save_tiny
 
@@ -290,12 +315,14 @@ def base_model(preset: DemoPreset, seed: int, out: Path, text_dir: Path | None) 
     pixels = page_pixels(preset)
     tiny = replace(preset.tiny, seed=seed, min_pixels=pixels, max_pixels=pixels)
     settings = {"tiny": asdict(tiny), "text": str(text_dir) if text_dir else None}
+    if extra_text:
+        settings["extra_text"] = extra_text
     meta = base / "dvsft_demo_base.json"
     if (base / "config.json").is_file() and meta.is_file() and json.loads(meta.read_text()) == settings:
         return base
     if base.exists():
         shutil.rmtree(base)
-    save_tiny(base, tiny)
+    save_tiny(base, tiny, extra_text)
     if text_dir is not None:
         graft(text_dir, base)
     meta.write_text(json.dumps(settings))
@@ -311,13 +338,16 @@ def demo_jobs(
     out: Path,
     text_dir: Path | None,
     threads: int,
+    evaluation: Any = None,
+    extra_text: list[str] | None = None,
 ) -> list[Job]:
     """One job per (seed, method): ``preset.steps`` steps from the seed's base model (with the text stage's
-    LLM grafted in when ``text_dir`` is given), evaluated at :func:`eval_steps` on the ``split`` pages."""
-    evaluation = PageEvaluation({k: str(v) for k, v in files.items()}, split)
+    LLM grafted in when ``text_dir`` is given), evaluated at :func:`eval_steps` on the ``split`` pages
+    (``evaluation``: another task's evaluation; ``extra_text``: see :func:`base_model`)."""
+    evaluation = evaluation or PageEvaluation({k: str(v) for k, v in files.items()}, split)
     jobs = []
     for seed in range(seeds):
-        base = base_model(preset, seed, out, text_dir)
+        base = base_model(preset, seed, out, text_dir, extra_text)
         for method in methods:
             output_dir = str(out / "runs" / f"{method}-seed{seed}")
             stage = TrainStage(method, str(files["train"]), preset.steps, output_dir, logging_steps=10)
@@ -336,6 +366,15 @@ def demo_jobs(
                 )
             )
     return jobs
+
+
+def keep_first_seed(jobs: list[Job], out: Path) -> None:
+    """Copy the final model of each method's seed 0 to ``out/{method}``."""
+    for job in jobs:
+        if job.seed == 0:
+            if (out / job.method).exists():
+                shutil.rmtree(out / job.method)
+            shutil.copytree(final_dir(job), out / job.method)
 
 
 def run_demo(
@@ -391,11 +430,7 @@ def run_demo(
     jobs = demo_jobs(preset, methods, n_seeds, files, split, out, text_dir, threads)
     rows = run_jobs(jobs, workers, console, progress_line)
     rows.sort(key=lambda r: (r["method"], r["seed"], r["step"]))
-    for job in jobs:
-        if job.seed == 0:
-            if (out / job.method).exists():
-                shutil.rmtree(out / job.method)
-            shutil.copytree(final_dir(job), out / job.method)
+    keep_first_seed(jobs, out)
     plot_curves(rows, out / "curves.png")
     lens_file = files["text" if split == "heldout" else "val_text"]
     first = next(read_jsonl(lens_file))

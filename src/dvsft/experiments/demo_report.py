@@ -10,7 +10,7 @@ from dvsft.experiments.runner import final_rows, summarize
 
 METHODS = ("sft", "dvsft")
 NAMES = {"sft": "SFT", "dvsft": "DV-SFT"}
-KEYS = tuple(f"{e}_{m}" for e in EVALS for m in ("word_acc", "tf_acc", "cer")) + ("vision_top1",)
+KEYS = tuple(f"{e}_{m}" for e in EVALS for m in ("word_acc", "tf_acc", "cer")) + ("vision_top1", "text_long_word_acc")
 
 
 def per_seed_margins(rows: list[dict]) -> list[dict]:
@@ -135,6 +135,8 @@ def write_report(rows: list[dict], setup: str, seconds: float, path: Path) -> st
             cells = [fmt(method, f"{e}_{m}") for e in EVALS for m in ("word_acc", "tf_acc")]
             cells += [fmt(method, "text_cer"), fmt(method, "vision_top1")]
             lines.append(f"| {NAMES[method]} | " + " | ".join(cells) + " |")
+    long_words = [f"{NAMES[m]} {fmt(m, 'text_long_word_acc')}" for m in METHODS if m in summary]
+    lines += ["", "Running text, words of 4 or more sub-tokens only (greedy word accuracy): " + ", ".join(long_words)]
     final = final_rows(rows)
     lines += ["", "Per seed, greedy word accuracy (%) at the final step:", ""]
     lines += ["| seed | method | running text | non-contextual | image swap |", "| --- | --- | --- | --- | --- |"]

@@ -82,6 +82,7 @@ def train_config(
         "method": method,
         "vision_lambda": preset.vision_lambda,
         "vision_eps": preset.vision_eps,
+        **label_policy_keys(preset),
         "qa_per_image": 1,
         "min_pixels": pixels,
         "max_pixels": pixels,
@@ -99,6 +100,16 @@ def train_config(
         "save_total_limit": 1,
         "report_to": "none",
     }
+
+
+def label_policy_keys(preset: DemoPreset) -> dict[str, Any]:
+    """The preset's label policy as training-config keys; none at the defaults (the paper's rule, single-label)."""
+    keys: dict[str, Any] = {}
+    if preset.label_policy != "bottom-right":
+        keys["align_label_policy"] = preset.label_policy
+    if preset.multi_label:
+        keys["align_multi_label"] = True
+    return keys
 
 
 def bf16_supported() -> bool:

@@ -2,7 +2,8 @@
 
 ``presets/demo.yaml`` holds the :class:`DemoPreset` sizes of `dvsft demo` (and the page, model and
 optimizer settings `dvsft compare` starts from); ``presets/compare.yaml`` the :class:`ComparePreset`
-sizes of `dvsft compare`. Each file maps a preset name to its fields (``tiny:`` holds the
+sizes of `dvsft compare`; ``presets/scenes.yaml`` the :class:`ScenePreset` sizes of `dvsft demo --task scenes`.
+Each file maps a preset name to its fields (``tiny:`` holds the
 :class:`~dvsft.testing.tiny.TinyConfig` fields); a field left out keeps the dataclass default.
 """
 
@@ -45,6 +46,23 @@ class DemoPreset:
     lr_scheduler: str = "cosine"  # of the vision-language runs (HF scheduler names)
     tiny: TinyConfig = field(default_factory=TinyConfig)
     device: str = "cpu"
+    label_policy: str = "bottom-right"  # DV-SFT's label policy (the training config's align_label_policy)
+    multi_label: bool = False  # a cell several words or regions claim keeps all their labels
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScenePreset(DemoPreset):
+    """Sizes of one `dvsft demo --task scenes` run (``presets/scenes.yaml``): ``cols x rows`` cells per scene,
+    ``train_pages`` / ``heldout_pages`` scenes; see :class:`dvsft.sources.scenes.SceneSpec` for the rest."""
+
+    vocab_words: int = 0  # unused: scenes have their own vocabulary
+    font_size: int = 0  # unused
+    label_policy: str = "fill"
+    area_rows: int = 2  # named areas (top left, ...) per scene
+    area_cols: int = 2
+    min_objects: int = 2
+    max_objects: int = 3
+    scene_labels: str = "shape"  # region labels: shape, or colour+shape (two regions: needs multi_label)
 
 
 @dataclass(frozen=True)
@@ -87,4 +105,5 @@ def load_presets(kind: str, cls: type[T]) -> dict[str, T]:
 
 
 DEMO_PRESETS: dict[str, DemoPreset] = load_presets("demo", DemoPreset)
+SCENE_PRESETS: dict[str, ScenePreset] = load_presets("scenes", ScenePreset)
 COMPARE_PRESETS: dict[str, ComparePreset] = load_presets("compare", ComparePreset)
