@@ -160,7 +160,7 @@ def test_packing_refuses_streaming_and_objectives_that_read_samples_by_row(tiny_
         load_config(None, ["--model", str(tiny_dir), "--data", str(train_records), "--packing", "true",
                            "--streaming", "true", "--max_steps", "1"])  # fmt: skip
     args = overrides(tiny_dir, train_records, tmp_path / "lsd", method="dvsft+lsd", max_steps=1)
-    with pytest.raises(ValueError, match="packing: packing puts several samples in one row, and lsd reads each sample"):
+    with pytest.raises(ValueError, match="packing: a packed row holds several samples, and lsd reads each sample"):
         prepare(load_config(None, [*args, "--packing", "true"]))
 
 

@@ -202,5 +202,5 @@ def packing_problem(model: Any, objectives: Sequence[Any], rows: int = 1) -> str
         return f"{attention} keeps packed samples apart in a batch of one packed row: set per_device_train_batch_size 1"
     rows = [o.name for o in objectives if getattr(o, "needs_records", False)]
     if rows:
-        return f"packing puts several samples in one row, and {', '.join(rows)} reads each sample's image by its row"
+        return f"a packed row holds several samples, and {', '.join(rows)} reads each sample's image by its row"
     return None
