@@ -1,4 +1,4 @@
-"""`dvsft bench families` and the demo-page sizes of the tiny families (what keeps their steps affordable)."""
+"""`dvsft bench families`, the demo-page sizes of the tiny families (what keeps their steps cheap), the family demo."""
 
 from __future__ import annotations
 
@@ -80,3 +80,10 @@ def test_bench_families_unknown_family_is_one_error_line(capsys):
     assert code == 2
     (line,) = err.strip().splitlines()
     assert line.startswith("error: unknown family 'nope'; choose from ") and "internvl" in line
+
+
+def test_the_demo_report_names_the_family():
+    from dvsft.experiments.demo import setup_line
+
+    line = setup_line(replace(CPU, tiny=replace(CPU.tiny, family="internvl")), 3, None)
+    assert line.startswith("Preset `cpu`: tiny internvl (3 LLM layers, hidden 128); ") and "Qwen3-VL" not in line

@@ -230,7 +230,8 @@ def setup_line(preset: DemoPreset, seeds: int, probes: dict | None) -> str:
         else "no text stage; "
     )
     return (
-        f"Preset `{preset.name}`: tiny Qwen3-VL ({preset.tiny.layers} LLM layers, hidden {preset.tiny.hidden_size}); "
+        f"Preset `{preset.name}`: tiny {preset.tiny.family} ({preset.tiny.layers} LLM layers, "
+        f"hidden {preset.tiny.hidden_size}); "
         f"{preset.train_pages} training pages of {preset.cols}x{preset.rows} visual tokens "
         f"({100 * preset.noncontextual:.0f}% of them random words); {text}"
         f"{preset.steps} steps of batch {preset.batch_size} per run, lr {preset.learning_rate} "
