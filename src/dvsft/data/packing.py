@@ -22,6 +22,7 @@ samples apart names the reason in :attr:`FamilySpec.packing_refusal`; :func:`pac
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -98,13 +99,10 @@ def pack_batch(batch: dict[str, Any], sizes: Sequence[int], pad_token_id: int) -
     lengths = batch["attention_mask"].sum(-1).tolist()
     if sum(sizes) != len(lengths):
         raise ValueError(f"{len(lengths)} samples for bins of {sum(sizes)}")
-    row_of, offset_of, rows = [], [], []
-    for r, size in enumerate(sizes):
-        start = len(row_of)
-        offsets = [sum(lengths[start:i]) for i in range(start, start + size)]
-        row_of += [r] * size
-        offset_of += offsets
-        rows.append(lengths[start : start + size])
+    bounds = list(accumulate(sizes, initial=0))
+    rows = [lengths[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]  # each packed row's sample lengths
+    row_of = [r for r, row in enumerate(rows) for _ in row]
+    offset_of = [o for row in rows for o in accumulate(row[:-1], initial=0)]
     width = max(sum(row) for row in rows)
     out = dict(batch)
     for key, pad in TOKEN_KEYS.items():
