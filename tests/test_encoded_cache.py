@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import make_records, overrides
+from helpers import make_records, overrides, three_word_pages
 
 from dvsft.data.collator import VisionCollator
 from dvsft.data.dataset import load_records
@@ -50,6 +50,20 @@ def test_a_cached_sample_gives_the_batch_of_a_fresh_encoding(processor, samples,
     assert cached.alignment == encoded.alignment and cached.layout == encoded.layout
     short = collator(processor, tmp_path / "cache", max_length=int(encoded.input_ids.numel()) - 1)
     assert torch.equal(short.encode(samples[0]).labels, encoded.labels[:-1])  # max_length cuts after the cache
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3.5", "internvl", "llava_onevision", "idefics3", "smolvlm"])
+def test_every_family_batches_the_same_from_the_cache(family, tmp_path):
+    """Tiles, crops and the families' other image inputs come back as they went in (pages in memory)."""
+    from dvsft.testing.tiny import TinyConfig, save_tiny
+
+    processor = load_processor(save_tiny(tmp_path / "model", TinyConfig(family=family, vocab_size=512)))
+    pages = three_word_pages([(160, 96), (100, 140)], [[4, 4, 28, 20], [36, 36, 70, 50], [60, 70, 90, 84]])
+    VisionCollator(processor, cache_dir=tmp_path / "cache")(pages)
+    reader = VisionCollator(processor, cache_dir=tmp_path / "cache")
+    assert_same_batch(reader(pages), VisionCollator(processor)(pages))
+    assert reader.stats == {"encoded": 0, "from_cache": 2}
 
 
 def test_settings_and_contents_key_the_cache(processor, samples, tmp_path):

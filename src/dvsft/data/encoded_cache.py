@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from dvsft.align.aligner import Alignment
 from dvsft.core.records import has_image
@@ -90,13 +91,16 @@ def _json(value: Any) -> bytes:
 
 
 def image_digest(record: dict[str, Any]) -> str | None:
-    """The hash of a sample's image bytes (its ``image_bytes``, else its file's), None for a text-only sample."""
+    """The hash of a sample's image bytes (its ``image_bytes``, its file's, or an in-memory image's pixels), None for
+    a text-only sample."""
     if not has_image(record):
         return None
-    data = record.get("image_bytes")
+    data, image = record.get("image_bytes"), record.get("image")
     if isinstance(data, bytes):
         return _digest(data)
-    path = str(record["image"])
+    if isinstance(image, Image.Image):  # in memory (library use): its mode, size, pixels and EXIF
+        return _digest(f"{image.mode} {image.size}".encode(), image.tobytes(), image.getexif().tobytes())
+    path = str(image)
     st = os.stat(path)
     key = (path, st.st_size, st.st_mtime_ns)
     if key not in _IMAGE_DIGESTS:
