@@ -21,6 +21,7 @@ samples apart names the reason in :attr:`FamilySpec.packing_refusal`; :func:`pac
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from itertools import accumulate
 from typing import Any
@@ -34,22 +35,22 @@ TOKEN_KEYS = {"input_ids": None, "attention_mask": 0, "labels": -100, "mm_token_
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Sample indices in bins of at most ``capacity`` tokens: the longest sample first, each into the fullest bin it
-    fits (a new bin where none has room). Bins are in the order they were opened, their samples in index order."""
-    free: list[int] = []
+    fits (a new bin where none has room). Bins are in the order they were opened, their samples in index order.
+    The bins' free room is kept sorted, so a plan takes O(n log n) comparisons."""
+    rooms: list[tuple[int, int]] = []  # (free room, bin), sorted: the fullest bin that fits is the first >= n
     bins: list[list[int]] = []
     for i in sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i)):
         n = int(lengths[i])
         if n > capacity:
             raise ValueError(f"sample {i} has {n} tokens, more than the packed length {capacity}")
-        fits = [b for b, room in enumerate(free) if room >= n]
-        if fits:
-            b = min(fits, key=lambda b: (free[b], b))
+        at = bisect.bisect_left(rooms, (n, -1))
+        if at < len(rooms):
+            room, b = rooms.pop(at)
         else:
-            b = len(bins)
+            room, b = capacity, len(bins)
             bins.append([])
-            free.append(capacity)
         bins[b].append(i)
-        free[b] -= n
+        bisect.insort(rooms, (room - n, b))
     return [sorted(b) for b in bins]
 
 
