@@ -216,3 +216,15 @@ def test_bad_task_and_label_policy_are_usage_errors(tmp_path):
         res = CliRunner().invoke(app, ["demo", *args, "--out", str(tmp_path / "demo")])
         assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
     assert not (tmp_path / "demo").exists()
+
+
+def test_boolean_preset_overrides_parse_true_and_false():
+    from dvsft.experiments.demo import apply_overrides
+    from dvsft.experiments.settings import SCENE_PRESETS
+
+    cpu = SCENE_PRESETS["cpu"]
+    assert cpu.multi_label and cpu.scene_labels == "colour+shape" and cpu.label_policy == "fill"
+    assert apply_overrides(cpu, ["multi_label=false"]).multi_label is False  # bool("false") is True
+    assert apply_overrides(cpu, ["multi_label=True"]).multi_label is True
+    with pytest.raises(ValueError, match="expected true or false"):
+        apply_overrides(cpu, ["multi_label=maybe"])

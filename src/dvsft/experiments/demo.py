@@ -247,6 +247,15 @@ def eval_steps(preset: DemoPreset, steps: int) -> list[int]:
     return sorted({max(1, round(steps * (i + 1) / preset.eval_points)) for i in range(preset.eval_points)})
 
 
+def parse_bool(value: str) -> bool:
+    """``true``/``false`` (also ``1``/``0``, ``yes``/``no``, any case); ``ValueError`` otherwise (``bool("false")``
+    would be True)."""
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if value.lower() not in words:
+        raise ValueError(f"expected true or false, got {value!r}")
+    return words[value.lower()]
+
+
 def apply_overrides(preset: DemoPreset, items: list[str]) -> DemoPreset:
     """``KEY=VALUE`` settings of the preset (``tiny.KEY=VALUE`` for the model), typed like the field.
 
@@ -260,7 +269,7 @@ def apply_overrides(preset: DemoPreset, items: list[str]) -> DemoPreset:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY a preset field")
         kind = type(getattr(target, name))
         try:
-            typed = kind(value)
+            typed = parse_bool(value) if kind is bool else kind(value)
         except ValueError as err:
             raise ValueError(f"--set {item!r}: {err}") from err
         if target is preset:
