@@ -56,7 +56,8 @@ def test_demo_toy_end_to_end(tmp_path):
     for method in ("sft", "dvsft"):
         (final,) = [r for r in rows if r["method"] == method and r["seed"] == 0 and r["step"] == last]
         again = evaluate(load_model(out / method), load_processor(out / method), sets)
-        assert again == pytest.approx({k: final[k] for k in again}, abs=1e-9), method
+        # nan_ok: text_long_word_acc is NaN when the held-out pages hold no word of 4+ sub-tokens
+        assert again == pytest.approx({k: final[k] for k in again}, abs=1e-9, nan_ok=True), method
     # the text stage ran, was probed on validation pages and is cached beside the pages
     assert set(results["text_stage"]) == {"val_text", "val_random"}
     assert (out / "data" / "text_llm" / "dvsft_text_stage.json").is_file()
