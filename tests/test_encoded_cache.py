@@ -132,8 +132,13 @@ def test_opening_a_cache_removes_the_settings_opened_least_recently(processor, s
     assert not old.cache.dir.exists() and new.cache.dir.exists() and third.cache.dir.exists()
 
 
-def test_no_cache_with_none(processor):
+def test_no_cache_with_none_and_a_warning_where_the_folder_cannot_be_made(processor, samples, tmp_path, caplog):
     assert collator(processor, "none").cache is None and collator(processor, None).cache is None
+    (tmp_path / "file").write_text("not a folder")
+    with caplog.at_level(logging.WARNING):
+        blocked = collator(processor, tmp_path / "file" / "cache")
+    assert blocked.cache is None and "cannot be used" in caplog.text
+    assert_same_batch(blocked(samples), collator(processor, None)(samples))
 
 
 @pytest.mark.slow

@@ -45,7 +45,7 @@ from dvsft.align.aligner import AlignConfig, Alignment, align_words
 from dvsft.core.images import ImageError, load_image
 from dvsft.core.records import IMAGE_PLACEHOLDER, has_image
 from dvsft.data.dataset import has_image_placeholder
-from dvsft.data.encoded_cache import EncodedCache, cache_root
+from dvsft.data.encoded_cache import cache_root, open_cache
 from dvsft.models.families import spec_for_processor
 from dvsft.models.geometry import Grid, Layout, layout_for
 from dvsft.models.loading import set_pixels
@@ -179,7 +179,7 @@ class VisionCollator:
         self.stats = Counter(encoded=0, from_cache=0)  # samples run through the processor / read from the cache
         self.cache = None  # the encoded-sample cache (dvsft.data.encoded_cache), None: every sample is encoded
         if cache_root(cache_dir) is not None:
-            self.cache = EncodedCache(cache_root(cache_dir), self, cache_max_gb)
+            self.cache = open_cache(cache_root(cache_dir), self, cache_max_gb)
 
     # -- one record -------------------------------------------------------------------------
     def render(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:

@@ -171,6 +171,16 @@ def evict(root: Path, keep: Path, budget: int) -> int:
     return total
 
 
+def open_cache(root: Path, collator: Any, max_gb: float = MAX_GB) -> EncodedCache | None:
+    """The cache of ``collator``'s settings under ``root``; None, with one warning, where ``root`` cannot be used
+    (not writable, not a folder): the samples are then encoded as without a cache."""
+    try:
+        return EncodedCache(root, collator, max_gb)
+    except OSError as err:
+        log.warning("encoded-sample cache %s cannot be used (%s); encoding every sample", root, err)
+        return None
+
+
 class EncodedCache:
     """The encodings of one collator's settings: ``load(record)`` and ``save(record, encoded)``."""
 
