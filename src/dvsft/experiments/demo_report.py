@@ -154,8 +154,9 @@ def write_report(rows: list[dict], setup: str, seconds: float, path: Path) -> st
     lines += [
         "",
         "What the numbers mean: both models see the same pages in the same order with the same budget; "
-        "SFT learns to read only through the transcription loss, DV-SFT additionally labels every visual "
-        "token with the word whose bottom-right corner it holds. *Running text*: pages of prose never seen in "
+        "SFT learns to read only through the transcription loss, DV-SFT additionally labels visual tokens with "
+        "words by the label policy of the setup line (bottom-right, the paper's rule: the token holding a word's "
+        "bottom-right corner gets the word's first sub-token). *Running text*: pages of prose never seen in "
         "training. *Non-contextual*: the same vocabulary in random order, so the language cannot be guessed. "
         "*Image swap*: the running-text pages, each scored against its own transcription but shown another "
         "page's image; a model that reads falls to near zero there, one that guesses from the language does "
