@@ -106,10 +106,10 @@ def test_presets_come_typed_from_the_packaged_yaml(tmp_path):
     from dvsft.experiments.compare import PRESETS as COMPARE
     from dvsft.experiments.settings import DemoPreset, typed
 
-    assert list(PRESETS) == ["cpu", "gpu", "toy"] and list(COMPARE) == ["cpu", "gpu", "toy"]
+    assert list(PRESETS) == ["cpu", "reads", "gpu", "toy"] and list(COMPARE) == ["cpu", "gpu", "toy"]
     cpu = PRESETS["cpu"]
-    assert cpu.name == "cpu" and cpu.learning_rate == 3e-3 and isinstance(cpu.vision_lambda, float)
-    assert cpu.tiny.hidden_size == 128 and cpu.lr_scheduler == "cosine" and cpu.text_steps == 0
+    assert cpu.name == "cpu" and cpu.learning_rate == 2e-3 and isinstance(cpu.vision_lambda, float)
+    assert cpu.tiny.hidden_size == 128 and cpu.lr_scheduler == "constant_with_warmup" and cpu.text_steps == 0
     assert PRESETS["gpu"].device == "cuda" and COMPARE["cpu"].demo == "cpu" and COMPARE["toy"].asvr_k == 4
     assert isinstance(COMPARE["gpu"].methods, tuple) and "finevit-staged" in COMPARE["gpu"].methods
     fields = {k: v for k, v in vars(PRESETS["toy"]).items() if k != "tiny"}
