@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from dvsft.cli.common import fail, from_params, split_list
+
+
+def print_report(console: Any, table: str, report: dict, json_out: Path | None) -> None:
+    """A bench's table on the console and, with ``json_out``, its whole report as JSON."""
+    console.print(table, markup=False)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2))
+        console.print(f"report: {json_out}")
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -68,11 +78,7 @@ def bench_train_command(
         f"{shape['text_tokens']} text label tokens, sequence {shape['sequence_length']}; "
         f"vocab {cfg.vocab_size:,}, hidden {cfg.hidden_size}, {cfg.layers} layers, chunk {cfg.chunk_size}"
     )
-    console.print(markdown_table(report), markup=False)
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=2))
-        console.print(f"report: {json_out}")
+    print_report(console, markdown_table(report), report, json_out)
 
 
 def bench_packing_command(hidden_size: int, layers: int, repeats: int, threads: int, json_out: Path | None) -> None:
@@ -94,11 +100,7 @@ def bench_packing_command(hidden_size: int, layers: int, repeats: int, threads: 
         f"packed into {c['rows']} row(s) of {' or '.join(map(str, c['max_lengths']))} tokens; one epoch of forward + "
         f"backward, median of {c['repeats']}, {c['threads'] or 'default'} torch thread(s)"
     )
-    console.print(markdown_table(report), markup=False)
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=2))
-        console.print(f"report: {json_out}")
+    print_report(console, markdown_table(report), report, json_out)
 
 
 def bench_families_command(
@@ -124,8 +126,4 @@ def bench_families_command(
     except ValueError as err:
         fail(err)
     console.print(f"machine: {report['machine']}; preset {report['preset']}; process CPU time, 1 torch thread")
-    console.print(markdown_table(report), markup=False)
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=2))
-        console.print(f"report: {json_out}")
+    print_report(console, markdown_table(report), report, json_out)
