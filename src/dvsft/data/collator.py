@@ -45,7 +45,7 @@ from dvsft.align.aligner import AlignConfig, Alignment, align_words
 from dvsft.core.images import ImageError, load_image
 from dvsft.core.records import IMAGE_PLACEHOLDER, has_image
 from dvsft.data.dataset import has_image_placeholder
-from dvsft.data.encoded_cache import cache_root, open_cache
+from dvsft.data.encoded_cache import MAX_GB, cache_root, open_cache
 from dvsft.models.families import spec_for_processor
 from dvsft.models.geometry import Grid, Layout, layout_for
 from dvsft.models.loading import set_pixels
@@ -157,7 +157,7 @@ class VisionCollator:
         max_pixels: int | None = None,
         keep_records: bool = False,
         cache_dir: str | os.PathLike | None = None,
-        cache_max_gb: float = 20.0,
+        cache_max_gb: float = MAX_GB,
     ):
         self.keep_records = keep_records  # batch["records"]: id, image, size, words (objectives that need boxes)
         if min_pixels is not None or max_pixels is not None:
@@ -178,8 +178,9 @@ class VisionCollator:
         self._dummy: dict[str, torch.Tensor] | None = None  # the family's smallest image, made once
         self.stats = Counter(encoded=0, from_cache=0)  # samples run through the processor / read from the cache
         self.cache = None  # the encoded-sample cache (dvsft.data.encoded_cache), None: every sample is encoded
-        if cache_root(cache_dir) is not None:
-            self.cache = open_cache(cache_root(cache_dir), self, cache_max_gb)
+        root = cache_root(cache_dir)
+        if root is not None:
+            self.cache = open_cache(root, self, cache_max_gb)
 
     # -- one record -------------------------------------------------------------------------
     def render(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:

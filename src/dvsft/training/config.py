@@ -32,6 +32,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from dvsft.align.aligner import LABEL_POLICIES, AlignConfig
 from dvsft.core.typed import fit, type_name
 from dvsft.data.collator import MAX_LENGTH
+from dvsft.data.encoded_cache import MAX_GB
 from dvsft.models.geometry import TRAIN_MAX_PIXELS, TRAIN_MIN_PIXELS
 from dvsft.models.loading import model_builder
 from dvsft.objectives.losses import LossSettings
@@ -147,7 +148,7 @@ class DVSFTConfig(TrainingArguments):
         "encoded-sample cache: each sample's processor output and alignment, reused by later epochs and runs; "
         "auto = $DVSFT_CACHE_DIR/encoded or ~/.cache/dvsft/encoded, none = off",
     )
-    encoded_cache_max_gb: float = opt(20.0, "the encoded-sample cache stops growing at this size (per settings)")
+    encoded_cache_max_gb: float = opt(MAX_GB, "the encoded-sample cache stops growing at this size (per settings)")
     packing: bool = opt(
         False,
         "pack several samples, each with its image, into sequences of at most max_length tokens (best-fit decreasing); "
