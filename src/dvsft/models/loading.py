@@ -231,8 +231,12 @@ def load_model(model_dir: str | Path, dtype: Any = None, trust_remote_code: bool
     """The model of a local HF directory, with its image-text-to-text head."""
     from transformers import AutoModelForImageTextToText
 
+    from dvsft.models.patch_conv import linear_patch_convs
+
     check_model_dir(model_dir)
     check_weights(model_dir)
-    return AutoModelForImageTextToText.from_pretrained(
+    model = AutoModelForImageTextToText.from_pretrained(
         model_dir, dtype=dtype or "auto", trust_remote_code=trust_remote_code
     )
+    linear_patch_convs(model)
+    return model

@@ -41,6 +41,7 @@ def _check_dir(path: str | Path, what: str) -> Path:
 def load_base(cfg: DVSFTConfig, dtype: Any = None) -> tuple[Any, Any]:
     """(model, processor) named by ``cfg.model``: a dir, ``tiny``, or the graft of model_llm + model_vision_from."""
     from dvsft.models.loading import load_model, load_processor, model_builder, set_pixels
+    from dvsft.models.patch_conv import linear_patch_convs
 
     trust = cfg.trust_remote_code
     join_deepspeed_comm(cfg)
@@ -65,6 +66,7 @@ def load_base(cfg: DVSFTConfig, dtype: Any = None) -> tuple[Any, Any]:
     set_pixels(processor, cfg.min_pixels, cfg.max_pixels)
     if cfg.attn_implementation:
         model.set_attn_implementation(cfg.attn_implementation)
+    linear_patch_convs(model)  # the same patch embedding, as one matrix product (dvsft.models.patch_conv)
     return model, processor
 
 
