@@ -14,8 +14,6 @@ from torch import nn
 from dvsft.models.patch_conv import PatchConv3d, is_patch_conv, linear_patch_convs
 from dvsft.testing.tiny import QWEN_TINY, TinyConfig, build_tiny
 
-torch.set_default_dtype(torch.float32)
-
 
 def _pair(kernel: tuple[int, int, int], channels: int = 3, out: int = 24) -> tuple[nn.Conv3d, nn.Conv3d]:
     torch.manual_seed(0)
@@ -88,6 +86,8 @@ def test_qwen_vision_towers_give_the_same_features(family):
 
 
 def test_every_model_dvsft_loads_uses_it(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+
     from dvsft.models.loading import load_model
     from dvsft.training.config import DVSFTConfig
     from dvsft.training.model_setup import load_base
@@ -98,8 +98,6 @@ def test_every_model_dvsft_loads_uses_it(tiny_dir, tmp_path):
     assert kinds(load_model(tiny_dir)) == {"PatchConv3d"}
     model, _ = load_base(DVSFTConfig(model=str(tiny_dir), data="unused.jsonl", output_dir=str(tmp_path)))
     assert kinds(model) == {"PatchConv3d"}
-    from safetensors.torch import load_file
-
     model.save_pretrained(tmp_path / "saved")  # the checkpoint is the one the ordinary Conv3d makes
     saved, original = (load_file(d / "model.safetensors") for d in (tmp_path / "saved", tiny_dir))
     assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in original)
