@@ -195,10 +195,17 @@ def test_view_filters_come_before_the_tokenizer_in_every_view(tokenizer):
 
     layout = layout_for("internvl", 448, 1344)
     words = [word("10:45", (10, 10, 60, 110)), word("the", (100, 10, 130, 30))]  # 100 px: 3.6 tile rows, 1.2 thumb
-    a = align_words(words, layout, tokenizer)
+    a = align_words(words, layout, tokenizer, AlignConfig(views="all"))
     assert a.dropped == {"too_tall": 1, "too_many_subtokens": 1}
     assert a.per_view["tile"] == {"too_tall": 1, "labels": 1} and a.per_view["thumbnail"] == {"labels": 1}
     assert [(lab["text"], lab["view"]) for lab in a.labels] == [("the", "tile"), ("the", "thumbnail")]
+    # the default keeps the finest view's label only; a word too tall for every tile keeps its thumbnail label
+    a = align_words(words, layout, tokenizer)
+    assert a.dropped == {"too_tall": 1, "too_many_subtokens": 1, "coarser_view": 1}
+    assert a.per_view["thumbnail"] == {"coarser_view": 1, "labels": 0}
+    assert [(lab["text"], lab["view"]) for lab in a.labels] == [("the", "tile")]
+    tall = [word("tall", (10, 10, 60, 110))]  # 3.6 tile rows: too tall for a tile, 1.2 thumbnail rows
+    assert [(lab["text"], lab["view"]) for lab in align_words(tall, layout).labels] == [("tall", "thumbnail")]
 
 
 def make_records(tmp_path):

@@ -192,9 +192,12 @@ def test_a_region_over_the_whole_image_labels_every_token_of_every_view(tok):
     kinds = {v.kind for v in layout.views}
     assert len(layout.views) > 1 and "thumbnail" in kinds
     whole = {"text": "wall", "box": [0, 0, 900, 500], "kind": "object"}
-    a = align_words([whole], layout, tok, policy("fill"))
+    a = align_words([whole], layout, tok, AlignConfig(label_policy="fill", views="all"))
     assert len(a.labels) == sum(v.num_tokens for v in layout.views) and not a.dropped
     assert {lab["view"] for lab in a.labels} == kinds and {lab["kind"] for lab in a.labels} == {"object"}
+    a = align_words([whole], layout, tok, policy("fill"))  # the default views: the tiles only
+    assert len(a.labels) == sum(v.num_tokens for v in layout.views if v.kind == "tile")
+    assert a.dropped == {"coarser_view": 1}
 
 
 def test_an_unknown_policy_is_refused():
@@ -267,9 +270,15 @@ def test_bottom_right_writes_the_bytes_it_wrote_before_the_policies(tmp_path, cl
     out = ["--out", str(tmp_path / "old.jsonl"), "--overlay", str(tmp_path / "ov_old")]
     assert subprocess.run([sys.executable, "-c", code, *args, *out], env=env).returncode == 0
     out = ["--out", str(tmp_path / "new.jsonl"), "--overlay", str(tmp_path / "ov_new")]
-    res = CliRunner().invoke(cli, [*args, *out, "--label-policy", "bottom-right"])
+    views = ["--views", "all"] if family == "internvl" else []  # the old code labeled every view
+    res = CliRunner().invoke(cli, [*args, *out, "--label-policy", "bottom-right", *views])
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "new.jsonl").read_bytes() == (tmp_path / "old.jsonl").read_bytes()
+    if family == "qwen3-vl":
+        assert (tmp_path / "new.jsonl").read_bytes() == (tmp_path / "old.jsonl").read_bytes()
+    else:  # the same records, whose settings now name the views
+        new = list(read_jsonl(tmp_path / "new.jsonl"))
+        assert all(r["align"].pop("views") == "all" for r in new if "align" in r)
+        assert new == list(read_jsonl(tmp_path / "old.jsonl"))
     drawn = sorted(p.name for p in (tmp_path / "ov_new").glob("*.png"))
     assert drawn == sorted(p.name for p in (tmp_path / "ov_old").glob("*.png"))
     assert len(drawn) == (4 if family == "qwen3-vl" else 0)  # overlays are drawn on one-grid layouts

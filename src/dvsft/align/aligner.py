@@ -22,6 +22,11 @@ from dvsft.models.families import FamilySource, family_source
 from dvsft.models.geometry import Grid, Layout, View, grid_layout
 
 LABEL_POLICIES = ("bottom-right", "span", "fill")
+LABEL_VIEWS = ("finest", "all")
+"""Which views of a multi-view image (tiles and a thumbnail, a crop grid and a base image) label an entry: ``finest``,
+only the views that show it at the finest scale (fewest original pixels per token: InternVL's tiles, not its
+thumbnail, where the same text is several times smaller); ``all``, every view that shows it. A one-view image
+(Qwen-VL) labels the same either way."""
 """Label policies (docs/labeling.md#label-policies). An entry of a record's ``words`` is a word (``kind`` absent or
 ``"word"``) or a region (``"kind": "object"`` or another name; ``box`` its bounding box, optional ``polygon`` in COCO's
 format: a list of rings, each a flat ``[x1, y1, x2, y2, ...]`` list in original-image pixels). Its label is the first
@@ -49,10 +54,13 @@ class AlignConfig:
     leading_space: bool = True  # tokenize labels as " word" (mid-sentence form; bare where that starts blank)
     label_policy: str = "bottom-right"  # which cells an entry labels: one of LABEL_POLICIES
     multi_label: bool = False  # a cell several entries claim keeps all their labels (else all are dropped)
+    views: str = "finest"  # which views of a multi-view image label an entry: one of LABEL_VIEWS
 
     def __post_init__(self) -> None:
         if self.label_policy not in LABEL_POLICIES:
             raise ValueError(f"label policy {self.label_policy!r}: choose one of {', '.join(LABEL_POLICIES)}")
+        if self.views not in LABEL_VIEWS:
+            raise ValueError(f"label views {self.views!r}: choose one of {', '.join(LABEL_VIEWS)}")
 
 
 @dataclass
@@ -309,7 +317,9 @@ def align_words(
     under fill: the region's centre lies in the view but no cell is half inside; ``too_tall``; once per entry and
     view, a view that does not show the corner / centre does not count), the tokenizer's (``untokenizable``,
     ``too_many_subtokens`` for words under bottom-right and fill: once per entry that a view would label), then
-    ``token_conflict`` per view (per label: under span and fill a word keeps its other cells).
+    ``token_conflict`` per view (per label: under span and fill a word keeps its other cells). Under
+    ``config.views == "finest"`` (the default) an entry's claims in views coarser than the finest view that claims
+    it are dropped before the conflict rule (``coarser_view``, once per entry and view; :data:`LABEL_VIEWS`).
     :attr:`Alignment.per_view` breaks labels and the view-level drops down by view kind.
     """
     if isinstance(layout, Grid):
@@ -319,12 +329,17 @@ def align_words(
     per_view: dict[str, Counter] = {}
     candidates = _candidates(words, layout.width, layout.height, tokenizer, config, dropped)
     refused: dict[int, str] = {}  # candidate -> the tokenizer filter that drops it (counted once)
+    named = layout.grid is None  # in a list of views each label names its view
+    claims = [
+        _view_labels(view, candidates, config, named, per_view.setdefault(view.kind, Counter()), refused)
+        for view in layout.views
+    ]
+    if config.views == "finest" and len(layout.views) > 1:
+        claims = _finest_claims(layout.views, claims, per_view)
     labels: list[dict[str, Any]] = []
-    for view in layout.views:
-        stats = per_view.setdefault(view.kind, Counter())
-        named = layout.grid is None  # in a list of views each label names its view
-        kept = _view_labels(view, candidates, config, named, stats, refused)
-        got = _resolve_conflicts(kept, stats, config.multi_label)
+    for view, kept in zip(layout.views, claims, strict=True):
+        stats = per_view[view.kind]
+        got = _resolve_conflicts([(pos, label) for pos, label, _ in kept], stats, config.multi_label)
         stats["labels"] += len(got)
         labels += got
     dropped.update(refused.values())
@@ -341,10 +356,10 @@ def _view_labels(
     named: bool,
     stats: Counter,
     refused: dict[int, str],
-) -> list[tuple[int, dict[str, Any]]]:
-    """(sequence position, label) of each cell ``view`` labels, before the conflict rule (``named``: labels carry
-    ``view`` and ``view_index``); the view's drops go to ``stats``, the tokenizer's refusals of entries the view
-    would label to ``refused``."""
+) -> list[tuple[int, dict[str, Any], int]]:
+    """(sequence position, label, candidate index) of each cell ``view`` labels, before the conflict rule
+    (``named``: labels carry ``view`` and ``view_index``); the view's drops go to ``stats``, the tokenizer's refusals
+    of entries the view would label to ``refused``."""
     kept = []
     for i, cand in enumerate(candidates):
         claims = _claims(view, cand, config, stats)
@@ -364,8 +379,26 @@ def _view_labels(
                 label["subtoken"] = subtoken
             if cand.kind != "word":
                 label["kind"] = cand.kind
-            kept.append((pos, label))
+            kept.append((pos, label, i))
     return kept
+
+
+def _finest_claims(
+    views: tuple[View, ...], claims: list[list[tuple[int, dict[str, Any], int]]], per_view: dict[str, Counter]
+) -> list[list[tuple[int, dict[str, Any], int]]]:
+    """Each entry's claims in the views that show it at the finest scale (fewest original pixels per token); its
+    claims in coarser views are dropped, counted once per entry and view as ``coarser_view``."""
+    scale = [view.pixels_per_token for view in views]
+    finest: dict[int, float] = {}
+    for v, kept in enumerate(claims):
+        for _, _, i in kept:
+            finest[i] = min(finest.get(i, math.inf), scale[v])
+    out = []
+    for v, kept in enumerate(claims):
+        coarser = {i for _, _, i in kept if scale[v] > finest[i] * (1 + 1e-9)}
+        per_view[views[v].kind]["coarser_view"] += len(coarser)
+        out.append([claim for claim in kept if claim[2] not in coarser])
+    return out
 
 
 def _claims(view: View, cand: Candidate, config: AlignConfig, stats: Counter) -> list[Claim]:

@@ -2,7 +2,7 @@
 
 Each output record is the input record plus ``grid: [rows, cols]``, ``vision_labels`` (with
 ``token_id`` when a tokenizer is given), ``dropped`` (words removed per filter) and ``align``
-(the settings used; ``label_policy`` / ``multi_label`` only where not the defaults). Image paths are
+(the settings used; ``label_policy`` / ``multi_label`` / ``views`` only where not the defaults). Image paths are
 rewritten relative to the output file. Lines and records that cannot be aligned (unreadable JSON, anything
 :func:`dvsft.core.records.check_record` finds, an image size the processors refuse...) go to
 ``<out stem>.errors.jsonl``, one row per problem: ``{"file", "line", "id", "reason"}``.
@@ -168,13 +168,15 @@ def align_file(
 
 
 def policy_settings(config: AlignConfig) -> dict[str, Any]:
-    """The label policy and multi-label keys of an output's ``align`` settings, only where they differ from the
+    """The label policy, multi-label and views keys of an output's ``align`` settings, only where they differ from the
     defaults (a bottom-right alignment writes the same bytes as before the policies existed)."""
     out: dict[str, Any] = {}
     if config.label_policy != AlignConfig.label_policy:
         out["label_policy"] = config.label_policy
     if config.multi_label != AlignConfig.multi_label:
         out["multi_label"] = config.multi_label
+    if config.views != AlignConfig.views:
+        out["views"] = config.views
     return out
 
 

@@ -109,6 +109,12 @@ def align(
     multi_label: bool = typer.Option(
         AlignConfig.multi_label, "--multi-label", help="A cell several entries claim keeps all their labels."
     ),
+    views: str = typer.Option(
+        AlignConfig.views,
+        "--views",
+        help="Which views of a tiled image label an entry: finest (the tiles, not a thumbnail of the same text) "
+        "or all.",
+    ),
     overlay: Path = typer.Option(None, help="Write alignment overlay PNGs into this folder."),
     overlay_limit: int = typer.Option(20, help="At most this many overlays."),
     fmt: str = typer.Option("jsonl", "--format", help="jsonl, or parquet: --out is a folder of Parquet shards."),
@@ -126,7 +132,7 @@ def align(
         min_pixels = TRAIN_MIN_PIXELS if min_pixels is None else min_pixels
         max_pixels = TRAIN_MAX_PIXELS if max_pixels is None else max_pixels
     try:
-        config = AlignConfig(max_height_cells, max_subtokens, leading_space, label_policy, multi_label)
+        config = AlignConfig(max_height_cells, max_subtokens, leading_space, label_policy, multi_label, views)
         if words.exists():
             check_outputs(words, out, fmt, overlay, overwrite)
         tok = load_tokenizer(tokenizer) if tokenizer else None

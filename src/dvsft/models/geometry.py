@@ -227,6 +227,12 @@ class View:
         return self.rows * self.cols
 
     @property
+    def pixels_per_token(self) -> float:
+        """Original-image pixels the view shows per token: its scale (smaller is finer)."""
+        x0, y0, x1, y1 = self.region
+        return (x1 - x0) * (y1 - y0) / self.num_tokens
+
+    @property
     def num_slots(self) -> int:
         """Positions this view takes in the image-token sequence (newline slots included)."""
         return self.rows * self.row_stride

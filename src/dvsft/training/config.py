@@ -29,7 +29,7 @@ from typing import Any, Literal
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from dvsft.align.aligner import LABEL_POLICIES, AlignConfig
+from dvsft.align.aligner import LABEL_POLICIES, LABEL_VIEWS, AlignConfig
 from dvsft.core.typed import fit, type_name
 from dvsft.data.collator import MAX_LENGTH
 from dvsft.data.encoded_cache import MAX_GB
@@ -111,6 +111,9 @@ class DVSFTConfig(TrainingArguments):
         AlignConfig.label_policy, f"which cells an entry labels: {', '.join(LABEL_POLICIES)} (docs/labeling.md)"
     )
     align_multi_label: bool = opt(AlignConfig.multi_label, "a visual token several entries claim keeps all labels")
+    align_views: str = opt(
+        AlignConfig.views, f"which views of a tiled image label an entry: {', '.join(LABEL_VIEWS)} (docs/labeling.md)"
+    )
     min_pixels: int = opt(TRAIN_MIN_PIXELS, "image processor min pixels")
     max_pixels: int = opt(TRAIN_MAX_PIXELS, "image processor max pixels")
     max_length: int = opt(MAX_LENGTH, "max sequence length (longer samples are truncated by the collator)")
@@ -317,6 +320,11 @@ def check_ranges(cfg: DVSFTConfig) -> None:
         cfg.align_label_policy in LABEL_POLICIES,
         "align_label_policy",
         f"must be one of {', '.join(LABEL_POLICIES)}, got {cfg.align_label_policy!r}",
+    )
+    _need(
+        cfg.align_views in LABEL_VIEWS,
+        "align_views",
+        f"must be one of {', '.join(LABEL_VIEWS)}, got {cfg.align_views!r}",
     )
     _need(
         cfg.stream_split in ("auto", "shards", "examples"),

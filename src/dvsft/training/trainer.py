@@ -75,6 +75,7 @@ def collator_for(processor: Any, args: Any, objectives: list[Objective]) -> Any:
             leading_space=setting(args, "label_leading_space"),
             label_policy=setting(args, "align_label_policy"),
             multi_label=setting(args, "align_multi_label"),
+            views=setting(args, "align_views"),
         ),
         vision_labels=any(o.needs_vision_labels for o in objectives),
         keep_records=any(getattr(o, "needs_records", False) for o in objectives),
