@@ -25,21 +25,29 @@ def demo_page_layout(family: str):
 
 
 @pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
-def test_a_demo_page_is_six_tiles_and_a_whole_image_view(family):
-    """2 x 3 tiles of 4 x 4 tokens + the global image: 112 image tokens as InternVL's 6 tiles + thumbnail, not
-    208 (a 256-px longest edge: 3 x 4 tiles)."""
+def test_a_demo_page_is_four_tiles_and_a_whole_image_view(family):
+    """2 x 2 tiles of 4 x 4 tokens of 32 px + the global image: 80 image tokens, a token row a 32-px page row."""
     lay = demo_page_layout(family)
-    assert [v.kind for v in lay.views] == ["tile"] * 6 + ["global"]
-    assert all((v.rows, v.cols) == (4, 4) for v in lay.views) and lay.num_tokens == 112
+    assert [v.kind for v in lay.views] == ["tile"] * 4 + ["global"]
+    assert all((v.rows, v.cols) == (4, 4) for v in lay.views) and lay.num_tokens == 80
+    assert {round(v.token_box(0)[3] - v.token_box(0)[1]) for v in lay.views[:4]} == {32}
+
+
+def test_internvl_demo_page_is_two_tiles_of_page_rows_and_a_thumbnail():
+    """1 x 2 tiles of 128 px (every word inside one tile, one word per token row) + the thumbnail: 48 tokens."""
+    lay = demo_page_layout("internvl")
+    assert [v.kind for v in lay.views] == ["tile", "tile", "thumbnail"] and lay.num_tokens == 48
+    assert {round(v.token_box(0)[3] - v.token_box(0)[1]) for v in lay.views[:2]} == {32}
 
 
 def test_llava_onevision_demo_page_is_a_small_base_and_crop_grid():
-    """16-px patches: a 4 x 4 base and a 12 x 8 crop grid with its newlines (472 tokens with 8-px patches)."""
+    """32-px patches on 128-px crops: a 4 x 4 base and an 8 x 6 crop grid of 32-px rows with its newlines."""
     lay = demo_page_layout("llava_onevision")
     base, crops = lay.views
     assert (base.kind, base.rows, base.cols) == ("base", 4, 4)
-    assert (crops.kind, crops.rows, crops.cols) == ("crops", 12, 8)
-    assert lay.num_tokens == 16 + 12 * 9 == 124
+    assert (crops.kind, crops.rows, crops.cols) == ("crops", 8, 6)
+    assert lay.num_tokens == 16 + 8 * 7 == 72
+    assert round(crops.token_box(0)[3] - crops.token_box(0)[1]) == 32
 
 
 def test_qwen35_keeps_one_gated_deltanet_layer():

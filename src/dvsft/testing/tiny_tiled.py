@@ -1,27 +1,29 @@
 """Tiny tiled families for `--model tiny` (``tiny.family``): InternVL, LLaVA-OneVision, Idefics3, SmolVLM.
 
 Each is the real transformers architecture and the real processor at toy size: tiles / crops of
-64 px, so a tile is 4 x 4 tokens: 8-px patches and pixel shuffle 2 x 2 (InternVL, Idefics3,
-SmolVLM), or 16-px patches and no merge (LLaVA-OneVision). The text model is the family's (Qwen2
-for InternVL and LLaVA-OneVision, Llama for Idefics3 / SmolVLM) with the sizes of
-:class:`~dvsft.testing.tiny.TinyConfig`; the tokenizer is the corpus-trained one with the family's
-special tokens and a ChatML template that writes the family's image placeholder.
+128 px, each 4 x 4 tokens of 32 tile px (16-px patches and pixel shuffle 2 x 2 for InternVL,
+Idefics3 and SmolVLM; 32-px patches and no merge for LLaVA-OneVision), so a token row of a tile is
+a 32-px row of a demo page, as a Qwen-VL token row is. The text model is the family's (Qwen3 for
+InternVL, as in InternVL3.5; Qwen2 for LLaVA-OneVision; Llama for Idefics3 / SmolVLM) with the
+sizes of :class:`~dvsft.testing.tiny.TinyConfig`; the tokenizer is the corpus-trained one with the
+family's special tokens and a ChatML template that writes the family's image placeholder.
 
 Sized so that a demo page (160 x 256 px) costs a training step within 2x of the tiny Qwen3-VL's
-(docs/families.md, `dvsft bench families`): 6 tiles + a thumbnail / global image (112 tokens) for
-InternVL, Idefics3 and SmolVLM, a 4 x 4 base + at most 3 x 3 crops of 4 x 4 for LLaVA-OneVision.
+(docs/families.md, `dvsft bench families`): 1 x 2 tiles + a thumbnail for InternVL (48 tokens),
+2 x 2 tiles + the global image for Idefics3 and SmolVLM (80 tokens plus separators), a 4 x 4 base
++ the 2 x 2 crop grid, unpadded to 5 x 8 tokens with a newline per row, for LLaVA-OneVision.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-TILE = 64  # tile / crop side in pixels
-PATCH = 8  # InternVL, Idefics3, SmolVLM (pixel shuffle 2 x 2: 16 tile px per token)
-LLAVA_PATCH = 16  # LLaVA-OneVision has no merge: 16-px patches give its crops the same 4 x 4 tokens
-MAX_TILES = 6  # InternVL tiles
-LONGEST_EDGE = 3 * TILE  # Idefics3 / SmolVLM: a 160 x 256 page is 2 x 3 tiles + the global image
-PINPOINTS = [[h, w] for h in (64, 128, 192) for w in (64, 128, 192)]  # LLaVA-OneVision: up to 3x3 crops
+TILE = 128  # tile / crop side in pixels
+PATCH = 16  # InternVL, Idefics3, SmolVLM: pixel shuffle 2 x 2 makes a 32-px token
+LLAVA_PATCH = 32  # LLaVA-OneVision has no merge: 32-px patches give its crops the same 4 x 4 tokens
+MAX_TILES = 2  # InternVL: a 160 x 256 page is 1 x 2 tiles + the thumbnail, every word inside one tile
+LONGEST_EDGE = 2 * TILE  # Idefics3 / SmolVLM: a 160 x 256 page is 2 x 2 tiles + the global image
+PINPOINTS = [[h, w] for h in (TILE, 2 * TILE, 3 * TILE) for w in (TILE, 2 * TILE, 3 * TILE)]  # LLaVA-OV: 3 x 3 crops
 ROW_COL = [f"<row_{i + 1}_col_{j + 1}>" for i in range(8) for j in range(8)]
 
 
@@ -69,7 +71,9 @@ FAMILY_TOKENS["smolvlm"] = (
 
 
 def _text(cfg: Any, vocab: int, model_type: str) -> dict[str, Any]:
+    extra = {"head_dim": cfg.hidden_size // cfg.heads} if model_type == "qwen3" else {}  # Qwen3's default is 128
     return dict(
+        **extra,
         model_type=model_type,
         vocab_size=vocab,
         hidden_size=cfg.hidden_size,
@@ -107,7 +111,7 @@ def _processor_and_config(family: str, cfg: Any, tok: Any) -> tuple[Any, Any]:
         proc = build_processor(ip, tok, family, tok.chat_template, image_seq_length=side * side)
         config = tf.InternVLConfig(
             vision_config=_vision(cfg, image_size=[TILE, TILE], patch_size=[PATCH, PATCH]),
-            text_config=_text(cfg, vocab, "qwen2"),
+            text_config=_text(cfg, vocab, "qwen3"),
             image_token_id=image_id,
             downsample_ratio=0.5,
             tie_word_embeddings=True,
