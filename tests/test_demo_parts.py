@@ -102,6 +102,19 @@ def test_overrides_are_typed_and_checked():
         apply_overrides(PRESETS["toy"], ["text_steps=many"])
 
 
+def test_a_family_gets_its_own_learning_rate_unless_set():
+    """Text models without QK-norm (LLaVA-OneVision's Qwen2, Idefics3 / SmolVLM's Llama) run the cpu preset at 1e-3;
+    ``--set learning_rate=...`` still wins, and the other families keep the preset's rate."""
+    from dvsft.experiments.demo import demo_preset
+
+    assert PRESETS["cpu"].family_learning_rate == {"llava_onevision": 1e-3, "idefics3": 1e-3, "smolvlm": 1e-3}
+    assert demo_preset("cpu", family="idefics3").learning_rate == 1e-3
+    assert demo_preset("cpu", ["tiny.family=llava_onevision"]).learning_rate == 1e-3
+    assert demo_preset("cpu", ["learning_rate=0.003"], family="idefics3").learning_rate == 3e-3
+    assert demo_preset("cpu", family="internvl").learning_rate == demo_preset("cpu").learning_rate == 2e-3
+    assert demo_preset("toy", family="idefics3").learning_rate == PRESETS["toy"].learning_rate  # toy sets none
+
+
 def test_presets_come_typed_from_the_packaged_yaml(tmp_path):
     from dvsft.experiments.compare import PRESETS as COMPARE
     from dvsft.experiments.settings import DemoPreset, typed

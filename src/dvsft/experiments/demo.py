@@ -290,7 +290,8 @@ def demo_preset(
     label_policy: str | None = None,
 ) -> DemoPreset:
     """The preset ``name`` of ``task`` (``text``: presets/demo.yaml, ``scenes``: presets/scenes.yaml) with the
-    ``--set`` items, then the options given (not None); ``ValueError`` if bad."""
+    ``--set`` items, then the options given (not None), then the family's own learning rate
+    (``family_learning_rate``) unless ``--set learning_rate=...`` names one; ``ValueError`` if bad."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     presets = SCENE_PRESETS if task == "scenes" else PRESETS
@@ -301,6 +302,9 @@ def demo_preset(
     preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
     if family is not None:
         preset = replace(preset, tiny=replace(preset.tiny, family=family))
+    rate = preset.family_learning_rate.get(preset.tiny.family)
+    if rate is not None and not any(item.partition("=")[0] == "learning_rate" for item in settings or []):
+        preset = replace(preset, learning_rate=rate)
     AlignConfig(label_policy=preset.label_policy)  # ValueError naming the choices
     return preset
 

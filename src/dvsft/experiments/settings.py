@@ -48,6 +48,7 @@ class DemoPreset:
     device: str = "cpu"
     label_policy: str = "bottom-right"  # DV-SFT's label policy (the training config's align_label_policy)
     multi_label: bool = False  # a cell several words or regions claim keeps all their labels
+    family_learning_rate: dict[str, float] = field(default_factory=dict)  # a family's own rate (unless --set)
 
 
 @dataclass(frozen=True, kw_only=True)
