@@ -22,11 +22,6 @@ from dvsft.models.families import FamilySource, family_source
 from dvsft.models.geometry import Grid, Layout, View, grid_layout
 
 LABEL_POLICIES = ("bottom-right", "span", "fill")
-LABEL_VIEWS = ("finest", "all")
-"""Which views of a multi-view image (tiles and a thumbnail, a crop grid and a base image) label an entry: ``finest``,
-only the views that show it at the finest scale (fewest original pixels per token: InternVL's tiles, not its
-thumbnail, where the same text is several times smaller); ``all``, every view that shows it. A one-view image
-(Qwen-VL) labels the same either way."""
 """Label policies (docs/labeling.md#label-policies). An entry of a record's ``words`` is a word (``kind`` absent or
 ``"word"``) or a region (``"kind": "object"`` or another name; ``box`` its bounding box, optional ``polygon`` in COCO's
 format: a list of rings, each a flat ``[x1, y1, x2, y2, ...]`` list in original-image pixels). Its label is the first
@@ -42,6 +37,11 @@ The height and sub-token filters apply to words only; the conflict rule to every
 that several entries claim keeps one label per distinct label (sorted by token, then in claim order) instead of
 losing them all.
 """
+LABEL_VIEWS = ("finest", "all")
+"""Which views of a multi-view image (tiles and a thumbnail, a crop grid and a base image) label an entry: ``finest``,
+only the views that show it at the finest scale (fewest original pixels per token: InternVL's tiles, not its
+thumbnail, where the same text is several times smaller); ``all``, every view that shows it. A one-view image
+(Qwen-VL) labels the same either way."""
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ family's special tokens and a ChatML template that writes the family's image pla
 Sized so that a demo page (160 x 256 px) costs a training step within 2x of the tiny Qwen3-VL's
 (docs/families.md, `dvsft bench families`): 1 x 2 tiles + a thumbnail for InternVL (48 tokens),
 2 x 2 tiles + the global image for Idefics3 and SmolVLM (80 tokens plus separators), a 4 x 4 base
-+ the 2 x 2 crop grid, unpadded to 5 x 8 tokens with a newline per row, for LLaVA-OneVision.
++ the 2 x 2 crop grid, unpadded to 8 rows of 6 tokens with a newline per row, for LLaVA-OneVision.
 """
 
 from __future__ import annotations
