@@ -115,6 +115,18 @@ def test_a_family_gets_its_own_learning_rate_unless_set():
     assert demo_preset("toy", family="idefics3").learning_rate == PRESETS["toy"].learning_rate  # toy sets none
 
 
+def test_a_family_is_named_as_the_registry_names_it():
+    """``--family llava-onevision`` (an alias) or ``qwen3_5`` (a spelling of the model type) is the tiny family of
+    that name, with its learning rate; a family no tiny model has is refused naming the tiny ones."""
+    from dvsft.experiments.demo import demo_preset
+
+    preset = demo_preset("cpu", family="llava-onevision")
+    assert preset.tiny.family == "llava_onevision" and preset.learning_rate == 1e-3
+    assert demo_preset("cpu", family="qwen3_5").tiny.family == "qwen3.5"
+    with pytest.raises(ValueError, match="family must be one of qwen3-vl, .*smolvlm; got 'llama'"):
+        demo_preset("cpu", family="llama")
+
+
 def test_presets_come_typed_from_the_packaged_yaml(tmp_path):
     from dvsft.experiments.compare import PRESETS as COMPARE
     from dvsft.experiments.settings import DemoPreset, typed

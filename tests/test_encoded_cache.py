@@ -4,6 +4,8 @@ processor and real rendered pages (tests/helpers.make_records)."""
 import json
 import logging
 import os
+import threading
+import time
 
 import pytest
 import torch
@@ -158,3 +160,57 @@ def test_a_second_training_run_encodes_no_sample(tiny_dir, train_records, tmp_pa
     assert second["samples_encoded"] == 0 and second["samples_from_cache"] == 12
     third = run("third", max_pixels=32 * 32 * 36)
     assert third["samples_encoded"] == 4
+
+
+def test_a_chunk_another_process_claims_is_checked_last_and_a_stale_claim_is_not_waited_for(
+    processor, samples, tmp_path, monkeypatch
+):
+    """Claims only order the work: the outcome of every sample is the one a cacheless check gives."""
+    from dvsft.data import dataset
+    from dvsft.data.encoded_cache import CLAIM_STALE_SECONDS, CLAIMS, chunk_name
+
+    monkeypatch.setattr(dataset, "CLAIM_CHUNK", 2)
+    want = dataset.check_samples(samples, collator(processor, None))
+    checker = collator(processor, tmp_path / "cache")
+    order: list[str] = []
+    check = checker.check
+    monkeypatch.setattr(checker, "check", lambda s: order.append(s["id"]) or check(s))
+    claim = checker.cache.dir / CLAIMS / chunk_name(samples[:2])
+    claim.parent.mkdir()
+    claim.touch()  # another process is encoding the first chunk
+    got = dataset.check_samples(samples, checker)
+    assert order == [s["id"] for s in samples[2:] + samples[:2]]
+    assert list(got) == list(want) and got.labels == want.labels and got.lengths == want.lengths
+    assert checker.stats == {"encoded": 4, "from_cache": 0} and claim.exists()  # not ours to remove
+    assert sorted(p.name for p in claim.parent.iterdir()) == [claim.name]  # ours are gone
+    order.clear()
+    os.utime(claim, (1, 1))  # its process was killed long ago
+    assert time.time() - claim.stat().st_mtime > CLAIM_STALE_SECONDS
+    dataset.check_samples(samples, checker)
+    assert order == [s["id"] for s in samples]
+
+
+def test_processes_checking_the_same_samples_at_once_encode_each_about_once(processor, tmp_path, monkeypatch):
+    """Two checks of 8 samples at once, each with its own collator on one cache: between them each sample is
+    encoded once, but for the one chunk the other may be encoding when a check comes to it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dvsft.data import dataset
+
+    monkeypatch.setattr(dataset, "CLAIM_CHUNK", 1)
+    samples = load_records(make_records(tmp_path / "pages", n=8))
+    checkers = [collator(processor, tmp_path / "cache") for _ in range(2)]
+    start = threading.Barrier(2)
+
+    def check(c: VisionCollator) -> dataset.RecordList:
+        start.wait()
+        return dataset.check_samples(samples, c)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(check, checkers))
+    want = dataset.check_samples(samples, collator(processor, None))
+    for got in results:
+        assert list(got) == list(want) and got.labels == want.labels
+    encoded = sum(c.stats["encoded"] for c in checkers)
+    assert 8 <= encoded <= 8 + 2
+    assert all(c.stats["encoded"] + c.stats["from_cache"] == 8 for c in checkers)

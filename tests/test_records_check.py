@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,34 @@ def test_truncated_png_is_caught_before_training(tmp_path):
     data = good.read_bytes()
     (tmp_path / "t.png").write_bytes(data[: len(data) // 2])
     assert "undecodable image" in reasons(record("t", img="t.png"), tmp_path / "r.jsonl")[0]
+
+
+def test_an_image_is_checked_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    """Runs in one process (the demo's seeds) read each image's header and CRCs once; a file rewritten in place
+    with bad bytes of the same length is checked again and reported."""
+    import dvsft.core.images as images
+
+    good = image(tmp_path / "a.png")
+    opens: list[str] = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opens.append("open") or real_open(*a, **k))
+    rec, file = record("a"), tmp_path / "r.jsonl"
+    assert reasons(rec, file) == [] and opens
+    seen = len(opens)
+    assert reasons(record("again"), file) == [] and len(opens) == seen
+    with monkeypatch.context() as m:
+        m.setattr(images, "MAX_CHECKED", 1)  # the memory is bounded: once full, it is forgotten
+        image(tmp_path / "other.png")
+        assert reasons(record("other", img="other.png"), file) == []
+        seen = len(opens)
+        assert reasons(record("forgotten"), file) == [] and len(opens) > seen
+    data = bytearray(good.read_bytes())
+    data[-20] ^= 0xFF  # a flipped byte in the last chunks: a CRC error, same size
+    good.write_bytes(bytes(data))
+    stamp = good.stat().st_mtime_ns + 10**9
+    os.utime(good, ns=(stamp, stamp))
+    seen = len(opens)
+    assert "undecodable image" in reasons(record("b"), file)[0] and len(opens) > seen
 
 
 # ----------------------------------------------------------------------------- strict JSONL

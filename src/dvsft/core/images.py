@@ -119,13 +119,34 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
 
 
+_CHECKED: dict[tuple[str, int, int, bool], tuple[int, int]] = {}  # (path, size, mtime_ns, decode) -> size, per process
+MAX_CHECKED = 500_000  # files remembered at most (then forgotten all at once)
+
+
 def image_size(path: str | Path | bytes, decode: bool = True) -> tuple[int, int]:
     """Upright (EXIF-oriented) ``(width, height)`` of an image file (or its bytes, e.g. from a Parquet shard),
     checked without a full RGB conversion.
 
     The header is read; with ``decode`` the data is checked too (PNG: every chunk's CRC; JPEG: a 1/8-scale
-    decode; other formats: a full decode). Raises :class:`ImageError` like :func:`load_image`.
+    decode; other formats: a full decode). Raises :class:`ImageError` like :func:`load_image`. A file that passed
+    is remembered by path, size and modification time: a process checks it again only once it changed.
     """
+    if isinstance(path, bytes):
+        return _checked_size(path, decode)
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        return _checked_size(path, decode)
+    key = (str(path), st.st_size, st.st_mtime_ns, decode)
+    if key not in _CHECKED:
+        if len(_CHECKED) >= MAX_CHECKED:
+            _CHECKED.clear()
+        _CHECKED[key] = _checked_size(path, decode)
+    return _CHECKED[key]
+
+
+def _checked_size(path: Path | bytes, decode: bool) -> tuple[int, int]:
     if isinstance(path, bytes):
         data = path
         path = "<image bytes>"
@@ -136,7 +157,6 @@ def image_size(path: str | Path | bytes, decode: bool = True) -> tuple[int, int]
         if not data:
             raise ImageError(ZERO_SIZE, "image bytes are empty", path)
     else:
-        path = Path(path)
         if not path.is_file():
             raise ImageError(MISSING, "no such file" if not path.exists() else "not a regular file", path)
         if path.stat().st_size == 0:

@@ -46,7 +46,7 @@ from dvsft.core.images import ImageError, load_image
 from dvsft.core.records import IMAGE_PLACEHOLDER, has_image
 from dvsft.data.dataset import has_image_placeholder
 from dvsft.data.encoded_cache import MAX_GB, cache_root, open_cache
-from dvsft.models.families import spec_for_processor
+from dvsft.models.families import family_source, spec_for_processor
 from dvsft.models.geometry import Grid, Layout, layout_for
 from dvsft.models.loading import set_pixels
 
@@ -170,6 +170,7 @@ class VisionCollator:
         self.vision_labels = vision_labels
         self.max_length = int(max_length)
         self.family = spec_for_processor(processor)
+        self.family_source = family_source(processor)  # the processor's family and settings, read once (layouts)
         self.image_token = getattr(processor, "image_token", None) or self.family.image_token  # in the template
         self.image_token_id = self.family.image_token_id(processor)  # what the model fills with features
         self.special_tokens = sorted((special_tokens(self.tokenizer) | {self.image_token}) - {IMAGE_PLACEHOLDER})
@@ -257,7 +258,7 @@ class VisionCollator:
         w, h = image.size
         out = self.processor(text=[text], images=[image], return_tensors="pt", return_offsets_mapping=True)
         ids = out["input_ids"][0]
-        layout = layout_for(self.processor, w, h)
+        layout = layout_for(self.family_source, w, h)
         grid = layout.grid  # Qwen-VL: one grid; tiled families: a list of views
         image_pos = torch.nonzero(ids == self.image_token_id).flatten()
         self._check_image_tokens(out, image_pos, grid, layout, rid)

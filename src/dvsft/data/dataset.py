@@ -316,11 +316,42 @@ def check_samples(samples: RecordList, collator: Any, workers: int = 0) -> Recor
 def _outcomes(samples: list[dict[str, Any]], collator: Any, workers: int) -> Iterator[str | tuple[int, int, int]]:
     """Per sample, in order: why the collator cannot take it, or its (text labels, vision labels, tokens)."""
     if workers <= 0:
+        cache = getattr(collator, "cache", None)
+        if cache is not None:
+            return iter(_shared_outcomes(samples, collator, cache))
         return (_outcome(collator, s) for s in samples)
     from torch.utils.data import DataLoader
 
     checks = _Checks(samples, collator)
     return iter(DataLoader(checks, batch_size=None, num_workers=workers, collate_fn=_identity))  # type: ignore[arg-type]
+
+
+CLAIM_CHUNK = 64  # samples per claim of the encoded-sample cache
+
+
+def _shared_outcomes(samples: list[dict[str, Any]], collator: Any, cache: Any) -> list[str | tuple[int, int, int]]:
+    """:func:`_outcome` of every sample, in order, the encoding shared with other processes checking the same samples
+    into the same cache: the chunks another process has claimed (:meth:`EncodedCache.claim`) are checked last."""
+    from dvsft.data.encoded_cache import chunk_name
+
+    out: list[Any] = [None] * len(samples)
+    later: list[range] = []
+    chunk = CLAIM_CHUNK
+    for start in range(0, len(samples), chunk):
+        part = range(start, min(start + chunk, len(samples)))
+        name = chunk_name([samples[i] for i in part])
+        if not cache.claim(name):
+            later.append(part)
+            continue
+        try:
+            for i in part:
+                out[i] = _outcome(collator, samples[i])
+        finally:
+            cache.release(name)
+    for part in later:
+        for i in part:
+            out[i] = _outcome(collator, samples[i])
+    return out
 
 
 def _outcome(collator: Any, sample: dict[str, Any]) -> str | tuple[int, int, int]:

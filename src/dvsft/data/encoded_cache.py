@@ -23,6 +23,13 @@ one cache; a file that cannot be read is encoded again. Opening a cache removes 
 recently while all of them hold more than ``max_gb``; it stops growing (one warning) at ``max_gb`` (counted at open and
 by this process's own writes) or when a write fails (a full disk): reading goes on, training never stops for the
 cache. Failed encodings (:class:`~dvsft.data.collator.SampleError`) are not cached.
+
+Processes that check the same samples at once (the demo's parallel runs, a sweep, the ranks of one DDP run) share the
+encoding work: each claims a chunk of samples no other is encoding (:meth:`EncodedCache.claim`, a file under
+``claims/`` created exclusively, removed when the chunk is done) and leaves the claimed ones for last, when they are
+mostly cached (:func:`dvsft.data.dataset.check_samples`). A claim only orders the work: a sample is encoded wherever
+it is not cached yet, so a killed process's claim costs nothing but order (and is ignored after
+:data:`CLAIM_STALE_SECONDS`).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -60,6 +68,8 @@ CODE = (
 )  # dvsft's encoding code, relative to the package
 TENSORS = ("input_ids", "labels", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 IMAGE_INPUT = "image_inputs."  # prefix of the family's other image inputs among the tensors
+CLAIMS = "claims"  # folder of the chunks being encoded, in a settings folder
+CLAIM_STALE_SECONDS = 600.0  # an older claim is a killed process's: the chunk is encoded as if unclaimed
 
 _IMAGE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> content hash, per process
 
@@ -112,6 +122,13 @@ def image_digest(record: dict[str, Any]) -> str | None:
 def sample_key(record: dict[str, Any]) -> str:
     """The cache key of a sample: its :data:`RECORD_FIELDS` and its image's bytes."""
     return _digest(_json({k: record.get(k) for k in RECORD_FIELDS}), _json(image_digest(record)))
+
+
+def chunk_name(records: list[dict[str, Any]]) -> str:
+    """The claim name of a chunk of samples (:meth:`EncodedCache.claim`): a hash of their ids and image paths, the
+    same in every process that reads the same data in the same order."""
+    rows = [[r.get("id"), r["image"] if isinstance(r.get("image"), str) else None] for r in records]
+    return _digest(_json(rows))
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -240,6 +257,27 @@ class EncodedCache:
             return
         self.size += len(data)
 
+    def claim(self, name: str) -> bool:
+        """True when this process should encode the chunk ``name`` now: it created the chunk's claim file, or the one
+        there is older than :data:`CLAIM_STALE_SECONDS`, or claims cannot be written; False while another process
+        holds it (see the module docstring). :meth:`release` removes the claim."""
+        path = self.dir / CLAIMS / name
+        try:
+            path.parent.mkdir(exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            try:
+                return time.time() - path.stat().st_mtime > CLAIM_STALE_SECONDS
+            except OSError:  # released meanwhile
+                return True
+        except OSError:
+            return True
+        return True
+
+    def release(self, name: str) -> None:
+        """Remove the claim of chunk ``name`` (its samples are cached, or failed)."""
+        (self.dir / CLAIMS / name).unlink(missing_ok=True)
+
     def _stop(self, why: str) -> None:
         self.writable = False
         log.warning("encoded-sample cache %s: no more samples are added: %s", self.dir, why)
@@ -249,7 +287,7 @@ class EncodedCache:
         from dvsft.models.geometry import layout_for
 
         ids = tensors["input_ids"]
-        layout = layout_for(self.collator.processor, *meta["size"]) if meta["size"] else None
+        layout = layout_for(self.collator.family_source, *meta["size"]) if meta["size"] else None
         image_inputs = {k[len(IMAGE_INPUT) :]: v for k, v in tensors.items() if k.startswith(IMAGE_INPUT)}
         alignment = meta["alignment"]
         return Encoded(

@@ -53,10 +53,23 @@ class TinyConfig:
     tokenizer: str = "corpus"  # corpus (trained on pydoc topics, Qwen's splitting) or qwen (Qwen's real vocabulary)
 
     def __post_init__(self) -> None:
-        if self.family not in TINY_FAMILIES:
-            raise ValueError(f"family must be one of {', '.join(TINY_FAMILIES)}; got {self.family!r}")
+        self.family = _tiny_family(self.family)
         if self.tokenizer not in ("corpus", "qwen"):
             raise ValueError(f"tokenizer must be corpus or qwen; got {self.tokenizer!r}")
+
+
+def _tiny_family(name: str) -> str:
+    """The tiny family ``name`` calls by its family name, HF model type or alias (``llava-onevision``); a
+    ``ValueError`` naming the tiny families for any other."""
+    from dvsft.models.families import family_spec
+
+    try:
+        family = family_spec(name).name
+    except ValueError:
+        family = name
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(TINY_FAMILIES)}; got {name!r}")
+    return family
 
 
 def train_tokenizer(
