@@ -46,7 +46,7 @@ from dvsft.core.images import ImageError, load_image
 from dvsft.core.records import IMAGE_PLACEHOLDER, has_image
 from dvsft.data.dataset import has_image_placeholder
 from dvsft.data.encoded_cache import MAX_GB, cache_root, open_cache
-from dvsft.models.families import family_source, spec_for_processor
+from dvsft.models.families import family_source
 from dvsft.models.geometry import Grid, Layout, layout_for
 from dvsft.models.loading import set_pixels
 
@@ -169,8 +169,8 @@ class VisionCollator:
         self.align_config = align_config or AlignConfig()
         self.vision_labels = vision_labels
         self.max_length = int(max_length)
-        self.family = spec_for_processor(processor)
         self.family_source = family_source(processor)  # the processor's family and settings, read once (layouts)
+        self.family = self.family_source.spec
         self.image_token = getattr(processor, "image_token", None) or self.family.image_token  # in the template
         self.image_token_id = self.family.image_token_id(processor)  # what the model fills with features
         self.special_tokens = sorted((special_tokens(self.tokenizer) | {self.image_token}) - {IMAGE_PLACEHOLDER})

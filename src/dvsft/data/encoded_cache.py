@@ -34,6 +34,7 @@ it is not cached yet, so a killed process's claim costs nothing but order (and i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -266,12 +267,10 @@ class EncodedCache:
             path.parent.mkdir(exist_ok=True)
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
-            try:
+            with contextlib.suppress(OSError):  # released meanwhile: unclaimed
                 return time.time() - path.stat().st_mtime > CLAIM_STALE_SECONDS
-            except OSError:  # released meanwhile
-                return True
-        except OSError:
-            return True
+        except OSError:  # claims cannot be written: encode
+            pass
         return True
 
     def release(self, name: str) -> None:
