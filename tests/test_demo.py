@@ -46,7 +46,8 @@ def test_demo_toy_end_to_end(tmp_path):
     for r in rows:
         assert set(r) >= {"method", "seed", "step", *KEYS}
         assert isinstance(r["seed"], int) and isinstance(r["step"], int)
-    # the saved models are seed 0's final ones: evaluated again here, they give that row's numbers
+    # the saved models are seed 0's final ones: evaluated again here without the encoded-sample cache (the run's
+    # evaluations encoded their pages through it), they give that row's numbers
     from dvsft.experiments.demo import EVAL_SETS, eval_sets
     from dvsft.experiments.demo_eval import evaluate
     from dvsft.models.loading import load_model, load_processor
@@ -55,7 +56,7 @@ def test_demo_toy_end_to_end(tmp_path):
     last = max(r["step"] for r in rows)
     for method in ("sft", "dvsft"):
         (final,) = [r for r in rows if r["method"] == method and r["seed"] == 0 and r["step"] == last]
-        again = evaluate(load_model(out / method), load_processor(out / method), sets)
+        again = evaluate(load_model(out / method), load_processor(out / method), sets, cache_dir="none")
         # nan_ok: text_long_word_acc is NaN when the held-out pages hold no word of 4+ sub-tokens
         assert again == pytest.approx({k: final[k] for k in again}, abs=1e-9, nan_ok=True), method
     # the text stage ran, was probed on validation pages and is cached beside the pages

@@ -126,18 +126,22 @@ def long_word_accuracy(pairs: list[tuple[str, str]], tokenizer: Any, min_subtoke
     return hits / total if total else float("nan")
 
 
-def evaluate(model: Any, processor: Any, sets: dict[str, list[dict]], vision_pages: int = 16) -> dict[str, float]:
+def evaluate(
+    model: Any, processor: Any, sets: dict[str, list[dict]], vision_pages: int = 16, cache_dir: str | None = "auto"
+) -> dict[str, float]:
     """Every evaluation of one model: ``{set}_{metric}`` for the sets and metrics above, ``vision_top1`` and
     ``text_long_word_acc``.
 
-    ``sets`` maps ``text`` and ``random`` to records with absolute image paths.
+    ``sets`` maps ``text`` and ``random`` to records with absolute image paths. The teacher-forced pages are
+    encoded through the encoded-sample cache (``cache_dir``: see ``encoded_cache_dir``, ``none`` for none), so the
+    later evaluations of a demo, in any of its processes, read them back.
     """
     from dvsft.data.collator import VisionCollator
     from dvsft.lens.visual_logits import vision_label_accuracy
 
     was_training = model.training
     model.eval()
-    collator = VisionCollator(processor, vision_labels=False)
+    collator = VisionCollator(processor, vision_labels=False, cache_dir=cache_dir)
     out: dict[str, float] = {}
     pages = {"text": sets["text"], "random": sets["random"], "swap": swapped(sets["text"])}
     for name in EVALS:
