@@ -113,7 +113,7 @@ def test_an_image_is_checked_once_per_process_until_it_changes(tmp_path, monkeyp
     seen = len(opens)
     assert reasons(record("again"), file) == [] and len(opens) == seen
     with monkeypatch.context() as m:
-        m.setattr(images, "MAX_CHECKED", 1)  # the memory is bounded: once full, it is forgotten
+        m.setattr(images.CHECKED, "limit", 1)  # the memory is bounded: once full, it is forgotten
         image(tmp_path / "other.png")
         assert reasons(record("other", img="other.png"), file) == []
         seen = len(opens)

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dvsft.core.file_memo import FileMemo
+
 MAX_ASPECT_RATIO = 200  # the Qwen-VL processors' smart_resize limit
 
 MISSING = "missing file"
@@ -119,8 +121,7 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
 
 
-_CHECKED: dict[tuple[str, int, int, bool], tuple[int, int]] = {}  # (path, size, mtime_ns, decode) -> size, per process
-MAX_CHECKED = 500_000  # files remembered at most (then forgotten all at once)
+CHECKED: FileMemo[tuple[int, int]] = FileMemo()  # the size of each file that passed, per process (and ``decode``)
 
 
 def image_size(path: str | Path | bytes, decode: bool = True) -> tuple[int, int]:
@@ -135,15 +136,9 @@ def image_size(path: str | Path | bytes, decode: bool = True) -> tuple[int, int]
         return _checked_size(path, decode)
     path = Path(path)
     try:
-        st = path.stat()
-    except OSError:
+        return CHECKED.get(path, lambda: _checked_size(path, decode), decode)
+    except OSError:  # missing or unreadable: reported as load_image reports it
         return _checked_size(path, decode)
-    key = (str(path), st.st_size, st.st_mtime_ns, decode)
-    if key not in _CHECKED:
-        if len(_CHECKED) >= MAX_CHECKED:
-            _CHECKED.clear()
-        _CHECKED[key] = _checked_size(path, decode)
-    return _CHECKED[key]
 
 
 def _checked_size(path: Path | bytes, decode: bool) -> tuple[int, int]:

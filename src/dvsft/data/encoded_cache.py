@@ -52,6 +52,7 @@ import torch
 from PIL import Image
 
 from dvsft.align.aligner import Alignment
+from dvsft.core.file_memo import FileMemo
 from dvsft.core.records import has_image
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ IMAGE_INPUT = "image_inputs."  # prefix of the family's other image inputs among
 CLAIMS = "claims"  # folder of the chunks being encoded, in a settings folder
 CLAIM_STALE_SECONDS = 600.0  # an older claim is a killed process's: the chunk is encoded as if unclaimed
 
-_IMAGE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> content hash, per process
+_IMAGE_DIGESTS: FileMemo[str] = FileMemo()  # each image file's content hash, per process
 
 
 def default_cache_dir() -> Path:
@@ -111,13 +112,12 @@ def image_digest(record: dict[str, Any]) -> str | None:
         return _digest(data)
     if isinstance(image, Image.Image):  # in memory (library use): its mode, size, pixels and EXIF
         return _digest(f"{image.mode} {image.size}".encode(), image.tobytes(), image.getexif().tobytes())
-    path = str(image)
-    st = os.stat(path)
-    key = (path, st.st_size, st.st_mtime_ns)
-    if key not in _IMAGE_DIGESTS:
-        with open(path, "rb") as f:
-            _IMAGE_DIGESTS[key] = hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
-    return _IMAGE_DIGESTS[key]
+    return _IMAGE_DIGESTS.get(str(image), lambda: _file_digest(str(image)))
+
+
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
 
 
 def sample_key(record: dict[str, Any]) -> str:
