@@ -219,12 +219,10 @@ def _run_in_worker(job: Job, queue: Any) -> list[Row]:
 
 def _run_pool(jobs: Sequence[Job], workers: int, report: Report) -> list[Row]:
     """The jobs in ``workers`` spawned processes; their messages relayed to ``report``."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from dvsft.core.pools import spawn_manager, spawn_pool
 
-    ctx = mp.get_context("spawn")
     rows: list[Row] = []
-    with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    with spawn_manager() as manager, spawn_pool(workers) as pool:
         queue = manager.Queue()
         futures = [pool.submit(_run_in_worker, job, queue) for job in jobs]
         while True:

@@ -14,7 +14,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any
 
 from dvsft.core.images import OCR_FAILURE, UNDECODABLE, ImageError, load_image
 from dvsft.core.outputs import claim_folder
+from dvsft.core.pools import spawn_pool
 from dvsft.core.record_table import DEFAULT_ROWS_PER_SHARD, check_format, open_sink
 from dvsft.core.records import JsonlAppender, read_jsonl
 
@@ -260,19 +261,12 @@ def _run(paths: list[str], engine: str, options: dict[str, Any], workers: int) -
         for p in paths:
             yield (p, *_ocr_one(p))
         return
-    import multiprocessing as mp
-
     from dvsft.sources.ocr import get_engine
 
     get_engine(engine, **options)  # fail here, with the engine's own message, on a bad name or option
     window = 4 * workers  # bounded in-flight tasks: low memory, little lost work on a kill
     todo = iter(paths)
-    with ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=mp.get_context("spawn"),
-        initializer=_init_engine,
-        initargs=(engine, options),
-    ) as pool:
+    with spawn_pool(workers, _init_engine, (engine, options)) as pool:
         pending: dict[Future, str] = {}
         try:
             while True:

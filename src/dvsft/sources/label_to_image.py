@@ -237,11 +237,9 @@ def render_documents(
         for doc in docs:
             yield render_document(doc, options, out_dir)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from dvsft.core.pools import spawn_pool
 
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    with spawn_pool(workers) as pool:
         yield from pool.map(_render_job, ((d, options, out_dir) for d in docs), chunksize=4)
 
 
