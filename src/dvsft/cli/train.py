@@ -23,15 +23,6 @@ def _print_keys() -> None:
     Console().print(table)
 
 
-def end_process_group() -> None:
-    """Destroy the process group a launcher (torchrun, accelerate) started, before the interpreter exits: a gloo
-    group left to finalization aborts a rank now and then ("terminate called without an active exception")."""
-    import torch
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add this stage's commands to the `dvsft` app and its `bench` group."""
     app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(train_command)
@@ -63,7 +54,6 @@ def train_command(
     check_finished_run(cfg)  # a finished run in output_dir is replaced only with --overwrite_output_dir true
 
     result = train(cfg)
-    end_process_group()
     if result.final_dir is not None:
         typer.echo(f"final model: {result.final_dir}")
     typer.echo(f"log: {result.output_dir / 'log.jsonl'}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dvsft.core.accel import end_process_group_at_exit
 from dvsft.training.config import (
     LAST_CHECKPOINT,
     DVSFTConfig,
@@ -252,6 +253,7 @@ def prepare(config: DVSFTConfig | dict[str, Any] | str | Path, callbacks: list[A
         objectives=objectives,
         callbacks=[log_cb, *(callbacks or [])],
     )
+    end_process_group_at_exit()  # under a launcher: the process group ends before the interpreter does
     trainable = trainable_counts(model)  # with the objectives' heads
     return Run(cfg, trainer, model, processor, trainer.objectives, trainable, log_cb, resume)
 
