@@ -291,4 +291,5 @@ def _train(config: DVSFTConfig, callbacks: list[Any] | None) -> TrainResult:
     final_dir = out / "final" if cfg.save_final else None
     if final_dir is not None:
         save_final(trainer, run.model, run.processor, cfg, final_dir)
+        trainer.accelerator.wait_for_everyone()  # every rank returns once final/ is whole
     return TrainResult(output_dir=out, final_dir=final_dir, log=run.log_callback.rows, trainable=run.trainable)

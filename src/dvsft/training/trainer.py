@@ -130,6 +130,7 @@ class DVSFTTrainer(StreamingTrainerMixin, Trainer):
 
             self.remove_callback(PrinterCallback)
         self.objectives = objectives
+        self.add_callback(RanksFinishTogether())
         for callback in (cb for obj in objectives for cb in obj.callbacks()):
             self.add_callback(callback)
         accept_saved_key_format(base_model(self.model))  # resume and load_best_model_at_end read save_pretrained's keys
@@ -293,6 +294,15 @@ def load_heads(model: torch.nn.Module, checkpoint: str) -> bool:
 
     heads.load_state_dict(load_file(path))
     return True
+
+
+class RanksFinishTogether(TrainerCallback):
+    """Every process leaves training together, its last collective done on every side: a rank that tore down its
+    gloo connections while another was still communicating (the last save's) aborted now and then."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
 
 
 class JsonlLogCallback(TrainerCallback):
