@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="re
 
 SCRIPT = textwrap.dedent(
     """
-    import os, sys, time
+    import os, time
     from dvsft.core.pools import spawn_manager, spawn_pool
 
     def started(tag):

@@ -27,6 +27,3 @@ class FileMemo(Generic[T]):
                 self._seen.clear()
             self._seen[key] = compute()
         return self._seen[key]
-
-    def clear(self) -> None:
-        self._seen.clear()
